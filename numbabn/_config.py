@@ -1,0 +1,31 @@
+"""Tunables of the CPU kernels, in one place.
+
+Every constant here changes speed only, never results' correctness; blocking constants do
+change the rounding of statistics, which is why they depend on the shape alone (never on the
+thread count): results are bitwise identical for any ``NUMBA_NUM_THREADS``.
+"""
+
+#: Elements per Welford block.  A block is summed, then re-read for its centred sum of
+#: squares while it sits in L1/L2 (16 KB of float32), then Chan-merged into its task's partial.
+BLOCK = 4096
+
+#: Target elements per parallel task of a reduction.  Tasks are (row range, channel or
+#: channel tile); fewer, larger tasks mean fewer partials to merge.
+TASK_ELEMS = 1 << 16
+
+#: Most row ranges a channel's reduction is split into.  Bounds the partials, (3, splits, C)
+#: float64, to a few KB per channel however large the array.
+MAX_SPLITS = 64
+
+#: Rows of at least this many contiguous elements per (outer, channel) use the
+#: channel-strided kernels (NCHW); shorter rows use the channel-minor kernels, which sweep
+#: whole (channel, inner) rows and vectorize across channels (NHWC, (N, C)).
+MIN_INNER = 64
+
+#: Channel-minor kernels reduce tiles of at most this many contiguous elements of a row,
+#: so their per-task accumulators stay in L1 however many channels there are.
+TILE = 2048
+
+#: Arrays with fewer elements run the serial twin of each kernel: below this a parallel
+#: launch (about 2 us with the OpenMP layer here) costs more than it saves.
+PARALLEL_MIN = 1 << 17

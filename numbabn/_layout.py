@@ -1,0 +1,148 @@
+"""Argument checks and the canonical ``(outer, C, inner)`` view: the one place for both.
+
+Every check runs before any kernel or buffer is touched, and every message names the
+argument, what was expected and what was received.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_input(x, name="input"):
+    """Return ``x`` as a floating ndarray with ``ndim >= 2`` or raise."""
+    if not isinstance(x, np.ndarray):
+        if x is None or isinstance(x, (str, bytes, numbers.Number)):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        x = np.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (batch, channels, ...), "
+            f"got {x.ndim} (shape {x.shape})"
+        )
+    return x
+
+
+def norm_axis(axis, ndim, name="axis"):
+    """Return ``axis`` as a non-negative int in ``[0, ndim)`` or raise."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name} must be in [{-ndim}, {ndim}) for an input with ndim {ndim}, got {axis}")
+    return int(axis) % ndim
+
+
+def same_kind(x, other, name):
+    """Check that ``other`` has the same shape and dtype as ``x``."""
+    other = _ndarray(other, name)
+    if other.shape != x.shape:
+        raise ValueError(f"{name} must have shape {x.shape} (the input's), got {other.shape}")
+    _dtype(other, x.dtype, name)
+    return other
+
+
+def per_channel(a, num_channels, dtype, name, *, writable=False, allow_f64=False):
+    """Check a per-channel array: shape ``(C,)``, dtype ``dtype`` (or float64 when
+    ``allow_f64``), writable when it is updated in place.  ``None`` passes through."""
+    if a is None:
+        return None
+    a = _ndarray(a, name)
+    if a.shape != (num_channels,):
+        raise ValueError(f"{name} must have shape ({num_channels},) (one value per channel), got {a.shape}")
+    if not (allow_f64 and a.dtype == np.float64):
+        _dtype(a, dtype, name)
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} must be writable: it is updated in place")
+    return a
+
+
+def check_momentum(momentum):
+    """``momentum`` is the weight of the new batch, a real number in [0, 1]."""
+    if momentum is None:
+        raise TypeError(
+            "momentum must be a float in [0, 1], got None; the cumulative average "
+            "(momentum=None) is BatchNorm's, which counts num_batches_tracked"
+        )
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] (the weight of the new batch), got {momentum}")
+    return float(momentum)
+
+
+def check_eps(eps):
+    """``eps`` is a finite real number >= 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float >= 0, got {type(eps).__name__}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps}")
+    return float(eps)
+
+
+def check_training_count(x, axis):
+    """Training needs more than one value per channel (the unbiased variance divides by n-1)."""
+    n = x.size // x.shape[axis] if x.shape[axis] else 0
+    if n <= 1:
+        raise ValueError(
+            f"expected more than 1 value per channel when training, got input of shape "
+            f"{x.shape} ({n} value(s) per channel along axis {axis})"
+        )
+
+
+def view3(a, axis):
+    """View ``a`` as a C-contiguous ``(outer, C, inner)`` array without copying.
+
+    A C-contiguous array is reshaped directly; an F-contiguous one is reshaped through its
+    transpose (the feature axis becomes ``ndim - 1 - axis``).  Returns ``None`` when neither
+    applies, so the caller copies.
+    """
+    if a.flags.c_contiguous:
+        shape = a.shape
+    elif a.flags.f_contiguous:
+        a = a.T
+        shape = a.shape
+        axis = a.ndim - 1 - axis
+    else:
+        return None
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1 :])
+    return a.reshape(outer, shape[axis], inner)
+
+
+def contiguous(x):
+    """``x`` itself when C- or F-contiguous, else a C-contiguous copy (strided views,
+    negative strides)."""
+    if x.flags.c_contiguous or x.flags.f_contiguous:
+        return x
+    return np.ascontiguousarray(x)
+
+
+def output_for(x, out):
+    """The array results are written to: ``out`` itself when it is viewed as ``x`` is (same
+    memory order, see :func:`view3`) and does not overlap ``x`` (``out is x`` is fine: the
+    elementwise pass runs in place); otherwise a new array in ``x``'s order, which the caller
+    copies into ``out`` at the end."""
+    if out is not None and same_view(out, x) and (out is x or not np.may_share_memory(out, x)):
+        return out
+    return np.empty_like(x)
+
+
+def same_view(a, x):
+    c = a.flags.c_contiguous
+    return c == x.flags.c_contiguous and (c or a.flags.f_contiguous)
+
+
+def _ndarray(a, name):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    return a
+
+
+def _dtype(a, dtype, name):
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the input's; dtypes are not mixed), got {a.dtype}")

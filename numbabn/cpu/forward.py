@@ -1,0 +1,86 @@
+"""Forward pass: statistics (training) or running statistics (eval), then ``y = x * a + b``.
+
+Bytes moved (s = element size): training reads ``x`` twice and writes ``y`` once (3s per
+element; DESIGN.md section 5), eval reads ``x`` and writes ``y`` (2s).  The EMA update of the
+running statistics is fused into the O(C) finalize step between the two passes.
+The elementwise pass computes in float64 and rounds once on store, so float32 outputs are
+correctly rounded even when ``|mean| / std`` is large.
+"""
+
+import numpy as np
+from numba import prange
+
+from .._config import MIN_INNER
+from .._jit import stage, twin
+from .._math import ema, fold, invstd_of, unbiased
+from ._plan import expand
+from .stats import channel_stats
+
+
+@stage
+def normalize(x3, coef, y3):
+    """``y[o, c, i] = x[o, c, i] * coef[0, c] + coef[1, c]`` (elementwise: any schedule
+    gives the same bits)."""
+    outer, num_channels, inner = x3.shape
+    if inner >= MIN_INNER:
+        for r in prange(outer * num_channels):
+            o, c = divmod(r, num_channels)
+            a = coef[0, c]
+            b = coef[1, c]
+            xr = x3[o, c]
+            yr = y3[o, c]
+            for k in range(inner):
+                yr[k] = xr[k] * a + b
+    else:
+        width = num_channels * inner
+        a = expand(coef[0], inner)
+        b = expand(coef[1], inner)
+        x2 = x3.reshape(outer, width)
+        y2 = y3.reshape(outer, width)
+        for o in prange(outer):
+            for j in range(width):
+                y2[o, j] = x2[o, j] * a[j] + b[j]
+
+
+@stage
+def finalize_train(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save):
+    """From ``stats`` (count, mean, M2): the fold coefficients, the saved ``(mean, invstd)``
+    and, when running buffers are given (non-empty), their EMA update in place."""
+    update = running_mean.shape[0] > 0
+    for c in range(stats.shape[1]):
+        n = stats[0, c]
+        mean = stats[1, c]
+        m2 = stats[2, c]
+        invstd = invstd_of(m2 / n, eps)
+        coef[0, c], coef[1, c] = fold(mean, invstd, weight[c], bias[c])
+        save[0, c] = mean
+        save[1, c] = invstd
+        if update:
+            running_mean[c] = ema(running_mean[c], mean, momentum)
+            running_var[c] = ema(running_var[c], unbiased(m2, n), momentum)
+
+
+@twin
+def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
+    """Driver, training: batch statistics, EMA update, normalize ``x3`` into ``y3``;
+    ``save`` (2, C) float64 receives the mean and invstd used."""
+    num_channels = x3.shape[1]
+    stats = np.empty((3, num_channels))
+    channel_stats(x3, stats)
+    coef = np.empty((2, num_channels))
+    finalize_train(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    normalize(x3, coef, y3)
+
+
+@twin
+def forward_eval(x3, weight, bias, mean, var, eps, y3, save):
+    """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean``, ``var``;
+    ``save`` (2, C) float64 receives the mean and invstd used."""
+    num_channels = x3.shape[1]
+    coef = np.empty((2, num_channels))
+    for c in range(num_channels):
+        invstd = invstd_of(float(var[c]), eps)
+        coef[0, c], coef[1, c] = fold(float(mean[c]), invstd, weight[c], bias[c])
+        save[0, c] = mean[c]
+        save[1, c] = invstd
+    normalize(x3, coef, y3)

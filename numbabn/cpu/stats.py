@@ -1,0 +1,118 @@
+"""Per-channel statistics ``(count, mean, M2)`` in one pass over memory: blocked Welford.
+
+Each block (a row chunk of one channel, or a few rows of a channel tile) gets its exact mean
+from one sweep and its centred ``M2`` from a second sweep while it is still in L1/L2, then is
+Chan-merged into its task's partial.  DRAM sees ``x`` once; there is no ``E[x^2] - E[x]^2``.
+Sums run in float64 whatever the input dtype.
+"""
+
+import numpy as np
+from numba import prange
+
+from .._config import BLOCK
+from .._jit import stage, twin
+from .._math import chan_merge
+from ._plan import plan, rows
+
+
+@stage
+def partials_strided(x3, nsplit, part):
+    """Channel-strided partials: task ``(split, c)`` reduces rows ``o`` of channel ``c``."""
+    outer, num_channels, inner = x3.shape
+    for task in prange(nsplit * num_channels):
+        split, c = divmod(task, num_channels)
+        r0, r1 = rows(split, nsplit, outer)
+        n, mean, m2 = 0.0, 0.0, 0.0
+        for o in range(r0, r1):
+            row = x3[o, c]
+            for k0 in range(0, inner, BLOCK):
+                k1 = min(inner, k0 + BLOCK)
+                s = 0.0
+                for k in range(k0, k1):
+                    s += row[k]
+                bn = float(k1 - k0)
+                bm = s / bn
+                q = 0.0
+                for k in range(k0, k1):
+                    d = row[k] - bm
+                    q += d * d
+                n, mean, m2 = chan_merge(n, mean, m2, bn, bm, q)
+        part[0, split, c] = n
+        part[1, split, c] = mean
+        part[2, split, c] = m2
+
+
+@stage
+def partials_minor(x3, nsplit, ct, ntiles, part):
+    """Channel-minor partials: task ``(split, tile)`` reduces ``ct`` whole channels over a
+    row range, in blocks of ``rb`` rows summed into per-element float64 accumulators."""
+    outer, num_channels, inner = x3.shape
+    x2 = x3.reshape(outer, num_channels * inner)
+    for task in prange(nsplit * ntiles):
+        split, tile = divmod(task, ntiles)
+        r0, r1 = rows(split, nsplit, outer)
+        c0 = tile * ct
+        c1 = min(num_channels, c0 + ct)
+        j0 = c0 * inner
+        width = (c1 - c0) * inner
+        rb = max(1, BLOCK // max(width, 1))
+        acc = np.empty(width)
+        centre = np.empty(width)
+        for c in range(c0, c1):
+            part[0, split, c] = 0.0
+            part[1, split, c] = 0.0
+            part[2, split, c] = 0.0
+        for b0 in range(r0, r1, rb):
+            b1 = min(r1, b0 + rb)
+            bn = float((b1 - b0) * inner)
+            acc[:] = 0.0
+            for o in range(b0, b1):
+                for j in range(width):
+                    acc[j] += x2[o, j0 + j]
+            for c in range(width // inner):
+                s = 0.0
+                for i in range(inner):
+                    s += acc[c * inner + i]
+                for i in range(inner):
+                    centre[c * inner + i] = s / bn
+            acc[:] = 0.0
+            for o in range(b0, b1):
+                for j in range(width):
+                    d = x2[o, j0 + j] - centre[j]
+                    acc[j] += d * d
+            for c in range(width // inner):
+                q = 0.0
+                for i in range(inner):
+                    q += acc[c * inner + i]
+                g = c0 + c
+                n, mean, m2 = chan_merge(
+                    part[0, split, g], part[1, split, g], part[2, split, g], bn, centre[c * inner], q
+                )
+                part[0, split, g] = n
+                part[1, split, g] = mean
+                part[2, split, g] = m2
+
+
+@stage
+def channel_stats(x3, stats):
+    """Write ``stats[:, c] = (count, mean, M2)`` of every channel of ``x3``."""
+    outer, num_channels, inner = x3.shape
+    strided, ct, ntiles, nsplit = plan(outer, num_channels, inner)
+    part = np.empty((3, nsplit, num_channels))
+    if strided:
+        partials_strided(x3, nsplit, part)
+    else:
+        partials_minor(x3, nsplit, ct, ntiles, part)
+    for c in prange(num_channels):
+        n, mean, m2 = 0.0, 0.0, 0.0
+        for split in range(nsplit):
+            n, mean, m2 = chan_merge(n, mean, m2, part[0, split, c], part[1, split, c], part[2, split, c])
+        stats[0, c] = n
+        stats[1, c] = mean
+        stats[2, c] = m2
+
+
+@twin
+def welford(x3, stats):
+    """Driver: per-channel ``(count, mean, M2)`` of ``x3`` into ``stats`` (3, C) float64."""
+    channel_stats(x3, stats)

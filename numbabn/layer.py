@@ -1,0 +1,225 @@
+"""``BatchNorm``: parameters, running buffers, train/eval, state dicts; work is functional's."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _layout
+from .functional import batch_norm_backward, batch_norm_forward
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` returns, as PyTorch does."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
+class BatchNorm:
+    """Batch normalization layer with PyTorch's semantics and state-dict keys.
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the size of the feature axis.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running statistics; ``None`` is the cumulative
+        average, ``momentum = 1 / num_batches_tracked``.
+    affine : bool, default True
+        Learn ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``.
+        Without them eval mode normalizes with batch statistics, as PyTorch does.
+    axis : int, default 1
+        The feature axis of the inputs; ``-1`` for channels-last.
+    dtype : numpy dtype, default float32
+        Dtype of parameters, buffers and accepted inputs.
+
+    Examples
+    --------
+    >>> import numpy as np, numbabn
+    >>> bn = numbabn.BatchNorm(3)
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, (8, 3, 4, 4)).astype(np.float32)
+    >>> y = bn(x)
+    >>> bool(abs(y.mean()) < 1e-5), int(bn.num_batches_tracked)
+    (True, 1)
+    >>> gx = bn.backward(np.ones_like(y))
+    """
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        *,
+        axis=1,
+        dtype=np.float32,
+    ):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
+            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in _layout.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if momentum is not None:
+            _layout.check_momentum(momentum)
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.num_features = int(num_features)
+        self.eps = _layout.check_eps(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        self.training = True
+        self.weight = np.ones(num_features, dtype) if affine else None
+        self.bias = np.zeros(num_features, dtype) if affine else None
+        self.grad_weight = None
+        self.grad_bias = None
+        if track_running_stats:
+            self.running_mean = np.zeros(num_features, dtype)
+            self.running_var = np.ones(num_features, dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._saved = None
+
+    # -- modes ------------------------------------------------------------------------------
+    def train(self, mode=True):
+        """Set training mode (``mode=True``) or eval mode; returns ``self``."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode; returns ``self``."""
+        return self.train(False)
+
+    def reset_running_stats(self):
+        """Zero ``running_mean`` and ``num_batches_tracked``, set ``running_var`` to one."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """Reset the running statistics and set ``weight`` to one and ``bias`` to zero."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight[...] = 1
+            self.bias[...] = 0
+
+    # -- forward / backward -----------------------------------------------------------------
+    def forward(self, x):
+        """Normalize ``x``; in training mode also update the running statistics.
+
+        As ``torch.nn.BatchNorm*d``: training (or eval without running statistics) uses the
+        batch statistics; training with running statistics counts ``num_batches_tracked``
+        and, with ``momentum=None``, averages cumulatively (``momentum = 1 / count``).
+        """
+        self._check_dtype(x)
+        use_batch = self.training or self.running_mean is None
+        track = self.training and self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if track and self.momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        running = (None, None) if self.training and not self.track_running_stats else (self.running_mean, self.running_var)
+        y, mean, invstd = batch_norm_forward(
+            x,
+            self.weight,
+            self.bias,
+            *running,
+            training=use_batch,
+            momentum=momentum,
+            eps=self.eps,
+            axis=self.axis,
+        )
+        if track:
+            self.num_batches_tracked += 1
+        self._saved = (x, mean, invstd, use_batch)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_output):
+        """Gradient of the last :meth:`forward`'s output: returns ``grad_input`` and sets
+        ``grad_weight`` and ``grad_bias`` (None without affine parameters)."""
+        if self._saved is None:
+            raise RuntimeError("backward needs a forward pass first: call the layer on an input")
+        x, mean, invstd, use_batch = self._saved
+        grad_input, grad_weight, grad_bias = batch_norm_backward(
+            grad_output, x, self.weight, mean, invstd, training=use_batch, axis=self.axis
+        )
+        if self.affine:
+            self.grad_weight, self.grad_bias = grad_weight, grad_bias
+        return grad_input
+
+    def _check_dtype(self, x):
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and dtype != self.dtype and np.dtype(dtype).kind == "f":
+            raise TypeError(f"input must have dtype {self.dtype} (the layer's), got {dtype}")
+
+    # -- state dicts ------------------------------------------------------------------------
+    def _state_names(self):
+        names = ["weight", "bias"] if self.affine else []
+        if self.track_running_stats:
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        return names
+
+    def state_dict(self):
+        """Copies of the parameters and buffers under PyTorch's keys: ``weight``, ``bias``,
+        ``running_mean``, ``running_var`` and ``num_batches_tracked`` (a 0-d int64 array)."""
+        out = {}
+        for name in self._state_names():
+            value = getattr(self, name)
+            out[name] = np.array(value, dtype=np.int64) if name == "num_batches_tracked" else value.copy()
+        return out
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load a state dict, PyTorch's rules: with ``strict`` every key must match; shapes
+        must match; values are cast to the layer's dtype.  A missing ``num_batches_tracked``
+        (older PyTorch checkpoints) is allowed.  Values may be NumPy arrays, PyTorch CPU
+        tensors or anything ``numpy.asarray`` takes.  Nothing changes unless all checks pass.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``missing_keys`` and ``unexpected_keys``.
+        """
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        names = self._state_names()
+        missing = [k for k in names if k not in state_dict and k != "num_batches_tracked"]
+        unexpected = [k for k in state_dict if k not in names]
+        if strict and (missing or unexpected):
+            raise KeyError(f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        staged = {}
+        for name in names:
+            if name not in state_dict:
+                continue
+            value = np.asarray(state_dict[name])
+            if name == "num_batches_tracked":
+                if value.shape not in ((), (1,)) or value.dtype.kind not in "iu" or int(value.reshape(())) < 0:
+                    raise ValueError(f"num_batches_tracked must be one integer >= 0, got {value!r}")
+                staged[name] = int(value.reshape(()))
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"{name} must have shape ({self.num_features},), got {value.shape}")
+            if value.dtype.kind != "f":
+                raise TypeError(f"{name} must be a float array, got dtype {value.dtype}")
+            staged[name] = value
+        for name, value in staged.items():
+            if name == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                getattr(self, name)[...] = value
+        return IncompatibleKeys(missing, unexpected)
+
+    def __repr__(self):
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})"
+        )

@@ -1,0 +1,112 @@
+"""Mergeable per-channel statistics: :class:`Stats`, :func:`welford`, :func:`merge_stats`."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _layout
+from ._config import PARALLEL_MIN
+from ._math import chan_merge
+from .cpu import stats as _cpu
+
+
+class Stats(NamedTuple):
+    """Per-channel statistics of ``count`` values each: ``mean`` and ``m2`` (float64, shape
+    ``(C,)``), with ``m2 = sum((x - mean)**2)``.
+
+    Partial statistics merge exactly with :func:`merge_stats`, so one array, a stream of
+    batches or chunks spread over many machines give the same numbers (to rounding).
+    """
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    def var(self, ddof=0):
+        """Per-channel variance ``m2 / (count - ddof)``: ``ddof=0`` is the biased variance
+        batch norm normalizes with, ``ddof=1`` the unbiased one ``running_var`` tracks.
+        NaN where ``count <= ddof``."""
+        d = self.count - ddof
+        if d <= 0:
+            return np.full_like(self.m2, np.nan)
+        return self.m2 / d
+
+    def std(self, ddof=0):
+        """Per-channel standard deviation, ``sqrt(var(ddof))``."""
+        return np.sqrt(self.var(ddof))
+
+
+def welford(x, *, axis=1):
+    """Per-channel count, mean and M2 of ``x`` in one pass (blocked Welford / Chan).
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64, ndim >= 2
+        Values; every axis but ``axis`` is reduced.  A non-contiguous ``x`` is copied once.
+    axis : int, default 1
+        The feature (channel) axis; ``-1`` for channels-last.
+
+    Returns
+    -------
+    Stats
+        ``count`` (int, values per channel), ``mean`` and ``m2`` (float64, shape ``(C,)``).
+
+    Notes
+    -----
+    Blocks of ``x`` get their exact mean and centred sum of squares from two sweeps while
+    in cache, then are merged with Chan's formula in an order fixed by the shape: the result
+    is bitwise identical for any number of threads and never suffers the cancellation of
+    ``E[x^2] - E[x]^2``.  An ``x`` with no values gives ``count=0`` and zeros, the identity of
+    :func:`merge_stats`.
+    """
+    x = _layout.as_input(x, "x")
+    ax = _layout.norm_axis(axis, x.ndim)
+    x = _layout.contiguous(x)
+    stats = np.empty((3, x.shape[ax]))
+    _cpu.welford(x.size >= PARALLEL_MIN, _layout.view3(x, ax), stats)
+    count = x.size // x.shape[ax] if x.shape[ax] else 0
+    return Stats(count, stats[1], stats[2])
+
+
+def merge_stats(*stats):
+    """Merge partial statistics exactly, left to right (Chan et al.).
+
+    Parameters
+    ----------
+    *stats : Stats
+        Statistics of disjoint parts of the same channels (same ``C``).
+
+    Returns
+    -------
+    Stats
+        The statistics of all parts together::
+
+            n = na + nb;  d = mean_b - mean_a
+            mean = mean_a + d * nb / n
+            m2 = m2_a + m2_b + d**2 * na * nb / n
+    """
+    if not stats:
+        raise TypeError("merge_stats needs at least one Stats, got none")
+    parts = [_as_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
+    shape = parts[0].mean.shape
+    for i, s in enumerate(parts):
+        if s.mean.shape != shape:
+            raise ValueError(f"stats[{i}] must have {shape[0]} channels (as stats[0]), got {s.mean.shape[0]}")
+    count, mean, m2 = parts[0]
+    for s in parts[1:]:
+        count, mean, m2 = chan_merge.py_func(count, mean, m2, s.count, s.mean, s.m2)
+    return Stats(int(count), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64))
+
+
+def _as_stats(s, name):
+    try:
+        count, mean, m2 = s
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a Stats (count, mean, m2), got {type(s).__name__}") from None
+    if isinstance(count, bool) or int(count) != count or count < 0:
+        raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
+    mean = np.asarray(mean, dtype=np.float64)
+    m2 = np.asarray(m2, dtype=np.float64)
+    if mean.ndim != 1 or m2.shape != mean.shape:
+        raise ValueError(f"{name}.mean and .m2 must both have shape (C,), got {mean.shape} and {m2.shape}")
+    return Stats(int(count), mean, m2)
