@@ -1,5 +1,7 @@
 """How numbabn compiles: the jit options and the serial/parallel twins of each driver."""
 
+import hashlib
+import os
 import threading
 import types
 
@@ -50,3 +52,56 @@ def _clone(fn, suffix):
 def twin(fn):
     """Decorator: compile ``fn`` as a serial and a parallel driver (see :class:`Twin`)."""
     return Twin(fn)
+
+
+# -- on-disk cache ----------------------------------------------------------------------------
+# Numba invalidates a cached function when *its own* file changes, but numbabn's drivers inline
+# stages and constants from other files (stats.py, _math.py, _config.py).  So every numbabn
+# function is stamped with the whole package's sources: any edit recompiles everything, never
+# a stale kernel.  This uses numba's cache-locator hook; if it is missing, numba's default
+# per-file stamp applies.
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _package_stamp():
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(_PKG_DIR)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(root, name))
+                h.update(
+                    f"{os.path.relpath(os.path.join(root, name), _PKG_DIR)}:{st.st_mtime_ns}:{st.st_size};".encode()
+                )
+    return h.hexdigest()
+
+
+def _install_package_locators():
+    try:
+        from numba.core import caching
+
+        bases = [caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator]
+        registry = caching.CacheImpl._locator_classes
+    except AttributeError:  # pragma: no cover - numba moved its internals
+        return
+    stamp = _package_stamp()
+
+    def make(base):
+        def from_function(cls, py_func, py_file):
+            if not os.path.abspath(py_file).startswith(_PKG_DIR + os.sep):
+                return None
+            return base.from_function.__func__(cls, py_func, py_file)
+
+        return type(
+            f"Numbabn{base.__name__}",
+            (base,),
+            {
+                "from_function": classmethod(from_function),
+                "get_source_stamp": lambda self: stamp,
+            },
+        )
+
+    for base in reversed(bases):
+        registry.insert(0, make(base))
+
+
+_install_package_locators()

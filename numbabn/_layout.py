@@ -22,8 +22,7 @@ def as_input(x, name="input"):
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < 2:
         raise ValueError(
-            f"{name} must have at least 2 dimensions (batch, channels, ...), "
-            f"got {x.ndim} (shape {x.shape})"
+            f"{name} must have at least 2 dimensions (batch, channels, ...), got {x.ndim} (shape {x.shape})"
         )
     return x
 

@@ -126,7 +126,9 @@ class BatchNorm:
         momentum = 0.0 if self.momentum is None else self.momentum
         if track and self.momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
-        running = (None, None) if self.training and not self.track_running_stats else (self.running_mean, self.running_var)
+        running = (
+            (None, None) if self.training and not self.track_running_stats else (self.running_mean, self.running_var)
+        )
         y, mean, invstd = batch_norm_forward(
             x,
             self.weight,

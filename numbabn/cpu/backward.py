@@ -23,7 +23,8 @@ def grad_sums(g3, x3, mean, sums):
     part = np.zeros((2, nsplit, num_channels))
     if strided:
         for task in prange(nsplit * num_channels):
-            split, c = divmod(task, num_channels)
+            split = task // num_channels
+            c = task % num_channels
             r0, r1 = rows(split, nsplit, outer)
             m = mean[c]
             sg = 0.0
@@ -43,18 +44,22 @@ def grad_sums(g3, x3, mean, sums):
         g2 = g3.reshape(outer, width_all)
         x2 = x3.reshape(outer, width_all)
         for task in prange(nsplit * ntiles):
-            split, tile = divmod(task, ntiles)
+            split = task // ntiles
+            tile = task % ntiles
             r0, r1 = rows(split, nsplit, outer)
             c0 = tile * ct
             j0 = c0 * inner
             width = (min(num_channels, c0 + ct) - c0) * inner
             acc_g = np.zeros(width)
             acc_gx = np.zeros(width)
+            ctr = centre[j0 : j0 + width]
             for o in range(r0, r1):
+                gr = g2[o, j0 : j0 + width]
+                xr = x2[o, j0 : j0 + width]
                 for j in range(width):
-                    g = float(g2[o, j0 + j])
+                    g = float(gr[j])
                     acc_g[j] += g
-                    acc_gx[j] += g * (x2[o, j0 + j] - centre[j0 + j])
+                    acc_gx[j] += g * (xr[j] - ctr[j])
             for c in range(width // inner):
                 for i in range(inner):
                     part[0, split, c0 + c] += acc_g[c * inner + i]
@@ -75,7 +80,8 @@ def apply_grad(g3, x3, coef, gi3):
     outer, num_channels, inner = x3.shape
     if inner >= MIN_INNER:
         for r in prange(outer * num_channels):
-            o, c = divmod(r, num_channels)
+            o = r // num_channels
+            c = r % num_channels
             a = coef[0, c]
             b = coef[1, c]
             d = coef[2, c]

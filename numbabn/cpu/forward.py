@@ -24,7 +24,8 @@ def normalize(x3, coef, y3):
     outer, num_channels, inner = x3.shape
     if inner >= MIN_INNER:
         for r in prange(outer * num_channels):
-            o, c = divmod(r, num_channels)
+            o = r // num_channels
+            c = r % num_channels
             a = coef[0, c]
             b = coef[1, c]
             xr = x3[o, c]

@@ -20,21 +20,24 @@ def partials_strided(x3, nsplit, part):
     """Channel-strided partials: task ``(split, c)`` reduces rows ``o`` of channel ``c``."""
     outer, num_channels, inner = x3.shape
     for task in prange(nsplit * num_channels):
-        split, c = divmod(task, num_channels)
+        split = task // num_channels
+        c = task % num_channels
         r0, r1 = rows(split, nsplit, outer)
         n, mean, m2 = 0.0, 0.0, 0.0
         for o in range(r0, r1):
             row = x3[o, c]
-            for k0 in range(0, inner, BLOCK):
-                k1 = min(inner, k0 + BLOCK)
+            for kb in range((inner + BLOCK - 1) // BLOCK):
+                # Loops over a block slice from 0 vectorize; range(k0, k1) loops measured
+                # 3.4x slower here.
+                blk = row[kb * BLOCK : min(inner, (kb + 1) * BLOCK)]
                 s = 0.0
-                for k in range(k0, k1):
-                    s += row[k]
-                bn = float(k1 - k0)
+                for k in range(blk.shape[0]):
+                    s += blk[k]
+                bn = float(blk.shape[0])
                 bm = s / bn
                 q = 0.0
-                for k in range(k0, k1):
-                    d = row[k] - bm
+                for k in range(blk.shape[0]):
+                    d = blk[k] - bm
                     q += d * d
                 n, mean, m2 = chan_merge(n, mean, m2, bn, bm, q)
         part[0, split, c] = n
@@ -49,7 +52,8 @@ def partials_minor(x3, nsplit, ct, ntiles, part):
     outer, num_channels, inner = x3.shape
     x2 = x3.reshape(outer, num_channels * inner)
     for task in prange(nsplit * ntiles):
-        split, tile = divmod(task, ntiles)
+        split = task // ntiles
+        tile = task % ntiles
         r0, r1 = rows(split, nsplit, outer)
         c0 = tile * ct
         c1 = min(num_channels, c0 + ct)
@@ -67,8 +71,9 @@ def partials_minor(x3, nsplit, ct, ntiles, part):
             bn = float((b1 - b0) * inner)
             acc[:] = 0.0
             for o in range(b0, b1):
+                xr = x2[o, j0 : j0 + width]
                 for j in range(width):
-                    acc[j] += x2[o, j0 + j]
+                    acc[j] += xr[j]
             for c in range(width // inner):
                 s = 0.0
                 for i in range(inner):
@@ -77,8 +82,9 @@ def partials_minor(x3, nsplit, ct, ntiles, part):
                     centre[c * inner + i] = s / bn
             acc[:] = 0.0
             for o in range(b0, b1):
+                xr = x2[o, j0 : j0 + width]
                 for j in range(width):
-                    d = x2[o, j0 + j] - centre[j]
+                    d = xr[j] - centre[j]
                     acc[j] += d * d
             for c in range(width // inner):
                 q = 0.0

@@ -1,0 +1,152 @@
+"""Side-by-side timings: numbabn against a streaming copy, a triad, and PyTorch CPU.
+
+Every ratio is measured in one run, rounds interleaved (each contender once per round,
+median over rounds), because these machines are shared and noisy.
+"""
+
+import statistics
+import time
+
+import numba
+import numpy as np
+from numba import prange
+
+from . import functional as F
+
+#: The core issue's shape list: (shape, axis, label).
+SHAPES = [
+    ((64, 64, 56, 56), 1, "NCHW"),
+    ((32, 256, 28, 28), 1, "NCHW"),
+    ((64, 56, 56, 64), -1, "NHWC"),
+    ((65536, 512), 1, "NC"),
+    ((8192, 256), 1, "NC"),
+    ((256, 1024), 1, "NC"),
+    ((32, 64), 1, "NC"),
+]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _copy(src, dst):
+    for i in prange(src.size):
+        dst[i] = src[i]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _triad(a, b, k, out):
+    for i in prange(a.size):
+        out[i] = a[i] + k * b[i]
+
+
+def _np_copy(src, dst):
+    np.copyto(dst, src)
+
+
+def interleaved(fns, budget=0.6, min_rounds=5, max_rounds=200):
+    """Median seconds per call of each of ``fns`` (dict name -> callable), timed in rounds
+    that call each once, after a warm-up call each."""
+    for f in fns.values():
+        f()
+    t0 = time.perf_counter()
+    for f in fns.values():
+        f()
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(2e-3 / one))  # batch tiny calls so timer resolution does not matter
+    rounds = int(min(max_rounds, max(min_rounds, budget / (one * inner))))
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def measure(shape, axis, dtype=np.float32, budget=0.6, torch_too=True):
+    """Time training forward, eval forward and backward of one shape; return a dict of
+    seconds (``None`` for what could not run)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    g = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    c = shape[axis]
+    w, b = np.ones(c, dtype), np.zeros(c, dtype)
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    y = np.empty_like(x)
+    flat_x, flat_y, flat_g = x.reshape(-1), y.reshape(-1), g.reshape(-1)
+    _, mean, invstd = F.batch_norm_forward(x, w, b, axis=axis)
+    fns = {
+        "np_copy": lambda: _np_copy(flat_x, flat_y),
+        "nb_copy": lambda: _copy(flat_x, flat_y),
+        "triad": lambda: _triad(flat_x, flat_g, 0.5, flat_y),
+        "train": lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, axis=axis, out=y),
+        "eval": lambda: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, axis=axis, out=y),
+        "backward": lambda: F.batch_norm_backward(g, x, w, mean, invstd, axis=axis),
+    }
+    torch = _torch() if torch_too else None
+    if torch is not None:
+        tx, tg = torch.from_numpy(x), torch.from_numpy(g)
+        if axis != 1:  # channels-last: PyTorch's own NHWC memory format, same bytes
+            perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
+            tx, tg = tx.permute(perm), tg.permute(perm)
+        tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
+        _, tmean, tinv = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
+        fns["torch_train"] = lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
+        fns["torch_eval"] = lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, False, 0.1, 1e-5)
+        fns["torch_backward"] = lambda: torch.ops.aten.native_batch_norm_backward(
+            tg, tx, tw, trm, trv, tmean, tinv, True, 1e-5, [True, True, True]
+        )
+    with _torch_threads(torch):
+        out = interleaved(fns, budget=budget)
+    out["copy"] = min(out["np_copy"], out["nb_copy"])
+    return out
+
+
+class _torch_threads:
+    """Run PyTorch with as many threads as numba, so neither side gets more cores."""
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def __enter__(self):
+        if self.torch is not None:
+            self.old = self.torch.get_num_threads()
+            self.torch.set_num_threads(numba.get_num_threads())
+
+    def __exit__(self, *exc):
+        if self.torch is not None:
+            self.torch.set_num_threads(self.old)
+
+
+def table(shapes=SHAPES, dtype=np.float32, budget=0.6, torch_too=True, file=None):
+    """Print the ratio table; return its rows (dicts)."""
+    rows = []
+    head = (
+        f"{'shape':>20} {'lay':>4} {'MB':>7} | {'train/copy':>10} {'eval/copy':>9} {'bwd/triad':>9} |"
+        f" {'torch/us train':>14} {'eval':>6} {'bwd':>6}"
+    )
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for shape, axis, label in shapes:
+        t = measure(shape, axis, dtype, budget, torch_too)
+        mb = np.prod(shape) * np.dtype(dtype).itemsize / 1e6
+        row = {"shape": shape, "axis": axis, "layout": label, "MB": mb, **t}
+
+        def sp(k, t=t):
+            return t.get("torch_" + k, float("nan")) / t[k]
+
+        print(
+            f"{str(shape):>20} {label:>4} {mb:7.1f} | {t['train'] / t['copy']:10.2f} {t['eval'] / t['copy']:9.2f}"
+            f" {t['backward'] / t['triad']:9.2f} | {sp('train'):14.2f} {sp('eval'):6.2f} {sp('backward'):6.2f}",
+            file=file,
+            flush=True,
+        )
+        rows.append(row)
+    return rows
