@@ -26,6 +26,17 @@ MIN_INNER = 64
 #: so their per-task accumulators stay in L1 however many channels there are.
 TILE = 2048
 
+#: Channel-minor blocks span at least this many rows, so the per-channel Chan merge after
+#: each block (a division per channel) costs at most 1/32 of a flop-heavy step per element:
+#: with 4-row blocks (256, 1024) float32 statistics ran 10x slower than memory speed.
+MINOR_ROWS = 32
+
+#: Channel-strided passes take one whole channel per task, and revisit its slice while it is
+#: in L2 (DESIGN.md section 5), when a channel's slice is at most this many bytes and there
+#: are at least FUSE_CHANNELS channels to share among the cores.
+FUSE_BYTES = 1 << 20
+FUSE_CHANNELS = 16
+
 #: Arrays with fewer elements run the serial twin of each kernel: below this a parallel
 #: launch (about 2 us with the OpenMP layer here) costs more than it saves.
 PARALLEL_MIN = 1 << 17

@@ -12,7 +12,7 @@ A task writes its partial into slot ``[split, channel]``; partials are merged in
 Nothing here depends on the thread count, so neither do the results.
 """
 
-from .._config import MAX_SPLITS, MIN_INNER, TASK_ELEMS, TILE
+from .._config import FUSE_BYTES, FUSE_CHANNELS, MAX_SPLITS, MIN_INNER, TASK_ELEMS, TILE
 from .._jit import stage
 
 
@@ -29,6 +29,13 @@ def plan(outer, num_channels, inner):
     per_tile = outer * ct * inner
     nsplit = min(max(1, (per_tile + TASK_ELEMS - 1) // TASK_ELEMS), MAX_SPLITS, max(outer, 1))
     return strided, ct, ntiles, nsplit
+
+
+@stage
+def fuse_channels(outer, num_channels, inner, itemsize):
+    """Whether a channel-strided pass can take one whole channel per task and revisit its
+    slice in L2: enough channels to keep every core busy, slices that fit in L2."""
+    return inner >= MIN_INNER and num_channels >= FUSE_CHANNELS and outer * inner * itemsize <= FUSE_BYTES
 
 
 @stage

@@ -13,8 +13,8 @@ from numba import prange
 from .._config import MIN_INNER
 from .._jit import stage, twin
 from .._math import ema, fold, invstd_of, unbiased
-from ._plan import expand
-from .stats import channel_stats
+from ._plan import expand, fuse_channels
+from .stats import channel_stats, strided_rows
 
 
 @stage
@@ -44,32 +44,52 @@ def normalize(x3, coef, y3):
 
 
 @stage
-def finalize_train(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save):
-    """From ``stats`` (count, mean, M2): the fold coefficients, the saved ``(mean, invstd)``
-    and, when running buffers are given (non-empty), their EMA update in place."""
-    update = running_mean.shape[0] > 0
-    for c in range(stats.shape[1]):
-        n = stats[0, c]
-        mean = stats[1, c]
-        m2 = stats[2, c]
-        invstd = invstd_of(m2 / n, eps)
-        coef[0, c], coef[1, c] = fold(mean, invstd, weight[c], bias[c])
-        save[0, c] = mean
-        save[1, c] = invstd
-        if update:
-            running_mean[c] = ema(running_mean[c], mean, momentum)
-            running_var[c] = ema(running_var[c], unbiased(m2, n), momentum)
+def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save):
+    """Channel ``c``'s statistics ``(n, mean, M2)`` to its fold coefficients ``coef[:, c]``,
+    saved ``(mean, invstd)`` and, when running buffers are given (non-empty), their EMA
+    update: the biased variance normalizes, the unbiased one feeds ``running_var``."""
+    invstd = invstd_of(m2 / n, eps)
+    coef[0, c], coef[1, c] = fold(mean, invstd, weight[c], bias[c])
+    save[0, c] = mean
+    save[1, c] = invstd
+    if running_mean.shape[0] > 0:
+        running_mean[c] = ema(running_mean[c], mean, momentum)
+        running_var[c] = ema(running_var[c], unbiased(m2, n), momentum)
+
+
+@stage
+def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
+    """Channel-strided training forward, one task per channel: statistics, finalize, then
+    normalize the channel's rows while they are still in L2, so DRAM sees ``x`` once."""
+    outer, num_channels, inner = x3.shape
+    coef = np.empty((2, num_channels))
+    for c in prange(num_channels):
+        n, mean, m2 = strided_rows(x3, c, 0, outer)
+        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        a = coef[0, c]
+        b = coef[1, c]
+        for o in range(outer):
+            xr = x3[o, c]
+            yr = y3[o, c]
+            for k in range(inner):
+                yr[k] = xr[k] * a + b
 
 
 @twin
 def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
     """Driver, training: batch statistics, EMA update, normalize ``x3`` into ``y3``;
     ``save`` (2, C) float64 receives the mean and invstd used."""
-    num_channels = x3.shape[1]
+    outer, num_channels, inner = x3.shape
+    if fuse_channels(outer, num_channels, inner, x3.itemsize):
+        train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save)
+        return
     stats = np.empty((3, num_channels))
     channel_stats(x3, stats)
     coef = np.empty((2, num_channels))
-    finalize_train(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    for c in range(num_channels):
+        finish_channel(
+            c, stats[0, c], stats[1, c], stats[2, c], weight, bias, running_mean, running_var, momentum, eps, coef, save
+        )
     normalize(x3, coef, y3)
 
 
