@@ -85,9 +85,9 @@ def main(argv=None):
     parser.add_argument("command", nargs="?", default="check", choices=["check", "bench"])
     parser.add_argument("--budget", type=float, default=0.6, help="seconds of timing per shape (bench)")
     args = parser.parse_args(argv)
-    from numbabn import _bench
-
     import numba
+
+    from numbabn import _bench
 
     print(f"numbabn self-check (numba {numba.__version__}, {numba.get_num_threads()} threads)")
     t = time.perf_counter()

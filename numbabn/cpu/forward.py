@@ -18,6 +18,13 @@ from .stats import channel_stats, strided_rows
 
 
 @stage
+def affine_row(xr, a, b, out):
+    """``out = xr * a + b`` along one contiguous row (float64 arithmetic, rounded on store)."""
+    for k in range(xr.shape[0]):
+        out[k] = xr[k] * a + b
+
+
+@stage
 def normalize(x3, coef, y3):
     """``y[o, c, i] = x[o, c, i] * coef[0, c] + coef[1, c]`` (elementwise: any schedule
     gives the same bits)."""
@@ -26,12 +33,7 @@ def normalize(x3, coef, y3):
         for r in prange(outer * num_channels):
             o = r // num_channels
             c = r % num_channels
-            a = coef[0, c]
-            b = coef[1, c]
-            xr = x3[o, c]
-            yr = y3[o, c]
-            for k in range(inner):
-                yr[k] = xr[k] * a + b
+            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
     else:
         width = num_channels * inner
         a = expand(coef[0], inner)
@@ -66,13 +68,8 @@ def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, 
     for c in prange(num_channels):
         n, mean, m2 = strided_rows(x3, c, 0, outer)
         finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
-        a = coef[0, c]
-        b = coef[1, c]
         for o in range(outer):
-            xr = x3[o, c]
-            yr = y3[o, c]
-            for k in range(inner):
-                yr[k] = xr[k] * a + b
+            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 
 
 @twin
