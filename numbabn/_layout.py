@@ -29,6 +29,8 @@ def as_input(x, name="input"):
 
 def norm_axis(axis, ndim, name="axis"):
     """Return ``axis`` as a non-negative int in ``[0, ndim)`` or raise."""
+    if type(axis) is int and -ndim <= axis < ndim:  # fast path: ABC checks cost ~0.3 us
+        return axis % ndim
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
@@ -62,6 +64,8 @@ def per_channel(a, num_channels, dtype, name, *, writable=False, allow_f64=False
 
 def check_momentum(momentum):
     """``momentum`` is the weight of the new batch, a real number in [0, 1]."""
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
     if momentum is None:
         raise TypeError(
             "momentum must be a float in [0, 1], got None; the cumulative average "
@@ -76,6 +80,8 @@ def check_momentum(momentum):
 
 def check_eps(eps):
     """``eps`` is a finite real number >= 0."""
+    if type(eps) is float and 0.0 <= eps < math.inf:
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a float >= 0, got {type(eps).__name__}")
     if not (eps >= 0.0 and math.isfinite(eps)):

@@ -5,6 +5,8 @@ Each function validates every argument (``numbabn._layout``), views the arrays a
 running statistics included, until every check has passed.
 """
 
+import functools
+
 import numpy as np
 
 from . import _layout
@@ -209,8 +211,15 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
 
 def _per_channel_array(a, fill, num_channels, dtype):
     if a is None:
-        return np.full(num_channels, fill, dtype=dtype)
+        return _constant(fill, num_channels, dtype)
     return np.ascontiguousarray(a)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(fill, num_channels, dtype):
+    # The default weight (ones) and bias (zeros), made once per (C, dtype) and only read by
+    # the kernels.  Not flagged read-only: numba would compile a second specialization.
+    return np.full(num_channels, fill, dtype=dtype)
 
 
 def _buffer(a, dtype):

@@ -25,7 +25,7 @@ def strided_grad_rows(g3, x3, c, m, r0, r1):
         gr = g3[o, c]
         xr = x3[o, c]
         for k in range(inner):
-            g = float(gr[k])
+            g = np.float64(gr[k])
             sg += g
             sgx += g * (xr[k] - m)
     return sg, sgx
@@ -104,7 +104,7 @@ def grad_sums(g3, x3, mean, sums):
                 gr = g2[o, j0 : j0 + width]
                 xr = x2[o, j0 : j0 + width]
                 for j in range(width):
-                    g = float(gr[j])
+                    g = np.float64(gr[j])
                     acc_g[j] += g
                     acc_gx[j] += g * (xr[j] - ctr[j])
             for c in range(width // inner):

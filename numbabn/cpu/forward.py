@@ -97,8 +97,8 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save):
     num_channels = x3.shape[1]
     coef = np.empty((2, num_channels))
     for c in range(num_channels):
-        invstd = invstd_of(float(var[c]), eps)
-        coef[0, c], coef[1, c] = fold(float(mean[c]), invstd, weight[c], bias[c])
+        invstd = invstd_of(np.float64(var[c]), eps)
+        coef[0, c], coef[1, c] = fold(np.float64(mean[c]), invstd, weight[c], bias[c])
         save[0, c] = mean[c]
         save[1, c] = invstd
     normalize(x3, coef, y3)
