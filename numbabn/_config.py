@@ -29,7 +29,7 @@ TILE = 2048
 #: Channel-minor blocks span at least this many rows, so the per-channel Chan merge after
 #: each block (a division per channel) costs at most 1/32 of a flop-heavy step per element:
 #: with 4-row blocks (256, 1024) float32 statistics ran 10x slower than memory speed.
-MINOR_ROWS = 32
+MINOR_ROWS = 64
 
 #: Channel-strided passes take one whole channel per task, and revisit its slice while it is
 #: in L2 (DESIGN.md section 5), when a channel's slice is at most this many bytes and there

@@ -89,9 +89,14 @@ def check_eps(eps):
     return float(eps)
 
 
+def values_per_channel(shape, axis):
+    """``n``, the number of values that share each channel: the product of the other axes."""
+    return math.prod(shape[:axis]) * math.prod(shape[axis + 1 :])
+
+
 def check_training_count(x, axis):
     """Training needs more than one value per channel (the unbiased variance divides by n-1)."""
-    n = x.size // x.shape[axis] if x.shape[axis] else 0
+    n = values_per_channel(x.shape, axis)
     if n <= 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape "

@@ -64,7 +64,7 @@ def welford(x, *, axis=1):
     x = _layout.contiguous(x)
     stats = np.empty((3, x.shape[ax]))
     _cpu.welford(x.size >= PARALLEL_MIN, _layout.view3(x, ax), stats)
-    count = x.size // x.shape[ax] if x.shape[ax] else 0
+    count = _layout.values_per_channel(x.shape, ax)
     return Stats(count, stats[1], stats[2])
 
 

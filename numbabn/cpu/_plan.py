@@ -26,7 +26,7 @@ def plan(outer, num_channels, inner):
     else:
         ct = max(1, TILE // max(inner, 1))
     ntiles = (num_channels + ct - 1) // ct
-    per_tile = outer * ct * inner
+    per_tile = outer * min(ct, num_channels) * inner
     nsplit = min(max(1, (per_tile + TASK_ELEMS - 1) // TASK_ELEMS), MAX_SPLITS, max(outer, 1))
     return strided, ct, ntiles, nsplit
 

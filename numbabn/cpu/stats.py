@@ -11,7 +11,7 @@ from numba import prange
 
 from .._config import BLOCK, MINOR_ROWS
 from .._jit import stage, twin
-from .._math import chan_merge
+from .._math import chan_merge, chan_merge_channels
 from ._plan import plan, rows
 
 
@@ -91,9 +91,36 @@ def column_squares(x2, o0, o1, j0, centre, acc):
 
 
 @stage
+def sum_inner(acc, inner, out):
+    """``out[c] = sum(acc[c * inner : (c + 1) * inner])``."""
+    if inner == 1:
+        out[:] = acc
+    else:
+        for c in range(out.shape[0]):
+            s = 0.0
+            for i in range(inner):
+                s += acc[c * inner + i]
+            out[c] = s
+
+
+@stage
+def repeat_inner(values, inner, out):
+    """``out[c * inner + i] = values[c]`` (no integer division per element: it cost more
+    than both sweeps of a block)."""
+    if inner == 1:
+        out[:] = values
+    else:
+        for c in range(values.shape[0]):
+            for i in range(inner):
+                out[c * inner + i] = values[c]
+
+
+@stage
 def partials_minor(x3, nsplit, ct, ntiles, part):
     """Channel-minor partials: task ``(split, tile)`` reduces ``ct`` whole channels over a
-    row range, in blocks of ``rb`` rows summed into per-element float64 accumulators."""
+    row range, in blocks of ``rb`` rows summed into per-element float64 accumulators.
+    Every channel of a tile has the same count, so the Chan merge of a block runs as one
+    vectorized loop over channels."""
     outer, num_channels, inner = x3.shape
     x2 = x3.reshape(outer, num_channels * inner)
     for task in prange(nsplit * ntiles):
@@ -101,40 +128,32 @@ def partials_minor(x3, nsplit, ct, ntiles, part):
         tile = task % ntiles
         r0, r1 = rows(split, nsplit, outer)
         c0 = tile * ct
-        c1 = min(num_channels, c0 + ct)
+        nc = min(num_channels, c0 + ct) - c0
         j0 = c0 * inner
-        width = (c1 - c0) * inner
+        width = nc * inner
         rb = max(MINOR_ROWS, BLOCK // max(width, 1))
         acc = np.empty(width)
         centre = np.empty(width)
-        for c in range(c0, c1):
-            part[0, split, c] = 0.0
-            part[1, split, c] = 0.0
-            part[2, split, c] = 0.0
+        bmean = np.empty(nc)
+        bm2 = np.empty(nc)
+        mean = np.zeros(nc)
+        m2 = np.zeros(nc)
+        n = 0.0
         for b0 in range(r0, r1, rb):
             b1 = min(r1, b0 + rb)
             bn = float((b1 - b0) * inner)
             acc[:] = 0.0
             column_sums(x2, b0, b1, j0, acc)
-            for c in range(width // inner):
-                s = 0.0
-                for i in range(inner):
-                    s += acc[c * inner + i]
-                for i in range(inner):
-                    centre[c * inner + i] = s / bn
+            sum_inner(acc, inner, bmean)
+            bmean /= bn
+            repeat_inner(bmean, inner, centre)
             acc[:] = 0.0
             column_squares(x2, b0, b1, j0, centre, acc)
-            for c in range(width // inner):
-                q = 0.0
-                for i in range(inner):
-                    q += acc[c * inner + i]
-                g = c0 + c
-                n, mean, m2 = chan_merge(
-                    part[0, split, g], part[1, split, g], part[2, split, g], bn, centre[c * inner], q
-                )
-                part[0, split, g] = n
-                part[1, split, g] = mean
-                part[2, split, g] = m2
+            sum_inner(acc, inner, bm2)
+            n = chan_merge_channels(n, mean, m2, bn, bmean, bm2)
+        part[0, split, c0 : c0 + nc] = n
+        part[1, split, c0 : c0 + nc] = mean
+        part[2, split, c0 : c0 + nc] = m2
 
 
 @stage
