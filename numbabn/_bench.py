@@ -41,24 +41,30 @@ def _np_copy(src, dst):
     np.copyto(dst, src)
 
 
-def interleaved(fns, budget=0.6, min_rounds=5, max_rounds=200):
-    """Median seconds per call of each of ``fns`` (dict name -> callable), timed in rounds
-    that call each once, after a warm-up call each."""
-    for f in fns.values():
+def interleaved(fns, budget=0.6, batch=0.01, min_rounds=5, max_rounds=100):
+    """Median seconds per call of each of ``fns`` (dict name -> callable).
+
+    Each callable is calibrated to a batch of about ``batch`` seconds of back-to-back calls;
+    rounds then time one batch of each callable in turn, so drifts of a shared machine hit
+    every contender alike.  Batches also dilute the OpenMP spin-wait that one library's
+    threads leave behind for the next library's first call.
+    """
+    counts = {}
+    for k, f in fns.items():
+        f()  # warm-up (compile, allocate, fault pages in)
+        t = time.perf_counter()
         f()
-    t0 = time.perf_counter()
-    for f in fns.values():
-        f()
-    one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(2e-3 / one))  # batch tiny calls so timer resolution does not matter
-    rounds = int(min(max_rounds, max(min_rounds, budget / (one * inner))))
+        one = max(time.perf_counter() - t, 1e-7)
+        counts[k] = max(1, int(batch / one))
+    rounds = int(min(max_rounds, max(min_rounds, budget / (batch * len(fns)))))
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            n = counts[k]
             t = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(n):
                 f()
-            times[k].append((time.perf_counter() - t) / inner)
+            times[k].append((time.perf_counter() - t) / n)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -70,7 +76,7 @@ def _torch():
     return torch
 
 
-def measure(shape, axis, dtype=np.float32, budget=0.6, torch_too=True):
+def measure(shape, axis, dtype=np.float32, budget=1.0, torch_too=True):
     """Time training forward, eval forward and backward of one shape; return a dict of
     seconds (``None`` for what could not run)."""
     rng = np.random.default_rng(0)
@@ -125,12 +131,12 @@ class _torch_threads:
             self.torch.set_num_threads(self.old)
 
 
-def table(shapes=SHAPES, dtype=np.float32, budget=0.6, torch_too=True, file=None):
+def table(shapes=SHAPES, dtype=np.float32, budget=1.0, torch_too=True, file=None):
     """Print the ratio table; return its rows (dicts)."""
     rows = []
     head = (
         f"{'shape':>20} {'lay':>4} {'MB':>7} | {'train/copy':>10} {'eval/copy':>9} {'bwd/triad':>9} |"
-        f" {'torch/us train':>14} {'eval':>6} {'bwd':>6}"
+        f" {'speed-up vs torch: train':>24} {'eval':>6} {'bwd':>6}"
     )
     print(head, file=file)
     print("-" * len(head), file=file)
@@ -144,7 +150,7 @@ def table(shapes=SHAPES, dtype=np.float32, budget=0.6, torch_too=True, file=None
 
         print(
             f"{str(shape):>20} {label:>4} {mb:7.1f} | {t['train'] / t['copy']:10.2f} {t['eval'] / t['copy']:9.2f}"
-            f" {t['backward'] / t['triad']:9.2f} | {sp('train'):14.2f} {sp('eval'):6.2f} {sp('backward'):6.2f}",
+            f" {t['backward'] / t['triad']:9.2f} | {sp('train'):24.2f} {sp('eval'):6.2f} {sp('backward'):6.2f}",
             file=file,
             flush=True,
         )

@@ -1,10 +1,12 @@
 """Forward pass: statistics (training) or running statistics (eval), then ``y = x * a + b``.
 
 Bytes moved (s = element size): training reads ``x`` twice and writes ``y`` once (3s per
-element; DESIGN.md section 5), eval reads ``x`` and writes ``y`` (2s).  The EMA update of the
-running statistics is fused into the O(C) finalize step between the two passes.
-The elementwise pass computes in float64 and rounds once on store, so float32 outputs are
-correctly rounded even when ``|mean| / std`` is large.
+element; DESIGN.md section 5) or, when a channel's slice fits in L2 (channel-strided layouts,
+:func:`numbabn.cpu._plan.fuse_channels`), reads it from DRAM once and again from L2 (2s);
+eval reads ``x`` and writes ``y`` (2s).  The EMA update of the running statistics is fused
+into the O(C) finalize step between statistics and normalization.  The elementwise pass
+computes in float64 and rounds once on store, so float32 outputs keep float32 precision even
+when ``|mean| / std`` is large (``b = bias - mean * a`` would cancel in float32).
 """
 
 import numpy as np
