@@ -120,7 +120,7 @@ class BatchNorm:
         batch statistics; training with running statistics counts ``num_batches_tracked``
         and, with ``momentum=None``, averages cumulatively (``momentum = 1 / count``).
         """
-        self._check_dtype(x)
+        x = self._check_input(x)
         use_batch = self.training or self.running_mean is None
         track = self.training and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -159,10 +159,17 @@ class BatchNorm:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
         return grad_input
 
-    def _check_dtype(self, x):
-        dtype = getattr(x, "dtype", None)
-        if dtype is not None and dtype != self.dtype and np.dtype(dtype).kind == "f":
-            raise TypeError(f"input must have dtype {self.dtype} (the layer's), got {dtype}")
+    def _check_input(self, x):
+        x = _layout.as_input(x)
+        if x.dtype != self.dtype:
+            raise TypeError(f"input must have dtype {self.dtype} (the layer's), got {x.dtype}")
+        ax = _layout.norm_axis(self.axis, x.ndim)
+        if x.shape[ax] != self.num_features:
+            raise ValueError(
+                f"input must have {self.num_features} channels (num_features) along axis {self.axis}, "
+                f"got {x.shape[ax]} (shape {x.shape})"
+            )
+        return x
 
     # -- state dicts ------------------------------------------------------------------------
     def _state_names(self):
@@ -197,7 +204,10 @@ class BatchNorm:
         missing = [k for k in names if k not in state_dict and k != "num_batches_tracked"]
         unexpected = [k for k in state_dict if k not in names]
         if strict and (missing or unexpected):
-            raise KeyError(f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected}")
+            raise ValueError(
+                f"Error(s) in loading state_dict: missing keys {missing}, unexpected keys {unexpected} "
+                f"(expected keys {names}); pass strict=False to load the matching keys only"
+            )
         staged = {}
         for name in names:
             if name not in state_dict:
