@@ -94,7 +94,7 @@ def measure(shape, axis, dtype=np.float32, budget=1.0, torch_too=True):
         "triad": lambda: _triad(flat_x, flat_g, 0.5, flat_y),
         "train": lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, axis=axis, out=y),
         "eval": lambda: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, axis=axis, out=y),
-        "backward": lambda: F.batch_norm_backward(g, x, w, mean, invstd, axis=axis),
+        "backward": lambda: F.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=y),
     }
     torch = _torch() if torch_too else None
     if torch is not None:

@@ -26,6 +26,10 @@ MIN_INNER = 64
 #: so their per-task accumulators stay in L1 however many channels there are.
 TILE = 2048
 
+#: Channel-minor kernels treat ``k`` consecutive rows as one row of at most this many
+#: elements (see ``cpu._plan.widen``), so short rows (few channels) still give long loops.
+WIDEN_TO = 1024
+
 #: Channel-minor blocks span at least this many rows, so the per-channel Chan merge after
 #: each block (a division per channel) costs at most 1/32 of a flop-heavy step per element:
 #: with 4-row blocks (256, 1024) float32 statistics ran 10x slower than memory speed.

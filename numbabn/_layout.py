@@ -132,13 +132,24 @@ def contiguous(x):
     return np.ascontiguousarray(x)
 
 
-def output_for(x, out):
+def check_out(x, out):
+    """Check an ``out`` argument: ``None``, or a writable array of ``x``'s shape and dtype."""
+    if out is None:
+        return None
+    out = same_kind(x, out, "out")
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+    return out
+
+
+def output_for(x, out, *others):
     """The array results are written to: ``out`` itself when it is viewed as ``x`` is (same
-    memory order, see :func:`view3`) and does not overlap ``x`` (``out is x`` is fine: the
-    elementwise pass runs in place); otherwise a new array in ``x``'s order, which the caller
-    copies into ``out`` at the end."""
-    if out is not None and same_view(out, x) and (out is x or not np.may_share_memory(out, x)):
-        return out
+    memory order, see :func:`view3`) and overlaps none of ``x``, ``*others`` unless it *is*
+    one of them (elementwise passes run in place safely); otherwise a new array in ``x``'s
+    order, which the caller copies into ``out`` at the end."""
+    if out is not None and same_view(out, x):
+        if all(out is a or not np.may_share_memory(out, a) for a in (x, *others)):
+            return out
     return np.empty_like(x)
 
 

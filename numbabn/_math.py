@@ -38,6 +38,10 @@ def chan_merge_channels(na, mean_a, m2_a, nb, mean_b, m2_b):
     and returns ``na + nb``."""
     if nb == 0:
         return na
+    if na == 0:
+        mean_a[:] = mean_b
+        m2_a[:] = m2_b
+        return nb
     n = na + nb
     f = nb / n
     g = na * f

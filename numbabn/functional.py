@@ -100,7 +100,7 @@ def batch_norm_forward(
     return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)
 
 
-def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1):
+def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1, out=None):
     """Gradients of batch normalization.
 
     Parameters
@@ -118,11 +118,15 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         depend on ``input`` too) or with running statistics.
     axis : int, default 1
         The feature axis.
+    out : ndarray, optional
+        Receives ``grad_input`` (same shape and dtype as ``input``; may be ``grad_output``
+        itself).  Saves allocating (and the OS zero-filling) a new array per call.
 
     Returns
     -------
     grad_input : ndarray
-        Same shape and dtype as ``input``, C-contiguous unless ``input`` is F-contiguous.
+        Same shape and dtype as ``input``, C-contiguous unless ``input`` is F-contiguous
+        (``out`` when given).
     grad_weight, grad_bias : ndarray of shape (C,)
         Per-channel, in ``input``'s dtype, even when ``weight`` is None.
 
@@ -144,10 +148,11 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
     save_invstd = _layout.per_channel(save_invstd, num_channels, dtype, "save_invstd", allow_f64=True)
     if save_mean is None or save_invstd is None:
         raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
+    out = _layout.check_out(x, out)
     x, g = _layout.contiguous(x), _layout.contiguous(g)
     if not _layout.same_view(g, x):
         x, g = np.ascontiguousarray(x), np.ascontiguousarray(g)
-    grad_input = np.empty_like(x)
+    grad_input = _layout.output_for(x, out, g)
     grads = np.empty((2, num_channels))
     _bwd.backward(
         x.size >= PARALLEL_MIN,
@@ -160,6 +165,9 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         _layout.view3(grad_input, ax),
         grads,
     )
+    if out is not None and grad_input is not out:
+        out[...] = grad_input
+        grad_input = out
     return grad_input, grads[0].astype(dtype), grads[1].astype(dtype)
 
 
@@ -181,10 +189,7 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
     eps = _layout.check_eps(eps)
-    if out is not None:
-        out = _layout.same_kind(x, out, "out")
-        if not out.flags.writeable:
-            raise ValueError("out must be writable")
+    out = _layout.check_out(x, out)
 
     x = _layout.contiguous(x)
     dest = _layout.output_for(x, out)

@@ -12,7 +12,7 @@ from numba import prange
 
 from .._config import MIN_INNER
 from .._jit import stage, twin
-from ._plan import expand, fuse_channels, plan, rows
+from ._plan import expand, fuse_channels, plan, rows, widen
 
 
 @stage
@@ -72,11 +72,38 @@ def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
 
 
 @stage
+def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx):
+    """``acc_g[j] += sum(g)``, ``acc_gx[j] += sum(g * (x - centre[j]))`` over rows
+    ``[o0, o1)`` of columns ``j0 + j``, four rows per sweep of the accumulators (as
+    ``stats.column_sums``)."""
+    o = o0
+    while o + 4 <= o1:
+        g0, g1, g2_, g3 = g2[o, j0:], g2[o + 1, j0:], g2[o + 2, j0:], g2[o + 3, j0:]
+        x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
+        for j in range(acc_g.shape[0]):
+            m = centre[j]
+            a0 = np.float64(g0[j])
+            a1 = np.float64(g1[j])
+            a2 = np.float64(g2_[j])
+            a3 = np.float64(g3[j])
+            acc_g[j] += (a0 + a1) + (a2 + a3)
+            acc_gx[j] += (a0 * (x0[j] - m) + a1 * (x1[j] - m)) + (a2 * (x2_[j] - m) + a3 * (x3[j] - m))
+        o += 4
+    for r in range(o, o1):
+        gr = g2[r, j0:]
+        xr = x2[r, j0:]
+        for j in range(acc_g.shape[0]):
+            g = np.float64(gr[j])
+            acc_g[j] += g
+            acc_gx[j] += g * (xr[j] - centre[j])
+
+
+@stage
 def grad_sums(g3, x3, mean, sums):
     """``sums[:, c] = (sum g, sum g * (x - mean[c]))`` over every element of channel ``c``."""
     outer, num_channels, inner = x3.shape
-    strided, ct, ntiles, nsplit = plan(outer, num_channels, inner)
-    part = np.zeros((2, nsplit, num_channels))
+    strided, k, ct, ntiles, nsplit = plan(outer, num_channels, inner)
+    part = np.zeros((2, nsplit, k * num_channels))
     if strided:
         for task in prange(nsplit * num_channels):
             split = task // num_channels
@@ -86,27 +113,21 @@ def grad_sums(g3, x3, mean, sums):
             part[0, split, c] = sg
             part[1, split, c] = sgx
     else:
-        width_all = num_channels * inner
-        centre = expand(mean, inner)
-        g2 = g3.reshape(outer, width_all)
-        x2 = x3.reshape(outer, width_all)
+        # Super-rows of k rows: k * C pseudo-channels, folded into C below.
+        rows_k, chans_k = outer // k, k * num_channels
+        centre = expand(mean, inner, k)
+        g2 = g3.reshape(rows_k, chans_k * inner)
+        x2 = x3.reshape(rows_k, chans_k * inner)
         for task in prange(nsplit * ntiles):
             split = task // ntiles
             tile = task % ntiles
-            r0, r1 = rows(split, nsplit, outer)
+            r0, r1 = rows(split, nsplit, rows_k)
             c0 = tile * ct
             j0 = c0 * inner
-            width = (min(num_channels, c0 + ct) - c0) * inner
+            width = (min(chans_k, c0 + ct) - c0) * inner
             acc_g = np.zeros(width)
             acc_gx = np.zeros(width)
-            ctr = centre[j0 : j0 + width]
-            for o in range(r0, r1):
-                gr = g2[o, j0 : j0 + width]
-                xr = x2[o, j0 : j0 + width]
-                for j in range(width):
-                    g = np.float64(gr[j])
-                    acc_g[j] += g
-                    acc_gx[j] += g * (xr[j] - ctr[j])
+            grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx)
             for c in range(width // inner):
                 for i in range(inner):
                     part[0, split, c0 + c] += acc_g[c * inner + i]
@@ -115,8 +136,9 @@ def grad_sums(g3, x3, mean, sums):
         sg = 0.0
         sgx = 0.0
         for split in range(nsplit):
-            sg += part[0, split, c]
-            sgx += part[1, split, c]
+            for m in range(k):
+                sg += part[0, split, m * num_channels + c]
+                sgx += part[1, split, m * num_channels + c]
         sums[0, c] = sg
         sums[1, c] = sgx
 
@@ -131,14 +153,15 @@ def apply_grad(g3, x3, coef, gi3):
             c = r % num_channels
             apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
     else:
-        width = num_channels * inner
-        a = expand(coef[0], inner)
-        b = expand(coef[1], inner)
-        d = expand(coef[2], inner)
-        g2 = g3.reshape(outer, width)
-        x2 = x3.reshape(outer, width)
-        gi2 = gi3.reshape(outer, width)
-        for o in prange(outer):
+        k = widen(outer, num_channels * inner)
+        width = k * num_channels * inner
+        a = expand(coef[0], inner, k)
+        b = expand(coef[1], inner, k)
+        d = expand(coef[2], inner, k)
+        g2 = g3.reshape(outer // k, width)
+        x2 = x3.reshape(outer // k, width)
+        gi2 = gi3.reshape(outer // k, width)
+        for o in prange(outer // k):
             for j in range(width):
                 gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
 

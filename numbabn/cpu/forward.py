@@ -15,7 +15,7 @@ from numba import prange
 from .._config import MIN_INNER
 from .._jit import stage, twin
 from .._math import ema, fold, invstd_of, unbiased
-from ._plan import expand, fuse_channels
+from ._plan import expand, fuse_channels, widen
 from .stats import channel_stats, strided_rows
 
 
@@ -37,12 +37,13 @@ def normalize(x3, coef, y3):
             c = r % num_channels
             affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
     else:
-        width = num_channels * inner
-        a = expand(coef[0], inner)
-        b = expand(coef[1], inner)
-        x2 = x3.reshape(outer, width)
-        y2 = y3.reshape(outer, width)
-        for o in prange(outer):
+        k = widen(outer, num_channels * inner)
+        width = k * num_channels * inner
+        a = expand(coef[0], inner, k)
+        b = expand(coef[1], inner, k)
+        x2 = x3.reshape(outer // k, width)
+        y2 = y3.reshape(outer // k, width)
+        for o in prange(outer // k):
             for j in range(width):
                 y2[o, j] = x2[o, j] * a[j] + b[j]
 

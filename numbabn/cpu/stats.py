@@ -160,19 +160,31 @@ def partials_minor(x3, nsplit, ct, ntiles, part):
 def channel_stats(x3, stats):
     """Write ``stats[:, c] = (count, mean, M2)`` of every channel of ``x3``."""
     outer, num_channels, inner = x3.shape
-    strided, ct, ntiles, nsplit = plan(outer, num_channels, inner)
-    part = np.empty((3, nsplit, num_channels))
+    strided, k, ct, ntiles, nsplit = plan(outer, num_channels, inner)
+    part = np.empty((3, nsplit, k * num_channels))
     if strided:
         partials_strided(x3, nsplit, part)
     else:
-        partials_minor(x3, nsplit, ct, ntiles, part)
-    for c in prange(num_channels):
-        n, mean, m2 = 0.0, 0.0, 0.0
-        for split in range(nsplit):
-            n, mean, m2 = chan_merge(n, mean, m2, part[0, split, c], part[1, split, c], part[2, split, c])
-        stats[0, c] = n
-        stats[1, c] = mean
-        stats[2, c] = m2
+        partials_minor(x3.reshape(outer // k, k * num_channels, inner), nsplit, ct, ntiles, part)
+    # Every partial of a split has the same count, so each merge is one vectorized loop
+    # over channels; the order (split, then pseudo-channel) is fixed by the shape.
+    mean = np.zeros(num_channels)
+    m2 = np.zeros(num_channels)
+    n = 0.0
+    for split in range(nsplit):
+        for m in range(k):  # the k pseudo-channels of each channel in a super-row
+            j0 = m * num_channels
+            n = chan_merge_channels(
+                n,
+                mean,
+                m2,
+                part[0, split, j0],
+                part[1, split, j0 : j0 + num_channels],
+                part[2, split, j0 : j0 + num_channels],
+            )
+    stats[0] = n
+    stats[1] = mean
+    stats[2] = m2
 
 
 @twin
