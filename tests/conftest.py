@@ -29,6 +29,7 @@ PARALLEL_MIN = _config.PARALLEL_MIN
 FUSE_CHANNELS = _config.FUSE_CHANNELS
 FUSE_BYTES = _config.FUSE_BYTES
 MINOR_ROWS = _config.MINOR_ROWS
+WIDEN_TO = _config.WIDEN_TO
 
 
 def _rows_for(per_row, minimum=PARALLEL_MIN):
@@ -99,6 +100,11 @@ SMALL_LAYOUTS = [
     Layout((3, FUSE_CHANNELS, MIN_INNER), 1, "fused"),
     Layout((2, FUSE_CHANNELS + 1, 8, 9), 1, "fused-NCHW"),
     Layout((7, 1, 9), 1, "one-channel"),
+    # channel-minor super-rows (``numbabn.cpu._plan.widen``): k = 3 rows per super-row
+    Layout((3 * MINOR_ROWS, 5), 1, "NC-super-rows"),
+    Layout((4, 8, 8, 6), -1, "NHWC-super-rows"),
+    # a prime number of rows: no super-rows
+    Layout((2 * MINOR_ROWS + 1, 6), 1, "NC-prime-rows"),
     Layout((1, 3, 8), 1, "batch-of-one"),
 ]
 
@@ -112,6 +118,7 @@ BIG_LAYOUTS = [
     Layout((_rows_for(70), 70), 1, "big-NC"),
     Layout((_rows_for(16 * 8 * 70), 16, 8, 70), -1, "big-NHWC"),
     Layout((_rows_for(TILE + 52), TILE + 52), 1, "big-NC-two-tiles"),
+    Layout((3 * 7 * MINOR_ROWS * 16, 9), 1, "big-NC-super-rows"),
     # channel-strided, one whole channel per task (fused statistics + normalize)
     Layout((_rows_for(FUSE_CHANNELS * 64), FUSE_CHANNELS, 8, 8), 1, "big-fused-NCHW"),
     Layout((_rows_for(FUSE_CHANNELS * (BLOCK + 104)), FUSE_CHANNELS, BLOCK + 104), 1, "big-fused-rows-over-block"),
@@ -127,6 +134,21 @@ assert {lay.inner for lay in LAYOUTS} >= {MIN_INNER - 1, MIN_INNER, MIN_INNER + 
 assert any(lay.inner > BLOCK for lay in SMALL_LAYOUTS) and any(lay.inner > BLOCK for lay in BIG_LAYOUTS)
 assert any(lay.inner == 1 and lay.channels > TILE for lay in BIG_LAYOUTS)
 assert all(lay.n >= 2 for lay in LAYOUTS)
+
+
+def _super_rows(lay):
+    """Rows per super-row the channel-minor kernels use for ``lay`` (1: none)."""
+    if lay.inner >= MIN_INNER:
+        return 1
+    outer = lay.size // (lay.channels * lay.inner)
+    k = max(1, min(outer // MINOR_ROWS, WIDEN_TO // max(lay.channels * lay.inner, 1)))
+    while outer % k:
+        k -= 1
+    return k
+
+
+assert {_super_rows(lay) for lay in SMALL_LAYOUTS} >= {1, 3, 4}
+assert any(_super_rows(lay) > 4 for lay in BIG_LAYOUTS)
 
 
 def _fused(lay, itemsize=8):
