@@ -78,7 +78,12 @@ def _torch():
 
 def measure(shape, axis, dtype=np.float32, budget=1.0, torch_too=True):
     """Time training forward, eval forward and backward of one shape; return a dict of
-    seconds (``None`` for what could not run)."""
+    seconds per call.
+
+    ``train``, ``eval`` and ``backward`` write into preallocated arrays, as the copy, the
+    triad and PyTorch's ``out=`` variants (``torch_*``) do; ``train_alloc`` and
+    ``torch_train_alloc`` allocate their output, as users mostly call them (arrays over
+    32 MB then pay the OS zero-filling fresh pages, the same for both)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
     g = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
@@ -96,6 +101,8 @@ def measure(shape, axis, dtype=np.float32, budget=1.0, torch_too=True):
         "eval": lambda: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, axis=axis, out=y),
         "backward": lambda: F.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=y),
     }
+    # What a user calls, allocating the result (as torch.nn.functional.batch_norm does).
+    alloc = {"train_alloc": lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, axis=axis)}
     torch = _torch() if torch_too else None
     if torch is not None:
         tx, tg = torch.from_numpy(x), torch.from_numpy(g)
@@ -103,12 +110,23 @@ def measure(shape, axis, dtype=np.float32, budget=1.0, torch_too=True):
             perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
             tx, tg = tx.permute(perm), tg.permute(perm)
         tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
+        ty, tgi = torch.empty_like(tx), torch.empty_like(tx)  # keep tx's memory format
+        tsm, tsi, tgw, tgb = (torch.empty(c, dtype=tx.dtype) for _ in range(4))
         _, tmean, tinv = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
-        fns["torch_train"] = lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
-        fns["torch_eval"] = lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, False, 0.1, 1e-5)
-        fns["torch_backward"] = lambda: torch.ops.aten.native_batch_norm_backward(
-            tg, tx, tw, trm, trv, tmean, tinv, True, 1e-5, [True, True, True]
+        aten = torch.ops.aten
+        fns.update(alloc)
+        # PyTorch's out= variants: kernel against kernel, both writing preallocated arrays.
+        fns["torch_train"] = lambda: aten.native_batch_norm.out(
+            tx, tw, tb, trm, trv, True, 0.1, 1e-5, out=ty, save_mean=tsm, save_invstd=tsi
         )
+        fns["torch_eval"] = lambda: aten.native_batch_norm.out(
+            tx, tw, tb, trm, trv, False, 0.1, 1e-5, out=ty, save_mean=tsm, save_invstd=tsi
+        )
+        fns["torch_backward"] = lambda: aten.native_batch_norm_backward.out(
+            tg, tx, tw, trm, trv, tmean, tinv, True, 1e-5, [True, True, True], out0=tgi, out1=tgw, out2=tgb
+        )
+        # What users call, allocating every result.
+        fns["torch_train_alloc"] = lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
     with _torch_threads(torch):
         out = interleaved(fns, budget=budget)
     out["copy"] = min(out["np_copy"], out["nb_copy"])
@@ -136,7 +154,7 @@ def table(shapes=SHAPES, dtype=np.float32, budget=1.0, torch_too=True, file=None
     rows = []
     head = (
         f"{'shape':>20} {'lay':>4} {'MB':>7} | {'train/copy':>10} {'eval/copy':>9} {'bwd/triad':>9} |"
-        f" {'speed-up vs torch: train':>24} {'eval':>6} {'bwd':>6}"
+        f" {'speed-up vs torch: train':>24} {'eval':>6} {'bwd':>6} {'train alloc':>11}"
     )
     print(head, file=file)
     print("-" * len(head), file=file)
@@ -146,11 +164,12 @@ def table(shapes=SHAPES, dtype=np.float32, budget=1.0, torch_too=True, file=None
         row = {"shape": shape, "axis": axis, "layout": label, "MB": mb, **t}
 
         def sp(k, t=t):
-            return t.get("torch_" + k, float("nan")) / t[k]
+            return t.get("torch_" + k, float("nan")) / t.get(k, float("nan"))
 
         print(
             f"{str(shape):>20} {label:>4} {mb:7.1f} | {t['train'] / t['copy']:10.2f} {t['eval'] / t['copy']:9.2f}"
-            f" {t['backward'] / t['triad']:9.2f} | {sp('train'):24.2f} {sp('eval'):6.2f} {sp('backward'):6.2f}",
+            f" {t['backward'] / t['triad']:9.2f} | {sp('train'):24.2f} {sp('eval'):6.2f} {sp('backward'):6.2f}"
+            f" {sp('train_alloc'):11.2f}",
             file=file,
             flush=True,
         )
