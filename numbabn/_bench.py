@@ -150,28 +150,38 @@ class _torch_threads:
 
 
 def table(shapes=SHAPES, dtype=np.float32, budget=1.0, torch_too=True, file=None):
-    """Print the ratio table; return its rows (dicts)."""
-    rows = []
-    head = (
-        f"{'shape':>20} {'lay':>4} {'MB':>7} | {'train/copy':>10} {'eval/copy':>9} {'bwd/triad':>9} |"
-        f" {'speed-up vs torch: train':>24} {'eval':>6} {'bwd':>6} {'train alloc':>11}"
-    )
+    """Print the ratio table, one row per shape as it is measured, then the median
+    speed-ups over PyTorch; return the rows (dicts of seconds)."""
+    torch_too = torch_too and _torch() is not None
+    head = f"{'shape':>20} {'lay':>4} {'MB':>7} | {'train/copy':>10} {'eval/copy':>9} {'bwd/triad':>9}"
+    if torch_too:
+        head += f" | {'speed-up vs torch: train':>24} {'eval':>6} {'bwd':>6} {'train alloc':>11}"
     print(head, file=file)
     print("-" * len(head), file=file)
+    rows = []
     for shape, axis, label in shapes:
         t = measure(shape, axis, dtype, budget, torch_too)
         mb = np.prod(shape) * np.dtype(dtype).itemsize / 1e6
-        row = {"shape": shape, "axis": axis, "layout": label, "MB": mb, **t}
-
-        def sp(k, t=t):
-            return t.get("torch_" + k, float("nan")) / t.get(k, float("nan"))
-
-        print(
+        line = (
             f"{str(shape):>20} {label:>4} {mb:7.1f} | {t['train'] / t['copy']:10.2f} {t['eval'] / t['copy']:9.2f}"
-            f" {t['backward'] / t['triad']:9.2f} | {sp('train'):24.2f} {sp('eval'):6.2f} {sp('backward'):6.2f}"
-            f" {sp('train_alloc'):11.2f}",
-            file=file,
-            flush=True,
+            f" {t['backward'] / t['triad']:9.2f}"
         )
-        rows.append(row)
+        if torch_too:
+            s = {k: t["torch_" + k] / t[k] for k in SPEEDUPS}
+            line += f" | {s['train']:24.2f} {s['eval']:6.2f} {s['backward']:6.2f} {s['train_alloc']:11.2f}"
+        print(line, file=file, flush=True)
+        rows.append({"shape": shape, "axis": axis, "layout": label, "MB": mb, **t})
+    if torch_too:
+        med = {k: statistics.median(r["torch_" + k] / r[k] for r in rows) for k in SPEEDUPS}
+        print(
+            f"{'median speed-up vs torch':>58} | {med['train']:24.2f} {med['eval']:6.2f} {med['backward']:6.2f}"
+            f" {med['train_alloc']:11.2f}",
+            file=file,
+        )
+    else:
+        print("(PyTorch is not installed: no speed-up columns)", file=file)
     return rows
+
+
+#: numbabn / PyTorch pairs timed side by side (``torch_<name>`` against ``<name>``).
+SPEEDUPS = ("train", "eval", "backward", "train_alloc")

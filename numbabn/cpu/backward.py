@@ -3,8 +3,10 @@ pass ``grad_input = g * A + x * B + D`` with per-channel float64 coefficients.
 
 Bytes moved: the reduction reads ``g`` and ``x`` (2s per element), the elementwise pass reads
 both again and writes ``grad_input`` (3s): 5s, the streaming floor of DESIGN.md section 5.
-Sums run in float64, per task, merged in a fixed order: bitwise identical for any number of
-threads.
+When a channel's ``g`` and ``x`` slices fit in L2 (channel-strided layouts,
+:func:`numbabn.cpu._plan.fuse_channels`) one task per channel reduces and then applies while
+they are cached: 3s from DRAM.  Sums run in float64, per task, merged in a fixed order:
+bitwise identical for any number of threads.
 """
 
 import numpy as np
@@ -60,7 +62,7 @@ def apply_row(gr, xr, a, b, d, out):
 @stage
 def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
     """Channel-strided backward, one task per channel: reduce, then apply while the
-    channel's ``g`` and ``x`` slices are still in L2 (2s from DRAM instead of 4s)."""
+    channel's ``g`` and ``x`` slices are still in L2, so DRAM sees them once."""
     outer, num_channels, inner = x3.shape
     n = float(outer * inner)
     coef = np.empty((3, num_channels))
