@@ -123,6 +123,29 @@ def column_squares(x2, o0, o1, j0, centre, acc):
 
 
 @stage
+def sums_and_squares(x2, s0, s1, q0, q1, j0, centre, acc_s, acc_q):
+    """One sweep for two blocks: :func:`column_sums` of rows ``[s0, s1)`` into ``acc_s`` and
+    :func:`column_squares` of rows ``[q0, q1)`` into ``acc_q``, four rows of each per pass.
+    (Same additions as the two functions: the results do not depend on the fusion.)"""
+    o, r = s0, q0
+    while o + 4 <= s1 and r + 4 <= q1:
+        a0, a1, a2, a3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
+        b0, b1, b2, b3 = x2[r, j0:], x2[r + 1, j0:], x2[r + 2, j0:], x2[r + 3, j0:]
+        for j in range(acc_s.shape[0]):
+            acc_s[j] += (np.float64(a0[j]) + np.float64(a1[j])) + (np.float64(a2[j]) + np.float64(a3[j]))
+            m = centre[j]
+            d0 = b0[j] - m
+            d1 = b1[j] - m
+            d2 = b2[j] - m
+            d3 = b3[j] - m
+            acc_q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        o += 4
+        r += 4
+    column_sums(x2, o, s1, j0, acc_s)
+    column_squares(x2, r, q1, j0, centre, acc_q)
+
+
+@stage
 def sum_inner(acc, inner, out):
     """``out[c] = sum(acc[c * inner : (c + 1) * inner])``."""
     if inner == 1:
@@ -164,25 +187,31 @@ def partials_minor(x3, nsplit, ct, ntiles, part):
         j0 = c0 * inner
         width = nc * inner
         rb = max(MINOR_ROWS, BLOCK // max(width, 1))
-        acc = np.empty(width)
+        acc_s = np.zeros(width)  # sums of the next block
+        acc_q = np.empty(width)  # centred squares of the current block
         centre = np.empty(width)
         bmean = np.empty(nc)
         bm2 = np.empty(nc)
         mean = np.zeros(nc)
         m2 = np.zeros(nc)
         n = 0.0
-        for b0 in range(r0, r1, rb):
-            b1 = min(r1, b0 + rb)
+        # As strided_rows: the squares of block [b0, b1) are summed in the same sweep as the
+        # sums of the next block [b1, b2), so loads from DRAM never pause for compute.
+        b0 = r0
+        b1 = min(r1, b0 + rb)
+        column_sums(x2, b0, b1, j0, acc_s)
+        while b0 < r1:
+            b2 = min(r1, b1 + rb)
             bn = float((b1 - b0) * inner)
-            acc[:] = 0.0
-            column_sums(x2, b0, b1, j0, acc)
-            sum_inner(acc, inner, bmean)
+            sum_inner(acc_s, inner, bmean)
             bmean /= bn
             repeat_inner(bmean, inner, centre)
-            acc[:] = 0.0
-            column_squares(x2, b0, b1, j0, centre, acc)
-            sum_inner(acc, inner, bm2)
+            acc_s[:] = 0.0
+            acc_q[:] = 0.0
+            sums_and_squares(x2, b1, b2, b0, b1, j0, centre, acc_s, acc_q)
+            sum_inner(acc_q, inner, bm2)
             n = chan_merge_channels(n, mean, m2, bn, bmean, bm2)
+            b0, b1 = b1, b2
         part[0, split, c0 : c0 + nc] = n
         part[1, split, c0 : c0 + nc] = mean
         part[2, split, c0 : c0 + nc] = m2
