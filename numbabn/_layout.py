@@ -52,6 +52,13 @@ def per_channel(a, num_channels, dtype, name, *, writable=False, allow_f64=False
     ``allow_f64``), writable when it is updated in place.  ``None`` passes through."""
     if a is None:
         return None
+    if (
+        type(a) is np.ndarray
+        and a.shape == (num_channels,)
+        and a.dtype == dtype
+        and (a.flags.writeable or not writable)
+    ):
+        return a  # fast path: every check below would pass
     a = _ndarray(a, name)
     if a.shape != (num_channels,):
         raise ValueError(f"{name} must have shape ({num_channels},) (one value per channel), got {a.shape}")
