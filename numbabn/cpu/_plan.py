@@ -67,6 +67,16 @@ def rows(split, nsplit, outer):
 
 
 @stage
+def minor_task(task, nsplit, ntiles, ct, outer, num_channels):
+    """Channel-minor task ``task`` as ``(split, r0, r1, c0, nc)``: its row range
+    ``[r0, r1)`` and its tile of ``nc`` channels from ``c0``."""
+    split = task // ntiles
+    c0 = (task % ntiles) * ct
+    r0, r1 = rows(split, nsplit, outer)
+    return split, r0, r1, c0, min(num_channels, c0 + ct) - c0
+
+
+@stage
 def expand(values, inner, k):
     """Each per-channel value repeated ``inner`` times, the whole tiled ``k`` times: the
     channel-minor kernels' (super-)row layout."""

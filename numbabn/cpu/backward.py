@@ -14,7 +14,7 @@ from numba import prange
 
 from .._config import MIN_INNER
 from .._jit import stage, twin
-from ._plan import expand, fuse_channels, plan, rows, widen
+from ._plan import expand, fuse_channels, minor_task, plan, rows, widen
 
 
 @stage
@@ -121,16 +121,13 @@ def grad_sums(g3, x3, mean, sums):
         g2 = g3.reshape(rows_k, chans_k * inner)
         x2 = x3.reshape(rows_k, chans_k * inner)
         for task in prange(nsplit * ntiles):
-            split = task // ntiles
-            tile = task % ntiles
-            r0, r1 = rows(split, nsplit, rows_k)
-            c0 = tile * ct
+            split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, rows_k, chans_k)
             j0 = c0 * inner
-            width = (min(chans_k, c0 + ct) - c0) * inner
+            width = nc * inner
             acc_g = np.zeros(width)
             acc_gx = np.zeros(width)
             grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx)
-            for c in range(width // inner):
+            for c in range(nc):
                 for i in range(inner):
                     part[0, split, c0 + c] += acc_g[c * inner + i]
                     part[1, split, c0 + c] += acc_gx[c * inner + i]

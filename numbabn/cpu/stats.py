@@ -12,7 +12,7 @@ from numba import prange
 from .._config import BLOCK, MINOR_ROWS
 from .._jit import stage, twin
 from .._math import chan_merge, chan_merge_channels
-from ._plan import plan, rows
+from ._plan import minor_task, plan, rows
 
 
 @stage
@@ -86,6 +86,22 @@ def partials_strided(x3, nsplit, part):
 
 
 @stage
+def sum4(v0, v1, v2, v3):
+    """``(v0 + v1) + (v2 + v3)`` in float64: four rows' values of one column."""
+    return (np.float64(v0) + np.float64(v1)) + (np.float64(v2) + np.float64(v3))
+
+
+@stage
+def squares4(v0, v1, v2, v3, m):
+    """``sum((v - m) ** 2)`` over four rows' values of one column, in the order of sum4."""
+    d0 = v0 - m
+    d1 = v1 - m
+    d2 = v2 - m
+    d3 = v3 - m
+    return (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@stage
 def column_sums(x2, o0, o1, j0, acc):
     """``acc[j] += sum(x2[o0:o1, j0 + j])``, four rows per sweep of ``acc``: one load and
     store of ``acc`` per four rows measured 2.2x faster than one per row."""
@@ -93,7 +109,7 @@ def column_sums(x2, o0, o1, j0, acc):
     while o + 4 <= o1:
         x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
         for j in range(acc.shape[0]):
-            acc[j] += (np.float64(x0[j]) + np.float64(x1[j])) + (np.float64(x2_[j]) + np.float64(x3[j]))
+            acc[j] += sum4(x0[j], x1[j], x2_[j], x3[j])
         o += 4
     for r in range(o, o1):
         xr = x2[r, j0:]
@@ -108,12 +124,7 @@ def column_squares(x2, o0, o1, j0, centre, acc):
     while o + 4 <= o1:
         x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
         for j in range(acc.shape[0]):
-            m = centre[j]
-            d0 = x0[j] - m
-            d1 = x1[j] - m
-            d2 = x2_[j] - m
-            d3 = x3[j] - m
-            acc[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            acc[j] += squares4(x0[j], x1[j], x2_[j], x3[j], centre[j])
         o += 4
     for r in range(o, o1):
         xr = x2[r, j0:]
@@ -132,13 +143,8 @@ def sums_and_squares(x2, s0, s1, q0, q1, j0, centre, acc_s, acc_q):
         a0, a1, a2, a3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
         b0, b1, b2, b3 = x2[r, j0:], x2[r + 1, j0:], x2[r + 2, j0:], x2[r + 3, j0:]
         for j in range(acc_s.shape[0]):
-            acc_s[j] += (np.float64(a0[j]) + np.float64(a1[j])) + (np.float64(a2[j]) + np.float64(a3[j]))
-            m = centre[j]
-            d0 = b0[j] - m
-            d1 = b1[j] - m
-            d2 = b2[j] - m
-            d3 = b3[j] - m
-            acc_q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            acc_s[j] += sum4(a0[j], a1[j], a2[j], a3[j])
+            acc_q[j] += squares4(b0[j], b1[j], b2[j], b3[j], centre[j])
         o += 4
         r += 4
     column_sums(x2, o, s1, j0, acc_s)
@@ -179,11 +185,7 @@ def partials_minor(x3, nsplit, ct, ntiles, part):
     outer, num_channels, inner = x3.shape
     x2 = x3.reshape(outer, num_channels * inner)
     for task in prange(nsplit * ntiles):
-        split = task // ntiles
-        tile = task % ntiles
-        r0, r1 = rows(split, nsplit, outer)
-        c0 = tile * ct
-        nc = min(num_channels, c0 + ct) - c0
+        split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, outer, num_channels)
         j0 = c0 * inner
         width = nc * inner
         rb = max(MINOR_ROWS, BLOCK // max(width, 1))
