@@ -21,6 +21,16 @@ stage = numba.njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != 
 _PARALLEL_LOCK = threading.Lock()
 
 
+def _new_lock_in_child():
+    # A fork while another thread held the lock would leave the child's copy locked forever.
+    global _PARALLEL_LOCK
+    _PARALLEL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 class Twin:
     """A driver compiled twice: ``serial`` for small arrays and ``parallel`` for large ones.
 

@@ -13,11 +13,13 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def as_input(x, name="input"):
-    """Return ``x`` as a floating ndarray with ``ndim >= 2`` or raise."""
-    if not isinstance(x, np.ndarray):
+    """Return ``x`` as a floating ndarray with ``ndim >= 2`` or raise.  Array-likes (lists,
+    ``np.matrix``, PyTorch CPU tensors, ...) are converted with ``numpy.asarray``, without a
+    copy where they allow it; masked arrays are refused (their mask would be ignored)."""
+    if type(x) is not np.ndarray:
         if x is None or isinstance(x, (str, bytes, numbers.Number)):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-        x = np.asarray(x)
+        x = _plain(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < 2:
@@ -102,9 +104,10 @@ def values_per_channel(shape, axis):
 
 
 def check_training_count(x, axis):
-    """Training needs more than one value per channel (the unbiased variance divides by n-1)."""
+    """Training needs more than one value per channel (the unbiased variance divides by
+    n - 1); an empty batch (n = 0) is allowed, as in PyTorch, and changes nothing."""
     n = values_per_channel(x.shape, axis)
-    if n <= 1:
+    if n == 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape "
             f"{x.shape} ({n} value(s) per channel along axis {axis})"
@@ -168,7 +171,25 @@ def same_view(a, x):
 def _ndarray(a, name):
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    return a
+    return a if type(a) is np.ndarray else _plain(a, name)
+
+
+def _plain(a, name):
+    """``a`` as a base-class ndarray (a view where possible: in-place updates still reach
+    subclasses such as ``np.memmap``); masked arrays and ragged sequences are refused."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} must not be a masked array (its mask would be ignored), got {type(a).__name__}")
+    try:
+        return np.asarray(a)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array of numbers, got {type(a).__name__} ({e})") from None
+
+
+def check_flag(value, name):
+    """A boolean argument: ``bool``, ``numpy.bool_`` or the ints 0 and 1."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def _dtype(a, dtype, name):

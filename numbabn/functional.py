@@ -142,6 +142,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
     x = _layout.as_input(input, "input")
     g = _layout.same_kind(x, grad_output, "grad_output")
     ax = _layout.norm_axis(axis, x.ndim)
+    training = _layout.check_flag(training, "training")
     num_channels, dtype = x.shape[ax], x.dtype
     weight = _layout.per_channel(weight, num_channels, dtype, "weight")
     save_mean = _layout.per_channel(save_mean, num_channels, dtype, "save_mean", allow_f64=True)
@@ -150,8 +151,8 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
     out = _layout.check_out(x, out)
     x, g = _layout.contiguous(x), _layout.contiguous(g)
-    if not _layout.same_view(g, x):
-        x, g = np.ascontiguousarray(x), np.ascontiguousarray(g)
+    if not _layout.same_view(g, x):  # bring g to x's memory order (one copy, of g only)
+        g = np.ascontiguousarray(g) if x.flags.c_contiguous else np.asfortranarray(g)
     grad_input = _layout.output_for(x, out, g)
     grads = np.empty((2, num_channels))
     _bwd.backward(
@@ -161,7 +162,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         _per_channel_array(weight, 1.0, num_channels, dtype),
         np.ascontiguousarray(save_mean, dtype=np.float64),
         np.ascontiguousarray(save_invstd, dtype=np.float64),
-        bool(training),
+        training,
         _layout.view3(grad_input, ax),
         grads,
     )
@@ -175,7 +176,7 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     x = _layout.as_input(input, "input")
     ax = _layout.norm_axis(axis, x.ndim)
     num_channels, dtype = x.shape[ax], x.dtype
-    training = bool(training)
+    training = _layout.check_flag(training, "training")
     weight = _layout.per_channel(weight, num_channels, dtype, "weight")
     bias = _layout.per_channel(bias, num_channels, dtype, "bias")
     running_mean = _layout.per_channel(running_mean, num_channels, dtype, "running_mean", writable=training)
@@ -198,7 +199,10 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     b = _per_channel_array(bias, 0.0, num_channels, dtype)
     save = np.empty((2, num_channels))
     parallel = x.size >= PARALLEL_MIN
-    if training:
+    if training and x.size == 0:
+        # An empty batch, as in PyTorch: an empty output, running statistics untouched.
+        save[...] = np.nan
+    elif training:
         rm = _buffer(running_mean, dtype)
         rv = _buffer(running_var, dtype)
         _fwd.forward_train(parallel, x3, w, b, rm, rv, momentum, eps, y3, save)
@@ -220,8 +224,14 @@ def _per_channel_array(a, fill, num_channels, dtype):
     return np.ascontiguousarray(a)
 
 
-@functools.lru_cache(maxsize=64)
 def _constant(fill, num_channels, dtype):
+    if num_channels > 1 << 16:  # not worth keeping alive
+        return np.full(num_channels, fill, dtype=dtype)
+    return _small_constant(fill, num_channels, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _small_constant(fill, num_channels, dtype):
     # The default weight (ones) and bias (zeros), made once per (C, dtype) and only read by
     # the kernels.  Not flagged read-only: numba would compile a second specialization.
     return np.full(num_channels, fill, dtype=dtype)

@@ -59,9 +59,14 @@ class BatchNorm:
         axis=1,
         dtype=np.float32,
     ):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int >= 1, got {type(num_features).__name__} {num_features!r}")
+        if num_features < 1:
             raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
-        dtype = np.dtype(dtype)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in _layout.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if momentum is not None:
@@ -141,6 +146,8 @@ class BatchNorm:
         )
         if track:
             self.num_batches_tracked += 1
+        # The input is kept by reference for backward(), as PyTorch keeps it: modifying it in
+        # place before backward() changes the gradients (PyTorch would raise; this cannot tell).
         self._saved = (x, mean, invstd, use_batch)
         return y
 
@@ -189,7 +196,7 @@ class BatchNorm:
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a state dict, PyTorch's rules: with ``strict`` every key must match; shapes
-        must match; values are cast to the layer's dtype.  A missing ``num_batches_tracked``
+        must match; real values (bool, int or float) are cast to the layer's dtype.  A missing ``num_batches_tracked``
         (older PyTorch checkpoints) is allowed.  Values may be NumPy arrays, PyTorch CPU
         tensors or anything ``numpy.asarray`` takes.  Nothing changes unless all checks pass.
 
@@ -212,16 +219,20 @@ class BatchNorm:
         for name in names:
             if name not in state_dict:
                 continue
-            value = np.asarray(state_dict[name])
+            value = state_dict[name]
+            if hasattr(value, "detach"):  # a PyTorch tensor or parameter
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
             if name == "num_batches_tracked":
-                if value.shape not in ((), (1,)) or value.dtype.kind not in "iu" or int(value.reshape(())) < 0:
+                count = value.reshape(()) if value.size == 1 else None
+                if count is None or value.dtype.kind not in "iuf" or not (count >= 0 and count == int(count)):
                     raise ValueError(f"num_batches_tracked must be one integer >= 0, got {value!r}")
-                staged[name] = int(value.reshape(()))
+                staged[name] = int(count)
                 continue
             if value.shape != (self.num_features,):
                 raise ValueError(f"{name} must have shape ({self.num_features},), got {value.shape}")
-            if value.dtype.kind != "f":
-                raise TypeError(f"{name} must be a float array, got dtype {value.dtype}")
+            if value.dtype.kind not in "biuf":  # cast like PyTorch's copy_
+                raise TypeError(f"{name} must be a real-valued array, got dtype {value.dtype}")
             staged[name] = value
         for name, value in staged.items():
             if name == "num_batches_tracked":

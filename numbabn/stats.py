@@ -1,5 +1,7 @@
 """Mergeable per-channel statistics: :class:`Stats`, :func:`welford`, :func:`merge_stats`."""
 
+import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -103,10 +105,15 @@ def _as_stats(s, name):
         count, mean, m2 = s
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a Stats (count, mean, m2), got {type(s).__name__}") from None
-    if isinstance(count, bool) or int(count) != count or count < 0:
+    if isinstance(count, bool) or not isinstance(count, numbers.Real) or not (math.isfinite(count) and count >= 0):
         raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
-    mean = np.asarray(mean, dtype=np.float64)
-    m2 = np.asarray(m2, dtype=np.float64)
+    if int(count) != count:
+        raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
+    try:
+        mean = np.asarray(mean, dtype=np.float64)
+        m2 = np.asarray(m2, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}.mean and .m2 must be arrays of numbers ({e})") from None
     if mean.ndim != 1 or m2.shape != mean.shape:
         raise ValueError(f"{name}.mean and .m2 must both have shape (C,), got {mean.shape} and {m2.shape}")
     return Stats(int(count), mean, m2)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import numbabn
+from numbabn._config import MIN_INNER
 
 SETTINGS = settings(max_examples=25, deadline=None)
 EPS = 1e-5
@@ -16,10 +17,12 @@ BOUND = 1e3
 
 @st.composite
 def cases(draw, min_per_channel=2):
-    """``(x, axis)``: ndim 2-4, dims 1..7, at least ``min_per_channel`` values per channel."""
+    """``(x, axis)``: ndim 2-4, dims 1..7 but the last, which may reach past MIN_INNER (so
+    both kernel families run), at least ``min_per_channel`` values per channel."""
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
     ndim = draw(st.integers(2, 4))
     shape = draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim))
+    shape[-1] = draw(st.one_of(st.integers(1, 7), st.integers(MIN_INNER - 4, 3 * MIN_INNER)))
     axis = draw(st.integers(-ndim, ndim - 1))
     per_channel = int(np.prod(shape)) // shape[axis]
     if per_channel < min_per_channel:

@@ -234,7 +234,7 @@ def channel_stats(x3, stats):
     mean = np.zeros(num_channels)
     m2 = np.zeros(num_channels)
     n = 0.0
-    for split in range(nsplit):
+    for split in range(nsplit if num_channels > 0 else 0):
         for m in range(k):  # the k pseudo-channels of each channel in a super-row
             j0 = m * num_channels
             n = chan_merge_channels(
