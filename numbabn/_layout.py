@@ -71,19 +71,20 @@ def per_channel(a, num_channels, dtype, name, *, writable=False, allow_f64=False
     return a
 
 
-def check_momentum(momentum):
-    """``momentum`` is the weight of the new batch, a real number in [0, 1]."""
+def check_momentum(momentum, name="momentum", meaning="the weight of the new batch"):
+    """``momentum`` is the weight of the new batch, a real number in [0, 1] (``name`` and
+    ``meaning`` let Keras's ``decay`` share the check)."""
     if type(momentum) is float and 0.0 <= momentum <= 1.0:
         return momentum
     if momentum is None:
         raise TypeError(
-            "momentum must be a float in [0, 1], got None; the cumulative average "
+            f"{name} must be a float in [0, 1], got None; the cumulative average "
             "(momentum=None) is BatchNorm's, which counts num_batches_tracked"
         )
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__}")
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(momentum).__name__}")
     if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] (the weight of the new batch), got {momentum}")
+        raise ValueError(f"{name} must be in [0, 1] ({meaning}), got {momentum}")
     return float(momentum)
 
 

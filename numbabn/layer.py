@@ -36,6 +36,10 @@ class BatchNorm:
         The feature axis of the inputs; ``-1`` for channels-last.
     dtype : numpy dtype, default float32
         Dtype of parameters, buffers and accepted inputs.
+    decay : float in [0, 1], optional
+        The same EMA in Keras's and Flax's spelling, ``decay = 1 - momentum`` (their
+        "momentum", 0.9 or 0.99).  Give ``momentum`` or ``decay``, not both: numbabn never
+        guesses which convention a number follows.
 
     Examples
     --------
@@ -58,6 +62,7 @@ class BatchNorm:
         *,
         axis=1,
         dtype=np.float32,
+        decay=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int >= 1, got {type(num_features).__name__} {num_features!r}")
@@ -69,6 +74,13 @@ class BatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in _layout.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if decay is not None:
+            if momentum != 0.1:
+                raise ValueError(
+                    f"give momentum (PyTorch's weight of the new batch) or decay (Keras/Flax: 1 - momentum), "
+                    f"not both; got momentum={momentum!r} and decay={decay!r}"
+                )
+            momentum = 1.0 - _layout.check_momentum(decay, "decay", "the weight of the running statistics")
         if momentum is not None:
             _layout.check_momentum(momentum)
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
@@ -92,6 +104,12 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._saved = None
+
+    @property
+    def decay(self):
+        """``1 - momentum``: the EMA rate in Keras's and Flax's spelling (None with
+        ``momentum=None``)."""
+        return None if self.momentum is None else 1.0 - self.momentum
 
     # -- modes ------------------------------------------------------------------------------
     def train(self, mode=True):

@@ -111,3 +111,28 @@ def test_backward_follows_input_memory_order(rng):
     expected = numbabn.batch_norm_backward(np.ascontiguousarray(g), np.ascontiguousarray(x), None, mean, invstd)[0]
     assert gi.flags.f_contiguous and not gi.flags.c_contiguous
     np.testing.assert_allclose(gi, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decay_is_keras_spelling_of_momentum(rng):
+    """``decay=0.9`` (Keras/Flax) is ``momentum=0.1`` (PyTorch): same running statistics."""
+    x = make_input(rng, (8, 3, 5), 1, np.float32)
+    a, b = numbabn.BatchNorm(3, decay=0.9), numbabn.BatchNorm(3, momentum=0.1)
+    a(x)
+    b(x)
+    np.testing.assert_allclose(a.running_mean, b.running_mean, rtol=1e-6)
+    np.testing.assert_allclose(a.running_var, b.running_var, rtol=1e-6)
+    assert a.decay == pytest.approx(0.9) and b.decay == pytest.approx(0.9)
+    assert numbabn.BatchNorm(3, momentum=None).decay is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"momentum": 0.2, "decay": 0.9}, ValueError, "give momentum .* or decay .*, not both"),
+        ({"decay": 1.5}, ValueError, r"decay must be in \[0, 1\] \(the weight of the running statistics\), got 1.5"),
+        ({"decay": "0.9"}, TypeError, r"decay must be a float in \[0, 1\], got str"),
+    ],
+)
+def test_decay_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        numbabn.BatchNorm(3, **kwargs)
