@@ -1,16 +1,12 @@
 """Scalar math shared by every backend: Chan's merge, the EMA step, the scale/shift fold.
 
-Plain ``@njit`` functions, so CPU kernels inline them and ``numba.cuda`` kernels can call
-them too.  Symbols follow DESIGN.md section 2.
+Plain ``@njit`` functions (numbabn's ``leaf``), so CPU kernels call them and ``numba.cuda``
+kernels can call them too.  Symbols follow DESIGN.md section 2.
 """
 
 import math
 
-import numba
-
-from ._jit import FASTMATH
-
-_jit = numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+from ._jit import leaf as _jit
 
 
 @_jit

@@ -15,10 +15,10 @@ Nothing here depends on the thread count, so neither do the results.
 import numpy as np
 
 from .._config import FUSE_BYTES, FUSE_CHANNELS, MAX_SPLITS, MIN_INNER, MINOR_ROWS, TASK_ELEMS, TILE, WIDEN_TO
-from .._jit import stage
+from .._jit import leaf, stage
 
 
-@stage
+@leaf
 def widen(outer, width):
     """Rows per super-row for channel-minor kernels: the largest ``k`` dividing ``outer`` with
     ``k * width <= WIDEN_TO`` that leaves at least ``MINOR_ROWS`` super-rows.  ``k``
@@ -32,7 +32,7 @@ def widen(outer, width):
     return k
 
 
-@stage
+@leaf
 def plan(outer, num_channels, inner):
     """Return ``(strided, k, ct, ntiles, nsplit)`` for a reduction over ``(outer, C, inner)``:
     the super-row factor (channel-minor only, see :func:`widen`; the kernels then see
@@ -53,7 +53,7 @@ def plan(outer, num_channels, inner):
     return strided, k, ct, ntiles, nsplit
 
 
-@stage
+@leaf
 def fuse_channels(outer, num_channels, inner, itemsize):
     """Whether a channel-strided pass can take one whole channel per task and revisit its
     slice in L2: enough channels to keep every core busy, slices that fit in L2."""
@@ -76,7 +76,7 @@ def minor_task(task, nsplit, ntiles, ct, outer, num_channels):
     return split, r0, r1, c0, min(num_channels, c0 + ct) - c0
 
 
-@stage
+@leaf
 def expand(values, inner, k):
     """Each per-channel value repeated ``inner`` times, the whole tiled ``k`` times: the
     channel-minor kernels' (super-)row layout."""

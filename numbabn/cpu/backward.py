@@ -13,11 +13,11 @@ import numpy as np
 from numba import prange
 
 from .._config import MIN_INNER
-from .._jit import stage, twin
+from .._jit import leaf, stage, twin
 from ._plan import expand, fuse_channels, minor_task, plan, rows, widen
 
 
-@stage
+@leaf
 def strided_grad_rows(g3, x3, c, m, r0, r1):
     """``(sum g, sum g * (x - m))`` of channel ``c`` over outer rows ``[r0, r1)``."""
     inner = x3.shape[2]
@@ -73,7 +73,7 @@ def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
             apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
 
 
-@stage
+@leaf
 def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx):
     """``acc_g[j] += sum(g)``, ``acc_gx[j] += sum(g * (x - centre[j]))`` over rows
     ``[o0, o1)`` of columns ``j0 + j``, four rows per sweep of the accumulators (as
