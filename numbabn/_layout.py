@@ -159,7 +159,10 @@ def output_for(x, out, *others):
     one of them (elementwise passes run in place safely); otherwise a new array in ``x``'s
     order, which the caller copies into ``out`` at the end."""
     if out is not None and same_view(out, x):
-        if all(out is a or not np.may_share_memory(out, a) for a in (x, *others)):
+        for a in (x, *others):
+            if out is not a and np.may_share_memory(out, a):
+                break
+        else:
             return out
     return np.empty_like(x)
 

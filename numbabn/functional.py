@@ -209,8 +209,7 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
     else:
-        mean = np.ascontiguousarray(running_mean)
-        var = np.ascontiguousarray(running_var)
+        mean, var = _buffer(running_mean, dtype), _buffer(running_var, dtype)
         _fwd.forward_eval(parallel, x3, w, b, mean, var, eps, y3, save)
     if out is not None and dest is not out:
         out[...] = dest
@@ -238,7 +237,8 @@ def _small_constant(fill, num_channels, dtype):
 
 
 def _buffer(a, dtype):
-    # Kernels update contiguous buffers; a strided one is updated through a copy.
+    # Kernels take contiguous per-channel arrays; a strided one goes through a copy (which
+    # _write_back copies back when the kernel updated it).
     if a is None:
         return np.empty(0, dtype=dtype)
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
