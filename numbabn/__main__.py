@@ -56,7 +56,7 @@ def self_check():
         }
         bad = {k: v for k, v in errs.items() if not v <= tol}
         status = "ok" if not bad else "FAIL " + ", ".join(f"{k} {v:.1e}" for k, v in bad.items())
-        print(f"  {str(shape):>16} axis={axis:>2} {np.dtype(dtype).name:>7}: {status}")
+        print(f"  {str(shape):>16} axis={axis:>2} {np.dtype(dtype).name:>7}: {status}", flush=True)
         ok &= not bad
     return ok
 
@@ -93,6 +93,7 @@ def main(argv=None):
     from numbabn import _bench
 
     print(f"numbabn self-check (numba {numba.__version__}, {numba.get_num_threads()} threads)")
+    print("  (a first run compiles the kernels, up to a minute; numba's cache keeps them for later runs)", flush=True)
     t = time.perf_counter()
     if not self_check():
         print("self-check FAILED")
