@@ -152,7 +152,8 @@ class _torch_threads:
 def table(shapes=SHAPES, dtype=np.float32, budget=1.0, torch_too=True, file=None):
     """Print the ratio table, one row per shape as it is measured, then the median
     speed-ups over PyTorch; return the rows (dicts of seconds)."""
-    torch_too = torch_too and _torch() is not None
+    missing_torch = torch_too and _torch() is None
+    torch_too = torch_too and not missing_torch
     head = f"{'shape':>20} {'lay':>4} {'MB':>7} | {'train/copy':>10} {'eval/copy':>9} {'bwd/triad':>9}"
     if torch_too:
         head += f" | {'speed-up vs torch: train':>24} {'eval':>6} {'bwd':>6} {'train alloc':>11}"
@@ -178,7 +179,7 @@ def table(shapes=SHAPES, dtype=np.float32, budget=1.0, torch_too=True, file=None
             f" {med['train_alloc']:11.2f}",
             file=file,
         )
-    else:
+    elif missing_torch:
         print("(PyTorch is not installed: no speed-up columns)", file=file)
     return rows
 
