@@ -166,10 +166,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         _layout.view3(grad_input, ax),
         grads,
     )
-    if out is not None and grad_input is not out:
-        out[...] = grad_input
-        grad_input = out
-    return grad_input, grads[0].astype(dtype), grads[1].astype(dtype)
+    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype)
 
 
 def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out):
@@ -211,10 +208,16 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     else:
         mean, var = _buffer(running_mean, dtype), _buffer(running_var, dtype)
         _fwd.forward_eval(parallel, x3, w, b, mean, var, eps, y3, save)
-    if out is not None and dest is not out:
-        out[...] = dest
-        dest = out
-    return dest, save[0], save[1]
+    return _deliver(dest, out), save[0], save[1]
+
+
+def _deliver(result, out):
+    """``out`` holding ``result`` when ``out`` is given (copied when the kernels could not
+    write it directly, see ``_layout.output_for``), else ``result``."""
+    if out is None or result is out:
+        return result
+    out[...] = result
+    return out
 
 
 def _per_channel_array(a, fill, num_channels, dtype):

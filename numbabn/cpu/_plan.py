@@ -77,14 +77,37 @@ def minor_task(task, nsplit, ntiles, ct, outer, num_channels):
 
 
 @leaf
+def sum_inner(acc, inner, out):
+    """``out[c] = sum(acc[c * inner : (c + 1) * inner])``."""
+    if inner == 1:
+        out[:] = acc
+    else:
+        for c in range(out.shape[0]):
+            s = 0.0
+            for i in range(inner):
+                s += acc[c * inner + i]
+            out[c] = s
+
+
+@leaf
+def repeat_inner(values, inner, out):
+    """``out[c * inner + i] = values[c]`` (no integer division per element: it cost more
+    than both sweeps of a block)."""
+    if inner == 1:
+        out[:] = values
+    else:
+        for c in range(values.shape[0]):
+            for i in range(inner):
+                out[c * inner + i] = values[c]
+
+
+@leaf
 def expand(values, inner, k):
     """Each per-channel value repeated ``inner`` times, the whole tiled ``k`` times: the
     channel-minor kernels' (super-)row layout."""
     width = values.shape[0] * inner
     out = np.empty(k * width)
-    for c in range(values.shape[0]):
-        for i in range(inner):
-            out[c * inner + i] = values[c]
+    repeat_inner(values, inner, out[:width])
     for m in range(1, k):
         out[m * width : (m + 1) * width] = out[:width]
     return out

@@ -14,7 +14,7 @@ from numba import prange
 
 from .._config import MIN_INNER
 from .._jit import leaf, stage, twin
-from ._plan import expand, fuse_channels, minor_task, plan, rows, widen
+from ._plan import expand, fuse_channels, minor_task, plan, rows, sum_inner, widen
 
 
 @leaf
@@ -105,7 +105,7 @@ def grad_sums(g3, x3, mean, sums):
     """``sums[:, c] = (sum g, sum g * (x - mean[c]))`` over every element of channel ``c``."""
     outer, num_channels, inner = x3.shape
     strided, k, ct, ntiles, nsplit = plan(outer, num_channels, inner)
-    part = np.zeros((2, nsplit, k * num_channels))
+    part = np.empty((2, nsplit, k * num_channels))
     if strided:
         for task in prange(nsplit * num_channels):
             split = task // num_channels
@@ -127,10 +127,8 @@ def grad_sums(g3, x3, mean, sums):
             acc_g = np.zeros(width)
             acc_gx = np.zeros(width)
             grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx)
-            for c in range(nc):
-                for i in range(inner):
-                    part[0, split, c0 + c] += acc_g[c * inner + i]
-                    part[1, split, c0 + c] += acc_gx[c * inner + i]
+            sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
+            sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
     for c in prange(num_channels):
         sg = 0.0
         sgx = 0.0

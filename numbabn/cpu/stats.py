@@ -12,7 +12,7 @@ from numba import prange
 from .._config import BLOCK, MINOR_ROWS
 from .._jit import leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
-from ._plan import minor_task, plan, rows
+from ._plan import minor_task, plan, repeat_inner, rows, sum_inner
 
 
 @stage
@@ -149,31 +149,6 @@ def sums_and_squares(x2, s0, s1, q0, q1, j0, centre, acc_s, acc_q):
         r += 4
     column_sums(x2, o, s1, j0, acc_s)
     column_squares(x2, r, q1, j0, centre, acc_q)
-
-
-@leaf
-def sum_inner(acc, inner, out):
-    """``out[c] = sum(acc[c * inner : (c + 1) * inner])``."""
-    if inner == 1:
-        out[:] = acc
-    else:
-        for c in range(out.shape[0]):
-            s = 0.0
-            for i in range(inner):
-                s += acc[c * inner + i]
-            out[c] = s
-
-
-@leaf
-def repeat_inner(values, inner, out):
-    """``out[c * inner + i] = values[c]`` (no integer division per element: it cost more
-    than both sweeps of a block)."""
-    if inner == 1:
-        out[:] = values
-    else:
-        for c in range(values.shape[0]):
-            for i in range(inner):
-                out[c * inner + i] = values[c]
 
 
 @stage
