@@ -1,10 +1,13 @@
 """``python -m numbabn``: a self-check against a float64 oracle plus a quick timing.
 
-``python -m numbabn bench`` prints the full ratio table (numbabn vs a streaming copy, a
-triad and PyTorch CPU when installed) and the cold start.
+``python -m numbabn bench`` is the main job: the self-check, then numbabn side by side with
+plain NumPy, PyTorch (CPU and CUDA, when installed and present) and a streaming copy, in time,
+GB/s, ratio to the copy and speed-up; then the cold start.  ``--quick`` (three small shapes)
+for CI, ``--json`` for machines, ``--plot FILE.png`` for a bandwidth-vs-size chart.
 """
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -86,8 +89,37 @@ def cold_start():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numbabn", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", default="check", choices=["check", "bench"])
-    parser.add_argument("--budget", type=float, default=0.6, help="seconds of timing per shape (bench)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per shape (bench)")
+    parser.add_argument("--quick", action="store_true", help="bench: three 1-4 MB shapes, short budgets (CI)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="bench: input dtype")
+    parser.add_argument("--json", action="store_true", help="bench: print the results as JSON on stdout only")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="bench: also sweep sizes and chart GB/s vs size (needs matplotlib)"
+    )
     args = parser.parse_args(argv)
+    if args.plot and args.command == "check":
+        parser.error("--plot goes with bench: python -m numbabn bench --plot FILE.png")
+    if args.plot:  # fail before minutes of timing, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which numbabn does not require: pip install 'numbabn[plot]'")
+    # With --json, stdout carries the JSON alone; everything for people goes to stderr.
+    human = sys.stderr if args.json else sys.stdout
+    with contextlib.redirect_stdout(human):
+        results = _run(args)
+    if results is None:
+        return 1
+    if args.json:
+        from numbabn import _bench
+
+        _bench.to_json(results, sys.stdout)
+    return 0
+
+
+def _run(args):
+    """The human-readable part of :func:`main`; returns the results, or None on a failed
+    self-check."""
     import numba
 
     from numbabn import _bench
@@ -97,16 +129,26 @@ def main(argv=None):
     t = time.perf_counter()
     if not self_check():
         print("self-check FAILED")
-        return 1
+        return None
     print(f"self-check passed in {time.perf_counter() - t:.1f} s (includes compiling on first use)")
-    shapes = _bench.SHAPES if args.command == "bench" else _bench.SHAPES[:1] + _bench.SHAPES[-1:]
-    print("\nratios (lower is better on the left, higher is better on the right), float32:")
-    _bench.table(shapes, budget=args.budget if args.command == "bench" else 0.3)
-    if args.command == "bench":
+    full = args.command == "bench" and not args.quick
+    shapes = _bench.SHAPES if full else _bench.QUICK_SHAPES
+    budget = args.budget if args.budget is not None else (0.6 if full else 0.15)
+    print(f"\nnumbabn against the alternatives installed here (results checked first), {args.dtype}:")
+    results = _bench.run(shapes, dtype=np.dtype(args.dtype), budget=budget, progress_file=sys.stderr)
+    results["self_check"] = True
+    if args.plot:
+        sizes = _bench.SWEEP_MB if full else _bench.SWEEP_MB[:2]
+        print(f"\nsweeping {', '.join(map(str, sizes))} MB for {args.plot} ...", flush=True)
+        results["sweep"] = _bench.sweep(sizes, dtype=np.dtype(args.dtype), budget=budget / 2)
+        _bench.plot(results["sweep"], args.plot)
+        print(f"wrote {args.plot}")
+    if full:
         print("\ncold start, import + first forward and backward:")
-        for k, v in cold_start().items():
+        results["cold_start_seconds"] = cold_start()
+        for k, v in results["cold_start_seconds"].items():
             print(f"  {k}: {v:.2f} s")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -1,17 +1,24 @@
-"""Side-by-side timings: numbabn against a streaming copy, a triad, and PyTorch CPU.
+"""``python -m numbabn bench``: numbabn side by side with NumPy, PyTorch and a streaming copy.
 
-Every ratio is measured in one run, rounds interleaved (each contender once per round,
-median over rounds), because these machines are shared and noisy.
+Every backend of ``numbabn._backends`` that can run here is timed on the same arrays, after
+its results were checked against a float64 reference.  Every ratio is measured in one run,
+rounds interleaved (each contender once per round, median over rounds), because these
+machines are shared and noisy.
 """
 
+import json
+import math
+import os
+import platform
 import statistics
+import sys
 import time
 
 import numba
 import numpy as np
-from numba import prange
 
-from . import functional as F
+from . import _backends
+from ._backends import BYTES_PER_ELEMENT, Case
 
 #: The core issue's shape list: (shape, axis, label).
 SHAPES = [
@@ -24,120 +31,69 @@ SHAPES = [
     ((32, 64), 1, "NC"),
 ]
 
+#: ``--quick``: one shape per layout, 1 to 4 MB (CI runs this in seconds).
+QUICK_SHAPES = [
+    ((8, 64, 32, 32), 1, "NCHW"),
+    ((8, 32, 32, 64), -1, "NHWC"),
+    ((4096, 256), 1, "NC"),
+]
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _copy(src, dst):
-    for i in prange(src.size):
-        dst[i] = src[i]
+#: Stages of the table, with the streaming copy that every ratio is taken against.
+TABLE_STAGES = ("train", "eval", "backward")
 
-
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _triad(a, b, k, out):
-    for i in prange(a.size):
-        out[i] = a[i] + k * b[i]
-
-
-def _np_copy(src, dst):
-    np.copyto(dst, src)
+#: ``--plot``: NCHW float32 arrays of about these many MB; ``--quick`` keeps the first two.
+#: 256 MB is as far as the NumPy backend goes in about a minute on two cores.
+SWEEP_MB = (1, 4, 16, 64, 256)
 
 
-def interleaved(fns, budget=0.6, batch=0.01, min_rounds=5, max_rounds=100):
+def interleaved(fns, budget=0.6, batch=0.01, min_rounds=3, max_rounds=100, sync=None, progress=None):
     """Median seconds per call of each of ``fns`` (dict name -> callable).
 
     Each callable is calibrated to a batch of about ``batch`` seconds of back-to-back calls;
     rounds then time one batch of each callable in turn, so drifts of a shared machine hit
     every contender alike.  Batches also dilute the OpenMP spin-wait that one library's
     threads leave behind for the next library's first call.
+
+    Parameters
+    ----------
+    sync : dict name -> callable, optional
+        Called after each batch before the clock is read, so device work queued by the batch
+        is inside its time.
+    progress : callable (fraction), optional
+        Told after each round how far the rounds have come.
     """
+    sync = sync or {}
+    nothing = _backends._nothing
     counts = {}
     for k, f in fns.items():
+        s = sync.get(k, nothing)
         f()  # warm-up (compile, allocate, fault pages in)
+        s()
         t = time.perf_counter()
         f()
+        s()
         one = max(time.perf_counter() - t, 1e-7)
         counts[k] = max(1, int(batch / one))
     rounds = int(min(max_rounds, max(min_rounds, budget / (batch * len(fns)))))
     times = {k: [] for k in fns}
-    for _ in range(rounds):
+    for r in range(rounds):
         for k, f in fns.items():
-            n = counts[k]
+            n, s = counts[k], sync.get(k, nothing)
             t = time.perf_counter()
             for _ in range(n):
                 f()
+            s()
             times[k].append((time.perf_counter() - t) / n)
+        if progress is not None:
+            progress((r + 1) / rounds)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
-def measure(shape, axis, dtype=np.float32, budget=1.0, torch_too=True):
-    """Time training forward, eval forward and backward of one shape; return a dict of
-    seconds per call.
-
-    ``train``, ``eval`` and ``backward`` write into preallocated arrays, as the copy, the
-    triad and PyTorch's ``out=`` variants (``torch_*``) do; ``train_alloc`` and
-    ``torch_train_alloc`` allocate their output, as users mostly call them (arrays over
-    32 MB then pay the OS zero-filling fresh pages, the same for both)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-    g = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-    c = shape[axis]
-    w, b = np.ones(c, dtype), np.zeros(c, dtype)
-    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
-    y = np.empty_like(x)
-    flat_x, flat_y, flat_g = x.reshape(-1), y.reshape(-1), g.reshape(-1)
-    _, mean, invstd = F.batch_norm_forward(x, w, b, axis=axis)
-    fns = {
-        "np_copy": lambda: _np_copy(flat_x, flat_y),
-        "nb_copy": lambda: _copy(flat_x, flat_y),
-        "triad": lambda: _triad(flat_x, flat_g, 0.5, flat_y),
-        "train": lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, axis=axis, out=y),
-        "eval": lambda: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, axis=axis, out=y),
-        "backward": lambda: F.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=y),
-    }
-    # What a user calls, allocating the result (as torch.nn.functional.batch_norm does).
-    alloc = {"train_alloc": lambda: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, axis=axis)}
-    torch = _torch() if torch_too else None
-    if torch is not None:
-        tx, tg = torch.from_numpy(x), torch.from_numpy(g)
-        if axis != 1:  # channels-last: PyTorch's own NHWC memory format, same bytes
-            perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
-            tx, tg = tx.permute(perm), tg.permute(perm)
-        tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
-        ty, tgi = torch.empty_like(tx), torch.empty_like(tx)  # keep tx's memory format
-        tsm, tsi, tgw, tgb = (torch.empty(c, dtype=tx.dtype) for _ in range(4))
-        _, tmean, tinv = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
-        aten = torch.ops.aten
-        fns.update(alloc)
-        # PyTorch's out= variants: kernel against kernel, both writing preallocated arrays.
-        fns["torch_train"] = lambda: aten.native_batch_norm.out(
-            tx, tw, tb, trm, trv, True, 0.1, 1e-5, out=ty, save_mean=tsm, save_invstd=tsi
-        )
-        fns["torch_eval"] = lambda: aten.native_batch_norm.out(
-            tx, tw, tb, trm, trv, False, 0.1, 1e-5, out=ty, save_mean=tsm, save_invstd=tsi
-        )
-        fns["torch_backward"] = lambda: aten.native_batch_norm_backward.out(
-            tg, tx, tw, trm, trv, tmean, tinv, True, 1e-5, [True, True, True], out0=tgi, out1=tgw, out2=tgb
-        )
-        # What users call, allocating every result.
-        fns["torch_train_alloc"] = lambda: torch.nn.functional.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
-    with _torch_threads(torch):
-        out = interleaved(fns, budget=budget)
-    out["copy"] = min(out["np_copy"], out["nb_copy"])
-    return out
 
 
 class _torch_threads:
     """Run PyTorch with as many threads as numba, so neither side gets more cores."""
 
-    def __init__(self, torch):
-        self.torch = torch
+    def __init__(self):
+        self.torch = _backends._torch()
 
     def __enter__(self):
         if self.torch is not None:
@@ -149,40 +105,295 @@ class _torch_threads:
             self.torch.set_num_threads(self.old)
 
 
-def table(shapes=SHAPES, dtype=np.float32, budget=1.0, torch_too=True, file=None):
-    """Print the ratio table, one row per shape as it is measured, then the median
-    speed-ups over PyTorch; return the rows (dicts of seconds)."""
-    missing_torch = torch_too and _torch() is None
-    torch_too = torch_too and not missing_torch
-    head = f"{'shape':>20} {'lay':>4} {'MB':>7} | {'train/copy':>10} {'eval/copy':>9} {'bwd/triad':>9}"
-    if torch_too:
-        head += f" | {'speed-up vs torch: train':>24} {'eval':>6} {'bwd':>6} {'train alloc':>11}"
-    print(head, file=file)
-    print("-" * len(head), file=file)
+class Progress:
+    """A one-line progress bar on ``file`` (stderr), redrawn in place with ``\\r``.
+
+    Drawn only when ``file`` is a terminal: in a pipe or a CI log a redrawn line would land as
+    hundreds of lines (or one unreadable one), and there the table rows, printed as each shape
+    finishes, show the progress anyway.  Standard library only: numbabn's runtime
+    dependencies stay numpy and numba.
+    """
+
+    def __init__(self, total, file=None, width=30):
+        self.file = sys.stderr if file is None else file
+        self.total, self.width, self.done = max(total, 1), width, 0
+        self.enabled = hasattr(self.file, "isatty") and self.file.isatty()
+        self.label, self.shown = "", False
+
+    def update(self, done, label=None):
+        """Set the completed work (in the units of ``total``) and redraw."""
+        self.done = min(done, self.total)
+        self.label = self.label if label is None else label
+        if self.enabled:
+            filled = int(self.width * self.done / self.total)
+            bar = "#" * filled + "." * (self.width - filled)
+            line = f"[{bar}] {100 * self.done / self.total:3.0f}% {self.label}"
+            self.file.write("\r" + line[:110].ljust(110))
+            self.file.flush()
+            self.shown = True
+
+    def clear(self):
+        """Erase the bar (before printing a line of results below it)."""
+        if self.shown:
+            self.file.write("\r" + " " * 110 + "\r")
+            self.file.flush()
+            self.shown = False
+
+
+def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None):
+    """Check, then time ``stages`` and the streaming copy of every backend on ``case``.
+
+    Parameters
+    ----------
+    case : Case
+    backends : list of Backend
+        Those that can run here (:func:`numbabn._backends.available`).
+    progress : callable (fraction, label), optional
+
+    Returns
+    -------
+    dict
+        ``seconds[backend name][stage]``: median seconds per call (stages a backend lacks
+        are absent).
+    """
+    progress = progress or (lambda frac, label: None)
+    ref = _backends.reference(case)
+    fns, sync = {}, {}
+    for i, b in enumerate(backends):
+        progress(0.3 * i / len(backends), f"{case.shape} {b.name}: checking")
+        prepared = b.prepare(case)
+        chosen = {s: prepared[s] for s in ("copy", *stages) if s in prepared}
+        _backends.check(b, {s: f for s, f in chosen.items() if s != "copy"}, case, ref)
+        for s, f in chosen.items():
+            fns[b.name, s] = f
+            sync[b.name, s] = b.synchronize
+    del ref
+    with _torch_threads():
+        t = interleaved(fns, budget=budget, sync=sync, progress=lambda f: progress(0.3 + 0.7 * f, f"{case.shape}"))
+    seconds = {b.name: {} for b in backends}
+    for (name, stage), v in t.items():
+        seconds[name][stage] = v
+    return seconds
+
+
+def summarize(case, seconds, backends):
+    """Seconds -> the table's numbers for one case: per backend and stage ``seconds``,
+    ``GBps`` (:data:`numbabn._backends.BYTES_PER_ELEMENT`) and ``x_copy`` (time over the
+    fastest streaming copy of ``x`` on the same device), and ``speedup``: an alternative's time
+    over numbabn's on the same device."""
+    copy = {}
+    for b in backends:
+        if "copy" in seconds[b.name]:
+            copy[b.device] = min(copy.get(b.device, math.inf), seconds[b.name]["copy"])
+    ours = {b.device: b.name for b in backends if b.ours}
+    out = {}
+    for b in backends:
+        stages = {}
+        for stage, t in seconds[b.name].items():
+            stages[stage] = {
+                "seconds": t,
+                "GBps": _backends.bytes_moved(stage, case) / t / 1e9,
+                "x_copy": t / copy[b.device],
+            }
+            mine = ours.get(b.device)
+            if mine is not None and mine != b.name and stage in seconds[mine]:
+                stages[stage]["speedup"] = t / seconds[mine][stage]
+        out[b.name] = {"device": b.device, "stages": stages}
+    return {
+        "shape": list(case.shape),
+        "axis": case.axis,
+        "layout": case.layout,
+        "dtype": case.dtype.name,
+        "MB": case.nbytes / 1e6,
+        "copy_seconds": copy,
+        "backends": out,
+    }
+
+
+def run(shapes=SHAPES, dtype=np.float32, budget=0.6, names=None, file=None, progress_file=None):
+    """Measure ``shapes`` with every available backend (or those in ``names``), printing one
+    table per device as rows finish; return the JSON-ready results."""
+    file = sys.stdout if file is None else file
+    backends = _backends.available(names)
+    skipped = {
+        n: b.unavailable() for n, b in _backends.BACKENDS.items() if (names is None or n in names) and b not in backends
+    }
+    bar = Progress(len(shapes), progress_file)
+    print(_legend(dtype), file=file)
+    for name, why in skipped.items():
+        print(f"  ({name} skipped: {why})", file=file)
     rows = []
-    for shape, axis, label in shapes:
-        t = measure(shape, axis, dtype, budget, torch_too)
-        mb = np.prod(shape) * np.dtype(dtype).itemsize / 1e6
-        line = (
-            f"{str(shape):>20} {label:>4} {mb:7.1f} | {t['train'] / t['copy']:10.2f} {t['eval'] / t['copy']:9.2f}"
-            f" {t['backward'] / t['triad']:9.2f}"
-        )
-        if torch_too:
-            s = {k: t["torch_" + k] / t[k] for k in SPEEDUPS}
-            line += f" | {s['train']:24.2f} {s['eval']:6.2f} {s['backward']:6.2f} {s['train_alloc']:11.2f}"
-        print(line, file=file, flush=True)
-        rows.append({"shape": shape, "axis": axis, "layout": label, "MB": mb, **t})
-    if torch_too:
-        med = {k: statistics.median(r["torch_" + k] / r[k] for r in rows) for k in SPEEDUPS}
-        print(
-            f"{'median speed-up vs torch':>58} | {med['train']:24.2f} {med['eval']:6.2f} {med['backward']:6.2f}"
-            f" {med['train_alloc']:11.2f}",
-            file=file,
-        )
-    elif missing_torch:
-        print("(PyTorch is not installed: no speed-up columns)", file=file)
+    by_device = {}
+    for b in backends:
+        by_device.setdefault(b.device, []).append(b)
+    for i, (shape, axis, label) in enumerate(shapes):
+        case = Case(shape, axis, dtype, label)
+        seconds = {}
+        for device, group in by_device.items():
+
+            def tick(frac, text, i=i):
+                bar.update(i + frac, text)
+
+            seconds.update(measure(case, group, budget=budget, progress=tick))
+        row = summarize(case, seconds, backends)
+        rows.append(row)
+        bar.clear()
+        _print_rows(row, by_device, file, header=(i == 0))
+    bar.clear()
+    medians = median_speedups(rows)
+    _print_medians(medians, by_device, file)
+    return {"cases": rows, "median_speedup": medians, "skipped": skipped}
+
+
+def median_speedups(rows):
+    """``{backend: {stage: median speed-up of numbabn over it}}`` across ``rows``."""
+    acc = {}
+    for row in rows:
+        for name, b in row["backends"].items():
+            for stage, v in b["stages"].items():
+                if "speedup" in v:
+                    acc.setdefault(name, {}).setdefault(stage, []).append(v["speedup"])
+    return {n: {s: statistics.median(v) for s, v in st.items()} for n, st in acc.items()}
+
+
+def _legend(dtype):
+    model = ", ".join(f"{s} {BYTES_PER_ELEMENT[s]}" for s in ("copy", *TABLE_STAGES))
+    return (
+        f"{np.dtype(dtype).name}, {numba.get_num_threads()} numba threads.  ms: median time per call;"
+        f" GB/s: bytes the operation must move\n(DESIGN.md section 5's streaming floor, per element times"
+        f" the itemsize: {model}) over that time;\nx copy: time over the fastest streaming copy of the same"
+        " array on that device (floors: train 1.5, eval 1.0, backward 2.5);\nspeed-up: the alternative's"
+        " time over numbabn's (higher is better for numbabn)."
+    )
+
+
+def _print_rows(row, by_device, file, header):
+    for device, group in by_device.items():
+        others = [b.name for b in group if not b.ours]
+        if header:
+            names = "".join(f" | {b.name:^22}" for b in group) + (" | speed-up vs" if others else "")
+            head = f"{'shape':>20} {'lay':>4} {'MB':>6} {'stage':>8}" + " | {:>8} {:>6} {:>6}".format(
+                "ms", "GB/s", "x copy"
+            ) * len(group)
+            head += " | " + " ".join(f"{n:>7}" for n in others) if others else ""
+            print(f"\n{device.upper()}\n{' ' * 41}{names}\n{head}\n{'-' * len(head)}", file=file)
+        first = True
+        for stage in ("copy", *TABLE_STAGES):
+            line = f"{str(tuple(row['shape'])):>20} {row['layout']:>4} {row['MB']:6.1f}" if first else " " * 32
+            line += f" {stage:>8}"
+            for b in group:
+                v = row["backends"][b.name]["stages"].get(stage)
+                line += f" | {v['seconds'] * 1e3:8.3f} {v['GBps']:6.1f} {v['x_copy']:6.2f}" if v else f" | {'-':>22}"
+            if others and stage != "copy":
+                sp = (row["backends"][n]["stages"].get(stage, {}).get("speedup") for n in others)
+                line += " | " + " ".join(f"{v:7.2f}" if v else f"{'-':>7}" for v in sp)
+            print(line, file=file, flush=True)
+            first = False
+
+
+def _print_medians(medians, by_device, file):
+    for device, group in by_device.items():
+        others = [b.name for b in group if not b.ours and b.name in medians]
+        if not others:
+            continue
+        print(f"\nmedian speed-up of numbabn on {device.upper()} (alternative's time / numbabn's):", file=file)
+        for n in others:
+            cells = "  ".join(f"{s} {medians[n][s]:.2f}" for s in TABLE_STAGES if s in medians[n])
+            print(f"  vs {n:<10} {cells}", file=file)
+
+
+def machine_info():
+    """What the numbers were measured on: CPU model, cores, threads and library versions."""
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+    }
+    torch = _backends._torch()
+    info["torch"] = None if torch is None else torch.__version__
+    try:
+        info["threading_layer"] = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        info["threading_layer"] = None
+    if _backends.cuda_unavailable() is None:
+        from numba import cuda
+
+        name = cuda.get_current_device().name
+        info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+    return info
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sweep(sizes_mb=SWEEP_MB, dtype=np.float32, budget=0.3, progress_file=None):
+    """GB/s of every stage and backend over NCHW arrays of about ``sizes_mb`` MB (64
+    channels of 32 x 32); returns one :func:`summarize` row per size."""
+    backends = _backends.available()
+    bar = Progress(len(sizes_mb), progress_file)
+    rows = []
+    for i, mb in enumerate(sizes_mb):
+        n = max(2, round(mb * 1e6 / (np.dtype(dtype).itemsize * 64 * 32 * 32)))
+        case = Case((n, 64, 32, 32), 1, dtype, "NCHW")
+        seconds = {}
+        for device in dict.fromkeys(b.device for b in backends):
+            group = [b for b in backends if b.device == device]
+
+            def tick(frac, text, i=i):
+                bar.update(i + frac, f"sweep {text}")
+
+            seconds.update(measure(case, group, budget=budget, progress=tick))
+        rows.append(summarize(case, seconds, backends))
+    bar.clear()
     return rows
 
 
-#: numbabn / PyTorch pairs timed side by side (``torch_<name>`` against ``<name>``).
-SPEEDUPS = ("train", "eval", "backward", "train_alloc")
+def plot(rows, path):
+    """Write a bandwidth-vs-size chart of :func:`sweep` ``rows`` to ``path`` (PNG)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "--plot needs matplotlib, which numbabn does not require: pip install 'numbabn[plot]'"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mb = [r["MB"] for r in rows]
+    fig, axes = plt.subplots(1, len(TABLE_STAGES), figsize=(5 * len(TABLE_STAGES), 4), sharey=True)
+    names = list(rows[0]["backends"])
+    for ax, stage in zip(axes, TABLE_STAGES, strict=True):
+        for name in names:
+            gbps = [r["backends"][name]["stages"].get(stage, {}).get("GBps", np.nan) for r in rows]
+            ax.plot(mb, gbps, marker="o", label=name)
+        for device in dict.fromkeys(rows[0]["copy_seconds"]):
+            copy = [BYTES_PER_ELEMENT["copy"] * r["MB"] / 1e3 / r["copy_seconds"][device] for r in rows]
+            ax.plot(mb, copy, "k--", label=f"copy ({device})")
+        ax.set(xscale="log", xlabel="array size (MB)", title=f"{stage} (bytes: {BYTES_PER_ELEMENT[stage]} x size)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("GB/s (bytes the operation must move / time)")
+    axes[-1].legend()
+    info = machine_info()
+    fig.suptitle(f"numbabn batch norm, {rows[0]['dtype']} NCHW: {info['cpu']}, {info['numba_threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_json(results, file):
+    """Write ``results`` (with :func:`machine_info` and the byte model) as JSON to ``file``."""
+    doc = {"machine": machine_info(), "bytes_per_element": dict(BYTES_PER_ELEMENT), **results}
+    json.dump(doc, file, indent=1, default=float)
+    file.write("\n")
