@@ -1,0 +1,66 @@
+"""numbabn's stages side by side with NumPy, PyTorch and the CUDA backend.
+
+One class per stage, generated from :data:`STAGES` (never hand-copied per case); each runs
+over the grid layout x size x dtype x backend of ``benchmarks.PARAMS`` and has:
+
+- ``time_<stage>``: one call (device work synchronized inside the timing);
+- ``peakmem_<stage>``: the peak resident memory of that call (host memory only);
+- ``track_<stage>_over_copy``: the stage's time over a streaming copy of the same array on
+  the same backend, timed in one interleaved run (``unit = "ratio"``): a kernel sliding
+  toward or away from the memory floor shows as a number that machine noise barely moves.
+  DESIGN.md section 5's floors: stats 0.5, train 1.5, eval 1.0, backward 2.5, layer 4.0.
+
+``setup`` checks every result against the float64 NumPy reference before timing anything.
+"""
+
+from numbabn import _bench
+
+from . import PARAM_NAMES, PARAMS, make_case, prepare
+
+#: Stage -> class name.  ``ema`` has no track (it is O(C), a copy of ``x`` is no yardstick).
+STAGES = {
+    "stats": "Statistics",
+    "train": "TrainingForward",
+    "eval": "EvalForward",
+    "backward": "Backward",
+    "ema": "EMAUpdate",
+    "layer": "BatchNormRoundTrip",
+}
+
+
+class _Stage:
+    """Base of the generated classes; ``stage`` names what they time."""
+
+    stage = None
+    params = PARAMS
+    param_names = PARAM_NAMES
+    timeout = 600  # the large NumPy and float64 cases take a while to set up and check
+
+    def setup(self, layout, size, dtype, backend):
+        case = make_case(layout, size, dtype)
+        self.backend, fns = prepare(backend, case, (self.stage, "copy"))
+        self.run, self.copy = fns[self.stage], fns["copy"]
+
+    def _once(self, *params):
+        self.run()
+        self.backend.synchronize()
+
+    def _over_copy(self, *params):
+        sync = self.backend.synchronize
+        t = _bench.interleaved({"stage": self.run, "copy": self.copy}, budget=0.3, sync={"stage": sync, "copy": sync})
+        return round(t["stage"] / t["copy"], 4)
+
+    _over_copy.unit = "ratio"
+
+
+def _make(stage, name):
+    methods = {"stage": stage, f"time_{stage}": _Stage._once, f"peakmem_{stage}": _Stage._once}
+    if stage != "ema":
+        methods[f"track_{stage}_over_copy"] = _Stage._over_copy
+    cls = type(name, (_Stage,), methods)
+    cls.__doc__ = f"The ``{stage}`` stage of ``numbabn._backends`` over the grid."
+    return cls
+
+
+for _stage, _name in STAGES.items():
+    globals()[_name] = _make(_stage, _name)
