@@ -26,8 +26,8 @@ compared with kernels, not with the OS zero-filling fresh pages.
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numba
 import numpy as np

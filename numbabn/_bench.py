@@ -196,7 +196,7 @@ def summarize(case, seconds, backends):
                 "x_copy": t / copy[b.device],
             }
             mine = ours.get(b.device)
-            if mine is not None and mine != b.name and stage in seconds[mine]:
+            if stage != "copy" and mine not in (None, b.name) and stage in seconds[mine]:
                 stages[stage]["speedup"] = t / seconds[mine][stage]
         out[b.name] = {"device": b.device, "stages": stages}
     return {
@@ -227,15 +227,7 @@ def run(shapes=SHAPES, dtype=np.float32, budget=0.6, names=None, file=None, prog
     for b in backends:
         by_device.setdefault(b.device, []).append(b)
     for i, (shape, axis, label) in enumerate(shapes):
-        case = Case(shape, axis, dtype, label)
-        seconds = {}
-        for device, group in by_device.items():
-
-            def tick(frac, text, i=i):
-                bar.update(i + frac, text)
-
-            seconds.update(measure(case, group, budget=budget, progress=tick))
-        row = summarize(case, seconds, backends)
+        row = _measure_devices(Case(shape, axis, dtype, label), backends, budget, bar, i)
         rows.append(row)
         bar.clear()
         _print_rows(row, by_device, file, header=(i == 0))
@@ -243,6 +235,18 @@ def run(shapes=SHAPES, dtype=np.float32, budget=0.6, names=None, file=None, prog
     medians = median_speedups(rows)
     _print_medians(medians, by_device, file)
     return {"cases": rows, "median_speedup": medians, "skipped": skipped}
+
+
+def _measure_devices(case, backends, budget, bar, done, prefix=""):
+    """:func:`measure` each device's backends apart (each syncs its own queue), then
+    :func:`summarize`; ``bar`` shows ``done`` cases plus this one's progress."""
+    seconds = {}
+    for device in dict.fromkeys(b.device for b in backends):
+        group = [b for b in backends if b.device == device]
+        seconds.update(
+            measure(case, group, budget=budget, progress=lambda frac, text: bar.update(done + frac, prefix + text))
+        )
+    return summarize(case, seconds, backends)
 
 
 def median_speedups(rows):
@@ -346,16 +350,7 @@ def sweep(sizes_mb=SWEEP_MB, dtype=np.float32, budget=0.3, progress_file=None):
     rows = []
     for i, mb in enumerate(sizes_mb):
         n = max(2, round(mb * 1e6 / (np.dtype(dtype).itemsize * 64 * 32 * 32)))
-        case = Case((n, 64, 32, 32), 1, dtype, "NCHW")
-        seconds = {}
-        for device in dict.fromkeys(b.device for b in backends):
-            group = [b for b in backends if b.device == device]
-
-            def tick(frac, text, i=i):
-                bar.update(i + frac, f"sweep {text}")
-
-            seconds.update(measure(case, group, budget=budget, progress=tick))
-        rows.append(summarize(case, seconds, backends))
+        rows.append(_measure_devices(Case((n, 64, 32, 32), 1, dtype, "NCHW"), backends, budget, bar, i, "sweep "))
     bar.clear()
     return rows
 
