@@ -198,9 +198,10 @@ def test_asv_grid_and_skips(asv_benchmarks):
             b.requires_cuda()
     suite = b.batchnorm
     for stage, name in suite.STAGES.items():
-        cls = getattr(suite, name)
-        assert hasattr(cls, f"time_{stage}") and hasattr(cls, f"peakmem_{stage}")
+        cls, mem = getattr(suite, name), getattr(suite, name + "Memory")
+        assert hasattr(cls, f"time_{stage}") and hasattr(mem, f"peakmem_{stage}")
         assert hasattr(cls, f"track_{stage}_over_copy") == (stage != "ema")
+        assert not hasattr(mem, f"time_{stage}") and not hasattr(cls, f"peakmem_{stage}")
 
 
 def test_asv_setup_checks_then_times(asv_benchmarks):
@@ -209,3 +210,12 @@ def test_asv_setup_checks_then_times(asv_benchmarks):
     bench.setup("NC", "small", "float32", "numpy")
     bench.time_train()
     assert _positive(float(bench.track_train_over_copy()))
+    mem = suite.BackwardMemory()
+    mem.setup("NHWC", "small", "float64", "numbabn")
+    mem.peakmem_backward()
+
+
+def test_asv_setup_fails_on_a_wrong_result(asv_benchmarks, monkeypatch):
+    monkeypatch.setitem(_backends.TOL, np.dtype(np.float32), -1.0)  # nothing passes
+    with pytest.raises(AssertionError, match="numbabn eval"):
+        asv_benchmarks.batchnorm.EvalForward().setup("NCHW", "small", "float32", "numbabn")
