@@ -87,10 +87,18 @@ def cold_start():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m numbabn", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="check", choices=["check", "bench"])
+    parser = argparse.ArgumentParser(
+        prog="python -m numbabn", description="numbabn's self-check and benchmarks against NumPy and PyTorch."
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="check",
+        choices=["check", "bench"],
+        help="check (default): the self-check and a quick table; bench: the full side-by-side table",
+    )
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per shape (bench)")
-    parser.add_argument("--quick", action="store_true", help="bench: three 1-4 MB shapes, short budgets (CI)")
+    parser.add_argument("--quick", action="store_true", help="bench: three 2-4 MB shapes, short budgets (CI)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="bench: input dtype")
     parser.add_argument("--json", action="store_true", help="bench: print the results as JSON on stdout only")
     parser.add_argument(
