@@ -7,8 +7,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _layout
-from ._device import host_only, is_device
 from ._config import PARALLEL_MIN
+from ._device import host_only, is_device
 from ._math import chan_merge
 from .cpu import stats as _cpu
 

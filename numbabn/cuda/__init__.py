@@ -13,8 +13,7 @@ def require():
     simulated = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
     if not simulated and importlib.util.find_spec("numba_cuda") is None:
         raise RuntimeError(
-            "numbabn's GPU backend needs the numba-cuda package, which is not installed: "
-            "pip install 'numbabn[cuda]'"
+            "numbabn's GPU backend needs the numba-cuda package, which is not installed: pip install 'numbabn[cuda]'"
         )
     from numba import cuda
 

@@ -55,8 +55,7 @@ def stream_of(stream, original):
             break
     if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)):
         raise TypeError(
-            "stream must be a numba, CuPy or PyTorch stream or a cudaStream_t int, "
-            f"got {type(stream).__name__}"
+            f"stream must be a numba, CuPy or PyTorch stream or a cudaStream_t int, got {type(stream).__name__}"
         )
     return cuda.default_stream() if int(stream) == 0 else cuda.external_stream(int(stream))
 

@@ -16,8 +16,8 @@ from . import _arrays
 from ._plan import CHUNK, MAX_THREADS, columns, elementwise, plan
 from .stats import launch_1d, tree
 
-
 grad_coef = _arrays.shared(_grad_coef)
+
 
 @cuda.jit(device=True)
 def column_sums(g3, x3, c, i, m, o0, o1, step):

@@ -16,8 +16,8 @@ from . import _arrays
 from ._plan import columns, elementwise
 from .stats import launch_1d, welford
 
-
 finish_channel = _arrays.shared(_finish_channel)
+
 
 @cuda.jit
 def finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save):
