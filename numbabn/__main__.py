@@ -87,7 +87,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m numbabn", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", default="check", choices=["check", "bench"])
     parser.add_argument("--budget", type=float, default=0.6, help="seconds of timing per shape (bench)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="check: 'cuda' checks the GPU backend against the CPU kernels and times it (CUDA events)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "check" and args.device == "cuda":
+        return _check_cuda()
     import numba
 
     from numbabn import _bench
@@ -107,6 +115,18 @@ def main(argv=None):
         for k, v in cold_start().items():
             print(f"  {k}: {v:.2f} s")
     return 0
+
+
+def _check_cuda():
+    from numbabn.cuda import check
+
+    try:
+        ok = check.run()
+    except RuntimeError as e:  # no numba-cuda, no driver or no device: say which
+        print(f"numbabn: {e}", file=sys.stderr)
+        return 2
+    print("GPU check passed" if ok else "GPU check FAILED")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

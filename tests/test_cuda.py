@@ -260,3 +260,25 @@ def test_kernels_compile_for_a_real_gpu():
     assert run.returncode == 0, run.stdout + run.stderr
     # 14 kernels x 3 dtypes, plus float16 data with float32 per-channel arrays (3 kernels).
     assert run.stdout.count("ok ") == 3 * 14 + 3, run.stdout
+
+
+def test_gpu_check_command_runs(capsys):
+    """``python -m numbabn check --device cuda``'s machinery on tiny shapes (in the simulator
+    its timings mean nothing; its checks still compare with the CPU kernels)."""
+    from numbabn.cuda import check
+
+    lines = []
+    assert check.run([("NC", (64, 8), 1)], [((40, 4), 1), ((3, 2, 12), 1)], dtypes=("float32",), reps=1, out=lines.append)
+    assert sum(line.startswith("check") and line.endswith("ok") for line in lines) == 6
+    assert any(line.startswith("NC 64x8") for line in lines)
+
+
+def test_gpu_check_without_backend_says_why(monkeypatch, capsys):
+    import importlib.util
+
+    from numbabn.__main__ import main
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert main(["check", "--device", "cuda"]) == 2
+    assert "pip install 'numbabn[cuda]'" in capsys.readouterr().err
