@@ -268,7 +268,8 @@ def test_gpu_check_command_runs(capsys):
     from numbabn.cuda import check
 
     lines = []
-    assert check.run([("NC", (64, 8), 1)], [((40, 4), 1), ((3, 2, 12), 1)], dtypes=("float32",), reps=1, out=lines.append)
+    timing, checks = [("NC", (64, 8), 1)], [((40, 4), 1), ((3, 2, 12), 1)]
+    assert check.run(timing, checks, dtypes=("float32",), reps=1, out=lines.append)
     assert sum(line.startswith("check") and line.endswith("ok") for line in lines) == 6
     assert any(line.startswith("NC 64x8") for line in lines)
 

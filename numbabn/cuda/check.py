@@ -51,7 +51,8 @@ def _check(cuda, shapes, out):
             y_ref, m_ref, s_ref = numbabn.batch_norm_forward(x64, w64, None, axis=axis)
             gi_ref, gw_ref, _ = numbabn.batch_norm_backward(g64, x64, w64, m_ref, s_ref, axis=axis)
             y, m, s = numbabn.batch_norm_forward(cuda.to_device(x), cuda.to_device(w), None, axis=axis)
-            gi, gw, _ = numbabn.batch_norm_backward(cuda.to_device(g), cuda.to_device(x), cuda.to_device(w), m, s, axis=axis)
+            dg, dx, dw = (cuda.to_device(a) for a in (g, x, w))
+            gi, gw, _ = numbabn.batch_norm_backward(dg, dx, dw, m, s, axis=axis)
             errors = {
                 "y": _err(y.copy_to_host(), y_ref),
                 "mean": _err(m.copy_to_host(), m_ref),
@@ -62,7 +63,8 @@ def _check(cuda, shapes, out):
             ok &= not bad
             verdict = "ok" if not bad else "FAIL " + ", ".join(f"{k} {v:.1e}" for k, v in bad.items())
             worst = max(errors.values())
-            out(f"check {str(shape):<22} axis {axis:>2} {np.dtype(dtype).name:<8} worst rel. error {worst:.1e}  {verdict}")
+            name = np.dtype(dtype).name
+            out(f"check {str(shape):<22} axis {axis:>2} {name:<8} worst rel. error {worst:.1e}  {verdict}")
     return ok
 
 
@@ -100,9 +102,7 @@ def _time_row(cuda, label, shape, axis, dtype, reps):
         "copy": _median_ms(cuda, lambda: y.copy_to_device(x), reps),
         "train": _median_ms(cuda, lambda: numbabn.batch_norm(x, rm, rv, w, None, True, axis=axis, out=y), reps),
         "eval": _median_ms(cuda, lambda: numbabn.batch_norm(x, rm, rv, w, None, False, axis=axis, out=y), reps),
-        "bwd": _median_ms(
-            cuda, lambda: numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=gi), reps
-        ),
+        "bwd": _median_ms(cuda, lambda: numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=gi), reps),
     }
     row = f"{label + ' ' + 'x'.join(map(str, shape)):<24}{dtype.name:<9}"
     row += "".join(f"{t[k] / t['copy']:>8.2f}" for k in ("train", "eval", "bwd")) + f"{t['copy']:>9.3f}"
@@ -111,7 +111,6 @@ def _time_row(cuda, label, shape, axis, dtype, reps):
         row += "   " + " ".join(f"{torch_t[k] / t[k]:.2f}" for k in ("train", "eval", "bwd"))
     else:
         row += "   (PyTorch with CUDA not installed)"
-    del x, g, y, gi
     return row
 
 
