@@ -139,6 +139,13 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         grad_input  = weight * invstd / n * (n * g - grad_bias - xhat * grad_weight)  # training
         grad_input  = g * weight * invstd                                            # eval
     """
+    return _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out)[:3]
+
+
+def _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out):
+    """:func:`batch_norm_backward`'s work; returns ``(grad_input, grad_weight, grad_bias,
+    abs_grad_sum)``, the last the per-channel ``sum |grad_output|`` (float64) that the
+    reduction pass accumulates beside ``grad_bias`` (:attr:`BatchNorm.update_threshold`)."""
     x = _layout.as_input(input, "input")
     g = _layout.same_kind(x, grad_output, "grad_output")
     ax = _layout.norm_axis(axis, x.ndim)
@@ -154,7 +161,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
     if not _layout.same_view(g, x):  # bring g to x's memory order (one copy, of g only)
         g = np.ascontiguousarray(g) if x.flags.c_contiguous else np.asfortranarray(g)
     grad_input = _layout.output_for(x, out, g)
-    grads = np.empty((2, num_channels))
+    grads = np.empty((3, num_channels))
     _bwd.backward(
         x.size >= PARALLEL_MIN,
         _layout.view3(g, ax),
@@ -166,7 +173,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         _layout.view3(grad_input, ax),
         grads,
     )
-    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype)
+    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
 
 
 def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out):
