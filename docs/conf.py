@@ -2,7 +2,6 @@
 sphinx-gallery of the ``examples/`` scripts (run during the build; ``NUMBABN_DOCS_QUICK=1``
 for small settings).  Nothing here reaches the network: no intersphinx."""
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import numbabn  # noqa: E402
 
 project = "numbabn"
 author = "the numbabn developers"
-copyright = "the numbabn developers"  # noqa: A001
+copyright = "the numbabn developers"
 version = release = numbabn.__version__
 
 extensions = [
@@ -44,7 +43,7 @@ sphinx_gallery_conf = {
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
     "ignore_pattern": r"mlp_model\.py$",
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "ExampleTitleSortKey",  # the titles give the reading order
     "abort_on_example_error": True,
     "download_all_examples": False,
     "remove_config_comments": True,

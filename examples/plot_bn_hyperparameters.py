@@ -1,6 +1,6 @@
 """
-Tuning batch norm's hyperparameters
-===================================
+BN hyperparameters: momentum, averaging period, eps, update threshold
+=====================================================================
 
 The MLP of the previous example (``mlp_model.py``), trained again while one hyperparameter
 of its :class:`numbabn.BatchNorm` layers changes at a time:
@@ -20,7 +20,7 @@ statistics), so its effect shows in eval mode, where the running statistics norm
 
 import matplotlib.pyplot as plt
 import numpy as np
-from mlp_model import MLP, QUICK, fit, load_data
+from mlp_model import MLP, QUICK, fit, integer_epochs, load_data
 
 data = load_data()
 epochs = 4 if QUICK else 30
@@ -50,6 +50,7 @@ ema_hist = {name: fit(MLP(bn_kwargs=kw), data, epochs) for name, kw in ema_runs.
 
 fig, ax = plt.subplots(figsize=(7, 4))
 curves(ax, ema_hist, "Running statistics: EMA windows and the cumulative average")
+integer_epochs(fig)
 fig.tight_layout()
 
 # %%
@@ -64,6 +65,7 @@ eps_hist = {f"eps={eps:g}": fit(MLP(bn_kwargs={"eps": eps}), data, epochs) for e
 
 fig, ax = plt.subplots(figsize=(7, 4))
 curves(ax, eps_hist, "eps")
+integer_epochs(fig)
 fig.tight_layout()
 
 # %%
@@ -96,6 +98,7 @@ ax_t.set(ylabel="mean |grad_output|, averaged over channels", yscale="log")
 handles = ax_loss.get_legend_handles_labels()[0] + ax_t.get_legend_handles_labels()[0]
 ax_t.legend(handles=handles, loc="upper right")
 ax_loss.set_title("update_threshold over training")
+integer_epochs(fig)
 fig.tight_layout()
 
 # %%
@@ -124,6 +127,7 @@ for name, h in gate_hist.items():
     ax_up.plot(np.arange(1, len(h["updated"]) + 1) / steps_per_epoch, h["updated"], lw=0.8, label=name)
 ax_up.set(xlabel="epoch", ylabel="fraction of channels updated", title="Updates let through", ylim=(0, 1.05))
 ax_up.legend(loc="lower right")
+integer_epochs(fig)
 fig.tight_layout()
 
 plt.show()

@@ -10,7 +10,7 @@ norm uses its running statistics.
 """
 
 import matplotlib.pyplot as plt
-from mlp_model import MLP, QUICK, fit, load_data
+from mlp_model import MLP, QUICK, fit, integer_epochs, load_data
 
 data = load_data()
 epochs = 6 if QUICK else 40
@@ -34,6 +34,7 @@ ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log"
 ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Test accuracy (eval mode)", ylim=(0.5, 1.0))
 ax_loss.legend()
 ax_acc.legend(loc="lower right")
+integer_epochs(fig)
 fig.tight_layout()
 
 for name, h in runs.items():

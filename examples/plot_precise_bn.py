@@ -19,7 +19,7 @@ import functools
 
 import matplotlib.pyplot as plt
 import numpy as np
-from mlp_model import MLP, QUICK, accuracy, batches, fit, load_data
+from mlp_model import MLP, QUICK, accuracy, batches, fit, integer_epochs, load_data
 
 import numbabn
 
@@ -105,6 +105,7 @@ ax_gap.set(
     title="How far the EMA mean is (last block)",
 )
 ax_gap.legend()
+integer_epochs(fig)
 fig.tight_layout()
 
 for momentum, (ema_acc, precise_acc, _) in results.items():
