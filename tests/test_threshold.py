@@ -84,3 +84,10 @@ def test_update_threshold_bitwise_identical_for_1_and_2_threads(layout, dtype, r
     finally:
         numba.set_num_threads(old)
     assert_bitwise(*results)
+
+
+def test_update_threshold_of_an_empty_batch_is_nan():
+    bn = numbabn.BatchNorm(3)
+    x = np.zeros((0, 3, 4), np.float32)
+    bn.backward(bn(x))
+    assert bn.update_threshold.shape == (3,) and np.isnan(bn.update_threshold).all()
