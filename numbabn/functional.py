@@ -147,8 +147,15 @@ def batch_norm_backward(
         grad_input  = weight * invstd / n * (n * g - grad_bias - xhat * grad_weight)  # training
         grad_input  = g * weight * invstd                                            # eval
     """
+    return _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)[:3]
+
+
+def _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream=None):
+    """:func:`batch_norm_backward`'s work; returns ``(grad_input, grad_weight, grad_bias,
+    abs_grad_sum)``, the last the per-channel ``sum |grad_output|`` (float64) that the
+    reduction pass accumulates beside ``grad_bias`` (:attr:`BatchNorm.update_threshold`)."""
     if _device.is_device(input):
-        return _cuda().backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)[:3]
+        return _cuda().backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)
     _host_stream(stream)
     x = _layout.as_input(input, "input")
     g = _layout.same_kind(x, grad_output, "grad_output")
@@ -165,7 +172,7 @@ def batch_norm_backward(
     if not _layout.same_view(g, x):  # bring g to x's memory order (one copy, of g only)
         g = np.ascontiguousarray(g) if x.flags.c_contiguous else np.asfortranarray(g)
     grad_input = _layout.output_for(x, out, g)
-    grads = np.empty((2, num_channels))
+    grads = np.empty((3, num_channels))
     _bwd.backward(
         x.size >= PARALLEL_MIN,
         _layout.view3(g, ax),
@@ -177,7 +184,7 @@ def batch_norm_backward(
         _layout.view3(grad_input, ax),
         grads,
     )
-    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype)
+    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
 
 
 def _cuda():

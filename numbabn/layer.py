@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _layout
 from ._device import is_device
-from .functional import _cuda, batch_norm_backward, batch_norm_forward
+from .functional import _backward, _cuda, batch_norm_forward
 
 
 class IncompatibleKeys(NamedTuple):
@@ -46,6 +46,26 @@ class BatchNorm:
         Where parameters and buffers live: NumPy arrays, or numba device arrays on the
         current GPU (inputs are then GPU arrays: numba, CuPy or PyTorch CUDA; outputs are
         of the input's kind).  :meth:`state_dict` always returns host arrays.
+
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,) or None
+        The affine parameters (None without ``affine``).
+    running_mean, running_var : ndarray of shape (C,) or None
+        The running statistics (None without ``track_running_stats``).
+    num_batches_tracked : int or None
+        Training batches seen since the last :meth:`reset_running_stats`.
+    training : bool
+        Training mode (True) or eval mode; see :meth:`train` and :meth:`eval`.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        Set by :meth:`backward` (with ``affine``); None before the first one.
+    update_threshold : ndarray of float64, shape (C,), or None
+        Set by :meth:`backward`: the per-channel mean of ``|grad_output|`` over the values
+        that share a channel, ``sum(|g|) / n``, accumulated in float64 by the backward
+        reduction pass itself (no extra pass over memory).  The "dynamic update threshold"
+        ``mean(|gradients|)`` some training schemes gate parameter updates on.  None before
+        the first :meth:`backward`; like ``grad_weight`` it describes the last backward
+        pass, so :meth:`reset_parameters` and :meth:`reset_running_stats` leave it alone.
 
     Examples
     --------
@@ -109,6 +129,7 @@ class BatchNorm:
         self.bias = self._new(0.0) if affine else None
         self.grad_weight = None
         self.grad_bias = None
+        self.update_threshold = None
         if track_running_stats:
             self.running_mean = self._new(0.0)
             self.running_var = self._new(1.0)
@@ -195,16 +216,37 @@ class BatchNorm:
     __call__ = forward
 
     def backward(self, grad_output):
-        """Gradient of the last :meth:`forward`'s output: returns ``grad_input`` and sets
-        ``grad_weight`` and ``grad_bias`` (None without affine parameters)."""
+        """Gradient of the last :meth:`forward`'s output.
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last output; its shape and dtype.
+
+        Returns
+        -------
+        ndarray
+            ``grad_input``, as :func:`numbabn.batch_norm_backward`.
+
+        Notes
+        -----
+        Also sets ``grad_weight`` and ``grad_bias`` (None without affine parameters) and
+        ``update_threshold``, the per-channel ``mean(|grad_output|)`` in float64, in training
+        and eval mode alike (NaN for an empty batch).
+        """
         if self._saved is None:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
         x, mean, invstd, use_batch = self._saved
-        grad_input, grad_weight, grad_bias = batch_norm_backward(
-            grad_output, x, self.weight, mean, invstd, training=use_batch, axis=self.axis
+        grad_input, grad_weight, grad_bias, abs_grad_sum = _backward(
+            grad_output, x, self.weight, mean, invstd, use_batch, self.axis, None
         )
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
+        n = _layout.values_per_channel(x.shape, _layout.norm_axis(self.axis, x.ndim))
+        if self.device == "cuda":
+            self.update_threshold = _cuda().scaled(abs_grad_sum, 1.0 / n if n else np.nan)
+        else:
+            self.update_threshold = abs_grad_sum / n if n else np.full(self.num_features, np.nan)
         return grad_input
 
     def _check_input(self, x):

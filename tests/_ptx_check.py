@@ -34,7 +34,7 @@ def signatures(dt):
         (S.partials_minor, (arr(dt, 3), i8, arr(f8, 3))),
         (S.channel_stats, (arr(f8, 3), i8, arr(f8, 2))),
         (S.merge_channels, (f8, arr(f8, 1), arr(f8, 1), f8, arr(f8, 1), arr(f8, 1))),
-        (S.copy_cast, (arr(f8, 1), arr(dt, 1))),
+        (S.copy_cast, (arr(f8, 1), f8, arr(dt, 1))),
         (F.normalize_rows, (arr(dt, 3), arr(coef, 2), arr(dt, 3))),
         (F.normalize_columns, (arr(dt, 2), i8, arr(coef, 2), arr(dt, 2))),
         (B.grad_partials_strided, (arr(dt, 3), arr(dt, 3), arr(f8, 1), i8, arr(f8, 3))),

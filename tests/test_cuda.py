@@ -176,6 +176,7 @@ def test_batchnorm_layer_on_device_matches_cpu_layer(rng):
         assert_close(host(gpu(dev(x))), cpu(x), np.float32)
         assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
     assert_close(host(gpu.grad_weight), cpu.grad_weight, np.float32, scale=60)
+    assert_close(host(gpu.update_threshold), cpu.update_threshold, np.float64, rtol=1e-12)
     gs, cs = gpu.state_dict(), cpu.state_dict()
     assert all(type(v) is np.ndarray for v in gs.values())
     for k in cs:

@@ -179,11 +179,17 @@ def _as_f64(a, stream):
     return a if a.dtype == np.float64 else _cast(a, np.float64, stream)
 
 
-def _cast(a, dtype, stream):
+def _cast(a, dtype, stream, factor=1.0):
     out = _arrays.empty(a.shape, dtype, stream)
     grid, block = _stats.launch_1d(a.shape[0])
-    _stats.copy_cast[grid, block, stream](a, out)
+    _stats.copy_cast[grid, block, stream](a, factor, out)
     return out
+
+
+def scaled(a, factor, stream=None):
+    """``a * factor`` (float64) for a GPU array ``a`` of shape (C,), as ``a``'s kind of array."""
+    d = _arrays.as_numba(a)
+    return _arrays.like(_cast(d, np.float64, _arrays.stream_of(stream, a), factor), a)
 
 
 @functools.lru_cache(maxsize=64)

@@ -93,8 +93,7 @@ def grad_channels(part, q, n, weight, mean, invstd, training, coef, grads):
                 sg += part[0, s, j]
                 sgx += part[1, s, j]
                 sa += part[2, s, j]
-        grad_coef(c, sg, sgx, n, weight, mean, invstd, training, coef, grads)
-        grads[2, c] = sa
+        grad_coef(c, sg, sgx, sa, n, weight, mean, invstd, training, coef, grads)
 
 
 @cuda.jit

@@ -126,11 +126,11 @@ def merge_channels(na, mean_a, m2_a, nb, mean_b, m2_b):
 
 
 @cuda.jit
-def copy_cast(src, dst):
-    """``dst[c] = src[c]`` converted to ``dst``'s dtype."""
+def copy_cast(src, factor, dst):
+    """``dst[c] = src[c] * factor`` converted to ``dst``'s dtype."""
     c = cuda.grid(1)
     if c < dst.shape[0]:
-        dst[c] = src[c]
+        dst[c] = src[c] * factor
 
 
 def launch_1d(n):
