@@ -15,6 +15,7 @@ from numba import prange
 
 from .._config import MIN_INNER
 from .._jit import leaf, stage, twin
+from .._math import grad_coef
 from ._plan import expand, fuse_channels, minor_task, plan, rows, sum_inner, widen
 
 
@@ -34,26 +35,6 @@ def strided_grad_rows(g3, x3, c, m, r0, r1):
             sgx += g * (xr[k] - m)
             sag += abs(g)
     return sg, sgx, sag
-
-
-@stage
-def grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads):
-    """Channel ``c``'s ``(grad_weight, grad_bias, sum |g|)`` into ``grads[:, c]`` and the coefficients
-    of ``grad_input = g * A + x * B + D`` into ``coef[:, c]``:
-    ``A = weight * invstd``, ``B = -A * invstd * grad_weight / n``,
-    ``D = -A * grad_bias / n - B * mean`` (``B = D = 0`` in eval)."""
-    grad_weight = sgx * invstd[c]
-    grads[0, c] = grad_weight
-    grads[1, c] = sg
-    grads[2, c] = sag
-    a = weight[c] * invstd[c]
-    coef[0, c] = a
-    coef[1, c] = 0.0
-    coef[2, c] = 0.0
-    if training:
-        b = -a * invstd[c] * grad_weight / n
-        coef[1, c] = b
-        coef[2, c] = -a * sg / n - b * mean[c]
 
 
 @stage

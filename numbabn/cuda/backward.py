@@ -6,12 +6,12 @@ Bytes moved: the reduction reads ``g`` and ``x`` (2s per element), the elementwi
 reads both again and writes ``grad_input`` (3s): 5s.  Sums run in float64 per thread, then
 along the same fixed shared-memory tree as the statistics, then over splits in a fixed
 order: deterministic.  The per-channel coefficients are the CPU's own
-:func:`numbabn.cpu.backward.grad_coef`, compiled for the device.
+:func:`numbabn._math.grad_coef`, the CPU drivers' own, compiled for the device.
 """
 
 from numba import cuda, float64
 
-from ..cpu.backward import grad_coef as _grad_coef
+from .._math import grad_coef as _grad_coef
 from . import _arrays
 from ._plan import CHUNK, MAX_THREADS, columns, elementwise, plan
 from .stats import launch_1d, tree

@@ -2,16 +2,16 @@
 statistics (eval), the O(C) finalize with the fused EMA update, then ``y = x * a + b``.
 
 Bytes moved: training reads ``x`` twice and writes ``y`` (3s per element), eval reads ``x``
-and writes ``y`` (2s).  The finalize step is the CPU's own :func:`numbabn.cpu.forward.
-finish_channel` (with ``_math``'s EMA step and fold), compiled for the device.  The
+and writes ``y`` (2s).  The finalize step is :func:`numbabn._math.finish_channel`, the CPU
+drivers' own (with the EMA step and fold), compiled for the device.  The
 elementwise pass computes in float64 for float32/float64 data, so float32 outputs keep
 float32 precision when ``|mean| / std`` is large; float16 data computes in float32.
 """
 
 from numba import cuda, float64
 
+from .._math import finish_channel as _finish_channel
 from .._math import fold, invstd_of
-from ..cpu.forward import finish_channel as _finish_channel
 from . import _arrays
 from ._plan import columns, elementwise
 from .stats import launch_1d, welford
