@@ -284,3 +284,24 @@ def test_gpu_check_without_backend_says_why(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert main(["check", "--device", "cuda"]) == 2
     assert "pip install 'numbabn[cuda]'" in capsys.readouterr().err
+
+
+def test_streams_of_every_library_are_accepted(rng):
+    """A numba stream is used as is; CuPy's (``.ptr``), PyTorch's (``.cuda_stream``) and raw
+    ``cudaStream_t`` ints are wrapped (0, the default stream, here: the simulator has no
+    external streams); anything else is a TypeError naming ``stream``."""
+    from types import SimpleNamespace
+
+    from numbabn.cuda._arrays import stream_of
+
+    s = cuda.stream()
+    assert stream_of(s, None) is s
+    for handle in (0, SimpleNamespace(ptr=0), SimpleNamespace(cuda_stream=0)):
+        assert type(stream_of(handle, None)).__module__.startswith("numba")
+    for bad in ("fast", 1.5, True):
+        with pytest.raises(TypeError, match="stream must be a numba, CuPy or PyTorch stream"):
+            stream_of(bad, None)
+    x = make_input(rng, (5, 3, 12), 1, np.float32)
+    y, _, _ = numbabn.batch_norm_forward(dev(x), stream=s)
+    s.synchronize()
+    assert_close(host(y), ref_forward(x, None, None, None, None, True, 0.1, 1e-5, 1)[0], np.float32)

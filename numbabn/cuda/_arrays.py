@@ -47,7 +47,7 @@ def stream_of(stream, original):
             stream = cupy.cuda.get_current_stream().ptr
         else:
             return cuda.default_stream()
-    if hasattr(stream, "synchronize") and hasattr(stream, "handle"):  # numba's own
+    if type(stream).__module__.startswith("numba"):  # numba's own (or the simulator's)
         return stream
     for attr in ("cuda_stream", "ptr"):  # PyTorch, CuPy
         if hasattr(stream, attr):
@@ -110,6 +110,35 @@ def empty_like(a, order, stream):
 def empty(shape, dtype, stream):
     """A new C-contiguous numba array."""
     return cuda.device_array(shape, dtype=dtype, stream=stream)
+
+
+_SCRATCH = {}
+
+
+def scratch(tag, shape, dtype, stream):
+    """A work array (partials, per-channel coefficients) that later calls on the same stream
+    and device reuse: stream order makes the reuse safe, and it saves a ``cudaMalloc`` per
+    call (and the device-wide synchronization of numba's deferred ``cudaFree``)."""
+    n = math.prod(shape)
+    dtype = np.dtype(dtype)
+    key = (_context_key(), _stream_key(stream), tag, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.shape[0] < n:
+        buf = _SCRATCH[key] = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
+    return buf[:n].reshape(shape)
+
+
+def _stream_key(stream):
+    try:
+        return int(stream)  # the cudaStream_t of a numba stream
+    except TypeError:  # the simulator's streams, which run in order anyway
+        return None
+
+
+def _context_key():
+    if SIMULATED:
+        return None
+    return id(cuda.current_context())
 
 
 def to_device(host, stream):

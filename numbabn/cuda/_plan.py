@@ -84,3 +84,8 @@ def columns(a3):
 
     outer, num_channels, inner = a3.shape
     return strided(a3, (outer, num_channels * inner), (a3.strides[0], a3.strides[2]))
+
+
+def coef_dtype(dtype):
+    """The arithmetic of the elementwise passes: float32 for float16 data, else float64."""
+    return "f4" if dtype.itemsize == 2 else "f8"

@@ -16,7 +16,7 @@ from . import forward as _fwd
 from . import stats as _stats
 
 #: float16 is a storage format here: statistics accumulate in float64, elementwise passes
-#: compute in float32 (``forward.coef_dtype``).
+#: compute in float32 (``_plan.coef_dtype``).
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -126,12 +126,12 @@ def backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
     st = call.stream
     mean, invstd = _as_f64(save_mean, st), _as_f64(save_invstd, st)
     w = call.constant(1.0) if weight is None else weight
-    grads = _arrays.empty((3, call.num_channels), "f8", st)
+    grads = _arrays.scratch("grads", (3, call.num_channels), "f8", st)
     _bwd.backward(call.view(g), call.view(call.x), w, mean, invstd, training, call.view(dest), grads, st)
     gdtype = np.float32 if call.dtype.itemsize == 2 else call.dtype
     gw, gb = (_cast(grads[i], gdtype, st) for i in (0, 1))
     gi = out if out is not None else call.hand_back(dest)
-    return gi, call.hand_back(gw), call.hand_back(gb), call.hand_back(grads[2])
+    return gi, call.hand_back(gw), call.hand_back(gb), call.hand_back(_cast(grads[2], np.float64, st))
 
 
 def welford(x, axis, stream):

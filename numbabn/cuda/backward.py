@@ -13,7 +13,7 @@ from numba import cuda, float64
 
 from .._math import grad_coef as _grad_coef
 from . import _arrays
-from ._plan import CHUNK, MAX_THREADS, columns, elementwise, plan
+from ._plan import CHUNK, MAX_THREADS, coef_dtype, columns, elementwise, plan
 from .stats import launch_1d, tree
 
 grad_coef = _arrays.shared(_grad_coef)
@@ -127,13 +127,13 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads, stream):
     ``gi3`` the input gradient (formulas of ``cpu.backward.backward``)."""
     outer, num_channels, inner = x3.shape
     p = plan(outer, num_channels, inner)
-    part = _arrays.empty((3, p.nsplit, p.width), "f8", stream)
+    part = _arrays.scratch("part", (3, p.nsplit, p.width), "f8", stream)
     if p.strided:
         grad_partials_strided[p.grid, (p.bx, p.by), stream](g3, x3, mean, p.rows_per_split, part)
     else:
         g2, x2 = (_arrays.strided(a, (outer, p.width, 1), (a.strides[0], a.strides[2], a.strides[2])) for a in (g3, x3))
         grad_partials_minor[p.grid, (p.bx, p.by), stream](g2, x2, mean, p.q, p.rows_per_split, part)
-    coef = _arrays.empty((3, num_channels), "f4" if x3.dtype.itemsize == 2 else "f8", stream)
+    coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
     grid, block = launch_1d(num_channels)
     grad_channels[grid, block, stream](part, p.q, float(outer * inner), weight, mean, invstd, training, coef, grads)
     if x3.size == 0:

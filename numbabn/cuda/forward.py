@@ -13,7 +13,7 @@ from numba import cuda, float64
 from .._math import finish_channel as _finish_channel
 from .._math import fold, invstd_of
 from . import _arrays
-from ._plan import columns, elementwise
+from ._plan import coef_dtype, columns, elementwise
 from .stats import launch_1d, welford
 
 finish_channel = _arrays.shared(_finish_channel)
@@ -81,18 +81,13 @@ def normalize(x3, coef, y3, stream):
         normalize_columns[grid, block, stream](columns(x3), x3.shape[2], coef, columns(y3))
 
 
-def coef_dtype(dtype):
-    """The arithmetic of the elementwise passes: float32 for float16 data, else float64."""
-    return "f4" if dtype.itemsize == 2 else "f8"
-
-
 def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save, stream):
     """Driver, training: batch statistics, EMA update, normalize ``x3`` into ``y3``; ``save``
     (2, C) float64 receives the mean and invstd used."""
     num_channels = x3.shape[1]
-    stats = _arrays.empty((3, num_channels), "f8", stream)
+    stats = _arrays.scratch("stats", (3, num_channels), "f8", stream)
     welford(x3, stats, stream)
-    coef = _arrays.empty((2, num_channels), coef_dtype(x3.dtype), stream)
+    coef = _arrays.scratch("coef", (2, num_channels), coef_dtype(x3.dtype), stream)
     grid, block = launch_1d(num_channels)
     finish_channels[grid, block, stream](stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     normalize(x3, coef, y3, stream)
@@ -102,7 +97,7 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save, stream):
     """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean`` and
     ``var``; ``save`` (2, C) float64 receives the mean and invstd used."""
     num_channels = x3.shape[1]
-    coef = _arrays.empty((2, num_channels), coef_dtype(x3.dtype), stream)
+    coef = _arrays.scratch("coef", (2, num_channels), coef_dtype(x3.dtype), stream)
     grid, block = launch_1d(num_channels)
     eval_channels[grid, block, stream](weight, bias, mean, var, eps, coef, save)
     normalize(x3, coef, y3, stream)

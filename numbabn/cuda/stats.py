@@ -147,7 +147,7 @@ def welford(x3, stats, stream):
 
     outer, num_channels, inner = x3.shape
     p = plan(outer, num_channels, inner)
-    part = _arrays.empty((3, p.nsplit, p.width), "f8", stream)
+    part = _arrays.scratch("part", (3, p.nsplit, p.width), "f8", stream)
     if p.strided:
         partials_strided[p.grid, (p.bx, p.by), stream](x3, p.rows_per_split, part)
     else:
