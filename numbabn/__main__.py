@@ -104,7 +104,15 @@ def main(argv=None):
     parser.add_argument(
         "--plot", metavar="FILE.png", help="bench: also sweep sizes and chart GB/s vs size (needs matplotlib)"
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="check: 'cuda' checks the GPU backend against the CPU kernels and times it (CUDA events)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "check" and args.device == "cuda":
+        return _check_cuda()
     if args.plot and args.command == "check":
         parser.error("--plot goes with bench: python -m numbabn bench --plot FILE.png")
     if args.plot:  # fail before minutes of timing, not after
@@ -157,6 +165,18 @@ def _run(args):
         for k, v in results["cold_start_seconds"].items():
             print(f"  {k}: {v:.2f} s")
     return results
+
+
+def _check_cuda():
+    from numbabn.cuda import check
+
+    try:
+        ok = check.run()
+    except RuntimeError as e:  # no numba-cuda, no driver or no device: say which
+        print(f"numbabn: {e}", file=sys.stderr)
+        return 2
+    print("GPU check passed" if ok else "GPU check FAILED")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Stages (what a callable does; what it returns, for :func:`check`):
 
 - ``copy``: a streaming copy of ``x`` into a preallocated array, the floor kernels are judged
   against (returns nothing);
-- ``stats``: per-channel mean and biased variance of ``x`` -> ``(mean, var)``;
+- ``stats``: per-channel mean and biased variance of ``x`` -> ``(mean, var)`` (numbabn returns
+  its ``Stats(count, mean, m2)``, which :func:`check` compares as ``(mean, m2 / count)``);
 - ``train``: training forward, running statistics updated -> ``y``;
 - ``eval``: eval forward with the running statistics -> ``y``;
 - ``backward``: training backward -> ``(grad_input, grad_weight, grad_bias)``;
@@ -26,6 +27,7 @@ compared with kernels, not with the OS zero-filling fresh pages.
 
 import importlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,6 +185,7 @@ def _prepare_numbabn(case, to_device=None, copy=None):
     from .layer import BatchNorm
     from .stats import welford
 
+    on_device = to_device is not None
     put = to_device or (lambda a: a)
     c = case
     x, g, w, b = put(c.x), put(c.g), put(c.weight), put(c.bias)
@@ -190,24 +193,19 @@ def _prepare_numbabn(case, to_device=None, copy=None):
     erm, erv = put(c.running_mean), put(c.running_var)  # eval's, never written
     y, gi = put(np.empty_like(c.x)), put(np.empty_like(c.x))
     _, mean, invstd = F.batch_norm_forward(x, w, b, axis=c.axis)
-
-    def stats():
-        s = welford(x, axis=c.axis)
-        return s.mean, s.var()
-
+    bn = BatchNorm(c.channels, axis=c.axis, dtype=c.dtype, device="cuda" if on_device else "cpu")
+    bn.weight, bn.bias = put(c.weight.copy()), put(c.bias.copy())
     stages = {
         "copy": copy(x, y) if copy else _flat_copy(c.x, y),
-        "stats": stats,
+        "stats": lambda: welford(x, axis=c.axis),  # Stats(count, mean, m2): see check()
         "train": lambda: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS, axis=c.axis, out=y),
         "eval": lambda: F.batch_norm(x, erm, erv, w, b, False, MOMENTUM, EPS, axis=c.axis, out=y),
         "backward": lambda: F.batch_norm_backward(g, x, w, mean, invstd, axis=c.axis, out=gi),
+        "layer": lambda: (bn(x), bn.backward(g))[1],
     }
-    if to_device is None:  # host-only stages: the EMA leaf and the (NumPy) layer class
-        bn = BatchNorm(c.channels, axis=c.axis, dtype=c.dtype)
-        bn.weight[...], bn.bias[...] = c.weight, c.bias
+    if not on_device:  # the EMA step is a host leaf (on the GPU it lives inside the kernels)
         saved_mean = mean.astype(c.dtype)
         stages["ema"] = lambda: ema(erm, saved_mean, MOMENTUM)
-        stages["layer"] = lambda: (bn(x), bn.backward(g))[1]
     return stages
 
 
@@ -429,17 +427,21 @@ register(
 # anything with __cuda_array_interface__, and return the same kind); skipped cleanly where
 # numbabn.cuda cannot be imported or numba sees no GPU.
 def cuda_unavailable():
-    """Why numbabn's CUDA backend cannot run here, or None when it can."""
+    """Why numbabn's CUDA backend cannot run here, or None when it can.
+
+    The CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) counts as unavailable: it runs kernels on
+    the CPU, one block at a time, so its timings mean nothing (the tests still run the
+    ``numbabn-cuda`` stages there, for correctness)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return "the CUDA simulator is on (NUMBA_ENABLE_CUDASIM): nothing to time"
     try:
-        from numba import cuda
-    except ImportError as e:  # numba-cuda missing or broken
-        return f"numba.cuda cannot be imported ({e})"
-    if not cuda.is_available():
-        return "numba sees no CUDA GPU"
-    try:
-        importlib.import_module("numbabn.cuda")
+        backend = importlib.import_module("numbabn.cuda")
     except ImportError as e:
         return f"numbabn.cuda cannot be imported ({e})"
+    try:
+        backend.require()  # numba-cuda, a driver and a device, or why not
+    except RuntimeError as e:
+        return str(e)
     return None
 
 
@@ -509,6 +511,8 @@ def check(backend, stages, case, ref=None):
             continue
         got = fn()
         backend.synchronize()
+        if hasattr(got, "m2"):  # numbabn's Stats(count, mean, m2): compare mean and m2 / count
+            got = (got.mean, backend.to_numpy(got.m2) / got.count)
         got = got if isinstance(got, tuple) else (got,)
         want = ref[stage] if isinstance(ref[stage], tuple) else (ref[stage],)
         for i, (a, r) in enumerate(zip(got, want, strict=True)):

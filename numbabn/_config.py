@@ -47,3 +47,22 @@ FUSE_CHANNELS = 16
 #: Arrays with fewer elements run the serial twin of each kernel: below this a parallel
 #: launch (about 2 us with the OpenMP layer here) costs more than it saves.
 PARALLEL_MIN = 1 << 17
+
+# -- CUDA kernels (numbabn.cuda) ---------------------------------------------------------------
+# Read at launch time, so tests under the CUDA simulator can patch them small (tiny arrays
+# then span many blocks).  They set the launch geometry, which fixes the reduction order:
+# results depend on the shape and these values, never on the device or the run.
+
+#: Threads per block (a power of two, at most ``cuda._plan.MAX_THREADS``).
+CUDA_THREADS = 256
+
+#: Elements of one channel (one column of a channel-minor array) a reduction block covers
+#: before the reduction is split over another block: 64 per thread.  Small enough that a
+#: channel of (32, 256, 56, 56) still spreads over 6 blocks (1,536 blocks in all on a 132-SM
+#: H100), large enough that the per-block tree merge and partials stay a small cost.
+CUDA_BLOCK_ELEMS = 1 << 14
+
+#: Rows of at least this many contiguous elements per (outer, channel) use the
+#: channel-strided kernels (threads along the row); shorter rows use the channel-minor ones
+#: (threads along the channels, so a warp reads 32 consecutive values).
+CUDA_MIN_INNER = 32

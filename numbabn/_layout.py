@@ -9,6 +9,8 @@ import numbers
 
 import numpy as np
 
+from ._device import host_only
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -20,13 +22,23 @@ def as_input(x, name="input"):
         if x is None or isinstance(x, (str, bytes, numbers.Number)):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
         x = _plain(x, name)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    return check_input(x, name, FLOAT_DTYPES)
+
+
+def check_input(x, name, dtypes):
+    """Check the dtype (one of ``dtypes``) and ``ndim >= 2`` of an input array (host or GPU)."""
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_names(dtypes)}, got {x.dtype}")
     if x.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (batch, channels, ...), got {x.ndim} (shape {x.shape})"
         )
     return x
+
+
+def _names(dtypes):
+    names = [str(d) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def norm_axis(axis, ndim, name="axis"):
@@ -42,10 +54,14 @@ def norm_axis(axis, ndim, name="axis"):
 
 def same_kind(x, other, name):
     """Check that ``other`` has the same shape and dtype as ``x``."""
-    other = _ndarray(other, name)
+    return check_like(x, _ndarray(other, name), name)
+
+
+def check_like(x, other, name):
+    """``other`` (host or GPU) has ``x``'s shape and dtype."""
     if other.shape != x.shape:
         raise ValueError(f"{name} must have shape {x.shape} (the input's), got {other.shape}")
-    _dtype(other, x.dtype, name)
+    _dtype(other, (x.dtype,), name)
     return other
 
 
@@ -62,13 +78,17 @@ def per_channel(a, num_channels, dtype, name, *, writable=False, allow_f64=False
     ):
         return a  # fast path: every check below would pass
     a = _ndarray(a, name)
-    if a.shape != (num_channels,):
-        raise ValueError(f"{name} must have shape ({num_channels},) (one value per channel), got {a.shape}")
-    if not (allow_f64 and a.dtype == np.float64):
-        _dtype(a, dtype, name)
+    check_channels(a, num_channels, (dtype, np.float64) if allow_f64 else (dtype,), name)
     if writable and not a.flags.writeable:
         raise ValueError(f"{name} must be writable: it is updated in place")
     return a
+
+
+def check_channels(a, num_channels, dtypes, name):
+    """``a`` (host or GPU) has shape ``(C,)`` and one of ``dtypes`` (the first is the input's)."""
+    if a.shape != (num_channels,):
+        raise ValueError(f"{name} must have shape ({num_channels},) (one value per channel), got {a.shape}")
+    _dtype(a, dtypes, name)
 
 
 def check_momentum(momentum, name="momentum", meaning="the weight of the new batch"):
@@ -173,6 +193,7 @@ def same_view(a, x):
 
 
 def _ndarray(a, name):
+    host_only(name, a)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     return a if type(a) is np.ndarray else _plain(a, name)
@@ -196,6 +217,6 @@ def check_flag(value, name):
     raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
-def _dtype(a, dtype, name):
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (the input's; dtypes are not mixed), got {a.dtype}")
+def _dtype(a, dtypes, name):
+    if a.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_names(dtypes)} (the input's; dtypes are not mixed), got {a.dtype}")

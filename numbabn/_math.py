@@ -1,12 +1,14 @@
-"""Scalar math shared by every backend: Chan's merge, the EMA step, the scale/shift fold.
+"""Math shared by every backend: Chan's merge, the EMA step, the scale/shift fold, and the
+per-channel finalize and backward-coefficient steps built on them.
 
-Plain ``@njit`` functions (numbabn's ``leaf``), so CPU kernels call them and ``numba.cuda``
-kernels can call them too.  Symbols follow DESIGN.md section 2.
+Plain ``@njit`` functions (numbabn's ``leaf`` and ``stage``), so CPU kernels call them and
+``numba.cuda`` kernels compile them for the device.  Symbols follow DESIGN.md section 2.
 """
 
 import math
 
 from ._jit import leaf as _jit
+from ._jit import stage
 
 
 @_jit
@@ -74,3 +76,42 @@ def fold(mean, invstd, weight, bias):
     ``b = bias - mean * a``."""
     a = weight * invstd
     return a, bias - mean * a
+
+
+# -- per-channel steps between a reduction and an elementwise pass ------------------------------
+# Inlined into the CPU drivers and compiled into the CUDA kernels, so both backends finish
+# every channel with the same arithmetic.
+
+
+@stage
+def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save):
+    """Channel ``c``'s statistics ``(n, mean, M2)`` to its fold coefficients ``coef[:, c]``,
+    saved ``(mean, invstd)`` and, when running buffers are given (non-empty), their EMA
+    update: the biased variance normalizes, the unbiased one feeds ``running_var``."""
+    invstd = invstd_of(m2 / n, eps)
+    coef[0, c], coef[1, c] = fold(mean, invstd, weight[c], bias[c])
+    save[0, c] = mean
+    save[1, c] = invstd
+    if running_mean.shape[0] > 0:
+        running_mean[c] = ema(running_mean[c], mean, momentum)
+        running_var[c] = ema(running_var[c], unbiased(m2, n), momentum)
+
+
+@stage
+def grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads):
+    """Channel ``c``'s ``(grad_weight, grad_bias, sum |g|)`` into ``grads[:, c]`` and the
+    coefficients of ``grad_input = g * A + x * B + D`` into ``coef[:, c]``:
+    ``A = weight * invstd``, ``B = -A * invstd * grad_weight / n``,
+    ``D = -A * grad_bias / n - B * mean`` (``B = D = 0`` in eval)."""
+    grad_weight = sgx * invstd[c]
+    grads[0, c] = grad_weight
+    grads[1, c] = sg
+    grads[2, c] = sag
+    a = weight[c] * invstd[c]
+    coef[0, c] = a
+    coef[1, c] = 0.0
+    coef[2, c] = 0.0
+    if training:
+        b = -a * invstd[c] * grad_weight / n
+        coef[1, c] = b
+        coef[2, c] = -a * sg / n - b * mean[c]

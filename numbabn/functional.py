@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from . import _layout
+from . import _device, _layout
 from ._config import PARALLEL_MIN
 from .cpu import backward as _bwd
 from .cpu import forward as _fwd
@@ -27,6 +27,7 @@ def batch_norm(
     *,
     axis=1,
     out=None,
+    stream=None,
 ):
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
@@ -51,6 +52,10 @@ def batch_norm(
         The feature axis; ``-1`` for channels-last.
     out : ndarray, optional
         Receives the result (same shape and dtype as ``input``; may be ``input`` itself).
+    stream : optional
+        GPU inputs only: the CUDA stream to run on (a numba, CuPy or PyTorch stream, or a
+        ``cudaStream_t`` int); default the input library's current stream.  Nothing
+        synchronizes the host.
 
     Returns
     -------
@@ -67,7 +72,7 @@ def batch_norm(
 
     A non-contiguous ``input`` is copied once.
     """
-    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)[0]
+    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream)[0]
 
 
 def batch_norm_forward(
@@ -82,6 +87,7 @@ def batch_norm_forward(
     eps=1e-5,
     axis=1,
     out=None,
+    stream=None,
 ):
     """Batch-norm forward that also returns what :func:`batch_norm_backward` needs.
 
@@ -97,10 +103,12 @@ def batch_norm_forward(
         in training, the running statistics' in eval.  Kept in float64 so the backward pass
         loses nothing when ``|mean| / std`` is large.
     """
-    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)
+    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream)
 
 
-def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1, out=None):
+def batch_norm_backward(
+    grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1, out=None, stream=None
+):
     """Gradients of batch normalization.
 
     Parameters
@@ -139,6 +147,16 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         grad_input  = weight * invstd / n * (n * g - grad_bias - xhat * grad_weight)  # training
         grad_input  = g * weight * invstd                                            # eval
     """
+    return _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)[:3]
+
+
+def _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream=None):
+    """:func:`batch_norm_backward`'s work; returns ``(grad_input, grad_weight, grad_bias,
+    abs_grad_sum)``, the last the per-channel ``sum |grad_output|`` (float64) that the
+    reduction pass accumulates beside ``grad_bias`` (:attr:`BatchNorm.update_threshold`)."""
+    if _device.is_device(input):
+        return _cuda().backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)
+    _host_stream(stream)
     x = _layout.as_input(input, "input")
     g = _layout.same_kind(x, grad_output, "grad_output")
     ax = _layout.norm_axis(axis, x.ndim)
@@ -154,7 +172,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
     if not _layout.same_view(g, x):  # bring g to x's memory order (one copy, of g only)
         g = np.ascontiguousarray(g) if x.flags.c_contiguous else np.asfortranarray(g)
     grad_input = _layout.output_for(x, out, g)
-    grads = np.empty((2, num_channels))
+    grads = np.empty((3, num_channels))
     _bwd.backward(
         x.size >= PARALLEL_MIN,
         _layout.view3(g, ax),
@@ -166,10 +184,29 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         _layout.view3(grad_input, ax),
         grads,
     )
-    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype)
+    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
 
 
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out):
+def _cuda():
+    """numbabn's GPU backend (imported on first use), or a RuntimeError saying why not."""
+    from . import cuda
+
+    cuda.require()
+    from .cuda import api
+
+    return api
+
+
+def _host_stream(stream):
+    if stream is not None:
+        raise ValueError(f"stream applies to GPU arrays only, got stream={stream!r} with a host input")
+
+
+def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream):
+    if _device.is_device(input):
+        args = (weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream)
+        return _cuda().forward(input, *args)
+    _host_stream(stream)
     x = _layout.as_input(input, "input")
     ax = _layout.norm_axis(axis, x.ndim)
     num_channels, dtype = x.shape[ax], x.dtype

@@ -5,7 +5,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _layout
-from .functional import batch_norm_backward, batch_norm_forward
+from ._device import is_device
+from .functional import _backward, _cuda, batch_norm_forward
 
 
 class IncompatibleKeys(NamedTuple):
@@ -35,11 +36,36 @@ class BatchNorm:
     axis : int, default 1
         The feature axis of the inputs; ``-1`` for channels-last.
     dtype : numpy dtype, default float32
-        Dtype of parameters, buffers and accepted inputs.
+        Dtype of parameters, buffers and accepted inputs (float16 too with
+        ``device="cuda"``).
     decay : float in [0, 1], optional
         The same EMA in Keras's and Flax's spelling, ``decay = 1 - momentum`` (their
         "momentum", 0.9 or 0.99).  Give ``momentum`` or ``decay``, not both: numbabn never
         guesses which convention a number follows.
+    device : {"cpu", "cuda"}, default "cpu"
+        Where parameters and buffers live: NumPy arrays, or numba device arrays on the
+        current GPU (inputs are then GPU arrays: numba, CuPy or PyTorch CUDA; outputs are
+        of the input's kind).  :meth:`state_dict` always returns host arrays.
+
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,) or None
+        The affine parameters (None without ``affine``).
+    running_mean, running_var : ndarray of shape (C,) or None
+        The running statistics (None without ``track_running_stats``).
+    num_batches_tracked : int or None
+        Training batches seen since the last :meth:`reset_running_stats`.
+    training : bool
+        Training mode (True) or eval mode; see :meth:`train` and :meth:`eval`.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        Set by :meth:`backward` (with ``affine``); None before the first one.
+    update_threshold : ndarray of float64, shape (C,), or None
+        Set by :meth:`backward`: the per-channel mean of ``|grad_output|`` over the values
+        that share a channel, ``sum(|g|) / n``, accumulated in float64 by the backward
+        reduction pass itself (no extra pass over memory).  The "dynamic update threshold"
+        ``mean(|gradients|)`` some training schemes gate parameter updates on.  None before
+        the first :meth:`backward`; like ``grad_weight`` it describes the last backward
+        pass, so :meth:`reset_parameters` and :meth:`reset_running_stats` leave it alone.
 
     Examples
     --------
@@ -63,6 +89,7 @@ class BatchNorm:
         axis=1,
         dtype=np.float32,
         decay=None,
+        device="cpu",
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int >= 1, got {type(num_features).__name__} {num_features!r}")
@@ -72,8 +99,11 @@ class BatchNorm:
             dtype = np.dtype(dtype)
         except TypeError:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dtype not in _layout.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        dtypes = _layout.FLOAT_DTYPES + ((np.dtype(np.float16),) if device == "cuda" else ())
+        if dtype not in dtypes:
+            raise TypeError(f"dtype must be {' or '.join(map(str, dtypes))} on device {device!r}, got {dtype}")
         if decay is not None:
             if momentum != 0.1:
                 raise ValueError(
@@ -92,14 +122,17 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
+        self.device = device
+        self._to_device = _device_mover(device)
         self.training = True
-        self.weight = np.ones(num_features, dtype) if affine else None
-        self.bias = np.zeros(num_features, dtype) if affine else None
+        self.weight = self._new(1.0) if affine else None
+        self.bias = self._new(0.0) if affine else None
         self.grad_weight = None
         self.grad_bias = None
+        self.update_threshold = None
         if track_running_stats:
-            self.running_mean = np.zeros(num_features, dtype)
-            self.running_var = np.ones(num_features, dtype)
+            self.running_mean = self._new(0.0)
+            self.running_var = self._new(1.0)
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
@@ -124,16 +157,27 @@ class BatchNorm:
     def reset_running_stats(self):
         """Zero ``running_mean`` and ``num_batches_tracked``, set ``running_var`` to one."""
         if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
+            self._assign(self.running_mean, 0.0)
+            self._assign(self.running_var, 1.0)
             self.num_batches_tracked = 0
 
     def reset_parameters(self):
         """Reset the running statistics and set ``weight`` to one and ``bias`` to zero."""
         self.reset_running_stats()
         if self.affine:
-            self.weight[...] = 1
-            self.bias[...] = 0
+            self._assign(self.weight, 1.0)
+            self._assign(self.bias, 0.0)
+
+    def _new(self, fill):
+        return self._to_device(np.full(self.num_features, fill, self.dtype))
+
+    def _assign(self, buffer, value):
+        """Write ``value`` (a scalar or a host array, cast to the layer's dtype) into ``buffer``."""
+        value = np.broadcast_to(np.asarray(value).astype(self.dtype), (self.num_features,))
+        if self.device == "cuda":
+            buffer.copy_to_device(np.ascontiguousarray(value))
+        else:
+            buffer[...] = value
 
     # -- forward / backward -----------------------------------------------------------------
     def forward(self, x):
@@ -172,20 +216,53 @@ class BatchNorm:
     __call__ = forward
 
     def backward(self, grad_output):
-        """Gradient of the last :meth:`forward`'s output: returns ``grad_input`` and sets
-        ``grad_weight`` and ``grad_bias`` (None without affine parameters)."""
+        """Gradient of the last :meth:`forward`'s output.
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss with respect to the last output; its shape and dtype.
+
+        Returns
+        -------
+        ndarray
+            ``grad_input``, as :func:`numbabn.batch_norm_backward`.
+
+        Notes
+        -----
+        Also sets ``grad_weight`` and ``grad_bias`` (None without affine parameters) and
+        ``update_threshold``, the per-channel ``mean(|grad_output|)`` in float64, in training
+        and eval mode alike (NaN for an empty batch).
+        """
         if self._saved is None:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
         x, mean, invstd, use_batch = self._saved
-        grad_input, grad_weight, grad_bias = batch_norm_backward(
-            grad_output, x, self.weight, mean, invstd, training=use_batch, axis=self.axis
+        grad_input, grad_weight, grad_bias, abs_grad_sum = _backward(
+            grad_output, x, self.weight, mean, invstd, use_batch, self.axis, None
         )
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
+        n = _layout.values_per_channel(x.shape, _layout.norm_axis(self.axis, x.ndim))
+        if self.device == "cuda":
+            self.update_threshold = _cuda().scaled(abs_grad_sum, 1.0 / n if n else np.nan)
+        else:
+            self.update_threshold = abs_grad_sum / n if n else np.full(self.num_features, np.nan)
         return grad_input
 
     def _check_input(self, x):
-        x = _layout.as_input(x)
+        if self.device == "cuda":
+            if not is_device(x):
+                raise TypeError(
+                    f"input must be a GPU array for a layer on device 'cuda', got {type(x).__name__}: "
+                    "host and device arrays are not mixed"
+                )
+            meta = _layout.check_input(_as_numba(x), "input", (np.dtype(np.float16), *_layout.FLOAT_DTYPES))
+        else:
+            meta = x = _layout.as_input(x)
+        self._check_meta(meta)
+        return x
+
+    def _check_meta(self, x):
         if x.dtype != self.dtype:
             raise TypeError(f"input must have dtype {self.dtype} (the layer's), got {x.dtype}")
         ax = _layout.norm_axis(self.axis, x.ndim)
@@ -194,7 +271,6 @@ class BatchNorm:
                 f"input must have {self.num_features} channels (num_features) along axis {self.axis}, "
                 f"got {x.shape[ax]} (shape {x.shape})"
             )
-        return x
 
     # -- state dicts ------------------------------------------------------------------------
     def _state_names(self):
@@ -209,14 +285,18 @@ class BatchNorm:
         out = {}
         for name in self._state_names():
             value = getattr(self, name)
-            out[name] = np.array(value, dtype=np.int64) if name == "num_batches_tracked" else value.copy()
+            if name == "num_batches_tracked":
+                out[name] = np.array(value, dtype=np.int64)
+            else:
+                out[name] = value.copy_to_host() if self.device == "cuda" else value.copy()
         return out
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a state dict, PyTorch's rules: with ``strict`` every key must match; shapes
-        must match; real values (bool, int or float) are cast to the layer's dtype.  A missing ``num_batches_tracked``
-        (older PyTorch checkpoints) is allowed.  Values may be NumPy arrays, PyTorch CPU
-        tensors or anything ``numpy.asarray`` takes.  Nothing changes unless all checks pass.
+        must match; real values (bool, int or float) are cast to the layer's dtype.  A missing
+        ``num_batches_tracked`` (older PyTorch checkpoints) is allowed.  Values may be NumPy
+        arrays, PyTorch tensors (CPU or CUDA), GPU arrays or anything ``numpy.asarray`` takes,
+        whatever the layer's device.  Nothing changes unless all checks pass.
 
         Returns
         -------
@@ -240,6 +320,8 @@ class BatchNorm:
             value = state_dict[name]
             if hasattr(value, "detach"):  # a PyTorch tensor or parameter
                 value = value.detach().cpu().numpy()
+            elif is_device(value):
+                value = _as_numba(value).copy_to_host()
             value = np.asarray(value)
             if name == "num_batches_tracked":
                 count = value.reshape(()) if value.size == 1 else None
@@ -256,11 +338,28 @@ class BatchNorm:
             if name == "num_batches_tracked":
                 self.num_batches_tracked = value
             else:
-                getattr(self, name)[...] = value
+                self._assign(getattr(self, name), value)
         return IncompatibleKeys(missing, unexpected)
 
     def __repr__(self):
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name})"
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
+            + (", device='cuda')" if self.device == "cuda" else ")")
         )
+
+
+def _device_mover(device):
+    """How a new host buffer reaches ``device``: as it is, or copied to the GPU."""
+    if device == "cpu":
+        return lambda a: a
+    _cuda()  # a clear error now when there is no GPU backend, not at the first call
+    from numba import cuda
+
+    return cuda.to_device
+
+
+def _as_numba(a):
+    from .cuda._arrays import as_numba
+
+    return as_numba(a)

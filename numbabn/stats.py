@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _layout
 from ._config import PARALLEL_MIN
+from ._device import host_only, is_device
 from ._math import chan_merge
 from .cpu import stats as _cpu
 
@@ -38,7 +39,7 @@ class Stats(NamedTuple):
         return np.sqrt(self.var(ddof))
 
 
-def welford(x, *, axis=1):
+def welford(x, *, axis=1, stream=None):
     """Per-channel count, mean and M2 of ``x`` in one pass (blocked Welford / Chan).
 
     Parameters
@@ -47,11 +48,14 @@ def welford(x, *, axis=1):
         Values; every axis but ``axis`` is reduced.  A non-contiguous ``x`` is copied once.
     axis : int, default 1
         The feature (channel) axis; ``-1`` for channels-last.
+    stream : optional
+        GPU inputs only: the CUDA stream to run on (see :func:`numbabn.batch_norm`).
 
     Returns
     -------
     Stats
-        ``count`` (int, values per channel), ``mean`` and ``m2`` (float64, shape ``(C,)``).
+        ``count`` (int, values per channel), ``mean`` and ``m2`` (float64, shape ``(C,)``;
+        GPU arrays of the input's kind for a GPU input).
 
     Notes
     -----
@@ -61,6 +65,12 @@ def welford(x, *, axis=1):
     ``E[x^2] - E[x]^2``.  An ``x`` with no values gives ``count=0`` and zeros, the identity of
     :func:`merge_stats`.
     """
+    if is_device(x):
+        from .functional import _cuda
+
+        return Stats(*_cuda().welford(x, axis, stream))
+    if stream is not None:
+        raise ValueError(f"stream applies to GPU arrays only, got stream={stream!r} with a host input")
     x = _layout.as_input(x, "x")
     ax = _layout.norm_axis(axis, x.ndim)
     x = _layout.contiguous(x)
@@ -70,13 +80,16 @@ def welford(x, *, axis=1):
     return Stats(count, stats[1], stats[2])
 
 
-def merge_stats(*stats):
+def merge_stats(*stats, stream=None):
     """Merge partial statistics exactly, left to right (Chan et al.).
 
     Parameters
     ----------
     *stats : Stats
-        Statistics of disjoint parts of the same channels (same ``C``).
+        Statistics of disjoint parts of the same channels (same ``C``).  When their arrays
+        are on the GPU (all of them), the merge runs there.
+    stream : optional
+        GPU statistics only: the CUDA stream to run on.
 
     Returns
     -------
@@ -89,18 +102,31 @@ def merge_stats(*stats):
     """
     if not stats:
         raise TypeError("merge_stats needs at least one Stats, got none")
+    if any(is_device(s[1]) for s in stats if isinstance(s, tuple) and len(s) == 3):
+        from .functional import _cuda
+
+        parts = [_as_stats(s, f"stats[{i}]", device=True) for i, s in enumerate(stats)]
+        _same_channels(parts)
+        count, mean, m2 = _cuda().merge(parts, stream)
+        return Stats(count, mean, m2)
+    if stream is not None:
+        raise ValueError(f"stream applies to GPU arrays only, got stream={stream!r} with host statistics")
     parts = [_as_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
-    shape = parts[0].mean.shape
-    for i, s in enumerate(parts):
-        if s.mean.shape != shape:
-            raise ValueError(f"stats[{i}] must have {shape[0]} channels (as stats[0]), got {s.mean.shape[0]}")
+    _same_channels(parts)
     count, mean, m2 = parts[0]
     for s in parts[1:]:
         count, mean, m2 = chan_merge.py_func(count, mean, m2, s.count, s.mean, s.m2)
     return Stats(int(count), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64))
 
 
-def _as_stats(s, name):
+def _same_channels(parts):
+    shape = parts[0].mean.shape
+    for i, s in enumerate(parts):
+        if s.mean.shape != shape:
+            raise ValueError(f"stats[{i}] must have {shape[0]} channels (as stats[0]), got {s.mean.shape[0]}")
+
+
+def _as_stats(s, name, device=False):
     try:
         count, mean, m2 = s
     except (TypeError, ValueError):
@@ -109,6 +135,12 @@ def _as_stats(s, name):
         raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
     if int(count) != count:
         raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
+    if device:
+        if mean.ndim != 1 or m2.shape != mean.shape:
+            raise ValueError(f"{name}.mean and .m2 must both have shape (C,), got {mean.shape} and {m2.shape}")
+        return Stats(int(count), mean, m2)
+    host_only(f"{name}.mean", mean)
+    host_only(f"{name}.m2", m2)
     try:
         mean = np.asarray(mean, dtype=np.float64)
         m2 = np.asarray(m2, dtype=np.float64)

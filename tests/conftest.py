@@ -17,6 +17,11 @@ import zlib
 if "NUMBA_NUM_THREADS" not in os.environ and (os.cpu_count() or 1) < 2:
     os.environ["NUMBA_NUM_THREADS"] = "2"
 
+# The CUDA tests run numbabn's GPU kernels in numba's CUDA simulator unless told otherwise
+# (NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU runs the same tests on the device).  numba
+# reads the switch when it is first imported, so it is set before anything imports numba.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -105,3 +105,11 @@ def backward(g, x, weight, mean, invstd, training, axis=1):
     else:
         grad_input = g * w * invstd
     return grad_input, grad_weight, grad_bias
+
+
+@_ieee
+def update_threshold(g, axis=1):
+    """``BatchNorm.update_threshold``: the per-channel mean of ``|g|``, float64."""
+    g = np.asarray(g, dtype=np.float64)
+    axis = axis % g.ndim
+    return np.abs(g).mean(axis=_reduce_axes(g.ndim, axis))

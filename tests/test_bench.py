@@ -63,6 +63,20 @@ def test_cpu_backends_pass_their_check(name, shape, axis, label):
     _backends.check(backend, stages, case)
 
 
+def test_numbabn_cuda_stages_pass_their_check():
+    """The GPU entry against numbabn's GPU API: in numba's CUDA simulator (as the tests run by
+    default), or on a real GPU with NUMBA_ENABLE_CUDASIM=0."""
+    from numba import cuda
+
+    if not cuda.config.ENABLE_CUDASIM and _backends.cuda_unavailable() is not None:
+        pytest.skip(_backends.cuda_unavailable())
+    backend = _backends.BACKENDS["numbabn-cuda"]
+    case = _backends.Case((4, 8, 16), 1, np.float32)
+    stages = backend.prepare(case)
+    assert set(stages) == set(_backends.STAGES) - {"ema"}
+    _backends.check(backend, stages, case)
+
+
 def test_check_catches_a_wrong_result():
     case = _backends.Case((4, 8, 16), 1, np.float64)
     backend = _backends.BACKENDS["numpy"]

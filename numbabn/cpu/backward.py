@@ -1,5 +1,6 @@
-"""Backward pass: one reduction pass (``sum g``, ``sum g * (x - mean)``) and one elementwise
-pass ``grad_input = g * A + x * B + D`` with per-channel float64 coefficients.
+"""Backward pass: one reduction pass (``sum g``, ``sum g * (x - mean)`` and ``sum |g|``, the
+last for :attr:`numbabn.BatchNorm.update_threshold`) and one elementwise pass
+``grad_input = g * A + x * B + D`` with per-channel float64 coefficients.
 
 Bytes moved: the reduction reads ``g`` and ``x`` (2s per element), the elementwise pass reads
 both again and writes ``grad_input`` (3s): 5s, the streaming floor of DESIGN.md section 5.
@@ -14,15 +15,17 @@ from numba import prange
 
 from .._config import MIN_INNER
 from .._jit import leaf, stage, twin
+from .._math import grad_coef
 from ._plan import expand, fuse_channels, minor_task, plan, rows, sum_inner, widen
 
 
 @leaf
 def strided_grad_rows(g3, x3, c, m, r0, r1):
-    """``(sum g, sum g * (x - m))`` of channel ``c`` over outer rows ``[r0, r1)``."""
+    """``(sum g, sum g * (x - m), sum |g|)`` of channel ``c`` over outer rows ``[r0, r1)``."""
     inner = x3.shape[2]
     sg = 0.0
     sgx = 0.0
+    sag = 0.0
     for o in range(r0, r1):
         gr = g3[o, c]
         xr = x3[o, c]
@@ -30,26 +33,8 @@ def strided_grad_rows(g3, x3, c, m, r0, r1):
             g = np.float64(gr[k])
             sg += g
             sgx += g * (xr[k] - m)
-    return sg, sgx
-
-
-@stage
-def grad_coef(c, sg, sgx, n, weight, mean, invstd, training, coef, grads):
-    """Channel ``c``'s ``(grad_weight, grad_bias)`` into ``grads[:, c]`` and the coefficients
-    of ``grad_input = g * A + x * B + D`` into ``coef[:, c]``:
-    ``A = weight * invstd``, ``B = -A * invstd * grad_weight / n``,
-    ``D = -A * grad_bias / n - B * mean`` (``B = D = 0`` in eval)."""
-    grad_weight = sgx * invstd[c]
-    grads[0, c] = grad_weight
-    grads[1, c] = sg
-    a = weight[c] * invstd[c]
-    coef[0, c] = a
-    coef[1, c] = 0.0
-    coef[2, c] = 0.0
-    if training:
-        b = -a * invstd[c] * grad_weight / n
-        coef[1, c] = b
-        coef[2, c] = -a * sg / n - b * mean[c]
+            sag += abs(g)
+    return sg, sgx, sag
 
 
 @stage
@@ -67,15 +52,16 @@ def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
     n = float(outer * inner)
     coef = np.empty((3, num_channels))
     for c in prange(num_channels):
-        sg, sgx = strided_grad_rows(g3, x3, c, mean[c], 0, outer)
-        grad_coef(c, sg, sgx, n, weight, mean, invstd, training, coef, grads)
+        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], 0, outer)
+        grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads)
         for o in range(outer):
             apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
 
 
 @leaf
-def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx):
-    """``acc_g[j] += sum(g)``, ``acc_gx[j] += sum(g * (x - centre[j]))`` over rows
+def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx, acc_ga):
+    """``acc_g[j] += sum(g)``, ``acc_gx[j] += sum(g * (x - centre[j]))``,
+    ``acc_ga[j] += sum(|g|)`` over rows
     ``[o0, o1)`` of columns ``j0 + j``, four rows per sweep of the accumulators (as
     ``stats.column_sums``)."""
     o = o0
@@ -90,6 +76,7 @@ def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx):
             a3 = np.float64(g3[j])
             acc_g[j] += (a0 + a1) + (a2 + a3)
             acc_gx[j] += (a0 * (x0[j] - m) + a1 * (x1[j] - m)) + (a2 * (x2_[j] - m) + a3 * (x3[j] - m))
+            acc_ga[j] += (abs(a0) + abs(a1)) + (abs(a2) + abs(a3))
         o += 4
     for r in range(o, o1):
         gr = g2[r, j0:]
@@ -98,22 +85,25 @@ def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx):
             g = np.float64(gr[j])
             acc_g[j] += g
             acc_gx[j] += g * (xr[j] - centre[j])
+            acc_ga[j] += abs(g)
 
 
 @stage
 def grad_sums(g3, x3, mean, sums):
-    """``sums[:, c] = (sum g, sum g * (x - mean[c]))`` over every element of channel ``c``."""
+    """``sums[:, c] = (sum g, sum g * (x - mean[c]), sum |g|)`` over every element of
+    channel ``c``."""
     outer, num_channels, inner = x3.shape
     strided, k, ct, ntiles, nsplit = plan(outer, num_channels, inner)
-    part = np.empty((2, nsplit, k * num_channels))
+    part = np.empty((3, nsplit, k * num_channels))
     if strided:
         for task in prange(nsplit * num_channels):
             split = task // num_channels
             c = task % num_channels
             r0, r1 = rows(split, nsplit, outer)
-            sg, sgx = strided_grad_rows(g3, x3, c, mean[c], r0, r1)
+            sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], r0, r1)
             part[0, split, c] = sg
             part[1, split, c] = sgx
+            part[2, split, c] = sag
     else:
         # Super-rows of k rows: k * C pseudo-channels, folded into C below.
         rows_k, chans_k = outer // k, k * num_channels
@@ -126,18 +116,23 @@ def grad_sums(g3, x3, mean, sums):
             width = nc * inner
             acc_g = np.zeros(width)
             acc_gx = np.zeros(width)
-            grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx)
+            acc_ga = np.zeros(width)
+            grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga)
             sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
             sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
+            sum_inner(acc_ga, inner, part[2, split, c0 : c0 + nc])
     for c in prange(num_channels):
         sg = 0.0
         sgx = 0.0
+        sag = 0.0
         for split in range(nsplit):
             for m in range(k):
                 sg += part[0, split, m * num_channels + c]
                 sgx += part[1, split, m * num_channels + c]
+                sag += part[2, split, m * num_channels + c]
         sums[0, c] = sg
         sums[1, c] = sgx
+        sums[2, c] = sag
 
 
 @stage
@@ -165,8 +160,8 @@ def apply_grad(g3, x3, coef, gi3):
 
 @twin
 def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
-    """Driver: ``grads`` (2, C) float64 receives ``(grad_weight, grad_bias)``, ``gi3`` the
-    input gradient.  Training (batch statistics, ``n`` values per channel)::
+    """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
+    ``gi3`` the input gradient.  Training (batch statistics, ``n`` values per channel)::
 
         grad_input = weight * invstd * (g - grad_bias / n - xhat * grad_weight / n)
 
@@ -177,9 +172,9 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
         backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads)
         return
     n = float(outer * inner)
-    sums = np.empty((2, num_channels))
+    sums = np.empty((3, num_channels))
     grad_sums(g3, x3, mean, sums)
     coef = np.empty((3, num_channels))
     for c in range(num_channels):
-        grad_coef(c, sums[0, c], sums[1, c], n, weight, mean, invstd, training, coef, grads)
+        grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
     apply_grad(g3, x3, coef, gi3)

@@ -14,7 +14,7 @@ from numba import prange
 
 from .._config import MIN_INNER
 from .._jit import stage, twin
-from .._math import ema, fold, invstd_of, unbiased
+from .._math import finish_channel, fold, invstd_of
 from ._plan import expand, fuse_channels, widen
 from .stats import channel_stats, strided_rows
 
@@ -46,20 +46,6 @@ def normalize(x3, coef, y3):
         for o in prange(outer // k):
             for j in range(width):
                 y2[o, j] = x2[o, j] * a[j] + b[j]
-
-
-@stage
-def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save):
-    """Channel ``c``'s statistics ``(n, mean, M2)`` to its fold coefficients ``coef[:, c]``,
-    saved ``(mean, invstd)`` and, when running buffers are given (non-empty), their EMA
-    update: the biased variance normalizes, the unbiased one feeds ``running_var``."""
-    invstd = invstd_of(m2 / n, eps)
-    coef[0, c], coef[1, c] = fold(mean, invstd, weight[c], bias[c])
-    save[0, c] = mean
-    save[1, c] = invstd
-    if running_mean.shape[0] > 0:
-        running_mean[c] = ema(running_mean[c], mean, momentum)
-        running_var[c] = ema(running_var[c], unbiased(m2, n), momentum)
 
 
 @stage

@@ -1,0 +1,160 @@
+"""GPU arrays in and out: numba views of CuPy/PyTorch/numba arrays (zero-copy), the
+``(outer, C, inner)`` view of a dense array, allocation, streams, and results handed back
+as the caller's kind of array."""
+
+import math
+
+import numpy as np
+from numba import cuda
+
+SIMULATED = bool(cuda.config.ENABLE_CUDASIM)  # the CUDA simulator: arrays wrap NumPy ones
+
+
+def shared(fn):
+    """A CPU ``@njit`` function (``numbabn._math``, the CPU finalize stages) as kernels call
+    it: compiled for the device by numba-cuda, or its Python function under the simulator
+    (whose kernels pass arrays the CPU dispatcher cannot unbox)."""
+    return fn.py_func if SIMULATED else fn
+
+
+def kind(a):
+    """``"torch"``, ``"cupy"`` or ``"numba"``: which library ``a`` belongs to."""
+    module = type(a).__module__.split(".")[0]
+    return module if module in ("torch", "cupy") else "numba"
+
+
+def as_numba(a):
+    """A numba device array viewing ``a``'s memory (no copy, no host synchronization: the
+    work is ordered on the caller's stream instead)."""
+    if getattr(a, "__cuda_ndarray__", False) is True:
+        return a
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def stream_of(stream, original):
+    """The numba stream to launch on: ``stream`` (a numba stream, a CuPy or PyTorch stream,
+    or a raw ``cudaStream_t`` int), else the current stream of ``original``'s library, else
+    numba's default stream."""
+    if stream is None:
+        k = kind(original)
+        if k == "torch":
+            import torch
+
+            stream = torch.cuda.current_stream(original.device).cuda_stream
+        elif k == "cupy":
+            import cupy
+
+            stream = cupy.cuda.get_current_stream().ptr
+        else:
+            return cuda.default_stream()
+    if type(stream).__module__.startswith("numba"):  # numba's own (or the simulator's)
+        return stream
+    for attr in ("cuda_stream", "ptr"):  # PyTorch, CuPy
+        if hasattr(stream, attr):
+            stream = getattr(stream, attr)
+            break
+    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)):
+        raise TypeError(
+            f"stream must be a numba, CuPy or PyTorch stream or a cudaStream_t int, got {type(stream).__name__}"
+        )
+    return cuda.default_stream() if int(stream) == 0 else cuda.external_stream(int(stream))
+
+
+def dense_order(a):
+    """Axes of ``a`` from the slowest-varying in memory to the fastest, when ``a`` is dense
+    (a permutation of a C-contiguous array: C, F, channels-last, ...); else None."""
+    shape, strides, size = a.shape, a.strides, a.dtype.itemsize
+    order = sorted(range(len(shape)), key=lambda i: (-strides[i], i))
+    expected = size
+    for i in reversed(order):
+        if shape[i] != 1 and strides[i] != expected:
+            return None
+        expected *= shape[i]
+    return order
+
+
+def view3(a, axis, order):
+    """``a`` (dense, axes in memory ``order``) viewed as a C-contiguous ``(outer, C, inner)``
+    array: the axes before ``axis`` in memory order make ``outer``, those after ``inner``."""
+    k = order.index(axis)
+    outer = math.prod(a.shape[i] for i in order[:k])
+    inner = math.prod(a.shape[i] for i in order[k + 1 :])
+    s = a.dtype.itemsize
+    return strided(a, (outer, a.shape[axis], inner), (a.shape[axis] * inner * s, inner * s, s))
+
+
+def strided(a, shape, strides):
+    """A view of dense ``a``'s memory with the given shape and byte strides."""
+    if SIMULATED:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        host = np.lib.stride_tricks.as_strided(a._ary, shape, strides)
+        return FakeCUDAArray(host)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray(shape, strides, a.dtype, stream=a.stream, gpu_data=a.gpu_data)
+
+
+def empty_like(a, order, stream):
+    """A new numba array of ``a``'s shape and dtype with ``a``'s memory ``order``."""
+    strides = [0] * a.ndim
+    step = a.dtype.itemsize
+    for i in reversed(order):
+        strides[i] = step
+        step *= a.shape[i]
+    n = math.prod(a.shape)
+    flat = cuda.device_array(n, dtype=a.dtype, stream=stream)
+    return strided(flat, a.shape, tuple(strides))
+
+
+def empty(shape, dtype, stream):
+    """A new C-contiguous numba array."""
+    return cuda.device_array(shape, dtype=dtype, stream=stream)
+
+
+_SCRATCH = {}
+
+
+def scratch(tag, shape, dtype, stream):
+    """A work array (partials, per-channel coefficients) that later calls on the same stream
+    and device reuse: stream order makes the reuse safe, and it saves a ``cudaMalloc`` per
+    call (and the device-wide synchronization of numba's deferred ``cudaFree``)."""
+    n = math.prod(shape)
+    dtype = np.dtype(dtype)
+    key = (_context_key(), _stream_key(stream), tag, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.shape[0] < n:
+        buf = _SCRATCH[key] = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
+    return buf[:n].reshape(shape)
+
+
+def _stream_key(stream):
+    try:
+        return int(stream)  # the cudaStream_t of a numba stream
+    except TypeError:  # the simulator's streams, which run in order anyway
+        return None
+
+
+def _context_key():
+    if SIMULATED:
+        return None
+    return id(cuda.current_context())
+
+
+def to_device(host, stream):
+    return cuda.to_device(np.ascontiguousarray(host), stream=stream)
+
+
+def like(result, original):
+    """``result`` (a numba array) as the kind of array ``original`` is: CuPy in, CuPy out;
+    PyTorch in, PyTorch out; numba in, numba out.  Zero-copy."""
+    k = kind(original)
+    if k == "cupy":
+        import cupy
+
+        return cupy.asarray(result)
+    if k == "torch":
+        import torch
+
+        return torch.as_tensor(result, device=original.device)
+    return result

@@ -1,0 +1,91 @@
+"""Launch geometry of the CUDA kernels, from the shape alone (twin of ``cpu/_plan.py``).
+
+Two families, as on the CPU.  Channel-strided (rows of ``inner >= CUDA_MIN_INNER``): a block
+reduces one channel over a range of outer rows, its threads laid along the row.
+Channel-minor (short rows: NHWC, ``(N, C)``): the array is ``(outer, W)`` with ``W = C *
+inner`` columns, a block reduces ``bx`` neighbouring columns over a range of rows, so a warp
+reads consecutive values.  Each channel's (column's) reduction is split over ``nsplit``
+blocks, whose partials a second kernel merges in a fixed order: deterministic, and small
+``C`` still fills the GPU.
+"""
+
+import math
+from typing import NamedTuple
+
+from .. import _config
+
+#: Size of the shared-memory reduction buffers: the most threads a block may have.
+MAX_THREADS = 256
+
+#: Rows a thread loads before it merges them (independent loads in flight per thread).
+CHUNK = 4
+
+#: CUDA's limit on ``gridDim.y``.
+MAX_GRID_Y = 65535
+
+
+class Plan(NamedTuple):
+    strided: bool
+    bx: int  # threads along a row (strided) or across columns (minor)
+    by: int  # threads across rows
+    width: int  # reduced columns: C (strided) or C * inner (minor)
+    q: int  # columns per channel: 1 (strided) or inner (minor)
+    rows_per_split: int
+    nsplit: int
+    grid: tuple
+
+
+def _pow2_at_least(n):
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def plan(outer, num_channels, inner):
+    """The reduction geometry of an ``(outer, C, inner)`` array."""
+    threads = _config.CUDA_THREADS
+    if threads > MAX_THREADS or threads & (threads - 1):
+        raise ValueError(f"CUDA_THREADS must be a power of two <= {MAX_THREADS}, got {threads}")
+    strided = inner >= _config.CUDA_MIN_INNER
+    if strided:
+        bx = min(threads, _pow2_at_least(inner))
+        width, q, row_elems = num_channels, 1, inner
+    else:
+        bx = min(threads, 32)
+        width, q, row_elems = num_channels * inner, inner, bx
+    by = threads // bx
+    rows = max(by * CHUNK, -(-_config.CUDA_BLOCK_ELEMS // row_elems))
+    nsplit = max(1, -(-outer // rows))
+    if nsplit > MAX_GRID_Y:
+        nsplit = MAX_GRID_Y
+    rows = max(1, -(-outer // nsplit))
+    nsplit = max(1, -(-outer // rows))
+    cols = num_channels if strided else -(-width // bx)
+    return Plan(strided, bx, by, width, q, rows, nsplit, (cols, nsplit))
+
+
+def elementwise(outer, num_channels, inner):
+    """``(strided, grid, block)`` of the elementwise kernels: threads along rows of ``inner`` values
+    (strided; rows are the ``outer * C`` (outer, channel) pairs) or across the ``C * inner``
+    columns (minor; rows are the ``outer`` rows)."""
+    threads = _config.CUDA_THREADS
+    strided = inner >= _config.CUDA_MIN_INNER
+    if strided:
+        cols, rows = inner, outer * num_channels
+    else:
+        cols, rows = num_channels * inner, outer
+    bx = min(threads, _pow2_at_least(cols))
+    by = threads // bx
+    grid = (-(-cols // bx), max(1, min(MAX_GRID_Y, -(-rows // by))))
+    return strided, grid, (bx, by)
+
+
+def columns(a3):
+    """``(outer, C, inner)`` viewed as ``(outer, C * inner)`` (same memory)."""
+    from ._arrays import strided
+
+    outer, num_channels, inner = a3.shape
+    return strided(a3, (outer, num_channels * inner), (a3.strides[0], a3.strides[2]))
+
+
+def coef_dtype(dtype):
+    """The arithmetic of the elementwise passes: float32 for float16 data, else float64."""
+    return "f4" if dtype.itemsize == 2 else "f8"

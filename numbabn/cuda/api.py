@@ -1,0 +1,198 @@
+"""The public functions on GPU arrays: the same checks and messages as on the host
+(:mod:`numbabn._layout`), a zero-copy ``(outer, C, inner)`` view, the kernels launched on the
+caller's stream (nothing synchronizes the host), results handed back as the caller's kind
+of array.  Reached from :mod:`numbabn.functional` and :mod:`numbabn.stats` when the input
+is a GPU array."""
+
+import functools
+
+import numpy as np
+
+from .. import _layout
+from .._device import is_device
+from . import _arrays
+from . import backward as _bwd
+from . import forward as _fwd
+from . import stats as _stats
+
+#: float16 is a storage format here: statistics accumulate in float64, elementwise passes
+#: compute in float32 (``_plan.coef_dtype``).
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _Call:
+    """One call's input: the caller's array, its numba view, dtype, axis, memory order and
+    stream."""
+
+    def __init__(self, input, axis, stream, name="input"):
+        self.original = input
+        x = _layout.check_input(_arrays.as_numba(input), name, DTYPES)
+        self.axis = _layout.norm_axis(axis, x.ndim)
+        self.num_channels = x.shape[self.axis]
+        self.dtype = x.dtype
+        self.stream = _arrays.stream_of(stream, input)
+        self.order = _arrays.dense_order(x)
+        if self.order is None:
+            raise ValueError(
+                f"{name} must be a dense GPU array (C-, F-contiguous or a permutation such as channels-last), "
+                f"got strides {x.strides} for shape {x.shape}; copy it first (e.g. .copy() or .contiguous())"
+            )
+        self.x = x
+
+    def per_channel(self, a, name, *, save=False):
+        """A per-channel GPU array: shape (C,), the input's dtype (float16 inputs also take
+        float32 ones, as cuDNN does; saved statistics may be float64), contiguous."""
+        if a is None:
+            return None
+        a = _device_array(a, name)
+        dtypes = (self.dtype,) + ((np.dtype(np.float32),) if self.dtype.itemsize == 2 else ())
+        _layout.check_channels(a, self.num_channels, dtypes + ((np.dtype(np.float64),) if save else ()), name)
+        if a.strides[0] != a.dtype.itemsize and self.num_channels > 1:
+            raise ValueError(f"{name} must be contiguous on the GPU, got stride {a.strides[0]} bytes")
+        return a
+
+    def like_input(self, a, name):
+        """``a`` (a GPU array of the input's shape and dtype) with the input's memory order."""
+        a = _layout.check_like(self.x, _device_array(a, name), name)
+        if _arrays.dense_order(a) != self.order:
+            raise ValueError(
+                f"{name} must have the same memory layout as input on the GPU (strides {self.x.strides}), "
+                f"got strides {a.strides}"
+            )
+        return a
+
+    def view(self, a):
+        return _arrays.view3(a, self.axis, self.order)
+
+    def new_like_input(self):
+        return _arrays.empty_like(self.x, self.order, self.stream)
+
+    def constant(self, fill):
+        """The default weight (``fill=1``) or bias (``0``): float32 for float16 inputs."""
+        return _constant(fill, self.num_channels, "f4" if self.dtype.itemsize == 2 else self.dtype.str)
+
+    def hand_back(self, a):
+        return _arrays.like(a, self.original)
+
+
+def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream):
+    """:func:`numbabn.functional.batch_norm_forward` on GPU arrays."""
+    call = _Call(input, axis, stream)
+    training = _layout.check_flag(training, "training")
+    weight, bias = call.per_channel(weight, "weight"), call.per_channel(bias, "bias")
+    running_mean = call.per_channel(running_mean, "running_mean")
+    running_var = call.per_channel(running_var, "running_var")
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
+    if training:
+        momentum = _layout.check_momentum(momentum)
+        _layout.check_training_count(call.x, call.axis)
+    elif running_mean is None:
+        raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
+    eps = _layout.check_eps(eps)
+    dest = call.new_like_input() if out is None else call.like_input(out, "out")
+
+    x3, y3 = call.view(call.x), call.view(dest)
+    w = call.constant(1.0) if weight is None else weight
+    b = call.constant(0.0) if bias is None else bias
+    st = call.stream
+    if training and call.x.size == 0:
+        save = _arrays.to_device(np.full((2, call.num_channels), np.nan), st)
+    elif training:
+        save = _arrays.empty((2, call.num_channels), "f8", st)
+        rm = _arrays.empty(0, call.dtype, st) if running_mean is None else running_mean
+        rv = _arrays.empty(0, call.dtype, st) if running_var is None else running_var
+        _fwd.forward_train(x3, w, b, rm, rv, momentum, eps, y3, save, st)
+    else:
+        save = _arrays.empty((2, call.num_channels), "f8", st)
+        _fwd.forward_eval(x3, w, b, running_mean, running_var, eps, y3, save, st)
+    y = out if out is not None else call.hand_back(dest)
+    return y, call.hand_back(save[0]), call.hand_back(save[1])
+
+
+def backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream):
+    """:func:`numbabn.functional.batch_norm_backward` on GPU arrays; also returns the
+    per-channel ``sum |grad_output|`` (float64)."""
+    call = _Call(input, axis, stream)
+    g = call.like_input(grad_output, "grad_output")
+    training = _layout.check_flag(training, "training")
+    weight = call.per_channel(weight, "weight")
+    save_mean = call.per_channel(save_mean, "save_mean", save=True)
+    save_invstd = call.per_channel(save_invstd, "save_invstd", save=True)
+    if save_mean is None or save_invstd is None:
+        raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
+    dest = call.new_like_input() if out is None else call.like_input(out, "out")
+    st = call.stream
+    mean, invstd = _as_f64(save_mean, st), _as_f64(save_invstd, st)
+    w = call.constant(1.0) if weight is None else weight
+    grads = _arrays.scratch("grads", (3, call.num_channels), "f8", st)
+    _bwd.backward(call.view(g), call.view(call.x), w, mean, invstd, training, call.view(dest), grads, st)
+    gdtype = np.float32 if call.dtype.itemsize == 2 else call.dtype
+    gw, gb = (_cast(grads[i], gdtype, st) for i in (0, 1))
+    gi = out if out is not None else call.hand_back(dest)
+    return gi, call.hand_back(gw), call.hand_back(gb), call.hand_back(_cast(grads[2], np.float64, st))
+
+
+def welford(x, axis, stream):
+    """:func:`numbabn.welford` on a GPU array: ``(count, mean, m2)``, mean and m2 float64
+    arrays of the input's kind."""
+    call = _Call(x, axis, stream, "x")
+    stats = _arrays.empty((3, call.num_channels), "f8", call.stream)
+    if call.x.size == 0:
+        stats = _arrays.to_device(np.zeros((3, call.num_channels)), call.stream)
+    else:
+        _stats.welford(call.view(call.x), stats, call.stream)
+    count = _layout.values_per_channel(call.x.shape, call.axis)
+    return count, call.hand_back(stats[1]), call.hand_back(stats[2])
+
+
+def merge(parts, stream):
+    """Chan's merge of ``(count, mean, m2)`` parts whose arrays are on the GPU, left to right,
+    on the device: ``(count, mean, m2)`` as the first part's kind of array."""
+    first = parts[0][1]
+    st = _arrays.stream_of(stream, first)
+    views = []
+    for i, (count, mean, m2) in enumerate(parts):
+        mean, m2 = _device_array(mean, f"stats[{i}].mean"), _device_array(m2, f"stats[{i}].m2")
+        if mean.dtype != np.float64 or m2.dtype != np.float64:
+            raise TypeError(f"stats[{i}].mean and .m2 must be float64 on the GPU, got {mean.dtype} and {m2.dtype}")
+        views.append((count, mean, m2))
+    count, mean, m2 = views[0][0], _cast(views[0][1], np.float64, st), _cast(views[0][2], np.float64, st)
+    grid, block = _stats.launch_1d(mean.shape[0])
+    for c, mb, m2b in views[1:]:
+        _stats.merge_channels[grid, block, st](float(count), mean, m2, float(c), mb, m2b)
+        count += c
+    return count, _arrays.like(mean, first), _arrays.like(m2, first)
+
+
+def _device_array(a, name):
+    if not is_device(a):
+        raise TypeError(
+            f"{name} is a host array ({type(a).__name__}) but input is a GPU array: "
+            "host and device arrays are not mixed; move one of them"
+        )
+    return _arrays.as_numba(a)
+
+
+def _as_f64(a, stream):
+    return a if a.dtype == np.float64 else _cast(a, np.float64, stream)
+
+
+def _cast(a, dtype, stream, factor=1.0):
+    out = _arrays.empty(a.shape, dtype, stream)
+    grid, block = _stats.launch_1d(a.shape[0])
+    _stats.copy_cast[grid, block, stream](a, factor, out)
+    return out
+
+
+def scaled(a, factor, stream=None):
+    """``a * factor`` (float64) for a GPU array ``a`` of shape (C,), as ``a``'s kind of array."""
+    d = _arrays.as_numba(a)
+    return _arrays.like(_cast(d, np.float64, _arrays.stream_of(stream, a), factor), a)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(fill, num_channels, dtype):
+    # The default weight (ones) and bias (zeros) on the device, made once per (C, dtype).
+    return _arrays.to_device(np.full(num_channels, fill, dtype=dtype), 0)

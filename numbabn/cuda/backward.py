@@ -1,0 +1,145 @@
+"""Backward pass on the GPU (twin of ``cpu/backward.py``): one reduction pass (``sum g``,
+``sum g * (x - mean)``, ``sum |g|``) and one elementwise pass ``grad_input = g * A + x * B +
+D`` with per-channel coefficients.
+
+Bytes moved: the reduction reads ``g`` and ``x`` (2s per element), the elementwise pass
+reads both again and writes ``grad_input`` (3s): 5s.  Sums run in float64 per thread, then
+along the same fixed shared-memory tree as the statistics, then over splits in a fixed
+order: deterministic.  The per-channel coefficients are the CPU's own
+:func:`numbabn._math.grad_coef`, the CPU drivers' own, compiled for the device.
+"""
+
+from numba import cuda, float64
+
+from .._math import grad_coef as _grad_coef
+from . import _arrays
+from ._plan import CHUNK, MAX_THREADS, coef_dtype, columns, elementwise, plan
+from .stats import launch_1d, tree
+
+grad_coef = _arrays.shared(_grad_coef)
+
+
+@cuda.jit(device=True)
+def column_sums(g3, x3, c, i, m, o0, o1, step):
+    """``(sum g, sum g * (x - m), sum |g|)`` over rows ``o0, o0 + step, ... < o1`` of column
+    ``[:, c, i]``, ``CHUNK`` rows per round (independent loads in flight)."""
+    sg, sgx, sa = 0.0, 0.0, 0.0
+    for o in range(o0, o1, step * CHUNK):
+        for u in range(CHUNK):
+            r = o + u * step
+            if r < o1:
+                g = float64(g3[r, c, i])
+                sg += g
+                sgx += g * (float64(x3[r, c, i]) - m)
+                sa += abs(g)
+    return sg, sgx, sa
+
+
+@cuda.jit
+def grad_partials_strided(g3, x3, mean, rows_per_split, part):
+    """Block ``(c, s)``: channel ``c``'s sums over the outer rows of split ``s`` into
+    ``part[:, s, c]`` (threads laid as in ``stats.partials_strided``)."""
+    c = cuda.blockIdx.x
+    s = cuda.blockIdx.y
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    bx, by = cuda.blockDim.x, cuda.blockDim.y
+    o0 = s * rows_per_split
+    o1 = min(x3.shape[0], o0 + rows_per_split)
+    m = mean[c]
+    sg, sgx, sa = 0.0, 0.0, 0.0
+    for i in range(tx, x3.shape[2], bx):
+        a, b, d = column_sums(g3, x3, c, i, m, o0 + ty, o1, by)
+        sg += a
+        sgx += b
+        sa += d
+    sh = cuda.shared.array((3, MAX_THREADS), float64)
+    t = ty * bx + tx
+    sh[0, t], sh[1, t], sh[2, t] = sg, sgx, sa
+    tree(sh, 0, t, 1, bx * by, False)
+    if t == 0:
+        part[0, s, c], part[1, s, c], part[2, s, c] = sh[0, 0], sh[1, 0], sh[2, 0]
+
+
+@cuda.jit
+def grad_partials_minor(g2, x2, mean, q, rows_per_split, part):
+    """Block ``(tile, s)``: column ``j``'s sums (channel ``j // q``; arrays viewed
+    ``(outer, W, 1)``) over the rows of split ``s`` into ``part[:, s, j]``."""
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    bx, by = cuda.blockDim.x, cuda.blockDim.y
+    j = cuda.blockIdx.x * bx + tx
+    s = cuda.blockIdx.y
+    o0 = s * rows_per_split
+    o1 = min(x2.shape[0], o0 + rows_per_split)
+    sg, sgx, sa = 0.0, 0.0, 0.0
+    if j < x2.shape[1]:
+        sg, sgx, sa = column_sums(g2, x2, j, 0, mean[j // q], o0 + ty, o1, by)
+    sh = cuda.shared.array((3, MAX_THREADS), float64)
+    t = ty * bx + tx
+    sh[0, t], sh[1, t], sh[2, t] = sg, sgx, sa
+    tree(sh, tx, ty, bx, by, False)
+    if ty == 0 and j < x2.shape[1]:
+        part[0, s, j], part[1, s, j], part[2, s, j] = sh[0, tx], sh[1, tx], sh[2, tx]
+
+
+@cuda.jit
+def grad_channels(part, q, n, weight, mean, invstd, training, coef, grads):
+    """One thread per channel: its partial sums added split by split, then ``grads[:, c] =
+    (grad_weight, grad_bias, sum |g|)`` and the coefficients ``coef[:, c] = (A, B, D)``."""
+    c = cuda.grid(1)
+    if c < coef.shape[1]:
+        sg, sgx, sa = 0.0, 0.0, 0.0
+        for s in range(part.shape[1]):
+            for j in range(c * q, c * q + q):
+                sg += part[0, s, j]
+                sgx += part[1, s, j]
+                sa += part[2, s, j]
+        grad_coef(c, sg, sgx, sa, n, weight, mean, invstd, training, coef, grads)
+
+
+@cuda.jit
+def apply_rows(g3, x3, coef, gi3):
+    """Strided layouts: ``grad_input = g * A + x * B + D`` (threads as ``normalize_rows``)."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    num_channels = x3.shape[1]
+    if i < x3.shape[2]:
+        step = cuda.gridDim.y * cuda.blockDim.y
+        for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x3.shape[0] * num_channels, step):
+            o = r // num_channels
+            c = r - o * num_channels
+            gi3[o, c, i] = g3[o, c, i] * coef[0, c] + x3[o, c, i] * coef[1, c] + coef[2, c]
+
+
+@cuda.jit
+def apply_columns(g2, x2, q, coef, gi2):
+    """Channel-minor layouts: ``grad_input = g * A + x * B + D`` (threads as
+    ``normalize_columns``)."""
+    j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if j < x2.shape[1]:
+        c = j // q
+        a, b, d = coef[0, c], coef[1, c], coef[2, c]
+        step = cuda.gridDim.y * cuda.blockDim.y
+        for o in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x2.shape[0], step):
+            gi2[o, j] = g2[o, j] * a + x2[o, j] * b + d
+
+
+def backward(g3, x3, weight, mean, invstd, training, gi3, grads, stream):
+    """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
+    ``gi3`` the input gradient (formulas of ``cpu.backward.backward``)."""
+    outer, num_channels, inner = x3.shape
+    p = plan(outer, num_channels, inner)
+    part = _arrays.scratch("part", (3, p.nsplit, p.width), "f8", stream)
+    if p.strided:
+        grad_partials_strided[p.grid, (p.bx, p.by), stream](g3, x3, mean, p.rows_per_split, part)
+    else:
+        g2, x2 = (_arrays.strided(a, (outer, p.width, 1), (a.strides[0], a.strides[2], a.strides[2])) for a in (g3, x3))
+        grad_partials_minor[p.grid, (p.bx, p.by), stream](g2, x2, mean, p.q, p.rows_per_split, part)
+    coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
+    grid, block = launch_1d(num_channels)
+    grad_channels[grid, block, stream](part, p.q, float(outer * inner), weight, mean, invstd, training, coef, grads)
+    if x3.size == 0:
+        return
+    strided, grid, block = elementwise(outer, num_channels, inner)
+    if strided:
+        apply_rows[grid, block, stream](g3, x3, coef, gi3)
+    else:
+        apply_columns[grid, block, stream](columns(g3), columns(x3), inner, coef, columns(gi3))

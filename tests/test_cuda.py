@@ -1,0 +1,307 @@
+"""The GPU backend, specified against the float64 oracle and the CPU kernels.
+
+Runs in numba's CUDA simulator (``conftest.py`` turns it on), on tiny arrays with a small
+block size and block workload patched in, so every array spans many blocks and splits and
+both kernel families run.  The simulator runs kernels as Python, so a separate test compiles
+every kernel to PTX for a real GPU (``_ptx_check.py``).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import assert_bitwise, assert_close, make_input, make_params
+from numba import cuda
+from reference import backward as ref_backward
+from reference import forward as ref_forward
+from reference import stats as ref_stats
+
+import numbabn
+from numbabn import _config
+
+SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+
+#: (shape, axis): strided rows (inner >= 8 with the patched CUDA_MIN_INNER), channel-minor
+#: rows (N, C), channels-last and short inner rows, rows not a multiple of the block width.
+LAYOUTS = [((5, 3, 12), 1), ((37, 5), 1), ((3, 4, 3, 5), -1), ((4, 3, 2, 3), 1), ((2, 3, 20), 1)]
+DTYPES = [np.float32, np.float64]
+F16_TOL = 2e-3
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """8 threads a block (4 x 2 or 8 x 1), 16 elements a block before a split."""
+    monkeypatch.setattr(_config, "CUDA_THREADS", 8)
+    monkeypatch.setattr(_config, "CUDA_BLOCK_ELEMS", 16)
+    monkeypatch.setattr(_config, "CUDA_MIN_INNER", 8)
+
+
+def dev(a):
+    return None if a is None else cuda.to_device(np.ascontiguousarray(a))
+
+
+def host(a):
+    return a.copy_to_host()
+
+
+def _ids(layouts):
+    return [f"{'x'.join(map(str, s))}@{a}" for s, a in layouts]
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_forward_backward_match_oracle_and_cpu(rng, shape, axis, dtype, training, affine):
+    x = make_input(rng, shape, axis, dtype)
+    c = shape[axis]
+    w, b, rm, rv = make_params(rng, c, dtype)
+    if not affine:
+        w = b = None
+    g = rng.standard_normal(shape).astype(dtype)
+    drm, drv = dev(rm), dev(rv)
+    y, mean, invstd = numbabn.batch_norm_forward(
+        dev(x), dev(w), dev(b), drm, drv, training=training, momentum=0.2, axis=axis
+    )
+    assert isinstance(y, type(dev(x))) and y.shape == x.shape and y.dtype == x.dtype
+    ey, emean, einvstd, erm, erv = ref_forward(x, w, b, rm, rv, training, 0.2, 1e-5, axis)
+    assert_close(host(y), ey, dtype)
+    assert_close(host(mean), emean, np.float64, rtol=1e-11)
+    assert_close(host(invstd), einvstd, np.float64, rtol=1e-11)
+    assert_close(host(drm), erm, dtype)
+    assert_close(host(drv), erv, dtype)
+    # The CPU kernels on the same data: same results to rounding of the blocked sums.
+    cpu_rm, cpu_rv = rm.copy(), rv.copy()
+    cy, cmean, cinvstd = numbabn.batch_norm_forward(x, w, b, cpu_rm, cpu_rv, training=training, momentum=0.2, axis=axis)
+    assert_close(host(y), cy, dtype)
+    assert_close(host(drv), cpu_rv, dtype)
+
+    gi, gw, gb = numbabn.batch_norm_backward(dev(g), dev(x), dev(w), mean, invstd, training=training, axis=axis)
+    egi, egw, egb = ref_backward(g, x, w, host(mean), host(invstd), training, axis)
+    assert_close(host(gi), egi, dtype)
+    n = x.size // c
+    assert_close(host(gw), egw, dtype, scale=n)
+    assert_close(host(gb), egb, dtype, scale=n)
+    assert host(gw).dtype == dtype
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS[:3], ids=_ids(LAYOUTS[:3]))
+def test_float16_storage_float32_arithmetic(rng, shape, axis):
+    x = make_input(rng, shape, axis, np.float16)
+    c = shape[axis]
+    w, b, rm, rv = (a.astype(np.float32) for a in make_params(rng, c, np.float32))
+    drm = dev(rm)
+    y, mean, invstd = numbabn.batch_norm_forward(dev(x), dev(w), dev(b), drm, dev(rv), axis=axis)
+    assert y.dtype == np.float16
+    ey, emean, einvstd, erm, _ = ref_forward(x, w, b, rm, rv, True, 0.1, 1e-5, axis)
+    assert_close(host(y), ey, np.float16, rtol=F16_TOL)
+    assert_close(host(mean), emean, np.float64, rtol=1e-11)  # statistics stay float64
+    assert_close(host(drm), erm, np.float32)
+    g = rng.standard_normal(shape).astype(np.float16)
+    gi, gw, gb = numbabn.batch_norm_backward(dev(g), dev(x), dev(w), mean, invstd, axis=axis)
+    egi, egw, egb = ref_backward(g, x, w, host(mean), host(invstd), True, axis)
+    assert gi.dtype == np.float16 and gw.dtype == np.float32
+    assert_close(host(gi), egi, np.float16, rtol=F16_TOL)
+    assert_close(host(gw), egw, np.float32, scale=x.size // c)
+
+
+def test_stability_large_mean_float32(rng):
+    """|mean| / std = 1e4 in float32: exact statistics, where E[x^2] - E[x]^2 is garbage."""
+    x = (1e4 + rng.standard_normal((40, 3, 9))).astype(np.float32)
+    st = numbabn.welford(dev(x))
+    _, _, evar = ref_stats(x)
+    np.testing.assert_allclose(host(st.m2) / st.count, evar, rtol=1e-10)
+    naive = (x * x).mean(axis=(0, 2)) - x.mean(axis=(0, 2)) ** 2  # float32, as a naive kernel would
+    assert np.max(np.abs(naive - evar) / evar) > 0.1
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
+def test_welford_and_merge_on_device(rng, shape, axis):
+    x = make_input(rng, shape, axis, np.float64)
+    whole = numbabn.welford(dev(x), axis=axis)
+    parts = [numbabn.welford(dev(p), axis=axis) for p in np.array_split(x, 3, axis=0)]
+    merged = numbabn.merge_stats(*parts)
+    cpu = numbabn.welford(x, axis=axis)
+    for s in (whole, merged):
+        assert s.count == cpu.count
+        np.testing.assert_allclose(host(s.mean), cpu.mean, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(host(s.m2), cpu.m2, rtol=1e-12)
+
+
+def test_deterministic_run_to_run(rng):
+    x = make_input(rng, (37, 5), 1, np.float32)
+    first = numbabn.batch_norm_forward(dev(x))
+    second = numbabn.batch_norm_forward(dev(x))
+    for a, b in zip(first, second, strict=True):
+        assert_bitwise(host(a), host(b))
+
+
+@pytest.mark.skipif(not SIMULATED, reason="numba device arrays transpose only in 2-D on hardware")
+def test_dense_permutations_are_viewed_not_copied(rng):
+    """A channels-last buffer seen as NCHW (PyTorch's channels_last) and an F-ordered array:
+    both dense, both handled in place, outputs in the input's memory order."""
+    nhwc = make_input(rng, (3, 4, 5, 6), -1, np.float64)
+    d = dev(nhwc).transpose((0, 3, 1, 2))  # NCHW shape, channels-last memory
+    y, _, _ = numbabn.batch_norm_forward(d, axis=1)
+    x = nhwc.transpose(0, 3, 1, 2)
+    assert y.strides == d.strides
+    assert_close(host(y), ref_forward(x, None, None, None, None, True, 0.1, 1e-5, 1)[0], np.float64)
+    f = np.asfortranarray(make_input(rng, (6, 4, 5), 1, np.float64))
+    y, _, _ = numbabn.batch_norm_forward(dev(f))
+    assert_close(host(y), ref_forward(f, None, None, None, None, True, 0.1, 1e-5, 1)[0], np.float64)
+
+
+def test_out_and_in_place(rng):
+    x = make_input(rng, (5, 3, 12), 1, np.float32)
+    expected = ref_forward(x, None, None, None, None, True, 0.1, 1e-5, 1)[0]
+    out = cuda.device_array_like(x)
+    assert numbabn.batch_norm(dev(x), None, None, training=True, out=out) is out
+    assert_close(host(out), expected, np.float32)
+    d = dev(x)
+    numbabn.batch_norm(d, None, None, training=True, out=d)
+    assert_close(host(d), expected, np.float32)
+
+
+def test_batchnorm_layer_on_device_matches_cpu_layer(rng):
+    x = make_input(rng, (6, 3, 10), 1, np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    gpu, cpu = numbabn.BatchNorm(3, device="cuda"), numbabn.BatchNorm(3)
+    state = {k: v for k, v in cpu.state_dict().items()}
+    state["weight"] = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    cpu.load_state_dict(state)
+    gpu.load_state_dict({k: dev(v) if v.ndim else v for k, v in state.items()})  # device values load too
+    for _ in range(2):
+        assert_close(host(gpu(dev(x))), cpu(x), np.float32)
+        assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
+    assert_close(host(gpu.grad_weight), cpu.grad_weight, np.float32, scale=60)
+    assert_close(host(gpu.update_threshold), cpu.update_threshold, np.float64, rtol=1e-12)
+    gs, cs = gpu.state_dict(), cpu.state_dict()
+    assert all(type(v) is np.ndarray for v in gs.values())
+    for k in cs:
+        assert_close(gs[k], cs[k], np.float32, err_msg=k)
+    gpu.eval(), cpu.eval()
+    assert_close(host(gpu(dev(x))), cpu(x), np.float32)
+    gpu.reset_parameters()
+    assert np.all(host(gpu.running_var) == 1) and gpu.num_batches_tracked == 0
+    assert "device='cuda'" in repr(gpu)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def _state(arrays):
+    return [host(a).copy() for a in arrays]
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(weight=np.ones(3, np.float32)), TypeError, "weight is a host array"),
+        (dict(weight=cuda.to_device(np.ones(4, np.float32))), ValueError, r"weight must have shape \(3,\)"),
+        (dict(bias=cuda.to_device(np.ones(3, np.float64))), TypeError, "bias must have dtype float32"),
+        (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
+        (dict(out=cuda.to_device(np.ones((4, 3, 12), np.float32))), ValueError, "out must have shape"),
+        (dict(stream="fast"), TypeError, "stream must be"),
+        (dict(axis=3), ValueError, "axis must be in"),
+    ],
+    ids=["host-weight", "weight-len", "bias-dtype", "momentum", "out-shape", "stream", "axis"],
+)
+def test_bad_input_leaves_buffers_untouched(rng, change, exc, match):
+    x = dev(make_input(rng, (5, 3, 12), 1, np.float32))
+    rm, rv = dev(np.full(3, 0.5, np.float32)), dev(np.full(3, 2.0, np.float32))
+    before = _state([rm, rv])
+    kwargs = dict(weight=None, bias=None, training=True, momentum=0.1, axis=1, out=None)
+    kwargs.update(change)
+    with pytest.raises(exc, match=match):
+        numbabn.batch_norm(x, rm, rv, **kwargs)
+    for a, b in zip(_state([rm, rv]), before, strict=True):
+        assert_bitwise(a, b)
+
+
+def test_mixing_host_and_device_is_a_type_error(rng):
+    x = make_input(rng, (5, 3, 12), 1, np.float32)
+    with pytest.raises(TypeError, match="running_mean is a GPU array .* input is a host array"):
+        numbabn.batch_norm(x, dev(np.zeros(3, np.float32)), np.ones(3, np.float32), training=True)
+    with pytest.raises(TypeError, match="grad_output is a host array"):
+        numbabn.batch_norm_backward(x, dev(x), None, dev(np.zeros(3)), dev(np.ones(3)))
+    with pytest.raises(TypeError, match="input must be a GPU array"):
+        numbabn.BatchNorm(3, device="cuda")(x)
+    with pytest.raises(ValueError, match="stream applies to GPU arrays only"):
+        numbabn.batch_norm_forward(x, stream=0)
+
+
+@pytest.mark.skipif(not SIMULATED, reason="the simulator's arrays allow any strides")
+def test_non_dense_device_input_is_refused(rng):
+    x = dev(make_input(rng, (6, 3, 10), 1, np.float32))[:, :, ::2]
+    with pytest.raises(ValueError, match="input must be a dense GPU array"):
+        numbabn.batch_norm_forward(x)
+
+
+def test_require_says_what_is_missing(monkeypatch):
+    import importlib.util
+
+    from numbabn import cuda as backend
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    missing = r"numba-cuda package, which is not installed: pip install 'numbabn\[cuda\]'"
+    with pytest.raises(RuntimeError, match=missing):
+        backend.require()
+    with pytest.raises(RuntimeError, match="numba-cuda"):
+        numbabn.BatchNorm(3, device="cuda")
+
+
+def test_kernels_compile_for_a_real_gpu():
+    """numba-cuda's typing and NVVM accept every kernel for sm_90, all three dtypes."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    script = os.path.join(os.path.dirname(__file__), "_ptx_check.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # 14 kernels x 3 dtypes, plus float16 data with float32 per-channel arrays (3 kernels).
+    assert run.stdout.count("ok ") == 3 * 14 + 3, run.stdout
+
+
+def test_gpu_check_command_runs(capsys):
+    """``python -m numbabn check --device cuda``'s machinery on tiny shapes (in the simulator
+    its timings mean nothing; its checks still compare with the CPU kernels)."""
+    from numbabn.cuda import check
+
+    lines = []
+    timing, checks = [("NC", (64, 8), 1)], [((40, 4), 1), ((3, 2, 12), 1)]
+    assert check.run(timing, checks, dtypes=("float32",), reps=1, out=lines.append)
+    assert sum(line.startswith("check") and line.endswith("ok") for line in lines) == 6
+    assert any(line.startswith("NC 64x8") for line in lines)
+
+
+def test_gpu_check_without_backend_says_why(monkeypatch, capsys):
+    import importlib.util
+
+    from numbabn.__main__ import main
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert main(["check", "--device", "cuda"]) == 2
+    assert "pip install 'numbabn[cuda]'" in capsys.readouterr().err
+
+
+def test_streams_of_every_library_are_accepted(rng):
+    """A numba stream is used as is; CuPy's (``.ptr``), PyTorch's (``.cuda_stream``) and raw
+    ``cudaStream_t`` ints are wrapped (0, the default stream, here: the simulator has no
+    external streams); anything else is a TypeError naming ``stream``."""
+    from types import SimpleNamespace
+
+    from numbabn.cuda._arrays import stream_of
+
+    s = cuda.stream()
+    assert stream_of(s, None) is s
+    for handle in (0, SimpleNamespace(ptr=0), SimpleNamespace(cuda_stream=0)):
+        assert type(stream_of(handle, None)).__module__.startswith("numba")
+    for bad in ("fast", 1.5, True):
+        with pytest.raises(TypeError, match="stream must be a numba, CuPy or PyTorch stream"):
+            stream_of(bad, None)
+    x = make_input(rng, (5, 3, 12), 1, np.float32)
+    y, _, _ = numbabn.batch_norm_forward(dev(x), stream=s)
+    s.synchronize()
+    assert_close(host(y), ref_forward(x, None, None, None, None, True, 0.1, 1e-5, 1)[0], np.float32)
