@@ -202,7 +202,7 @@ def asv_benchmarks(monkeypatch):
 def test_asv_grid_and_skips(asv_benchmarks):
     b = asv_benchmarks
     assert b.PARAM_NAMES == ["layout", "size", "dtype", "backend"]
-    assert set(b.BACKENDS) == {"numbabn", "numpy", "torch", "cuda"}
+    assert set(b.BACKENDS) == {"numbabn", "numpy", "torch", "cuda", "torch-cuda"}
     for layout in b.LAYOUTS:
         for size, n in b.SIZES.items():
             case = b.make_case(layout, size, "float32")

@@ -38,8 +38,15 @@ LAYOUTS = {
 
 DTYPES = ["float32", "float64"]
 
-#: Backend parameter -> registry entry of ``numbabn._backends``.
-BACKENDS = {"numbabn": "numbabn", "numpy": "numpy", "torch": "torch", "cuda": "numbabn-cuda"}
+#: Backend parameter -> registry entry of ``numbabn._backends``: numbabn and the alternatives
+#: a user would pick instead, on the CPU and (``cuda``: numbabn's CUDA backend) on a GPU.
+BACKENDS = {
+    "numbabn": "numbabn",
+    "numpy": "numpy",
+    "torch": "torch",
+    "cuda": "numbabn-cuda",
+    "torch-cuda": "torch-cuda",
+}
 
 #: The grid every stage runs over, and its names.
 PARAMS = [list(LAYOUTS), ["small"] if QUICK else list(SIZES), DTYPES[:1] if QUICK else DTYPES, list(BACKENDS)]
