@@ -140,7 +140,7 @@ class Progress:
             self.shown = False
 
 
-def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None):
+def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None, ref=None):
     """Check, then time ``stages`` and the streaming copy of every backend on ``case``.
 
     Parameters
@@ -149,6 +149,8 @@ def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None):
     backends : list of Backend
         Those that can run here (:func:`numbabn._backends.available`).
     progress : callable (fraction, label), optional
+    ref : dict, optional
+        :func:`numbabn._backends.reference` of ``case``, when the caller has it already.
 
     Returns
     -------
@@ -157,7 +159,7 @@ def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None):
         are absent).
     """
     progress = progress or (lambda frac, label: None)
-    ref = _backends.reference(case)
+    ref = _backends.reference(case) if ref is None else ref
     fns, sync = {}, {}
     for i, b in enumerate(backends):
         progress(0.3 * i / len(backends), f"{case.shape} {b.name}: checking")
@@ -167,7 +169,6 @@ def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None):
         for s, f in chosen.items():
             fns[b.name, s] = f
             sync[b.name, s] = b.synchronize
-    del ref
     with _torch_threads():
         t = interleaved(fns, budget=budget, sync=sync, progress=lambda f: progress(0.3 + 0.7 * f, f"{case.shape}"))
     seconds = {b.name: {} for b in backends}
@@ -240,12 +241,15 @@ def run(shapes=SHAPES, dtype=np.float32, budget=0.6, names=None, file=None, prog
 def _measure_devices(case, backends, budget, bar, done, prefix=""):
     """:func:`measure` each device's backends apart (each syncs its own queue), then
     :func:`summarize`; ``bar`` shows ``done`` cases plus this one's progress."""
-    seconds = {}
+    seconds, ref = {}, _backends.reference(case)
+
+    def progress(frac, text):
+        bar.update(done + frac, prefix + text)
+
     for device in dict.fromkeys(b.device for b in backends):
         group = [b for b in backends if b.device == device]
-        seconds.update(
-            measure(case, group, budget=budget, progress=lambda frac, text: bar.update(done + frac, prefix + text))
-        )
+        seconds.update(measure(case, group, budget=budget, progress=progress, ref=ref))
+    del ref  # the float64 reference of a large case is larger than the case: free it first
     return summarize(case, seconds, backends)
 
 
