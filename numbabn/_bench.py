@@ -249,7 +249,6 @@ def _measure_devices(case, backends, budget, bar, done, prefix=""):
     for device in dict.fromkeys(b.device for b in backends):
         group = [b for b in backends if b.device == device]
         seconds.update(measure(case, group, budget=budget, progress=progress, ref=ref))
-    del ref  # the float64 reference of a large case is larger than the case: free it first
     return summarize(case, seconds, backends)
 
 
