@@ -216,8 +216,10 @@ def run(shapes=SHAPES, dtype=np.float32, budget=0.6, names=None, file=None, prog
     table per device as rows finish; return the JSON-ready results."""
     file = sys.stdout if file is None else file
     backends = _backends.available(names)
-    skipped = {
-        n: b.unavailable() for n, b in _backends.BACKENDS.items() if (names is None or n in names) and b not in backends
+    skipped = {  # why, on one line (driver errors come with several)
+        n: " ".join(b.unavailable().split())
+        for n, b in _backends.BACKENDS.items()
+        if (names is None or n in names) and b not in backends
     }
     bar = Progress(len(shapes), progress_file)
     print(_legend(dtype), file=file)
