@@ -313,7 +313,10 @@ def _print_medians(medians, by_device, file):
 
 def machine_info():
     """What the numbers were measured on: CPU model, cores, threads and library versions."""
+    from . import __version__
+
     info = {
+        "numbabn": __version__,
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "numba_threads": numba.get_num_threads(),

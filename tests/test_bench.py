@@ -114,7 +114,7 @@ def _bench_json(capsys, *extra):
 def test_bench_json(tiny, capsys):
     doc = _bench_json(capsys)
     assert {"machine", "bytes_per_element", "cases", "median_speedup", "skipped", "self_check"} <= set(doc)
-    for key in ("cpu", "cores", "numba_threads", "numpy", "numba", "torch", "python"):
+    for key in ("numbabn", "cpu", "cores", "numba_threads", "numpy", "numba", "torch", "python"):
         assert key in doc["machine"]
     assert doc["bytes_per_element"]["train"] == 3 and doc["bytes_per_element"]["backward"] == 5
     assert [tuple(c["shape"]) for c in doc["cases"]] == [s for s, _, _ in TINY_SHAPES]
