@@ -13,8 +13,8 @@ from numba import cuda, float64
 
 from .._math import grad_coef as _grad_coef
 from . import _arrays
-from ._plan import CHUNK, MAX_THREADS, coef_dtype, columns, elementwise, plan
-from .stats import launch_1d, tree
+from ._plan import CHUNK, coef_dtype, columns, elementwise, plan
+from .stats import block_partial, launch_1d, rows_of_split
 
 grad_coef = _arrays.shared(_grad_coef)
 
@@ -39,46 +39,27 @@ def column_sums(g3, x3, c, i, m, o0, o1, step):
 def grad_partials_strided(g3, x3, mean, rows_per_split, part):
     """Block ``(c, s)``: channel ``c``'s sums over the outer rows of split ``s`` into
     ``part[:, s, c]`` (threads laid as in ``stats.partials_strided``)."""
-    c = cuda.blockIdx.x
-    s = cuda.blockIdx.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    bx, by = cuda.blockDim.x, cuda.blockDim.y
-    o0 = s * rows_per_split
-    o1 = min(x3.shape[0], o0 + rows_per_split)
-    m = mean[c]
+    c, s = cuda.blockIdx.x, cuda.blockIdx.y
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    o0, o1 = rows_of_split(s, rows_per_split, x3.shape[0])
     sg, sgx, sa = 0.0, 0.0, 0.0
     for i in range(tx, x3.shape[2], bx):
-        a, b, d = column_sums(g3, x3, c, i, m, o0 + ty, o1, by)
-        sg += a
-        sgx += b
-        sa += d
-    sh = cuda.shared.array((3, MAX_THREADS), float64)
-    t = ty * bx + tx
-    sh[0, t], sh[1, t], sh[2, t] = sg, sgx, sa
-    tree(sh, 0, t, 1, bx * by, False)
-    if t == 0:
-        part[0, s, c], part[1, s, c], part[2, s, c] = sh[0, 0], sh[1, 0], sh[2, 0]
+        a, b, d = column_sums(g3, x3, c, i, mean[c], o0 + ty, o1, by)
+        sg, sgx, sa = sg + a, sgx + b, sa + d
+    block_partial(sg, sgx, sa, 0, ty * bx + tx, 1, bx * by, False, part, s, c)
 
 
 @cuda.jit
 def grad_partials_minor(g2, x2, mean, q, rows_per_split, part):
     """Block ``(tile, s)``: column ``j``'s sums (channel ``j // q``; arrays viewed
     ``(outer, W, 1)``) over the rows of split ``s`` into ``part[:, s, j]``."""
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    bx, by = cuda.blockDim.x, cuda.blockDim.y
-    j = cuda.blockIdx.x * bx + tx
-    s = cuda.blockIdx.y
-    o0 = s * rows_per_split
-    o1 = min(x2.shape[0], o0 + rows_per_split)
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    j, s = cuda.blockIdx.x * bx + tx, cuda.blockIdx.y
+    o0, o1 = rows_of_split(s, rows_per_split, x2.shape[0])
     sg, sgx, sa = 0.0, 0.0, 0.0
     if j < x2.shape[1]:
         sg, sgx, sa = column_sums(g2, x2, j, 0, mean[j // q], o0 + ty, o1, by)
-    sh = cuda.shared.array((3, MAX_THREADS), float64)
-    t = ty * bx + tx
-    sh[0, t], sh[1, t], sh[2, t] = sg, sgx, sa
-    tree(sh, tx, ty, bx, by, False)
-    if ty == 0 and j < x2.shape[1]:
-        part[0, s, j], part[1, s, j], part[2, s, j] = sh[0, tx], sh[1, tx], sh[2, tx]
+    block_partial(sg, sgx, sa, tx, ty, bx, by, False, part, s, j if j < x2.shape[1] else -1)
 
 
 @cuda.jit

@@ -6,6 +6,8 @@ same run (so 1.0 is the speed of a copy), and PyTorch CUDA's (cuDNN's) time over
 PyTorch with CUDA is installed.  Sized to finish in well under 3 minutes on one GPU.
 """
 
+import functools
+
 import numpy as np
 
 #: The issue's timing shapes: (label, shape, axis).
@@ -74,12 +76,14 @@ def _err(actual, expected):
     return float(np.max(np.abs(actual - expected)) / scale)
 
 
-def _median_ms(cuda, fn, reps):
+def _median_ms(event, synchronize, fn, reps):
+    """Median milliseconds of ``fn`` between two CUDA events (numba's and PyTorch's events
+    share this interface)."""
     fn()  # compile, warm up
-    cuda.synchronize()
+    synchronize()
     times = []
     for _ in range(reps):
-        start, stop = cuda.event(), cuda.event()
+        start, stop = event(), event()
         start.record()
         fn()
         stop.record()
@@ -98,11 +102,12 @@ def _time_row(cuda, label, shape, axis, dtype, reps):
     w, rm, rv = (cuda.to_device(np.full(c, v, pdt)) for v in (1.0, 0.0, 1.0))
     y, gi = cuda.device_array_like(x), cuda.device_array_like(x)
     _, mean, invstd = numbabn.batch_norm_forward(x, w, None, axis=axis)
+    timed = functools.partial(_median_ms, cuda.event, cuda.synchronize, reps=reps)
     t = {
-        "copy": _median_ms(cuda, lambda: y.copy_to_device(x), reps),
-        "train": _median_ms(cuda, lambda: numbabn.batch_norm(x, rm, rv, w, None, True, axis=axis, out=y), reps),
-        "eval": _median_ms(cuda, lambda: numbabn.batch_norm(x, rm, rv, w, None, False, axis=axis, out=y), reps),
-        "bwd": _median_ms(cuda, lambda: numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=gi), reps),
+        "copy": timed(lambda: y.copy_to_device(x)),
+        "train": timed(lambda: numbabn.batch_norm(x, rm, rv, w, None, True, axis=axis, out=y)),
+        "eval": timed(lambda: numbabn.batch_norm(x, rm, rv, w, None, False, axis=axis, out=y)),
+        "bwd": timed(lambda: numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=gi)),
     }
     row = f"{label + ' ' + 'x'.join(map(str, shape)):<24}{dtype.name:<9}"
     row += "".join(f"{t[k] / t['copy']:>8.2f}" for k in ("train", "eval", "bwd")) + f"{t['copy']:>9.3f}"
@@ -136,19 +141,9 @@ def _torch_times(shape, axis, dtype, reps):
     y = torch.nn.functional.batch_norm(xg, rm, rv, w, b, True)
     gy = torch.randn_like(y)
 
-    def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        return float(np.median(times))
-
+    timed = functools.partial(
+        _median_ms, lambda: torch.cuda.Event(enable_timing=True), torch.cuda.synchronize, reps=reps
+    )
     with torch.no_grad():
         train = timed(lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, True))
         evalt = timed(lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, False))

@@ -39,69 +39,66 @@ def chunk_welford(x3, c, i, o, o1, step, n, mean, m2):
 
 
 @cuda.jit(device=True)
-def tree(sh, lane, row, width, height, welford):
-    """Reduce ``sh[:, r * width + lane]`` over rows ``r < height`` (a power of two) into row
-    0, pairing rows ``r`` and ``r + s`` for ``s = height / 2, ..., 1``: a fixed order.
-    Chan merges when ``welford``, else sums.  Every thread of the block must call it."""
-    s = height // 2
-    while s > 0:
+def rows_of_split(s, rows_per_split, outer):
+    """``[o0, o1)``: the outer rows that split ``s`` reduces."""
+    o0 = s * rows_per_split
+    return o0, min(outer, o0 + rows_per_split)
+
+
+@cuda.jit(device=True)
+def block_partial(v0, v1, v2, lane, row, width, height, welford, part, s, j):
+    """Reduce the triples of a ``width x height`` block's threads ``(lane, row)`` over rows
+    into row 0 (Chan merges when ``welford``, else sums), then ``part[:, s, j]`` receives
+    ``lane``'s result (``j < 0``: none).  Rows ``r`` and ``r + h`` pair up for ``h = height / 2,
+    ..., 1`` (``height`` a power of two): a fixed order.  Every thread must call it."""
+    sh = cuda.shared.array((3, MAX_THREADS), float64)
+    t = row * width + lane
+    sh[0, t], sh[1, t], sh[2, t] = v0, v1, v2
+    h = height // 2
+    while h > 0:
         cuda.syncthreads()
-        if row < s:
-            a = row * width + lane
-            b = a + s * width
+        if row < h:
+            a = t
+            b = t + h * width
             if welford:
                 sh[0, a], sh[1, a], sh[2, a] = chan_merge(sh[0, a], sh[1, a], sh[2, a], sh[0, b], sh[1, b], sh[2, b])
             else:
                 sh[0, a] += sh[0, b]
                 sh[1, a] += sh[1, b]
                 sh[2, a] += sh[2, b]
-        s //= 2
+        h //= 2
     cuda.syncthreads()
+    if row == 0 and j >= 0:
+        part[0, s, j], part[1, s, j], part[2, s, j] = sh[0, lane], sh[1, lane], sh[2, lane]
 
 
 @cuda.jit
 def partials_strided(x3, rows_per_split, part):
-    """Block ``(c, s)``: Welford of channel ``c`` over outer rows of split ``s`` into
+    """Block ``(c, s)``: Welford of channel ``c`` over the outer rows of split ``s`` into
     ``part[:, s, c]``; threads ``(tx, ty)`` take row elements ``tx, tx + bx, ...`` of rows
     ``ty, ty + by, ...``."""
-    c = cuda.blockIdx.x
-    s = cuda.blockIdx.y
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    bx, by = cuda.blockDim.x, cuda.blockDim.y
-    o0 = s * rows_per_split
-    o1 = min(x3.shape[0], o0 + rows_per_split)
+    c, s = cuda.blockIdx.x, cuda.blockIdx.y
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    o0, o1 = rows_of_split(s, rows_per_split, x3.shape[0])
     n, mean, m2 = 0.0, 0.0, 0.0
     for i in range(tx, x3.shape[2], bx):
         for o in range(o0 + ty, o1, by * CHUNK):
             n, mean, m2 = chunk_welford(x3, c, i, o, o1, by, n, mean, m2)
-    sh = cuda.shared.array((3, MAX_THREADS), float64)
-    t = ty * bx + tx
-    sh[0, t], sh[1, t], sh[2, t] = n, mean, m2
-    tree(sh, 0, t, 1, bx * by, True)
-    if t == 0:
-        part[0, s, c], part[1, s, c], part[2, s, c] = sh[0, 0], sh[1, 0], sh[2, 0]
+    block_partial(n, mean, m2, 0, ty * bx + tx, 1, bx * by, True, part, s, c)
 
 
 @cuda.jit
 def partials_minor(x2, rows_per_split, part):
     """Block ``(tile, s)``: Welford of columns ``j = tile * bx + tx`` of ``x2`` (viewed
-    ``(outer, W, 1)``) over rows of split ``s`` into ``part[:, s, j]``."""
-    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-    bx, by = cuda.blockDim.x, cuda.blockDim.y
-    j = cuda.blockIdx.x * bx + tx
-    s = cuda.blockIdx.y
-    o0 = s * rows_per_split
-    o1 = min(x2.shape[0], o0 + rows_per_split)
+    ``(outer, W, 1)``) over the rows of split ``s`` into ``part[:, s, j]``."""
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    j, s = cuda.blockIdx.x * bx + tx, cuda.blockIdx.y
+    o0, o1 = rows_of_split(s, rows_per_split, x2.shape[0])
     n, mean, m2 = 0.0, 0.0, 0.0
     if j < x2.shape[1]:
         for o in range(o0 + ty, o1, by * CHUNK):
             n, mean, m2 = chunk_welford(x2, j, 0, o, o1, by, n, mean, m2)
-    sh = cuda.shared.array((3, MAX_THREADS), float64)
-    t = ty * bx + tx
-    sh[0, t], sh[1, t], sh[2, t] = n, mean, m2
-    tree(sh, tx, ty, bx, by, True)
-    if ty == 0 and j < x2.shape[1]:
-        part[0, s, j], part[1, s, j], part[2, s, j] = sh[0, tx], sh[1, tx], sh[2, tx]
+    block_partial(n, mean, m2, tx, ty, bx, by, True, part, s, j if j < x2.shape[1] else -1)
 
 
 @cuda.jit
