@@ -44,29 +44,6 @@ MINOR_ROWS = 64
 FUSE_BYTES = 1 << 20
 FUSE_CHANNELS = 16
 
-#: Elements an elementwise pass computes into a per-thread L1 buffer before streaming them
-#: to memory with non-temporal stores (``cpu/_stream.py``): 1 KB of float32.
-STREAM_CHUNK = 256
-
-
-def _last_level_cache(default=32 << 20):
-    """Bytes of the last-level (L3) cache as Linux reports it, else ``default``."""
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            text = f.read().strip()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        return int(text.rstrip("KMG")) * scale
-    except (OSError, ValueError):
-        return default
-
-
-#: Outputs of at least this many bytes are written with non-temporal stores, which skip the
-#: read-for-ownership of each destination line: input plus output no longer fit in the
-#: last-level cache, so the output would only evict the input.  Below it, plain stores keep
-#: the output cached for whatever reads it next.  Measured on a 1 GB float32 eval forward
-#: here: 1.8x a copy with plain stores, see the README for the streamed figure.
-STREAM_BYTES = _last_level_cache() // 2
-
 #: Arrays with fewer elements run the serial twin of each kernel: below this a parallel
 #: launch (about 2 us with the OpenMP layer here) costs more than it saves.
 PARALLEL_MIN = 1 << 17

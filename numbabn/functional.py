@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from . import _config, _device, _layout
+from . import _device, _layout
 from ._config import PARALLEL_MIN
 from .cpu import backward as _bwd
 from .cpu import forward as _fwd
@@ -183,7 +183,6 @@ def _backward(grad_output, input, weight, save_mean, save_invstd, training, axis
         training,
         _layout.view3(grad_input, ax),
         grads,
-        _stream_chunk(grad_input),
     )
     return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
 
@@ -240,12 +239,12 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
     elif training:
         rm = _buffer(running_mean, dtype)
         rv = _buffer(running_var, dtype)
-        _fwd.forward_train(parallel, x3, w, b, rm, rv, momentum, eps, y3, save, _stream_chunk(dest))
+        _fwd.forward_train(parallel, x3, w, b, rm, rv, momentum, eps, y3, save)
         _write_back(running_mean, rm)
         _write_back(running_var, rv)
     else:
         mean, var = _buffer(running_mean, dtype), _buffer(running_var, dtype)
-        _fwd.forward_eval(parallel, x3, w, b, mean, var, eps, y3, save, _stream_chunk(dest))
+        _fwd.forward_eval(parallel, x3, w, b, mean, var, eps, y3, save)
     return _deliver(dest, out), save[0], save[1]
 
 
@@ -256,13 +255,6 @@ def _deliver(result, out):
         return result
     out[...] = result
     return out
-
-
-def _stream_chunk(dest):
-    """How the kernels write ``dest``: streamed to memory with non-temporal stores in chunks
-    of ``_config.STREAM_CHUNK`` elements when it has at least ``_config.STREAM_BYTES``,
-    else (0) with plain stores."""
-    return _config.STREAM_CHUNK if dest.nbytes >= _config.STREAM_BYTES else 0
 
 
 def _per_channel_array(a, fill, num_channels, dtype):

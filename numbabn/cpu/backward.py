@@ -17,7 +17,6 @@ from .._config import MIN_INNER
 from .._jit import leaf, stage, twin
 from .._math import grad_coef
 from ._plan import expand, fuse_channels, minor_task, plan, rows, sum_inner, widen
-from ._stream import fence, flush, plan_row
 
 
 @leaf
@@ -39,55 +38,14 @@ def strided_grad_rows(g3, x3, c, m, r0, r1):
 
 
 @stage
-def apply_span(gr, xr, a, b, d, k0, k1, dst, d0):
-    """Elements ``[k0, k1)`` of ``gr * a + xr * b + d`` (scalar coefficients) into
-    ``dst[d0:]``."""
-    g, x = gr[k0:k1], xr[k0:k1]
-    out = dst[d0 : d0 + x.shape[0]]
-    for k in range(x.shape[0]):
-        out[k] = g[k] * a + x[k] * b + d
+def apply_row(gr, xr, a, b, d, out):
+    """``out = gr * a + xr * b + d`` along one contiguous row."""
+    for k in range(xr.shape[0]):
+        out[k] = gr[k] * a + xr[k] * b + d
 
 
 @stage
-def apply_row(gr, xr, a, b, d, out, w):
-    """``out = gr * a + xr * b + d`` along one contiguous row, streamed in chunks of
-    ``w`` when ``w > 0`` (the plan of ``_stream.plan_row``)."""
-    h, m = plan_row(out, w)
-    apply_span(gr, xr, a, b, d, 0, h, out, 0)
-    if m > 0:
-        tmp = np.empty(w, out.dtype)
-        for i in range(m):
-            apply_span(gr, xr, a, b, d, h + i * w, h + (i + 1) * w, tmp, 0)
-            flush(tmp, out, h + i * w)
-        fence()
-    apply_span(gr, xr, a, b, d, h + m * w, out.shape[0], out, h + m * w)
-
-
-@stage
-def apply_columns_span(gr, xr, a, b, d, k0, k1, dst, d0):
-    """As :func:`apply_span` with per-element ``a``, ``b``, ``d`` arrays (channel-minor rows)."""
-    g, x, ak, bk, dk = gr[k0:k1], xr[k0:k1], a[k0:k1], b[k0:k1], d[k0:k1]
-    out = dst[d0 : d0 + x.shape[0]]
-    for k in range(x.shape[0]):
-        out[k] = g[k] * ak[k] + x[k] * bk[k] + dk[k]
-
-
-@stage
-def apply_columns(gr, xr, a, b, d, out, w):
-    """:func:`apply_row` with per-element ``a``, ``b``, ``d``."""
-    h, m = plan_row(out, w)
-    apply_columns_span(gr, xr, a, b, d, 0, h, out, 0)
-    if m > 0:
-        tmp = np.empty(w, out.dtype)
-        for i in range(m):
-            apply_columns_span(gr, xr, a, b, d, h + i * w, h + (i + 1) * w, tmp, 0)
-            flush(tmp, out, h + i * w)
-        fence()
-    apply_columns_span(gr, xr, a, b, d, h + m * w, out.shape[0], out, h + m * w)
-
-
-@stage
-def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads, w):
+def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
     """Channel-strided backward, one task per channel: reduce, then apply while the
     channel's ``g`` and ``x`` slices are still in L2, so DRAM sees them once."""
     outer, num_channels, inner = x3.shape
@@ -97,7 +55,7 @@ def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads, w):
         sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], 0, outer)
         grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads)
         for o in range(outer):
-            apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c], w)
+            apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
 
 
 @leaf
@@ -178,15 +136,14 @@ def grad_sums(g3, x3, mean, sums):
 
 
 @stage
-def apply_grad(g3, x3, coef, gi3, w):
-    """``grad_input[o, c, i] = g * coef[0, c] + x * coef[1, c] + coef[2, c]``; rows streamed
-    in chunks of ``w`` when ``w > 0``."""
+def apply_grad(g3, x3, coef, gi3):
+    """``grad_input[o, c, i] = g * coef[0, c] + x * coef[1, c] + coef[2, c]``."""
     outer, num_channels, inner = x3.shape
     if inner >= MIN_INNER:
         for r in prange(outer * num_channels):
             o = r // num_channels
             c = r % num_channels
-            apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c], w)
+            apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
     else:
         k = widen(outer, num_channels * inner)
         width = k * num_channels * inner
@@ -197,22 +154,22 @@ def apply_grad(g3, x3, coef, gi3, w):
         x2 = x3.reshape(outer // k, width)
         gi2 = gi3.reshape(outer // k, width)
         for o in prange(outer // k):
-            apply_columns(g2[o], x2[o], a, b, d, gi2[o], w)
+            for j in range(width):
+                gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
 
 
 @twin
-def backward(g3, x3, weight, mean, invstd, training, gi3, grads, w):
+def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
     """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
     ``gi3`` the input gradient.  Training (batch statistics, ``n`` values per channel)::
 
         grad_input = weight * invstd * (g - grad_bias / n - xhat * grad_weight / n)
 
-    eval (running statistics): ``grad_input = g * weight * invstd``.  ``w`` is the
-    streaming chunk (``0``: plain stores).
+    eval (running statistics): ``grad_input = g * weight * invstd``.
     """
     outer, num_channels, inner = x3.shape
     if fuse_channels(outer, num_channels, inner, 2 * x3.itemsize):
-        backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads, w)
+        backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads)
         return
     n = float(outer * inner)
     sums = np.empty((3, num_channels))
@@ -220,4 +177,4 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads, w):
     coef = np.empty((3, num_channels))
     for c in range(num_channels):
         grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
-    apply_grad(g3, x3, coef, gi3, w)
+    apply_grad(g3, x3, coef, gi3)

@@ -16,68 +16,26 @@ from .._config import MIN_INNER
 from .._jit import stage, twin
 from .._math import finish_channel, fold, invstd_of
 from ._plan import expand, fuse_channels, widen
-from ._stream import fence, flush, plan_row
 from .stats import channel_stats, strided_rows
 
 
 @stage
-def affine_span(xr, a, b, k0, k1, dst, d0):
-    """Elements ``[k0, k1)`` of ``xr * a + b`` (scalar ``a``, ``b``; float64 arithmetic,
-    rounded on store) into ``dst[d0:]``."""
-    src = xr[k0:k1]
-    out = dst[d0 : d0 + src.shape[0]]
-    for k in range(src.shape[0]):
-        out[k] = src[k] * a + b
+def affine_row(xr, a, b, out):
+    """``out = xr * a + b`` along one contiguous row (float64 arithmetic, rounded on store)."""
+    for k in range(xr.shape[0]):
+        out[k] = xr[k] * a + b
 
 
 @stage
-def affine_row(xr, a, b, out, w):
-    """``out = xr * a + b`` along one contiguous row, streamed in chunks of ``w`` when
-    ``w > 0`` (the plan of ``_stream.plan_row``)."""
-    h, m = plan_row(out, w)
-    affine_span(xr, a, b, 0, h, out, 0)
-    if m > 0:
-        tmp = np.empty(w, out.dtype)
-        for i in range(m):
-            affine_span(xr, a, b, h + i * w, h + (i + 1) * w, tmp, 0)
-            flush(tmp, out, h + i * w)
-        fence()
-    affine_span(xr, a, b, h + m * w, out.shape[0], out, h + m * w)
-
-
-@stage
-def affine_columns_span(xr, a, b, k0, k1, dst, d0):
-    """As :func:`affine_span` with per-element ``a``, ``b`` arrays (channel-minor rows)."""
-    src, ak, bk = xr[k0:k1], a[k0:k1], b[k0:k1]
-    out = dst[d0 : d0 + src.shape[0]]
-    for k in range(src.shape[0]):
-        out[k] = src[k] * ak[k] + bk[k]
-
-
-@stage
-def affine_columns(xr, a, b, out, w):
-    """:func:`affine_row` with per-element ``a``, ``b``."""
-    h, m = plan_row(out, w)
-    affine_columns_span(xr, a, b, 0, h, out, 0)
-    if m > 0:
-        tmp = np.empty(w, out.dtype)
-        for i in range(m):
-            affine_columns_span(xr, a, b, h + i * w, h + (i + 1) * w, tmp, 0)
-            flush(tmp, out, h + i * w)
-        fence()
-    affine_columns_span(xr, a, b, h + m * w, out.shape[0], out, h + m * w)
-
-
-@stage
-def normalize(x3, coef, y3, w):
+def normalize(x3, coef, y3):
     """``y[o, c, i] = x[o, c, i] * coef[0, c] + coef[1, c]`` (elementwise: any schedule
-    gives the same bits); rows streamed in chunks of ``w`` when ``w > 0``."""
+    gives the same bits)."""
     outer, num_channels, inner = x3.shape
     if inner >= MIN_INNER:
         for r in prange(outer * num_channels):
             o = r // num_channels
             c = r % num_channels
-            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c], w)
+            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
     else:
         k = widen(outer, num_channels * inner)
         width = k * num_channels * inner
@@ -86,11 +44,12 @@ def normalize(x3, coef, y3, w):
         x2 = x3.reshape(outer // k, width)
         y2 = y3.reshape(outer // k, width)
         for o in prange(outer // k):
-            affine_columns(x2[o], a, b, y2[o], w)
+            for j in range(width):
+                y2[o, j] = x2[o, j] * a[j] + b[j]
 
 
 @stage
-def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save, w):
+def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
     """Channel-strided training forward, one task per channel: statistics, finalize, then
     normalize the channel's rows while they are still in L2, so DRAM sees ``x`` once."""
     outer, num_channels, inner = x3.shape
@@ -99,17 +58,16 @@ def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, 
         n, mean, m2 = strided_rows(x3, c, 0, outer)
         finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
-            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c], w)
+            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 
 
 @twin
-def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save, w):
+def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
     """Driver, training: batch statistics, EMA update, normalize ``x3`` into ``y3``;
-    ``save`` (2, C) float64 receives the mean and invstd used; ``w`` is the streaming chunk
-    (``0``: plain stores)."""
+    ``save`` (2, C) float64 receives the mean and invstd used."""
     outer, num_channels, inner = x3.shape
     if fuse_channels(outer, num_channels, inner, x3.itemsize):
-        train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save, w)
+        train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save)
         return
     stats = np.empty((3, num_channels))
     channel_stats(x3, stats)
@@ -118,11 +76,11 @@ def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3
         finish_channel(
             c, stats[0, c], stats[1, c], stats[2, c], weight, bias, running_mean, running_var, momentum, eps, coef, save
         )
-    normalize(x3, coef, y3, w)
+    normalize(x3, coef, y3)
 
 
 @twin
-def forward_eval(x3, weight, bias, mean, var, eps, y3, save, w):
+def forward_eval(x3, weight, bias, mean, var, eps, y3, save):
     """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean``, ``var``;
     ``save`` (2, C) float64 receives the mean and invstd used."""
     num_channels = x3.shape[1]
@@ -132,4 +90,4 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save, w):
         coef[0, c], coef[1, c] = fold(np.float64(mean[c]), invstd, weight[c], bias[c])
         save[0, c] = mean[c]
         save[1, c] = invstd
-    normalize(x3, coef, y3, w)
+    normalize(x3, coef, y3)
