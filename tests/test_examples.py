@@ -1,8 +1,8 @@
 """The example scripts run to the end on their small settings (``NUMBABN_DOCS_QUICK=1``),
 each in a fresh process with matplotlib's non-interactive Agg backend.
 
-They need the ``docs`` extra (scikit-learn, matplotlib): skipped without it.  CI runs them
-anyway, in the documentation build, which executes every example."""
+They need scikit-learn and matplotlib, which the ``test`` extra installs (outside it they
+are skipped); the documentation build runs them again, embedding their plots."""
 
 import os
 import subprocess
