@@ -305,3 +305,20 @@ def test_streams_of_every_library_are_accepted(rng):
     y, _, _ = numbabn.batch_norm_forward(dev(x), stream=s)
     s.synchronize()
     assert_close(host(y), ref_forward(x, None, None, None, None, True, 0.1, 1e-5, 1)[0], np.float32)
+
+
+@pytest.mark.skipif(not SIMULATED, reason="numba device arrays transpose only in 2-D on hardware")
+def test_grad_output_must_share_the_input_layout(rng):
+    """Same order (length-1 axes may carry any stride) is accepted; another order is a
+    ValueError naming grad_output."""
+    x = make_input(rng, (1, 3, 4, 5), 1, np.float64)
+    y, mean, invstd = numbabn.batch_norm_forward(dev(x))
+    g = np.ones_like(x)
+    from numbabn.cuda._arrays import strided
+
+    odd = strided(dev(g), g.shape, (8, *g.strides[1:]))  # another stride on the length-1 axis
+    assert odd.strides[0] == 8
+    numbabn.batch_norm_backward(odd, dev(x), None, mean, invstd)
+    f = np.asfortranarray(g)
+    with pytest.raises(ValueError, match="grad_output must have the same memory layout as input"):
+        numbabn.batch_norm_backward(cuda.to_device(f), dev(x), None, mean, invstd)

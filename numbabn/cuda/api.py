@@ -54,7 +54,8 @@ class _Call:
     def like_input(self, a, name):
         """``a`` (a GPU array of the input's shape and dtype) with the input's memory order."""
         a = _layout.check_like(self.x, _device_array(a, name), name)
-        if _arrays.dense_order(a) != self.order:
+        order = _arrays.dense_order(a)
+        if order is None or _significant(order, a.shape) != _significant(self.order, a.shape):
             raise ValueError(
                 f"{name} must have the same memory layout as input on the GPU (strides {self.x.strides}), "
                 f"got strides {a.strides}"
@@ -164,6 +165,12 @@ def merge(parts, stream):
         _stats.merge_channels[grid, block, st](float(count), mean, m2, float(c), mb, m2b)
         count += c
     return count, _arrays.like(mean, first), _arrays.like(m2, first)
+
+
+def _significant(order, shape):
+    # Axes of length 1 may carry any stride (PyTorch gives them arbitrary ones): only the
+    # order of the others is the memory layout.
+    return [i for i in order if shape[i] != 1]
 
 
 def _device_array(a, name):
