@@ -19,6 +19,12 @@ def any_device(*arrays):
     return any(is_device(a) for a in arrays)
 
 
+def host_stream(stream, what="a host input"):
+    """Raise when a ``stream`` is given for work on the host."""
+    if stream is not None:
+        raise ValueError(f"stream applies to GPU arrays only, got stream={stream!r} with {what}")
+
+
 def host_only(name, a):
     """Raise the mixing error when ``a`` is a GPU array in a call whose input is on the host."""
     if is_device(a):

@@ -156,7 +156,7 @@ def _backward(grad_output, input, weight, save_mean, save_invstd, training, axis
     reduction pass accumulates beside ``grad_bias`` (:attr:`BatchNorm.update_threshold`)."""
     if _device.is_device(input):
         return _cuda().backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)
-    _host_stream(stream)
+    _device.host_stream(stream)
     x = _layout.as_input(input, "input")
     g = _layout.same_kind(x, grad_output, "grad_output")
     ax = _layout.norm_axis(axis, x.ndim)
@@ -197,16 +197,11 @@ def _cuda():
     return api
 
 
-def _host_stream(stream):
-    if stream is not None:
-        raise ValueError(f"stream applies to GPU arrays only, got stream={stream!r} with a host input")
-
-
 def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream):
     if _device.is_device(input):
         args = (weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream)
         return _cuda().forward(input, *args)
-    _host_stream(stream)
+    _device.host_stream(stream)
     x = _layout.as_input(input, "input")
     ax = _layout.norm_axis(axis, x.ndim)
     num_channels, dtype = x.shape[ax], x.dtype

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _layout
 from ._config import PARALLEL_MIN
-from ._device import host_only, is_device
+from ._device import host_only, host_stream, is_device
 from ._math import chan_merge
 from .cpu import stats as _cpu
 
@@ -69,8 +69,7 @@ def welford(x, *, axis=1, stream=None):
         from .functional import _cuda
 
         return Stats(*_cuda().welford(x, axis, stream))
-    if stream is not None:
-        raise ValueError(f"stream applies to GPU arrays only, got stream={stream!r} with a host input")
+    host_stream(stream)
     x = _layout.as_input(x, "x")
     ax = _layout.norm_axis(axis, x.ndim)
     x = _layout.contiguous(x)
@@ -109,8 +108,7 @@ def merge_stats(*stats, stream=None):
         _same_channels(parts)
         count, mean, m2 = _cuda().merge(parts, stream)
         return Stats(count, mean, m2)
-    if stream is not None:
-        raise ValueError(f"stream applies to GPU arrays only, got stream={stream!r} with host statistics")
+    host_stream(stream, "host statistics")
     parts = [_as_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
     _same_channels(parts)
     count, mean, m2 = parts[0]

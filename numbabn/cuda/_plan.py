@@ -89,3 +89,9 @@ def columns(a3):
 def coef_dtype(dtype):
     """The arithmetic of the elementwise passes: float32 for float16 data, else float64."""
     return "f4" if dtype.itemsize == 2 else "f8"
+
+
+def launch_1d(n):
+    """``(grid, block)`` for one thread per item of ``n`` (the per-channel kernels)."""
+    block = min(_config.CUDA_THREADS, 128)
+    return max(1, -(-n // block)), block

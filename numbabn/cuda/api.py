@@ -14,6 +14,7 @@ from . import _arrays
 from . import backward as _bwd
 from . import forward as _fwd
 from . import stats as _stats
+from ._plan import launch_1d
 
 #: float16 is a storage format here: statistics accumulate in float64, elementwise passes
 #: compute in float32 (``_plan.coef_dtype``).
@@ -139,10 +140,10 @@ def welford(x, axis, stream):
     """:func:`numbabn.welford` on a GPU array: ``(count, mean, m2)``, mean and m2 float64
     arrays of the input's kind."""
     call = _Call(x, axis, stream, "x")
-    stats = _arrays.empty((3, call.num_channels), "f8", call.stream)
-    if call.x.size == 0:
+    if call.x.size == 0:  # count 0 and zeros: the identity of merge_stats
         stats = _arrays.to_device(np.zeros((3, call.num_channels)), call.stream)
     else:
+        stats = _arrays.empty((3, call.num_channels), "f8", call.stream)
         _stats.welford(call.view(call.x), stats, call.stream)
     count = _layout.values_per_channel(call.x.shape, call.axis)
     return count, call.hand_back(stats[1]), call.hand_back(stats[2])
@@ -160,7 +161,7 @@ def merge(parts, stream):
             raise TypeError(f"stats[{i}].mean and .m2 must be float64 on the GPU, got {mean.dtype} and {m2.dtype}")
         views.append((count, mean, m2))
     count, mean, m2 = views[0][0], _cast(views[0][1], np.float64, st), _cast(views[0][2], np.float64, st)
-    grid, block = _stats.launch_1d(mean.shape[0])
+    grid, block = launch_1d(mean.shape[0])
     for c, mb, m2b in views[1:]:
         _stats.merge_channels[grid, block, st](float(count), mean, m2, float(c), mb, m2b)
         count += c
@@ -188,7 +189,7 @@ def _as_f64(a, stream):
 
 def _cast(a, dtype, stream, factor=1.0):
     out = _arrays.empty(a.shape, dtype, stream)
-    grid, block = _stats.launch_1d(a.shape[0])
+    grid, block = launch_1d(a.shape[0])
     _stats.copy_cast[grid, block, stream](a, factor, out)
     return out
 

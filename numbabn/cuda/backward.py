@@ -13,8 +13,8 @@ from numba import cuda, float64
 
 from .._math import grad_coef as _grad_coef
 from . import _arrays
-from ._plan import CHUNK, coef_dtype, columns, elementwise, plan
-from .stats import block_partial, launch_1d, rows_of_split
+from ._plan import CHUNK, coef_dtype, columns, elementwise, launch_1d, plan
+from .stats import block_partial, rows_of_split
 
 grad_coef = _arrays.shared(_grad_coef)
 

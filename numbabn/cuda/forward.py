@@ -13,8 +13,8 @@ from numba import cuda, float64
 from .._math import finish_channel as _finish_channel
 from .._math import fold, invstd_of
 from . import _arrays
-from ._plan import coef_dtype, columns, elementwise
-from .stats import launch_1d, welford
+from ._plan import coef_dtype, columns, elementwise, launch_1d
+from .stats import welford
 
 finish_channel = _arrays.shared(_finish_channel)
 

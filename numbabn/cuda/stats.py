@@ -12,7 +12,7 @@ moved: ``x`` once.
 from numba import cuda, float64
 
 from .._math import chan_merge
-from ._plan import CHUNK, MAX_THREADS, plan
+from ._plan import CHUNK, MAX_THREADS, launch_1d, plan
 
 
 @cuda.jit(device=True)
@@ -128,14 +128,6 @@ def copy_cast(src, factor, dst):
     c = cuda.grid(1)
     if c < dst.shape[0]:
         dst[c] = src[c] * factor
-
-
-def launch_1d(n):
-    """``(grid, block)`` for one thread per item of ``n``."""
-    from .. import _config
-
-    block = min(_config.CUDA_THREADS, 128)
-    return max(1, -(-n // block)), block
 
 
 def welford(x3, stats, stream):
