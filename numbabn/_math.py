@@ -50,13 +50,13 @@ def chan_merge_channels(na, mean_a, m2_a, nb, mean_b, m2_b):
     return n
 
 
-@_jit
+@stage
 def ema(running, value, momentum):
     """One exponential-moving-average step: ``(1 - momentum) * running + momentum * value``."""
     return (1.0 - momentum) * running + momentum * value
 
 
-@_jit
+@stage
 def unbiased(m2, n):
     """The unbiased variance ``M2 / (n - 1)`` that feeds ``running_var`` (NaN when n < 2)."""
     if n < 2:
@@ -64,13 +64,13 @@ def unbiased(m2, n):
     return m2 / (n - 1)
 
 
-@_jit
+@stage
 def invstd_of(var, eps):
     """``1 / sqrt(var + eps)``."""
     return 1.0 / math.sqrt(var + eps)
 
 
-@_jit
+@stage
 def fold(m, mean, invstd, weight, bias):
     """Fold normalization and affine into ``y = (x - m) * a + b`` and return ``(a, b)``:
     ``m`` is ``mean`` rounded to the dtype of the elementwise pass (the caller stores it

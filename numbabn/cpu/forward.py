@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from .._config import MIN_INNER
-from .._jit import stage, twin
+from .._jit import leaf, stage, twin
 from .._math import finish_channel, fold, invstd_of
 from ._plan import expand, fuse_channels, widen
 from .stats import channel_stats, strided_rows
@@ -58,6 +58,17 @@ def normalize(x3, coef, y3):
                 y2[o, j] = (x2[o, j] - m[j]) * a[j] + b[j]
 
 
+@leaf
+def finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save):
+    """:func:`numbabn._math.finish_channel` of every channel (``stats`` (3, C): count, mean,
+    M2).  A compiled function of its own: inlined into the driver, the same loop took
+    1.3 us instead of 0.7 us for 64 channels."""
+    for c in range(stats.shape[1]):
+        finish_channel(
+            c, stats[0, c], stats[1, c], stats[2, c], weight, bias, running_mean, running_var, momentum, eps, coef, save
+        )
+
+
 @stage
 def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
     """Channel-strided training forward, one task per channel: statistics, finalize, then
@@ -82,10 +93,7 @@ def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3
     stats = np.empty((3, num_channels))
     channel_stats(x3, stats)
     coef = np.empty((3, num_channels), x3.dtype)
-    for c in range(num_channels):
-        finish_channel(
-            c, stats[0, c], stats[1, c], stats[2, c], weight, bias, running_mean, running_var, momentum, eps, coef, save
-        )
+    finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     normalize(x3, coef, y3)
 
 
