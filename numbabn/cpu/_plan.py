@@ -106,7 +106,7 @@ def expand(values, inner, k):
     """Each per-channel value repeated ``inner`` times, the whole tiled ``k`` times: the
     channel-minor kernels' (super-)row layout."""
     width = values.shape[0] * inner
-    out = np.empty(k * width, values.dtype)
+    out = np.empty(k * width)
     repeat_inner(values, inner, out[:width])
     for m in range(1, k):
         out[m * width : (m + 1) * width] = out[:width]

@@ -1,13 +1,17 @@
-"""Forward pass: statistics (training) or running statistics (eval), then ``y = (x - m) * a + b``.
+"""Forward pass: statistics (training) or running statistics (eval), then ``y = x * a + b``.
 
 Bytes moved (s = element size): training reads ``x`` twice and writes ``y`` once (3s per
 element; DESIGN.md section 5) or, when a channel's slice fits in L2 (channel-strided layouts,
 :func:`numbabn.cpu._plan.fuse_channels`), reads it from DRAM once and again from L2 (2s);
 eval reads ``x`` and writes ``y`` (2s).  The EMA update of the running statistics is fused
 into the O(C) finalize step between statistics and normalization.  The elementwise pass
-is ``y = (x - m) * a + b`` in the input's dtype, ``m`` the mean rounded to that dtype and ``b``
-carrying the rounding's remainder (:func:`numbabn._math.fold`), so float32 outputs keep float32
-precision even when ``|mean| / std`` is large, where ``x * a + (bias - mean * a)`` would cancel.
+computes in float64 and rounds once on store, so float32 outputs keep float32 precision even
+when ``|mean| / std`` is large (``b = bias - mean * a`` would cancel in float32).
+
+Float32 arithmetic was built and measured too, as ``y = (x - m) * a + b`` with ``m`` the mean
+rounded to float32 and ``b`` carrying the remainder (as precise): on (256, 1024) float32, in
+L2, the parallel eval went from 27 to 18 us, but beyond L2 it lost, (65536, 512) 9.4 -> 11.6
+ms and 1 GB 79 -> 94 ms, where the float64 form streams at a copy's speed.  Kept float64.
 
 Outputs use plain stores.  Non-temporal stores (1 KB chunks computed into an L1 buffer, then
 streamed out with ``vmovntps``, skipping each line's read-for-ownership) were built and
@@ -29,33 +33,32 @@ from .stats import channel_stats, strided_rows
 
 
 @stage
-def affine_row(xr, m, a, b, out):
-    """``out = (xr - m) * a + b`` along one contiguous row, in the row's dtype."""
+def affine_row(xr, a, b, out):
+    """``out = xr * a + b`` along one contiguous row (float64 arithmetic, rounded on store)."""
     for k in range(xr.shape[0]):
-        out[k] = (xr[k] - m) * a + b
+        out[k] = xr[k] * a + b
 
 
 @stage
 def normalize(x3, coef, y3):
-    """``y[o, c, i] = (x[o, c, i] - coef[0, c]) * coef[1, c] + coef[2, c]`` (elementwise:
-    any schedule gives the same bits)."""
+    """``y[o, c, i] = x[o, c, i] * coef[0, c] + coef[1, c]`` (elementwise: any schedule
+    gives the same bits)."""
     outer, num_channels, inner = x3.shape
     if inner >= MIN_INNER:
         for r in prange(outer * num_channels):
             o = r // num_channels
             c = r % num_channels
-            affine_row(x3[o, c], coef[0, c], coef[1, c], coef[2, c], y3[o, c])
+            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
     else:
         k = widen(outer, num_channels * inner)
         width = k * num_channels * inner
-        m = expand(coef[0], inner, k)
-        a = expand(coef[1], inner, k)
-        b = expand(coef[2], inner, k)
+        a = expand(coef[0], inner, k)
+        b = expand(coef[1], inner, k)
         x2 = x3.reshape(outer // k, width)
         y2 = y3.reshape(outer // k, width)
         for o in prange(outer // k):
             for j in range(width):
-                y2[o, j] = (x2[o, j] - m[j]) * a[j] + b[j]
+                y2[o, j] = x2[o, j] * a[j] + b[j]
 
 
 @leaf
@@ -74,12 +77,12 @@ def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, 
     """Channel-strided training forward, one task per channel: statistics, finalize, then
     normalize the channel's rows while they are still in L2, so DRAM sees ``x`` once."""
     outer, num_channels, inner = x3.shape
-    coef = np.empty((3, num_channels), x3.dtype)
+    coef = np.empty((2, num_channels))
     for c in prange(num_channels):
         n, mean, m2 = strided_rows(x3, c, 0, outer)
         finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
-            affine_row(x3[o, c], coef[0, c], coef[1, c], coef[2, c], y3[o, c])
+            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 
 
 @twin
@@ -92,7 +95,7 @@ def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3
         return
     stats = np.empty((3, num_channels))
     channel_stats(x3, stats)
-    coef = np.empty((3, num_channels), x3.dtype)
+    coef = np.empty((2, num_channels))
     finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     normalize(x3, coef, y3)
 
@@ -102,11 +105,10 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save):
     """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean``, ``var``;
     ``save`` (2, C) float64 receives the mean and invstd used."""
     num_channels = x3.shape[1]
-    coef = np.empty((3, num_channels), x3.dtype)
+    coef = np.empty((2, num_channels))
     for c in range(num_channels):
         invstd = invstd_of(np.float64(var[c]), eps)
-        coef[0, c] = mean[c]
-        coef[1, c], coef[2, c] = fold(coef[0, c], np.float64(mean[c]), invstd, weight[c], bias[c])
+        coef[0, c], coef[1, c] = fold(np.float64(mean[c]), invstd, weight[c], bias[c])
         save[0, c] = mean[c]
         save[1, c] = invstd
     normalize(x3, coef, y3)

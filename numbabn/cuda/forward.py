@@ -1,6 +1,5 @@
 """Forward pass on the GPU (twin of ``cpu/forward.py``): statistics (training) or running
-statistics (eval), the O(C) finalize with the fused EMA update, then
-``y = (x - m) * a + b`` (:func:`numbabn._math.fold`).
+statistics (eval), the O(C) finalize with the fused EMA update, then ``y = x * a + b``.
 
 Bytes moved: training reads ``x`` twice and writes ``y`` (3s per element), eval reads ``x``
 and writes ``y`` (2s).  The finalize step is :func:`numbabn._math.finish_channel`, the CPU
@@ -38,8 +37,7 @@ def eval_channels(weight, bias, mean, var, eps, coef, save):
     if c < coef.shape[1]:
         m = float64(mean[c])
         invstd = invstd_of(float64(var[c]), eps)
-        coef[0, c] = m
-        coef[1, c], coef[2, c] = fold(coef[0, c], m, invstd, weight[c], bias[c])
+        coef[0, c], coef[1, c] = fold(m, invstd, weight[c], bias[c])
         save[0, c] = m
         save[1, c] = invstd
 
@@ -55,7 +53,7 @@ def normalize_rows(x3, coef, y3):
         for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x3.shape[0] * num_channels, step):
             o = r // num_channels
             c = r - o * num_channels
-            y3[o, c, i] = (x3[o, c, i] - coef[0, c]) * coef[1, c] + coef[2, c]
+            y3[o, c, i] = x3[o, c, i] * coef[0, c] + coef[1, c]
 
 
 @cuda.jit
@@ -65,16 +63,15 @@ def normalize_columns(x2, q, coef, y2):
     j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if j < x2.shape[1]:
         c = j // q
-        m = coef[0, c]
-        a = coef[1, c]
-        b = coef[2, c]
+        a = coef[0, c]
+        b = coef[1, c]
         step = cuda.gridDim.y * cuda.blockDim.y
         for o in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x2.shape[0], step):
-            y2[o, j] = (x2[o, j] - m) * a + b
+            y2[o, j] = x2[o, j] * a + b
 
 
 def normalize(x3, coef, y3, stream):
-    """``y3 = (x3 - coef[0, c]) * coef[1, c] + coef[2, c]``, with the kernel of ``x3``'s layout family."""
+    """``y3 = x3 * coef[0, c] + coef[1, c]``, with the kernel of ``x3``'s layout family."""
     if x3.size == 0:
         return
     strided, grid, block = elementwise(*x3.shape)
@@ -90,7 +87,7 @@ def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3
     num_channels = x3.shape[1]
     stats = _arrays.scratch("stats", (3, num_channels), "f8", stream)
     welford(x3, stats, stream)
-    coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
+    coef = _arrays.scratch("coef", (2, num_channels), coef_dtype(x3.dtype), stream)
     grid, block = launch_1d(num_channels)
     finish_channels[grid, block, stream](stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     normalize(x3, coef, y3, stream)
@@ -100,7 +97,7 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save, stream):
     """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean`` and
     ``var``; ``save`` (2, C) float64 receives the mean and invstd used."""
     num_channels = x3.shape[1]
-    coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
+    coef = _arrays.scratch("coef", (2, num_channels), coef_dtype(x3.dtype), stream)
     grid, block = launch_1d(num_channels)
     eval_channels[grid, block, stream](weight, bias, mean, var, eps, coef, save)
     normalize(x3, coef, y3, stream)
