@@ -127,7 +127,8 @@ def values_per_channel(shape, axis):
 def check_training_count(x, axis):
     """Training needs more than one value per channel (the unbiased variance divides by
     n - 1); an empty batch (n = 0) is allowed, as in PyTorch, and changes nothing."""
-    n = values_per_channel(x.shape, axis)
+    num_channels = x.shape[axis]
+    n = x.size // num_channels if num_channels else values_per_channel(x.shape, axis)
     if n == 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape "
@@ -135,24 +136,30 @@ def check_training_count(x, axis):
         )
 
 
-def view3(a, axis):
+def view3(a, axis, *others):
     """View ``a`` as a C-contiguous ``(outer, C, inner)`` array without copying.
 
     A C-contiguous array is reshaped directly; an F-contiguous one is reshaped through its
     transpose (the feature axis becomes ``ndim - 1 - axis``).  Returns ``None`` when neither
-    applies, so the caller copies.
+    applies, so the caller copies.  With ``others`` (arrays of ``a``'s shape and memory
+    order), returns the tuple of all the views: the shape is worked out once.
     """
     if a.flags.c_contiguous:
         shape = a.shape
+        flip = False
     elif a.flags.f_contiguous:
-        a = a.T
-        shape = a.shape
+        shape = a.shape[::-1]
         axis = a.ndim - 1 - axis
+        flip = True
     else:
         return None
-    outer = math.prod(shape[:axis])
-    inner = math.prod(shape[axis + 1 :])
-    return a.reshape(outer, shape[axis], inner)
+    outer = shape[0] if axis == 1 else math.prod(shape[:axis])
+    shape3 = (outer, shape[axis], math.prod(shape[axis + 1 :]))
+    if flip:
+        a, others = a.T, [b.T for b in others]
+    if not others:
+        return a.reshape(shape3)
+    return (a.reshape(shape3), *[b.reshape(shape3) for b in others])
 
 
 def contiguous(x):
@@ -212,6 +219,8 @@ def _plain(a, name):
 
 def check_flag(value, name):
     """A boolean argument: ``bool``, ``numpy.bool_`` or the ints 0 and 1."""
+    if value is True or value is False:
+        return value
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")

@@ -173,15 +173,16 @@ def _backward(grad_output, input, weight, save_mean, save_invstd, training, axis
         g = np.ascontiguousarray(g) if x.flags.c_contiguous else np.asfortranarray(g)
     grad_input = _layout.output_for(x, out, g)
     grads = np.empty((3, num_channels))
+    g3, x3, gi3 = _layout.view3(g, ax, x, grad_input)
     _bwd.backward(
         x.size >= PARALLEL_MIN,
-        _layout.view3(g, ax),
-        _layout.view3(x, ax),
+        g3,
+        x3,
         _per_channel_array(weight, 1.0, num_channels, dtype),
         np.ascontiguousarray(save_mean, dtype=np.float64),
         np.ascontiguousarray(save_invstd, dtype=np.float64),
         training,
-        _layout.view3(grad_input, ax),
+        gi3,
         grads,
     )
     return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
@@ -223,7 +224,7 @@ def _forward(input, weight, bias, running_mean, running_var, training, momentum,
 
     x = _layout.contiguous(x)
     dest = _layout.output_for(x, out)
-    x3, y3 = _layout.view3(x, ax), _layout.view3(dest, ax)
+    x3, y3 = _layout.view3(x, ax, dest)
     w = _per_channel_array(weight, 1.0, num_channels, dtype)
     b = _per_channel_array(bias, 0.0, num_channels, dtype)
     save = np.empty((2, num_channels))
