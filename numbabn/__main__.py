@@ -3,7 +3,8 @@
 ``python -m numbabn bench`` is the main job: the self-check, then numbabn side by side with
 plain NumPy, PyTorch (CPU and CUDA, when installed and present) and a streaming copy, in time,
 GB/s, ratio to the copy and speed-up; then the cold start.  ``--quick`` (three small shapes)
-for CI, ``--json`` for machines, ``--plot FILE.png`` for a bandwidth-vs-size chart.
+for CI, ``--json`` for machines, ``--plot FILE.png`` for a bandwidth-vs-size chart,
+``--floor`` for the figures the benchmarks issue sets targets for (``numbabn._floor``).
 """
 
 import argparse
@@ -105,6 +106,18 @@ def main(argv=None):
         "--plot", metavar="FILE.png", help="bench: also sweep sizes and chart GB/s vs size (needs matplotlib)"
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="bench: how close the CPU kernels come to the bandwidth floor, against the benchmarks issue's targets",
+    )
+    parser.add_argument(
+        "--floor-mb",
+        type=float,
+        default=1024,
+        metavar="MB",
+        help="bench --floor: array size beyond the cache (default 1024; 4 arrays of it are allocated)",
+    )
+    parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
@@ -113,6 +126,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "check" and args.device == "cuda":
         return _check_cuda()
+    if args.floor and (args.command == "check" or args.quick or args.plot):
+        parser.error("--floor goes with bench alone: python -m numbabn bench --floor [--floor-mb MB]")
     if args.plot and args.command == "check":
         parser.error("--plot goes with bench: python -m numbabn bench --plot FILE.png")
     if args.plot:  # fail before minutes of timing, not after
@@ -147,6 +162,14 @@ def _run(args):
         print("self-check FAILED")
         return None
     print(f"self-check passed in {time.perf_counter() - t:.1f} s (includes compiling on first use)")
+    if args.floor:
+        from numbabn import _floor
+
+        print()
+        budget = args.budget if args.budget is not None else 3.0
+        # The issue measures peak memory on 512 MB; smaller runs (tests) shrink it too.
+        peak_mb = min(512, args.floor_mb)
+        return {"floor": _floor.run(mb=args.floor_mb, budget=budget, peak_mb=peak_mb), "self_check": True}
     full = args.command == "bench" and not args.quick
     shapes = _bench.SHAPES if full else _bench.QUICK_SHAPES
     budget = args.budget if args.budget is not None else (0.6 if full else 0.15)

@@ -233,3 +233,52 @@ def test_asv_setup_fails_on_a_wrong_result(asv_benchmarks, monkeypatch):
     monkeypatch.setitem(_backends.TOL, np.dtype(np.float32), -1.0)  # nothing passes
     with pytest.raises(AssertionError, match="numbabn eval"):
         asv_benchmarks.batchnorm.EvalForward().setup("NCHW", "small", "float32", "numbabn")
+
+
+# -- bench --floor ---------------------------------------------------------------------------------
+
+
+def test_floor_json(capsys):
+    from numbabn import _floor
+
+    assert cli.main(["bench", "--floor", "--floor-mb", "2", "--budget", "0.05", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "targets met:" in err and "MB beyond input + output" in err
+    doc = json.loads(out)["floor"]
+    assert set(doc["beyond_cache"]) == {label for label, _, _ in _floor.LAYOUTS}
+    for r in doc["beyond_cache"].values():
+        assert set(r["seconds"]) == {"copy", "triad", "train", "eval", "backward"}
+        assert all(_positive(r[k]) for k in ("train_over_copy", "eval_over_copy", "backward_over_triad"))
+    assert set(doc["small"]) == {str(s) for s in _floor.SMALL}
+    for r in doc["small"].values():
+        assert _positive(r["seconds"]["numbabn"])
+        assert ("small_speedup" in r) == (_backends._torch() is not None)
+    assert list(doc["per_element"]["seconds_per_element"]) == ["1", "2"]  # JSON keys: MB
+    assert doc["per_element"]["per_element_spread"] >= 1.0
+    peak = doc["peak_memory"]
+    assert peak["input_bytes"] == peak["output_bytes"] >= 2e6 and peak["extra_bytes"] >= 0
+    # 13 figures with torch (3 layouts x 3, two small calls, spread, peak), 11 without
+    assert len(doc["met"]) == 11 + 2 * (_backends._torch() is not None)
+    assert all(isinstance(v, bool) for v in doc["met"].values())
+
+
+def test_floor_goes_with_bench_alone(capsys):
+    for argv in (["check", "--floor"], ["bench", "--floor", "--quick"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        assert "--floor goes with bench alone" in capsys.readouterr().err
+
+
+def test_floor_triad_and_targets():
+    from numbabn import _floor
+
+    a, b = np.arange(1000.0), np.linspace(-1.0, 1.0, 1000)
+    out = np.empty_like(a)
+    _floor._triad(a, b, 0.5, out)
+    np.testing.assert_array_equal(out, a + 0.5 * b)
+    # a figure equal to its bound meets it; beyond it (either way) misses
+    assert _floor._ok("train_over_copy", 1.25) and not _floor._ok("train_over_copy", 1.26)
+    assert _floor._ok("small_speedup", 2.0) and not _floor._ok("small_speedup", 1.99)
+    res = {"small": {"(1, 2)": {"seconds": {}, "small_speedup": 2.5}}, "per_element": {"per_element_spread": 1.4}}
+    assert _floor.met(res) == {"(1, 2) small_speedup": True, "per_element_spread": False}
