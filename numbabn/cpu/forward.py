@@ -13,6 +13,12 @@ rounded to float32 and ``b`` carrying the remainder (as precise): on (256, 1024)
 L2, the parallel eval went from 27 to 18 us, but beyond L2 it lost, (65536, 512) 9.4 -> 11.6
 ms and 1 GB 79 -> 94 ms, where the float64 form streams at a copy's speed.  Kept float64.
 
+Channel-minor layouts have no fused path: one was built for small arrays (tiles of channels,
+statistics then normalize while in L2, one parallel region) and measured slower on
+(256, 1024) float32, 86 us against 60 us, because two threads writing column halves of the
+same rows normalized slower than one thread (47 us against 40 us); rows split between the
+threads (``normalize``) is the fast way.
+
 Outputs use plain stores.  Non-temporal stores (1 KB chunks computed into an L1 buffer, then
 streamed out with ``vmovntps``, skipping each line's read-for-ownership) were built and
 measured on 1 GB float32 arrays here, beyond the 480 MB L3: the NCHW eval forward went from
