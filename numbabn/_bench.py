@@ -350,6 +350,11 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def shape_of_mb(per_row, mb, itemsize):
+    """``(n, *per_row)`` with ``n >= 2`` rows, about ``mb`` MB of ``itemsize``-byte values."""
+    return (max(2, round(mb * 1e6 / (itemsize * math.prod(per_row)))), *per_row)
+
+
 def sweep(sizes_mb=SWEEP_MB, dtype=np.float32, budget=0.3, progress_file=None):
     """GB/s of every stage and backend over NCHW arrays of about ``sizes_mb`` MB (64
     channels of 32 x 32); returns one :func:`summarize` row per size."""
@@ -357,8 +362,8 @@ def sweep(sizes_mb=SWEEP_MB, dtype=np.float32, budget=0.3, progress_file=None):
     bar = Progress(len(sizes_mb), progress_file)
     rows = []
     for i, mb in enumerate(sizes_mb):
-        n = max(2, round(mb * 1e6 / (np.dtype(dtype).itemsize * 64 * 32 * 32)))
-        rows.append(_measure_devices(Case((n, 64, 32, 32), 1, dtype, "NCHW"), backends, budget, bar, i, "sweep "))
+        shape = shape_of_mb((64, 32, 32), mb, np.dtype(dtype).itemsize)
+        rows.append(_measure_devices(Case(shape, 1, dtype, "NCHW"), backends, budget, bar, i, "sweep "))
     bar.clear()
     return rows
 

@@ -17,7 +17,6 @@ these machines are shared and noisy.
 """
 
 import json
-import math
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ from numba import prange
 
 from . import _backends
 from . import functional as F
-from ._bench import _torch_threads, interleaved
+from ._bench import _torch_threads, interleaved, shape_of_mb
 from ._jit import OPTIONS
 
 #: Targets of the benchmarks issue: (key, description, bound, "<=" or ">=").
@@ -55,12 +54,6 @@ def _triad(a, b, k, out):
         out[i] = a[i] + k * b[i]
 
 
-def _case_shape(per_row, axis, mb, itemsize):
-    """A shape of about ``mb`` MB with rows of ``per_row`` (channels last for ``axis=-1``)."""
-    n = max(2, round(mb * 1e6 / (itemsize * math.prod(per_row))))
-    return (n, *per_row)
-
-
 def _arrays(shape, dtype, rng):
     x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
     x += 3.0
@@ -72,7 +65,7 @@ def beyond_cache(mb=1024, dtype=np.float32, budget=3.0, layouts=LAYOUTS, progres
     rng = np.random.default_rng(0)
     out = {}
     for label, per_row, axis in layouts:
-        shape = _case_shape(per_row, axis, mb, np.dtype(dtype).itemsize)
+        shape = shape_of_mb(per_row, mb, np.dtype(dtype).itemsize)
         progress(f"  {label} {shape}: allocating 4 arrays of {mb:g} MB ...")
         t = _time_large(_arrays(shape, dtype, rng), axis, budget)
         out[label] = {
@@ -138,7 +131,7 @@ def per_element(sizes_mb=(1, 4, 16, 64, 256, 1024), dtype=np.float32, budget=1.0
     seconds = {}
     for mb in sizes_mb:
         progress(f"  {mb:g} MB ...")
-        x = _arrays(_case_shape((64, 32, 32), 1, mb, np.dtype(dtype).itemsize), dtype, rng)
+        x = _arrays(shape_of_mb((64, 32, 32), mb, np.dtype(dtype).itemsize), dtype, rng)
         seconds[f"{mb:g}"] = _time_train(x, budget) / x.size
     per = list(seconds.values())
     return {"seconds_per_element": seconds, "per_element_spread": max(per) / min(per)}
