@@ -253,6 +253,22 @@ def test_require_says_what_is_missing(monkeypatch):
         numbabn.BatchNorm(3, device="cuda")
 
 
+def test_require_names_a_numpy_that_numba_cuda_cannot_compile_with():
+    """numba-cuda 0.30.4 breaks on NumPy 2.5 (np.row_stack is gone) only when it first compiles
+    a kernel; require() finds that up front, in a fresh process with the simulator off."""
+    code = (
+        "import numpy; del numpy.row_stack\n"
+        "from numbabn.cuda import require\n"
+        "try:\n    require()\nexcept RuntimeError as e:\n    print(e)\n"
+    )
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    said = run.stdout
+    assert "numba-cuda" in said and f"NumPy {np.__version__}" in said and "row_stack" in said, said
+    assert "pip install 'numpy<2.5'" in said, said
+
+
 def test_kernels_compile_for_a_real_gpu():
     """numba-cuda's typing and NVVM accept every kernel for sm_90, all three dtypes."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# numbabn on a real NVIDIA GPU, in one call of a lent machine (see CONTRIBUTING in docs/):
+# numbabn on a real NVIDIA GPU, in one call of a lent machine :
 # the CUDA tests with the simulator off, the GPU self-check and timing table, the bench table
 # of the GPU backends, and the asv benchmarks' GPU grid points run without asv.  Each step
 # is time-boxed so one hang cannot eat the lease; logs go to $OUT (or ./gpu-logs).
@@ -25,22 +25,25 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-# numba-cuda older than numbabn's floor (0.30): install a carried wheel (.whl/, see docs).
-$PY - <<'PY' || { $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/numba_cuda-*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH; }
-import numba, numba_cuda, numpy, sys
-print("python", sys.version.split()[0], "numba", numba.__version__, "numba-cuda", numba_cuda.__version__, "numpy", numpy.__version__)
-sys.exit(0 if tuple(map(int, numba_cuda.__version__.split(".")[:2])) >= (0, 30) else 1)
-PY
-$PY -c "import numba, numba_cuda, torch; from numba import cuda; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version()); cuda.detect()"
+# Wheels carried in .whl/ (ignored by git) replace the machine's own: numbabn[cuda] caps NumPy
+# below 2.5, which numba-cuda 0.30.4 cannot compile kernels with, and such a machine has no
+# package index.  Fetch one here first, for the machine's Python (3.12 on the lent machines):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl numpy==2.4.6
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+$PY -c "import numpy, numba, numba_cuda, torch; print('numpy', numpy.__version__); from numba import cuda; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version()); cuda.detect()"
 
-step test_cuda 180 $PY -m pytest tests/test_cuda.py tests/test_bench.py -q -n 8 -p no:cacheprovider -rs
-step check_cuda 100 $PY -m numbabn check --device cuda
-step bench_gpu 120 $PY -c "
+step test_cuda 150 $PY -m pytest tests/test_cuda.py tests/test_bench.py -q -n 8 -p no:cacheprovider -rs
+step check_cuda 90 $PY -m numbabn check --device cuda
+step bench_gpu 100 $PY -c "
 import numpy as np, json, sys
 from numbabn import _bench
 r = _bench.run(_bench.SHAPES, budget=0.3, names=['numbabn-cuda', 'torch-cuda'])
 json.dump(r, open('$OUT/bench_gpu.json', 'w'), default=float)
 "
-TAIL=12 step asv_gpu 100 bash -c "$PY tools/asv_grid.py --backend cuda torch-cuda --size small medium &&
+TAIL=12 step asv_gpu 80 bash -c "$PY tools/asv_grid.py --backend cuda torch-cuda --size small medium &&
   $PY tools/asv_grid.py --backend cuda torch-cuda --dtype float64"
 exit $status

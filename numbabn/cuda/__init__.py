@@ -19,6 +19,7 @@ def require():
 
     if simulated:
         return cuda
+    _require_compiler()
     try:
         from numba.cuda.cudadrv.driver import driver
 
@@ -28,3 +29,25 @@ def require():
     if count == 0:
         raise RuntimeError("numbabn's GPU backend found an NVIDIA driver but no CUDA device")
     return cuda
+
+
+def _require_compiler():
+    """Load numba-cuda's lowering registry, which its first kernel compile imports, so a
+    numba-cuda that cannot run with the installed NumPy fails here with a message that says so.
+
+    Seen on a GPU machine (2026-11): numba-cuda 0.30.4 with NumPy 2.5.2 raises
+    ``AttributeError: module 'numpy' has no attribute 'row_stack'`` (removed in NumPy 2.5)
+    from deep inside the first compile; ``numbabn[cuda]`` pins ``numpy<2.5`` for that reason.
+    """
+    try:
+        importlib.import_module("numba.cuda.cudaimpl")
+    except Exception as e:  # noqa: BLE001 - any failure here means no kernel can compile
+        import numpy
+
+        from numba_cuda import __version__ as version
+
+        raise RuntimeError(
+            f"numbabn's GPU backend: numba-cuda {version} cannot compile kernels with NumPy "
+            f"{numpy.__version__} ({type(e).__name__}: {e}); install a NumPy it supports, "
+            "pip install 'numpy<2.5' (numbabn[cuda] pins it), or a newer numba-cuda"
+        ) from None
