@@ -66,3 +66,7 @@ CUDA_BLOCK_ELEMS = 1 << 14
 #: channel-strided kernels (threads along the row); shorter rows use the channel-minor ones
 #: (threads along the channels, so a warp reads 32 consecutive values).
 CUDA_MIN_INNER = 32
+
+#: Threads of the block that merges one channel's partials (a power of two): the partials of
+#: ``nsplit`` splits are taken ``CUDA_MERGE_THREADS`` at a time, then merged along a tree.
+CUDA_MERGE_THREADS = 32

@@ -46,12 +46,23 @@ def signatures(dt):
         out += [
             (
                 F.finish_channels,
-                (arr(f8, 2), arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1), f8, f8, arr(coef, 2), arr(f8, 2)),
+                (arr(f8, 3), i8, arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1), f8, f8, arr(coef, 2), arr(f8, 2)),
             ),
             (F.eval_channels, (arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1), f8, arr(coef, 2), arr(f8, 2))),
             (
                 B.grad_channels,
-                (arr(f8, 3), i8, f8, arr(p, 1), arr(f8, 1), arr(f8, 1), types.boolean, arr(coef, 2), arr(f8, 2)),
+                (
+                    arr(f8, 3),
+                    i8,
+                    f8,
+                    arr(p, 1),
+                    arr(f8, 1),
+                    arr(f8, 1),
+                    types.boolean,
+                    arr(coef, 2),
+                    arr(f8, 2),
+                    arr(types.float32 if dt == types.float16 else dt, 2),
+                ),
             ),
         ]
     return out

@@ -32,8 +32,10 @@ F16_TOL = 2e-3
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """8 threads a block (4 x 2 or 8 x 1), 16 elements a block before a split."""
+    """8 threads a block (4 x 2 or 8 x 1), 16 elements a block before a split, 4 threads
+    merging a channel's partials (so each takes several splits, then the tree)."""
     monkeypatch.setattr(_config, "CUDA_THREADS", 8)
+    monkeypatch.setattr(_config, "CUDA_MERGE_THREADS", 4)
     monkeypatch.setattr(_config, "CUDA_BLOCK_ELEMS", 16)
     monkeypatch.setattr(_config, "CUDA_MIN_INNER", 8)
 
@@ -251,6 +253,28 @@ def test_require_says_what_is_missing(monkeypatch):
         backend.require()
     with pytest.raises(RuntimeError, match="numba-cuda"):
         numbabn.BatchNorm(3, device="cuda")
+
+
+def test_configured_launches_are_reused_per_kernel_grid_block_and_stream(monkeypatch):
+    """``_arrays.launch`` configures ``kernel[grid, block, stream]`` once per key and passes
+    every call's arguments through (on hardware; the simulator configures each time)."""
+    from numbabn.cuda import _arrays
+
+    configured, ran = [], []
+
+    class Kernel:
+        def __getitem__(self, config):
+            configured.append(config)
+            return lambda *args: ran.append((config, args))
+
+    monkeypatch.setattr(_arrays, "SIMULATED", False)
+    monkeypatch.setattr(_arrays, "_LAUNCHERS", {})
+    k = Kernel()
+    _arrays.launch(k, (4, 2), (8, 1), 0, "x", 1)
+    _arrays.launch(k, (4, 2), (8, 1), 0, "y", 2)
+    _arrays.launch(k, (5, 2), (8, 1), 0, "z")
+    assert configured == [((4, 2), (8, 1), 0), ((5, 2), (8, 1), 0)]
+    assert [args for _, args in ran] == [("x", 1), ("y", 2), ("z",)]
 
 
 def test_require_names_a_numpy_that_numba_cuda_cannot_compile_with():

@@ -17,6 +17,32 @@ def shared(fn):
     return fn.py_func if SIMULATED else fn
 
 
+_LAUNCHERS = {}
+
+
+def launch(kernel, grid, block, stream, *args):
+    """``kernel[grid, block, stream](*args)``, reusing the configured launcher.
+
+    numba-cuda builds a launch configuration at every ``kernel[...]``: it converts the stream
+    and, for grids under 128 blocks (numbabn's per-channel kernels, and every kernel on small
+    arrays), makes a ``NumbaPerformanceWarning`` even when the warning is filtered out.
+    Measured on an H200 machine (numba-cuda 0.30.4): a training forward on (32, 64) spent
+    about 0.9 ms of host time per call, 20 to 40 us of it per launch in that configuration.
+    A configuration holds no arguments (numba keeps those per thread), so one per
+    (kernel, grid, block, stream) serves every later launch.
+    """
+    if SIMULATED:
+        kernel[grid, block, stream](*args)
+        return
+    key = (kernel, grid, block, _stream_key(stream))
+    configured = _LAUNCHERS.get(key)
+    if configured is None:
+        if len(_LAUNCHERS) > 4096:  # grids vary with shapes: keep the table bounded
+            _LAUNCHERS.clear()
+        configured = _LAUNCHERS[key] = kernel[grid, block, stream]
+    configured(*args)
+
+
 def kind(a):
     """``"torch"``, ``"cupy"`` or ``"numba"``: which library ``a`` belongs to."""
     module = type(a).__module__.split(".")[0]
@@ -110,6 +136,19 @@ def empty_like(a, order, stream):
 def empty(shape, dtype, stream):
     """A new C-contiguous numba array."""
     return cuda.device_array(shape, dtype=dtype, stream=stream)
+
+
+_NONE = {}
+
+
+def none_of(dtype):
+    """A length-0 array of ``dtype``: "no running statistics" to the kernels (made once per
+    dtype and device: an allocation costs about 26 us of host time)."""
+    key = (_context_key(), np.dtype(dtype))
+    a = _NONE.get(key)
+    if a is None:
+        a = _NONE[key] = cuda.device_array(0, dtype=dtype)
+    return a
 
 
 _SCRATCH = {}

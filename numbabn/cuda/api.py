@@ -103,8 +103,8 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
         save = _arrays.to_device(np.full((2, call.num_channels), np.nan), st)
     elif training:
         save = _arrays.empty((2, call.num_channels), "f8", st)
-        rm = _arrays.empty(0, call.dtype, st) if running_mean is None else running_mean
-        rv = _arrays.empty(0, call.dtype, st) if running_var is None else running_var
+        rm = _arrays.none_of(call.dtype) if running_mean is None else running_mean
+        rv = _arrays.none_of(call.dtype) if running_var is None else running_var
         _fwd.forward_train(x3, w, b, rm, rv, momentum, eps, y3, save, st)
     else:
         save = _arrays.empty((2, call.num_channels), "f8", st)
@@ -128,12 +128,11 @@ def backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
     st = call.stream
     mean, invstd = _as_f64(save_mean, st), _as_f64(save_invstd, st)
     w = call.constant(1.0) if weight is None else weight
-    grads = _arrays.scratch("grads", (3, call.num_channels), "f8", st)
-    _bwd.backward(call.view(g), call.view(call.x), w, mean, invstd, training, call.view(dest), grads, st)
-    gdtype = np.float32 if call.dtype.itemsize == 2 else call.dtype
-    gw, gb = (_cast(grads[i], gdtype, st) for i in (0, 1))
+    grads = _arrays.empty((3, call.num_channels), "f8", st)
+    gwb = _arrays.empty((2, call.num_channels), np.float32 if call.dtype.itemsize == 2 else call.dtype, st)
+    _bwd.backward(call.view(g), call.view(call.x), w, mean, invstd, training, call.view(dest), grads, gwb, st)
     gi = out if out is not None else call.hand_back(dest)
-    return gi, call.hand_back(gw), call.hand_back(gb), call.hand_back(_cast(grads[2], np.float64, st))
+    return gi, call.hand_back(gwb[0]), call.hand_back(gwb[1]), call.hand_back(grads[2])
 
 
 def welford(x, axis, stream):
@@ -163,7 +162,7 @@ def merge(parts, stream):
     count, mean, m2 = views[0][0], _cast(views[0][1], np.float64, st), _cast(views[0][2], np.float64, st)
     grid, block = launch_1d(mean.shape[0])
     for c, mb, m2b in views[1:]:
-        _stats.merge_channels[grid, block, st](float(count), mean, m2, float(c), mb, m2b)
+        _arrays.launch(_stats.merge_channels, grid, block, st, float(count), mean, m2, float(c), mb, m2b)
         count += c
     return count, _arrays.like(mean, first), _arrays.like(m2, first)
 
@@ -190,7 +189,7 @@ def _as_f64(a, stream):
 def _cast(a, dtype, stream, factor=1.0):
     out = _arrays.empty(a.shape, dtype, stream)
     grid, block = launch_1d(a.shape[0])
-    _stats.copy_cast[grid, block, stream](a, factor, out)
+    _arrays.launch(_stats.copy_cast, grid, block, stream, a, factor, out)
     return out
 
 

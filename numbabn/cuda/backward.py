@@ -13,8 +13,9 @@ from numba import cuda, float64
 
 from .._math import grad_coef as _grad_coef
 from . import _arrays
-from ._plan import CHUNK, coef_dtype, columns, elementwise, launch_1d, plan
-from .stats import block_partial, rows_of_split
+from ._plan import CHUNK, coef_dtype, columns, elementwise, per_channel_blocks, plan
+from .forward import first_row
+from .stats import block_partial, channel_partials, rows_of_split
 
 grad_coef = _arrays.shared(_grad_coef)
 
@@ -63,18 +64,16 @@ def grad_partials_minor(g2, x2, mean, q, rows_per_split, part):
 
 
 @cuda.jit
-def grad_channels(part, q, n, weight, mean, invstd, training, coef, grads):
-    """One thread per channel: its partial sums added split by split, then ``grads[:, c] =
-    (grad_weight, grad_bias, sum |g|)`` and the coefficients ``coef[:, c] = (A, B, D)``."""
-    c = cuda.grid(1)
-    if c < coef.shape[1]:
-        sg, sgx, sa = 0.0, 0.0, 0.0
-        for s in range(part.shape[1]):
-            for j in range(c * q, c * q + q):
-                sg += part[0, s, j]
-                sgx += part[1, s, j]
-                sa += part[2, s, j]
+def grad_channels(part, q, n, weight, mean, invstd, training, coef, grads, gwb):
+    """Block ``c``: channel ``c``'s partial sums added (:func:`stats.channel_partials`), then
+    ``grads[:, c] = (grad_weight, grad_bias, sum |g|)`` (float64), the same two in
+    ``gwb[:, c]`` in the output dtype, and the coefficients ``coef[:, c] = (A, B, D)``."""
+    c = cuda.blockIdx.x
+    sg, sgx, sa = channel_partials(part, q, c, False)
+    if cuda.threadIdx.x == 0:
         grad_coef(c, sg, sgx, sa, n, weight, mean, invstd, training, coef, grads)
+        gwb[0, c] = grads[0, c]
+        gwb[1, c] = grads[1, c]
 
 
 @cuda.jit
@@ -83,11 +82,16 @@ def apply_rows(g3, x3, coef, gi3):
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     num_channels = x3.shape[1]
     if i < x3.shape[2]:
-        step = cuda.gridDim.y * cuda.blockDim.y
-        for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x3.shape[0] * num_channels, step):
-            o = r // num_channels
-            c = r - o * num_channels
+        r, o, c, step, so, sc = first_row(num_channels)
+        rows = x3.shape[0] * num_channels
+        while r < rows:
             gi3[o, c, i] = g3[o, c, i] * coef[0, c] + x3[o, c, i] * coef[1, c] + coef[2, c]
+            r += step
+            o += so
+            c += sc
+            if c >= num_channels:
+                c -= num_channels
+                o += 1
 
 
 @cuda.jit
@@ -103,24 +107,25 @@ def apply_columns(g2, x2, q, coef, gi2):
             gi2[o, j] = g2[o, j] * a + x2[o, j] * b + d
 
 
-def backward(g3, x3, weight, mean, invstd, training, gi3, grads, stream):
+def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
     """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
-    ``gi3`` the input gradient (formulas of ``cpu.backward.backward``)."""
+    ``gwb`` (2, C) the first two in the output dtype, ``gi3`` the input gradient (formulas
+    of ``cpu.backward.backward``)."""
     outer, num_channels, inner = x3.shape
     p = plan(outer, num_channels, inner)
     part = _arrays.scratch("part", (3, p.nsplit, p.width), "f8", stream)
     if p.strided:
-        grad_partials_strided[p.grid, (p.bx, p.by), stream](g3, x3, mean, p.rows_per_split, part)
+        _arrays.launch(grad_partials_strided, p.grid, (p.bx, p.by), stream, g3, x3, mean, p.rows_per_split, part)
     else:
         g2, x2 = (_arrays.strided(a, (outer, p.width, 1), (a.strides[0], a.strides[2], a.strides[2])) for a in (g3, x3))
-        grad_partials_minor[p.grid, (p.bx, p.by), stream](g2, x2, mean, p.q, p.rows_per_split, part)
+        _arrays.launch(grad_partials_minor, p.grid, (p.bx, p.by), stream, g2, x2, mean, p.q, p.rows_per_split, part)
     coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
-    grid, block = launch_1d(num_channels)
-    grad_channels[grid, block, stream](part, p.q, float(outer * inner), weight, mean, invstd, training, coef, grads)
+    args = (part, p.q, float(outer * inner), weight, mean, invstd, training, coef, grads, gwb)
+    _arrays.launch(grad_channels, *per_channel_blocks(num_channels), stream, *args)
     if x3.size == 0:
         return
     strided, grid, block = elementwise(outer, num_channels, inner)
     if strided:
-        apply_rows[grid, block, stream](g3, x3, coef, gi3)
+        _arrays.launch(apply_rows, grid, block, stream, g3, x3, coef, gi3)
     else:
-        apply_columns[grid, block, stream](columns(g3), columns(x3), inner, coef, columns(gi3))
+        _arrays.launch(apply_columns, grid, block, stream, columns(g3), columns(x3), inner, coef, columns(gi3))

@@ -12,7 +12,7 @@ moved: ``x`` once.
 from numba import cuda, float64
 
 from .._math import chan_merge
-from ._plan import CHUNK, MAX_THREADS, launch_1d, plan
+from ._plan import CHUNK, MAX_THREADS, per_channel_blocks, plan
 
 
 @cuda.jit(device=True)
@@ -46,11 +46,11 @@ def rows_of_split(s, rows_per_split, outer):
 
 
 @cuda.jit(device=True)
-def block_partial(v0, v1, v2, lane, row, width, height, welford, part, s, j):
+def tree(v0, v1, v2, lane, row, width, height, welford):
     """Reduce the triples of a ``width x height`` block's threads ``(lane, row)`` over rows
-    into row 0 (Chan merges when ``welford``, else sums), then ``part[:, s, j]`` receives
-    ``lane``'s result (``j < 0``: none).  Rows ``r`` and ``r + h`` pair up for ``h = height / 2,
-    ..., 1`` (``height`` a power of two): a fixed order.  Every thread must call it."""
+    (Chan merges when ``welford``, else sums) and return ``lane``'s result (meaningful in
+    row 0).  Rows ``r`` and ``r + h`` pair up for ``h = height / 2, ..., 1`` (``height`` a
+    power of two): a fixed order.  Every thread must call it, once per kernel."""
     sh = cuda.shared.array((3, MAX_THREADS), float64)
     t = row * width + lane
     sh[0, t], sh[1, t], sh[2, t] = v0, v1, v2
@@ -68,8 +68,35 @@ def block_partial(v0, v1, v2, lane, row, width, height, welford, part, s, j):
                 sh[2, a] += sh[2, b]
         h //= 2
     cuda.syncthreads()
+    return sh[0, lane], sh[1, lane], sh[2, lane]
+
+
+@cuda.jit(device=True)
+def block_partial(v0, v1, v2, lane, row, width, height, welford, part, s, j):
+    """:func:`tree`, then ``part[:, s, j]`` receives ``lane``'s result (``j < 0``: none)."""
+    r0, r1, r2 = tree(v0, v1, v2, lane, row, width, height, welford)
     if row == 0 and j >= 0:
-        part[0, s, j], part[1, s, j], part[2, s, j] = sh[0, lane], sh[1, lane], sh[2, lane]
+        part[0, s, j], part[1, s, j], part[2, s, j] = r0, r1, r2
+
+
+@cuda.jit(device=True)
+def channel_partials(part, q, c, welford):
+    """Block ``c`` (one block per channel, a power-of-two number of threads): channel ``c``'s
+    partials ``part[:, s, c * q + k]`` merged (``welford``) or added, and returned to thread
+    0.  Thread ``t`` takes items ``t, t + threads, ...`` of the split-major ``(s, k)``
+    sequence in order, then :func:`tree` combines the threads: the order depends on the
+    shape alone.  Measured on an H200: one thread per channel merging 196 splits in turn
+    took 0.16 ms, 0.42x the time of copying the (32, 56, 56, 256) array it summarized."""
+    t, nt = cuda.threadIdx.x, cuda.blockDim.x
+    v0, v1, v2 = 0.0, 0.0, 0.0
+    for item in range(t, part.shape[1] * q, nt):
+        s = item // q
+        j = c * q + item - s * q
+        if welford:
+            v0, v1, v2 = chan_merge(v0, v1, v2, part[0, s, j], part[1, s, j], part[2, s, j])
+        else:
+            v0, v1, v2 = v0 + part[0, s, j], v1 + part[1, s, j], v2 + part[2, s, j]
+    return tree(v0, v1, v2, 0, t, 1, nt, welford)
 
 
 @cuda.jit
@@ -103,14 +130,11 @@ def partials_minor(x2, rows_per_split, part):
 
 @cuda.jit
 def channel_stats(part, q, stats):
-    """``stats[:, c] = (n, mean, M2)`` of channel ``c``: its partials merged split by split,
-    column ``c * q .. c * q + q - 1`` within a split."""
-    c = cuda.grid(1)
-    if c < stats.shape[1]:
-        n, mean, m2 = 0.0, 0.0, 0.0
-        for s in range(part.shape[1]):
-            for j in range(c * q, c * q + q):
-                n, mean, m2 = chan_merge(n, mean, m2, part[0, s, j], part[1, s, j], part[2, s, j])
+    """Block ``c``: ``stats[:, c] = (n, mean, M2)`` of channel ``c`` from its partials
+    (:func:`channel_partials`)."""
+    c = cuda.blockIdx.x
+    n, mean, m2 = channel_partials(part, q, c, True)
+    if cuda.threadIdx.x == 0:
         stats[0, c], stats[1, c], stats[2, c] = n, mean, m2
 
 
@@ -130,17 +154,25 @@ def copy_cast(src, factor, dst):
         dst[c] = src[c] * factor
 
 
-def welford(x3, stats, stream):
-    """Driver: ``stats`` (3, C) float64 (device) receives ``(n, mean, M2)`` of ``x3``."""
+def partials(x3, stream):
+    """Launch the partial statistics of ``x3``; returns ``(part, q)`` for
+    :func:`channel_partials`."""
     from . import _arrays
 
     outer, num_channels, inner = x3.shape
     p = plan(outer, num_channels, inner)
     part = _arrays.scratch("part", (3, p.nsplit, p.width), "f8", stream)
     if p.strided:
-        partials_strided[p.grid, (p.bx, p.by), stream](x3, p.rows_per_split, part)
+        _arrays.launch(partials_strided, p.grid, (p.bx, p.by), stream, x3, p.rows_per_split, part)
     else:
         x2 = _arrays.strided(x3, (outer, p.width, 1), (x3.strides[0], x3.strides[2], x3.strides[2]))
-        partials_minor[p.grid, (p.bx, p.by), stream](x2, p.rows_per_split, part)
-    grid, block = launch_1d(num_channels)
-    channel_stats[grid, block, stream](part, p.q, stats)
+        _arrays.launch(partials_minor, p.grid, (p.bx, p.by), stream, x2, p.rows_per_split, part)
+    return part, p.q
+
+
+def welford(x3, stats, stream):
+    """Driver: ``stats`` (3, C) float64 (device) receives ``(n, mean, M2)`` of ``x3``."""
+    from . import _arrays
+
+    part, q = partials(x3, stream)
+    _arrays.launch(channel_stats, *per_channel_blocks(x3.shape[1]), stream, part, q, stats)
