@@ -4,7 +4,9 @@
 # of the GPU backends, and the asv benchmarks' GPU grid points run without asv.  Each step
 # is time-boxed so one hang cannot eat the lease; logs go to $OUT (or ./gpu-logs).
 #
-#   bash tools/gpu_check.sh            # everything, about 6 minutes on an H100/H200
+#   bash tools/gpu_check.sh                    # everything, about 6 minutes on an H100/H200
+#   STEPS="check_cuda profile" bash tools/gpu_check.sh   # some of: test_cuda check_cuda
+#                                                        # profile bench_gpu asv_gpu
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-logs}
@@ -12,9 +14,11 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0
 PY=${PY:-python3}
 status=0
+STEPS=${STEPS:-test_cuda check_cuda profile bench_gpu asv_gpu}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name (limit ${limit} s)"
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -38,6 +42,7 @@ $PY -c "import numpy, numba, numba_cuda, torch; print('numpy', numpy.__version__
 
 step test_cuda 150 $PY -m pytest tests/test_cuda.py tests/test_bench.py -q -n 8 -p no:cacheprovider -rs
 step check_cuda 90 $PY -m numbabn check --device cuda
+step profile 60 $PY tools/gpu_profile.py calls kernels
 step bench_gpu 100 $PY -c "
 import numpy as np, json, sys
 from numbabn import _bench

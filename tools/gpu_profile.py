@@ -81,23 +81,27 @@ def primitives():
 
 def calls():
     print("\nwhole calls, us per call (host loop, one sync at the end) and CUDA-event ms")
-    rng = np.random.default_rng(0)
     for shape, axis in [((32, 64), 1), ((32, 256, 28, 28), 1), ((64, 56, 56, 64), -1), ((256, 64, 112, 112), 1)]:
-        x = cuda.to_device(rng.standard_normal(shape, dtype=np.float32))
-        g = cuda.to_device(rng.standard_normal(shape, dtype=np.float32))
-        c = shape[axis]
-        w, rm, rv = (cuda.to_device(np.full(c, v, np.float32)) for v in (1.0, 0.0, 1.0))
-        y = cuda.device_array_like(x)
-        _, m, s = numbabn.batch_norm_forward(x, w, None, axis=axis)
-        fs = {
-            "train": lambda: numbabn.batch_norm(x, rm, rv, w, None, True, axis=axis, out=y),
-            "eval": lambda: numbabn.batch_norm(x, rm, rv, w, None, False, axis=axis, out=y),
-            "backward": lambda: numbabn.batch_norm_backward(g, x, w, m, s, axis=axis, out=y),
-            "copy": lambda: y.copy_to_device(x),
-        }
-        n = 50 if x.size > 1 << 24 else 300
-        cells = [f"{k} {per_call_us(f, n):8.1f} us {event_ms(f):7.3f} ms" for k, f in fs.items()]
-        print(f"  {str(shape):<20} " + " | ".join(cells))
+        _calls_row(shape, axis)
+
+
+def _calls_row(shape, axis):
+    rng = np.random.default_rng(0)
+    x = cuda.to_device(rng.standard_normal(shape, dtype=np.float32))
+    g = cuda.to_device(rng.standard_normal(shape, dtype=np.float32))
+    c = shape[axis]
+    w, rm, rv = (cuda.to_device(np.full(c, v, np.float32)) for v in (1.0, 0.0, 1.0))
+    y = cuda.device_array_like(x)
+    _, m, s = numbabn.batch_norm_forward(x, w, None, axis=axis)
+    fs = {
+        "train": lambda: numbabn.batch_norm(x, rm, rv, w, None, True, axis=axis, out=y),
+        "eval": lambda: numbabn.batch_norm(x, rm, rv, w, None, False, axis=axis, out=y),
+        "backward": lambda: numbabn.batch_norm_backward(g, x, w, m, s, axis=axis, out=y),
+        "copy": lambda: y.copy_to_device(x),
+    }
+    n = 50 if x.size > 1 << 24 else 300
+    cells = [f"{k} {per_call_us(f, n):8.1f} us {event_ms(f):7.3f} ms" for k, f in fs.items()]
+    print(f"  {str(shape):<20} " + " | ".join(cells))
 
 
 def profile_small():
@@ -124,33 +128,30 @@ def profile_small():
 
 def kernels():
     print("\neach kernel alone, CUDA-event ms, (256, 64, 112, 112) float32 NCHW and (32, 56, 56, 256) NHWC")
-    rng = np.random.default_rng(1)
     for shape, axis in [((256, 64, 112, 112), 1), ((32, 56, 56, 256), -1)]:
-        xh = rng.standard_normal(shape, dtype=np.float32)
-        x = cuda.to_device(xh)
-        y = cuda.device_array_like(x)
-        order = _arrays.dense_order(x)
-        x3, y3 = _arrays.view3(x, axis % x.ndim, order), _arrays.view3(y, axis % x.ndim, order)
-        outer, c, inner = x3.shape
-        p = _plan.plan(outer, c, inner)
-        part = cuda.device_array((3, p.nsplit, p.width), np.float64)
-        stats = cuda.device_array((3, c), np.float64)
-        coef = cuda.to_device(np.ones((2, c)))
-        copy_ms = event_ms(lambda: y.copy_to_device(x))
-        if p.strided:
-            part_fn = lambda: S.partials_strided[p.grid, (p.bx, p.by)](x3, p.rows_per_split, part)  # noqa: E731
-        else:
-            x2 = _arrays.strided(x3, (outer, p.width, 1), (x3.strides[0], x3.strides[2], x3.strides[2]))
-            part_fn = lambda: S.partials_minor[p.grid, (p.bx, p.by)](x2, p.rows_per_split, part)  # noqa: E731
-        grid, block = _plan.launch_1d(c)
-        rows = {
-            "copy": copy_ms,
-            "partials": event_ms(part_fn),
-            "channel_stats": event_ms(lambda: S.channel_stats[grid, block](part, p.q, stats)),
-            "normalize": event_ms(lambda: F.normalize(x3, coef, y3, 0)),
-        }
-        print(f"  {shape} plan {p}")
-        print("   " + "  ".join(f"{k} {v:.3f} ms ({v / copy_ms:.2f}x copy)" for k, v in rows.items()))
+        _kernels_row(shape, axis)
+
+
+def _kernels_row(shape, axis):
+    x = cuda.to_device(np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
+    y = cuda.device_array_like(x)
+    order = _arrays.dense_order(x)
+    x3, y3 = _arrays.view3(x, axis % x.ndim, order), _arrays.view3(y, axis % x.ndim, order)
+    c = x3.shape[1]
+    stats = cuda.device_array((3, c), np.float64)
+    coef = cuda.to_device(np.ones((2, c)))
+    part, q = S.partials(x3, 0)
+    copy_ms = event_ms(lambda: y.copy_to_device(x))
+    rows = {
+        "copy": copy_ms,
+        "partials": event_ms(lambda: S.partials(x3, 0)),
+        "channel_stats": event_ms(
+            lambda: _arrays.launch(S.channel_stats, *_plan.per_channel_blocks(c), 0, part, q, stats)
+        ),
+        "normalize": event_ms(lambda: F.normalize(x3, coef, y3, 0)),
+    }
+    print(f"  {shape} plan {_plan.plan(*x3.shape)}")
+    print("   " + "  ".join(f"{k} {v:.3f} ms ({v / copy_ms:.2f}x copy)" for k, v in rows.items()))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ def _require_compiler():
         importlib.import_module("numba.cuda.cudaimpl")
     except Exception as e:  # noqa: BLE001 - any failure here means no kernel can compile
         import numpy
-
         from numba_cuda import __version__ as version
 
         raise RuntimeError(
