@@ -50,7 +50,14 @@ def tree(v0, v1, v2, lane, row, width, height, welford):
     """Reduce the triples of a ``width x height`` block's threads ``(lane, row)`` over rows
     (Chan merges when ``welford``, else sums) and return ``lane``'s result (meaningful in
     row 0).  Rows ``r`` and ``r + h`` pair up for ``h = height / 2, ..., 1`` (``height`` a
-    power of two): a fixed order.  Every thread must call it, once per kernel."""
+    power of two): a fixed order.  Every thread must call it, once per kernel.
+
+    The per-channel merges use it (they compiled and passed the tests on an H200).  The
+    partial kernels keep :func:`block_partial`, the same tree in the form that compiled
+    there: built on ``tree``, with 8 rows a chunk, ``partials_minor`` and
+    ``grad_partials_minor`` were refused by that machine's NVVM (``ERROR_INVALID_IR``;
+    numba-cuda 0.30.4, numba 0.68.0), which of the two changes NVVM objected to is not known,
+    and ``compile_ptx`` accepted both here with libNVVM 13.0 and 13.5."""
     sh = cuda.shared.array((3, MAX_THREADS), float64)
     t = row * width + lane
     sh[0, t], sh[1, t], sh[2, t] = v0, v1, v2
@@ -73,10 +80,29 @@ def tree(v0, v1, v2, lane, row, width, height, welford):
 
 @cuda.jit(device=True)
 def block_partial(v0, v1, v2, lane, row, width, height, welford, part, s, j):
-    """:func:`tree`, then ``part[:, s, j]`` receives ``lane``'s result (``j < 0``: none)."""
-    r0, r1, r2 = tree(v0, v1, v2, lane, row, width, height, welford)
+    """Reduce the triples of a ``width x height`` block's threads ``(lane, row)`` over rows
+    into row 0 (Chan merges when ``welford``, else sums), then ``part[:, s, j]`` receives
+    ``lane``'s result (``j < 0``: none).  Rows ``r`` and ``r + h`` pair up for ``h = height / 2,
+    ..., 1`` (``height`` a power of two): a fixed order.  Every thread must call it."""
+    sh = cuda.shared.array((3, MAX_THREADS), float64)
+    t = row * width + lane
+    sh[0, t], sh[1, t], sh[2, t] = v0, v1, v2
+    h = height // 2
+    while h > 0:
+        cuda.syncthreads()
+        if row < h:
+            a = t
+            b = t + h * width
+            if welford:
+                sh[0, a], sh[1, a], sh[2, a] = chan_merge(sh[0, a], sh[1, a], sh[2, a], sh[0, b], sh[1, b], sh[2, b])
+            else:
+                sh[0, a] += sh[0, b]
+                sh[1, a] += sh[1, b]
+                sh[2, a] += sh[2, b]
+        h //= 2
+    cuda.syncthreads()
     if row == 0 and j >= 0:
-        part[0, s, j], part[1, s, j], part[2, s, j] = r0, r1, r2
+        part[0, s, j], part[1, s, j], part[2, s, j] = sh[0, lane], sh[1, lane], sh[2, lane]
 
 
 @cuda.jit(device=True)
