@@ -4,9 +4,10 @@ Every thread runs blocked Welford over its share of a channel (column): ``CHUNK`
 loaded at once (independent loads in flight), their exact mean and centred sum of squares,
 then a Chan merge into the thread's running ``(n, mean, M2)``, all in float64.  A block
 merges its threads' partials in shared memory along a fixed tree (no warp shuffles: the
-CUDA simulator has none, and no GPU has checked yet whether they would win) and writes one
-partial per (split, column); :func:`channel_stats` merges them in a fixed order.  Bytes
-moved: ``x`` once.
+CUDA simulator has none, and no GPU has timed yet whether they would win) and writes one
+partial per (split, column); a block per channel then merges a channel's partials in a
+fixed order (:func:`channel_partials`, inside :func:`channel_stats` and the finish and
+gradient kernels).  Bytes moved: ``x`` once.
 """
 
 from numba import cuda, float64
