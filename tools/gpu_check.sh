@@ -40,7 +40,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 $PY -c "import numpy, numba, numba_cuda, torch; print('numpy', numpy.__version__); from numba import cuda; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version()); cuda.detect()"
 
-step test_cuda 150 $PY -m pytest tests/test_cuda.py tests/test_bench.py -q -n 8 -p no:cacheprovider -rs
+# Eight test processes, each with numba's default of one CPU thread per core for the CPU
+# kernels the tests compare with, would run 128 threads on 16 cores.  On an H200 machine,
+# that way 4 tests finished in 150 s; with 2 threads a process, 67 finished in 35 s (in a
+# later run, where a third of them failed early, so the two runs are not a clean comparison).
+NUMBA_NUM_THREADS=2 step test_cuda 150 $PY -m pytest tests/test_cuda.py tests/test_bench.py -q -n 8 -p no:cacheprovider -rs
 step check_cuda 90 $PY -m numbabn check --device cuda
 step profile 60 $PY tools/gpu_profile.py calls kernels
 step bench_gpu 100 $PY -c "
