@@ -17,6 +17,7 @@ import numbabn
 from numbabn.cuda import _arrays, _plan
 from numbabn.cuda import forward as F
 from numbabn.cuda import stats as S
+from numbabn.cuda.check import _median_ms
 
 
 def per_call_us(f, n=300):
@@ -30,17 +31,8 @@ def per_call_us(f, n=300):
 
 
 def event_ms(f, n=20):
-    f()
-    cuda.synchronize()
-    out = []
-    for _ in range(n):
-        a, b = cuda.event(), cuda.event()
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return float(np.median(out))
+    """Median CUDA-event milliseconds of ``f`` (the GPU check's own timer)."""
+    return _median_ms(cuda.event, cuda.synchronize, f, n)
 
 
 @cuda.jit
