@@ -255,6 +255,24 @@ def test_require_says_what_is_missing(monkeypatch):
         numbabn.BatchNorm(3, device="cuda")
 
 
+@pytest.mark.parametrize("shape", [(4, 0), (0, 3), (0, 3, 5)], ids=["no-channels", "no-rows", "no-rows-3d"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_empty_inputs_match_the_cpu(shape, training):
+    """Arrays with no elements: the same shapes, values (NaN statistics of an empty batch
+    included) and dtypes as the CPU functions, forward and backward."""
+    x = np.zeros(shape, np.float32)
+    c = shape[1]
+    stats = {} if training else {"running_mean": np.zeros(c, np.float32), "running_var": np.ones(c, np.float32)}
+    want = numbabn.batch_norm_forward(x, training=training, **stats)
+    got = numbabn.batch_norm_forward(dev(x), training=training, **{k: dev(v) for k, v in stats.items()})
+    want_b = numbabn.batch_norm_backward(x, x, None, want[1], want[2], training=training)
+    got_b = numbabn.batch_norm_backward(dev(x), dev(x), None, got[1], got[2], training=training)
+    for a, b in zip((*got, *got_b), (*want, *want_b), strict=True):
+        a = host(a)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def test_configured_launches_are_reused_per_kernel_grid_block_and_stream(monkeypatch):
     """``_arrays.launch`` configures ``kernel[grid, block, stream]`` once per key and passes
     every call's arguments through (on hardware; the simulator configures each time)."""

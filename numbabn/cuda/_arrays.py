@@ -90,6 +90,8 @@ def dense_order(a):
     """Axes of ``a`` from the slowest-varying in memory to the fastest, when ``a`` is dense
     (a permutation of a C-contiguous array: C, F, channels-last, ...); else None."""
     shape, strides, size = a.shape, a.strides, a.dtype.itemsize
+    if 0 in shape:  # no elements: any order will do (their strides may read 0)
+        return list(range(len(shape)))
     order = sorted(range(len(shape)), key=lambda i: (-strides[i], i))
     expected = size
     for i in reversed(order):

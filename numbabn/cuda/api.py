@@ -128,11 +128,24 @@ def backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
     st = call.stream
     mean, invstd = _as_f64(save_mean, st), _as_f64(save_invstd, st)
     w = call.constant(1.0) if weight is None else weight
-    grads = _arrays.empty((3, call.num_channels), "f8", st)
-    gwb = _arrays.empty((2, call.num_channels), np.float32 if call.dtype.itemsize == 2 else call.dtype, st)
-    _bwd.backward(call.view(g), call.view(call.x), w, mean, invstd, training, call.view(dest), grads, gwb, st)
+    gdtype = np.float32 if call.dtype.itemsize == 2 else call.dtype
     gi = out if out is not None else call.hand_back(dest)
+    if call.x.size == 0:
+        return (gi, *(call.hand_back(a) for a in _empty_grads(call.num_channels, invstd, gdtype, st)))
+    grads = _arrays.empty((3, call.num_channels), "f8", st)
+    gwb = _arrays.empty((2, call.num_channels), gdtype, st)
+    _bwd.backward(call.view(g), call.view(call.x), w, mean, invstd, training, call.view(dest), grads, gwb, st)
     return gi, call.hand_back(gwb[0]), call.hand_back(gwb[1]), call.hand_back(grads[2])
+
+
+def _empty_grads(num_channels, invstd, gdtype, stream):
+    """``(grad_weight, grad_bias, sum |g|)`` of an input with no elements, as the CPU gives
+    them: sums over nothing are 0, so ``grad_weight = 0 * invstd`` (NaN where an empty
+    batch's statistics are NaN).  No kernel reads the empty arrays."""
+    zeros = _arrays.to_device(np.zeros((2, num_channels)), stream)
+    if num_channels == 0:
+        return _arrays.to_device(np.zeros(0, gdtype), stream), _arrays.to_device(np.zeros(0, gdtype), stream), zeros[0]
+    return _cast(invstd, gdtype, stream, 0.0), _cast(zeros[0], gdtype, stream), zeros[1]
 
 
 def welford(x, axis, stream):
