@@ -2,6 +2,7 @@
 ``(outer, C, inner)`` view of a dense array, allocation, streams, and results handed back
 as the caller's kind of array."""
 
+import functools
 import math
 
 import numpy as np
@@ -140,17 +141,16 @@ def empty(shape, dtype, stream):
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
 
-_NONE = {}
+def constant(fill, n, dtype):
+    """A length-``n`` array of ``fill`` on the current device, made once per (device, value,
+    length, dtype) and shared by later calls (an allocation costs about 26 us of host time):
+    the default weight (ones) and bias (zeros), and the length-0 "no running statistics"."""
+    return _constant(_context_key(), fill, n, np.dtype(dtype).str)
 
 
-def none_of(dtype):
-    """A length-0 array of ``dtype``: "no running statistics" to the kernels (made once per
-    dtype and device: an allocation costs about 26 us of host time)."""
-    key = (_context_key(), np.dtype(dtype))
-    a = _NONE.get(key)
-    if a is None:
-        a = _NONE[key] = cuda.device_array(0, dtype=dtype)
-    return a
+@functools.lru_cache(maxsize=64)
+def _constant(context, fill, n, dtype):
+    return to_device(np.full(n, fill, dtype=dtype), 0)
 
 
 _SCRATCH = {}

@@ -4,8 +4,6 @@ caller's stream (nothing synchronizes the host), results handed back as the call
 of array.  Reached from :mod:`numbabn.functional` and :mod:`numbabn.stats` when the input
 is a GPU array."""
 
-import functools
-
 import numpy as np
 
 from .. import _layout
@@ -71,7 +69,7 @@ class _Call:
 
     def constant(self, fill):
         """The default weight (``fill=1``) or bias (``0``): float32 for float16 inputs."""
-        return _constant(fill, self.num_channels, "f4" if self.dtype.itemsize == 2 else self.dtype.str)
+        return _arrays.constant(fill, self.num_channels, "f4" if self.dtype.itemsize == 2 else self.dtype.str)
 
     def hand_back(self, a):
         return _arrays.like(a, self.original)
@@ -103,8 +101,8 @@ def forward(input, weight, bias, running_mean, running_var, training, momentum, 
         save = _arrays.to_device(np.full((2, call.num_channels), np.nan), st)
     elif training:
         save = _arrays.empty((2, call.num_channels), "f8", st)
-        rm = _arrays.none_of(call.dtype) if running_mean is None else running_mean
-        rv = _arrays.none_of(call.dtype) if running_var is None else running_var
+        rm = _arrays.constant(0.0, 0, call.dtype) if running_mean is None else running_mean
+        rv = _arrays.constant(0.0, 0, call.dtype) if running_var is None else running_var
         _fwd.forward_train(x3, w, b, rm, rv, momentum, eps, y3, save, st)
     else:
         save = _arrays.empty((2, call.num_channels), "f8", st)
@@ -141,11 +139,10 @@ def backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
 def _empty_grads(num_channels, invstd, gdtype, stream):
     """``(grad_weight, grad_bias, sum |g|)`` of an input with no elements, as the CPU gives
     them: sums over nothing are 0, so ``grad_weight = 0 * invstd`` (NaN where an empty
-    batch's statistics are NaN).  No kernel reads the empty arrays."""
-    zeros = _arrays.to_device(np.zeros((2, num_channels)), stream)
-    if num_channels == 0:
-        return _arrays.to_device(np.zeros(0, gdtype), stream), _arrays.to_device(np.zeros(0, gdtype), stream), zeros[0]
-    return _cast(invstd, gdtype, stream, 0.0), _cast(zeros[0], gdtype, stream), zeros[1]
+    batch's statistics are NaN).  No kernel reads an empty array."""
+    gb = _arrays.to_device(np.zeros(num_channels, gdtype), stream)
+    gw = _cast(invstd, gdtype, stream, 0.0) if num_channels else _arrays.to_device(np.zeros(0, gdtype), stream)
+    return gw, gb, _arrays.to_device(np.zeros(num_channels), stream)
 
 
 def welford(x, axis, stream):
@@ -210,9 +207,3 @@ def scaled(a, factor, stream=None):
     """``a * factor`` (float64) for a GPU array ``a`` of shape (C,), as ``a``'s kind of array."""
     d = _arrays.as_numba(a)
     return _arrays.like(_cast(d, np.float64, _arrays.stream_of(stream, a), factor), a)
-
-
-@functools.lru_cache(maxsize=64)
-def _constant(fill, num_channels, dtype):
-    # The default weight (ones) and bias (zeros) on the device, made once per (C, dtype).
-    return _arrays.to_device(np.full(num_channels, fill, dtype=dtype), 0)
