@@ -36,11 +36,10 @@ WIDEN_TO = 1024
 MINOR_ROWS = 64
 
 #: Channel-strided passes take one whole channel per task, and revisit its slice while it is
-#: in L2 (DESIGN.md section 5), when a channel's slice is at most this many bytes and there
-#: are at least FUSE_CHANNELS channels to share among the cores.  The slice is ``x`` for the
-#: forward pass and ``g`` plus ``x`` for the backward pass.  Measured on a 2 MB-L2 core:
-#: raising it to 2 MB made the (64, 64, 56, 56) float32 backward slower (3.4x a triad
-#: instead of 2.9x): the slice and the output stream no longer fit together.
+#: in L2 (the cached case of docs/design.rst's byte model), when a channel's slice is at most
+#: this many bytes and there are at least FUSE_CHANNELS channels to share among the cores.
+#: The slice is ``x`` for the forward pass and ``g`` plus ``x`` for the backward pass.  Half
+#: of a 2 MB L2: at the full 2 MB the slice and the output stream no longer fit together.
 FUSE_BYTES = 1 << 20
 FUSE_CHANNELS = 16
 

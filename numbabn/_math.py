@@ -2,7 +2,7 @@
 per-channel finalize and backward-coefficient steps built on them.
 
 Plain ``@njit`` functions (numbabn's ``leaf`` and ``stage``), so CPU kernels call them and
-``numba.cuda`` kernels compile them for the device.  Symbols follow DESIGN.md section 2.
+``numba.cuda`` kernels compile them for the device.  Symbols follow docs/math.rst.
 """
 
 import math

@@ -1,6 +1,6 @@
 """How a reduction over an ``(outer, C, inner)`` array is cut into tasks: shape only.
 
-Two kernel families (DESIGN.md section 3):
+Two kernel families (the layouts of docs/design.rst):
 
 - channel-strided (``inner >= MIN_INNER``, NCHW): a task is one channel over a range of
   outer rows; each row is contiguous.

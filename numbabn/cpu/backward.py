@@ -3,7 +3,7 @@ last for :attr:`numbabn.BatchNorm.update_threshold`) and one elementwise pass
 ``grad_input = g * A + x * B + D`` with per-channel float64 coefficients.
 
 Bytes moved: the reduction reads ``g`` and ``x`` (2s per element), the elementwise pass reads
-both again and writes ``grad_input`` (3s): 5s, the streaming floor of DESIGN.md section 5.
+both again and writes ``grad_input`` (3s): 5s, the streaming floor (docs/design.rst).
 When a channel's ``g`` and ``x`` slices fit in L2 (channel-strided layouts,
 :func:`numbabn.cpu._plan.fuse_channels`) one task per channel reduces and then applies while
 they are cached: 3s from DRAM.  Sums run in float64, per task, merged in a fixed order:

@@ -1,31 +1,16 @@
 """Forward pass: statistics (training) or running statistics (eval), then ``y = x * a + b``.
 
 Bytes moved (s = element size): training reads ``x`` twice and writes ``y`` once (3s per
-element; DESIGN.md section 5) or, when a channel's slice fits in L2 (channel-strided layouts,
-:func:`numbabn.cpu._plan.fuse_channels`), reads it from DRAM once and again from L2 (2s);
-eval reads ``x`` and writes ``y`` (2s).  The EMA update of the running statistics is fused
-into the O(C) finalize step between statistics and normalization.  The elementwise pass
-computes in float64 and rounds once on store, so float32 outputs keep float32 precision even
-when ``|mean| / std`` is large (``b = bias - mean * a`` would cancel in float32).
+element; the byte model of docs/design.rst) or, when a channel's slice fits in L2
+(channel-strided layouts, :func:`numbabn.cpu._plan.fuse_channels`), reads it from DRAM once
+and again from L2 (2s); eval reads ``x`` and writes ``y`` (2s).  The EMA update of the running
+statistics is fused into the O(C) finalize step between statistics and normalization.  The
+elementwise pass computes in float64 and rounds once on store, so float32 outputs keep float32
+precision even when ``|mean| / std`` is large (``b = bias - mean * a`` would cancel in float32).
 
-Float32 arithmetic was built and measured too, as ``y = (x - m) * a + b`` with ``m`` the mean
-rounded to float32 and ``b`` carrying the remainder (as precise): on (256, 1024) float32, in
-L2, the parallel eval went from 27 to 18 us, but beyond L2 it lost, (65536, 512) 9.4 -> 11.6
-ms and 1 GB 79 -> 94 ms, where the float64 form streams at a copy's speed.  Kept float64.
-
-Channel-minor layouts have no fused path: one was built for small arrays (tiles of channels,
-statistics then normalize while in L2, one parallel region) and measured slower on
-(256, 1024) float32, 86 us against 60 us, because two threads writing column halves of the
-same rows normalized slower than one thread (47 us against 40 us); rows split between the
-threads (``normalize``) is the fast way.
-
-Outputs use plain stores.  Non-temporal stores (1 KB chunks computed into an L1 buffer, then
-streamed out with ``vmovntps``, skipping each line's read-for-ownership) were built and
-measured on 1 GB float32 arrays here, beyond the 480 MB L3: the NCHW eval forward went from
-1.77x to 1.64x a copy and the backward from 1.93x to 1.75x a triad, but channel-minor rows
-(short, each with its own buffer and fence) went from 2.10x to 3.53x a copy, and arrays in
-cache gain nothing.  Not worth two LLVM intrinsics; the git history keeps the code
-("Non-temporal stores ...").
+Channel-minor layouts have no fused path, and outputs use plain stores: the alternatives
+(float32 arithmetic, a fused channel-minor path, non-temporal stores) were measured slower
+where it matters; docs/performance_notes.rst has the figures.
 """
 
 import numpy as np

@@ -17,11 +17,9 @@ from .. import _config
 #: Size of the shared-memory reduction buffers: the most threads a block may have.
 MAX_THREADS = 256
 
-#: Rows a thread loads before it merges them (independent loads in flight per thread).  With
-#: 4, the NCHW statistics of (256, 64, 112, 112) float32 ran at 2.4x the time of a copy of the
-#: array on an H200 (a read-only pass should take about half a copy's time): too few loads in
-#: flight to cover the memory latency with float64 registers limiting occupancy.  8 is the
-#: next thing to try; it has not been timed on a GPU yet, so 4, the verified value, stays.
+#: Rows a thread loads before it merges them (independent loads in flight per thread).  4 is
+#: the value checked on hardware; it leaves the statistics short of loads in flight on large
+#: NCHW arrays (docs/performance_notes.rst).
 CHUNK = 4
 
 #: Rows a thread of the strided elementwise kernels takes (at least, when the grid allows).

@@ -5,8 +5,8 @@ D`` with per-channel coefficients.
 Bytes moved: the reduction reads ``g`` and ``x`` (2s per element), the elementwise pass
 reads both again and writes ``grad_input`` (3s): 5s.  Sums run in float64 per thread, then
 along the same fixed shared-memory tree as the statistics, then over splits in a fixed
-order: deterministic.  The per-channel coefficients are the CPU's own
-:func:`numbabn._math.grad_coef`, the CPU drivers' own, compiled for the device.
+order: deterministic.  The per-channel coefficients are :func:`numbabn._math.grad_coef`,
+the CPU drivers' own, compiled for the device.
 """
 
 from numba import cuda, float64

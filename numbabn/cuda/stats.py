@@ -4,7 +4,7 @@ Every thread runs blocked Welford over its share of a channel (column): ``CHUNK`
 loaded at once (independent loads in flight), their exact mean and centred sum of squares,
 then a Chan merge into the thread's running ``(n, mean, M2)``, all in float64.  A block
 merges its threads' partials in shared memory along a fixed tree (no warp shuffles: the
-CUDA simulator has none, and no GPU has timed yet whether they would win) and writes one
+CUDA simulator, which the tests run in, has none) and writes one
 partial per (split, column); a block per channel then merges a channel's partials in a
 fixed order (:func:`channel_partials`, inside :func:`channel_stats` and the finish and
 gradient kernels).  Bytes moved: ``x`` once.
@@ -13,6 +13,7 @@ gradient kernels).  Bytes moved: ``x`` once.
 from numba import cuda, float64
 
 from .._math import chan_merge
+from . import _arrays
 from ._plan import CHUNK, MAX_THREADS, per_channel_blocks, plan
 
 
@@ -53,12 +54,8 @@ def tree(v0, v1, v2, lane, row, width, height, welford):
     row 0).  Rows ``r`` and ``r + h`` pair up for ``h = height / 2, ..., 1`` (``height`` a
     power of two): a fixed order.  Every thread must call it, once per kernel.
 
-    The per-channel merges use it (they compiled and passed the tests on an H200).  The
-    partial kernels keep :func:`block_partial`, the same tree in the form that compiled
-    there: built on ``tree``, with 8 rows a chunk, ``partials_minor`` and
-    ``grad_partials_minor`` were refused by that machine's NVVM (``ERROR_INVALID_IR``;
-    numba-cuda 0.30.4, numba 0.68.0), which of the two changes NVVM objected to is not known,
-    and ``compile_ptx`` accepted both here with libNVVM 13.0 and 13.5."""
+    The per-channel merges use it.  The partial kernels keep :func:`block_partial`, the same
+    tree in the form a GPU's NVVM accepted for them (docs/performance_notes.rst)."""
     sh = cuda.shared.array((3, MAX_THREADS), float64)
     t = row * width + lane
     sh[0, t], sh[1, t], sh[2, t] = v0, v1, v2
@@ -112,8 +109,8 @@ def channel_partials(part, q, c, welford):
     partials ``part[:, s, c * q + k]`` merged (``welford``) or added, and returned to thread
     0.  Thread ``t`` takes items ``t, t + threads, ...`` of the split-major ``(s, k)``
     sequence in order, then :func:`tree` combines the threads: the order depends on the
-    shape alone.  Measured on an H200: one thread per channel merging 196 splits in turn
-    took 0.16 ms, 0.42x the time of copying the (32, 56, 56, 256) array it summarized."""
+    shape alone.  (One thread per channel merging every split in turn was measured far
+    slower on many splits.)"""
     t, nt = cuda.threadIdx.x, cuda.blockDim.x
     v0, v1, v2 = 0.0, 0.0, 0.0
     for item in range(t, part.shape[1] * q, nt):
@@ -184,8 +181,6 @@ def copy_cast(src, factor, dst):
 def partials(x3, stream):
     """Launch the partial statistics of ``x3``; returns ``(part, q)`` for
     :func:`channel_partials`."""
-    from . import _arrays
-
     outer, num_channels, inner = x3.shape
     p = plan(outer, num_channels, inner)
     part = _arrays.scratch("part", (3, p.nsplit, p.width), "f8", stream)
@@ -199,7 +194,5 @@ def partials(x3, stream):
 
 def welford(x3, stats, stream):
     """Driver: ``stats`` (3, C) float64 (device) receives ``(n, mean, M2)`` of ``x3``."""
-    from . import _arrays
-
     part, q = partials(x3, stream)
     _arrays.launch(channel_stats, *per_channel_blocks(x3.shape[1]), stream, part, q, stats)
