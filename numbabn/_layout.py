@@ -52,9 +52,13 @@ def norm_axis(axis, ndim, name="axis"):
     return int(axis) % ndim
 
 
-def same_kind(x, other, name):
-    """Check that ``other`` has the same shape and dtype as ``x``."""
-    return check_like(x, _ndarray(other, name), name)
+def same_kind(x, other, name, *, writable=False):
+    """Check that ``other`` is an ndarray with ``x``'s shape and dtype (and writable when it
+    receives results)."""
+    other = check_like(x, _ndarray(other, name), name)
+    if writable and not other.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return other
 
 
 def check_like(x, other, name):
@@ -124,15 +128,15 @@ def values_per_channel(shape, axis):
     return math.prod(shape[:axis]) * math.prod(shape[axis + 1 :])
 
 
-def check_training_count(x, axis):
+def check_training_count(shape, axis):
     """Training needs more than one value per channel (the unbiased variance divides by
-    n - 1); an empty batch (n = 0) is allowed, as in PyTorch, and changes nothing."""
-    num_channels = x.shape[axis]
-    n = x.size // num_channels if num_channels else values_per_channel(x.shape, axis)
+    n - 1); an empty batch (n = 0) is allowed, as in PyTorch (its output is empty and the
+    running statistics are untouched)."""
+    n = values_per_channel(shape, axis)
     if n == 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of shape "
-            f"{x.shape} ({n} value(s) per channel along axis {axis})"
+            f"{shape} ({n} value(s) per channel along axis {axis})"
         )
 
 
@@ -168,16 +172,6 @@ def contiguous(x):
     if x.flags.c_contiguous or x.flags.f_contiguous:
         return x
     return np.ascontiguousarray(x)
-
-
-def check_out(x, out):
-    """Check an ``out`` argument: ``None``, or a writable array of ``x``'s shape and dtype."""
-    if out is None:
-        return None
-    out = same_kind(x, out, "out")
-    if not out.flags.writeable:
-        raise ValueError("out must be writable")
-    return out
 
 
 def output_for(x, out, *others):

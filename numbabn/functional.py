@@ -1,18 +1,11 @@
 """The functional API, shaped like ``torch.nn.functional.batch_norm``.
 
-Each function validates every argument (``numbabn._layout``), views the arrays as
-``(outer, C, inner)`` and calls one compiled driver of ``numbabn.cpu``.  Nothing is written,
-running statistics included, until every check has passed.
+Each function checks every argument once (:mod:`numbabn._call`), which also picks the
+backend from the input's kind (NumPy, GPU or Dask array), then runs the checked call there.
+Nothing is written, running statistics included, until every check has passed.
 """
 
-import functools
-
-import numpy as np
-
-from . import _device, _layout
-from ._config import PARALLEL_MIN
-from .cpu import backward as _bwd
-from .cpu import forward as _fwd
+from . import _call
 
 
 def batch_norm(
@@ -72,7 +65,8 @@ def batch_norm(
 
     A non-contiguous ``input`` is copied once.
     """
-    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream)[0]
+    inp = _call.check_input(input, axis, stream)
+    return _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out).run()[0]
 
 
 def batch_norm_forward(
@@ -103,7 +97,8 @@ def batch_norm_forward(
         in training, the running statistics' in eval.  Kept in float64 so the backward pass
         loses nothing when ``|mean| / std`` is large.
     """
-    return _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream)
+    inp = _call.check_input(input, axis, stream)
+    return _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out).run()
 
 
 def batch_norm_backward(
@@ -147,139 +142,5 @@ def batch_norm_backward(
         grad_input  = weight * invstd / n * (n * g - grad_bias - xhat * grad_weight)  # training
         grad_input  = g * weight * invstd                                            # eval
     """
-    return _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)[:3]
-
-
-def _backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream=None):
-    """:func:`batch_norm_backward`'s work; returns ``(grad_input, grad_weight, grad_bias,
-    abs_grad_sum)``, the last the per-channel ``sum |grad_output|`` (float64) that the
-    reduction pass accumulates beside ``grad_bias`` (:attr:`BatchNorm.update_threshold`)."""
-    if _device.is_device(input):
-        return _cuda().backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream)
-    _device.host_stream(stream)
-    x = _layout.as_input(input, "input")
-    g = _layout.same_kind(x, grad_output, "grad_output")
-    ax = _layout.norm_axis(axis, x.ndim)
-    training = _layout.check_flag(training, "training")
-    num_channels, dtype = x.shape[ax], x.dtype
-    weight = _layout.per_channel(weight, num_channels, dtype, "weight")
-    save_mean = _layout.per_channel(save_mean, num_channels, dtype, "save_mean", allow_f64=True)
-    save_invstd = _layout.per_channel(save_invstd, num_channels, dtype, "save_invstd", allow_f64=True)
-    if save_mean is None or save_invstd is None:
-        raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
-    out = _layout.check_out(x, out)
-    x, g = _layout.contiguous(x), _layout.contiguous(g)
-    if not _layout.same_view(g, x):  # bring g to x's memory order (one copy, of g only)
-        g = np.ascontiguousarray(g) if x.flags.c_contiguous else np.asfortranarray(g)
-    grad_input = _layout.output_for(x, out, g)
-    grads = np.empty((3, num_channels))
-    g3, x3, gi3 = _layout.view3(g, ax, x, grad_input)
-    _bwd.backward(
-        x.size >= PARALLEL_MIN,
-        g3,
-        x3,
-        _per_channel_array(weight, 1.0, num_channels, dtype),
-        np.ascontiguousarray(save_mean, dtype=np.float64),
-        np.ascontiguousarray(save_invstd, dtype=np.float64),
-        training,
-        gi3,
-        grads,
-    )
-    return _deliver(grad_input, out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
-
-
-def _cuda():
-    """numbabn's GPU backend (imported on first use), or a RuntimeError saying why not."""
-    from . import cuda
-
-    cuda.require()
-    from .cuda import api
-
-    return api
-
-
-def _forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream):
-    if _device.is_device(input):
-        args = (weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream)
-        return _cuda().forward(input, *args)
-    _device.host_stream(stream)
-    x = _layout.as_input(input, "input")
-    ax = _layout.norm_axis(axis, x.ndim)
-    num_channels, dtype = x.shape[ax], x.dtype
-    training = _layout.check_flag(training, "training")
-    weight = _layout.per_channel(weight, num_channels, dtype, "weight")
-    bias = _layout.per_channel(bias, num_channels, dtype, "bias")
-    running_mean = _layout.per_channel(running_mean, num_channels, dtype, "running_mean", writable=training)
-    running_var = _layout.per_channel(running_var, num_channels, dtype, "running_var", writable=training)
-    if (running_mean is None) != (running_var is None):
-        missing = "running_var" if running_var is None else "running_mean"
-        raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
-    if training:
-        momentum = _layout.check_momentum(momentum)
-        _layout.check_training_count(x, ax)
-    elif running_mean is None:
-        raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
-    eps = _layout.check_eps(eps)
-    out = _layout.check_out(x, out)
-
-    x = _layout.contiguous(x)
-    dest = _layout.output_for(x, out)
-    x3, y3 = _layout.view3(x, ax, dest)
-    w = _per_channel_array(weight, 1.0, num_channels, dtype)
-    b = _per_channel_array(bias, 0.0, num_channels, dtype)
-    save = np.empty((2, num_channels))
-    parallel = x.size >= PARALLEL_MIN
-    if training and x.size == 0:
-        # An empty batch, as in PyTorch: an empty output, running statistics untouched.
-        save[...] = np.nan
-    elif training:
-        rm = _buffer(running_mean, dtype)
-        rv = _buffer(running_var, dtype)
-        _fwd.forward_train(parallel, x3, w, b, rm, rv, momentum, eps, y3, save)
-        _write_back(running_mean, rm)
-        _write_back(running_var, rv)
-    else:
-        mean, var = _buffer(running_mean, dtype), _buffer(running_var, dtype)
-        _fwd.forward_eval(parallel, x3, w, b, mean, var, eps, y3, save)
-    return _deliver(dest, out), save[0], save[1]
-
-
-def _deliver(result, out):
-    """``out`` holding ``result`` when ``out`` is given (copied when the kernels could not
-    write it directly, see ``_layout.output_for``), else ``result``."""
-    if out is None or result is out:
-        return result
-    out[...] = result
-    return out
-
-
-def _per_channel_array(a, fill, num_channels, dtype):
-    if a is None:
-        return _constant(fill, num_channels, dtype)
-    return np.ascontiguousarray(a)
-
-
-def _constant(fill, num_channels, dtype):
-    if num_channels > 1 << 16:  # not worth keeping alive
-        return np.full(num_channels, fill, dtype=dtype)
-    return _small_constant(fill, num_channels, dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _small_constant(fill, num_channels, dtype):
-    # The default weight (ones) and bias (zeros), made once per (C, dtype) and only read by
-    # the kernels.  Not flagged read-only: numba would compile a second specialization.
-    return np.full(num_channels, fill, dtype=dtype)
-
-
-def _buffer(a, dtype):
-    # Kernels take contiguous per-channel arrays; a strided one goes through a copy (which
-    # _write_back copies back when the kernel updated it).
-    if a is None:
-        return np.empty(0, dtype=dtype)
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
-
-
-def _write_back(a, buf):
-    if a is not None and a is not buf:
-        a[...] = buf
+    inp = _call.check_input(input, axis, stream)
+    return _call.backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out).run()[:3]

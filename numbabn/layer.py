@@ -4,9 +4,45 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _layout
+from . import _call, _layout
 from ._device import is_device
-from .functional import _backward, _cuda, batch_norm_forward
+
+
+class _DefaultMomentum(float):
+    """The type of ``momentum``'s default, 0.1: an explicit ``momentum=0.1`` is a plain float,
+    so giving it together with ``decay`` is refused like any other pair."""
+
+    __slots__ = ()
+
+    # -- pickling ---------------------------------------------------------------------------
+    def __getstate__(self):
+        """Parameters, buffers, gradients and settings, as host arrays; not the last forward's
+        saved input (as a pickled PyTorch module keeps no autograd graph), so
+        :meth:`backward` needs a new :meth:`forward` after unpickling."""
+        state = dict(self.__dict__)
+        state["_saved"] = None
+        if self.device == "cuda":
+            for name, value in state.items():
+                if value is not None and is_device(value):
+                    state[name] = _as_numba(value).copy_to_host()
+        return state
+
+    def __setstate__(self, state):
+        if state.get("device") == "cuda":
+            from numba import cuda
+
+            _call.cuda_backend()
+            state = {
+                k: cuda.to_device(v) if isinstance(v, np.ndarray) and k != "update_threshold" else v
+                for k, v in state.items()
+            }
+        self.__dict__.update(state)
+
+    def __repr__(self):
+        return "0.1"
+
+
+_DEFAULT_MOMENTUM = _DefaultMomentum(0.1)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -82,7 +118,7 @@ class BatchNorm:
         self,
         num_features,
         eps=1e-5,
-        momentum=0.1,
+        momentum=_DEFAULT_MOMENTUM,
         affine=True,
         track_running_stats=True,
         *,
@@ -105,14 +141,14 @@ class BatchNorm:
         if dtype not in dtypes:
             raise TypeError(f"dtype must be {' or '.join(map(str, dtypes))} on device {device!r}, got {dtype}")
         if decay is not None:
-            if momentum != 0.1:
+            if momentum is not _DEFAULT_MOMENTUM:
                 raise ValueError(
                     f"give momentum (PyTorch's weight of the new batch) or decay (Keras/Flax: 1 - momentum), "
                     f"not both; got momentum={momentum!r} and decay={decay!r}"
                 )
             momentum = 1.0 - _layout.check_momentum(decay, "decay", "the weight of the running statistics")
         if momentum is not None:
-            _layout.check_momentum(momentum)
+            momentum = _layout.check_momentum(momentum)
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.num_features = int(num_features)
@@ -123,7 +159,8 @@ class BatchNorm:
         self.axis = int(axis)
         self.dtype = dtype
         self.device = device
-        self._to_device = _device_mover(device)
+        if device == "cuda":
+            _call.cuda_backend()  # a clear error now when there is no GPU backend, not at the first call
         self.training = True
         self.weight = self._new(1.0) if affine else None
         self.bias = self._new(0.0) if affine else None
@@ -169,7 +206,12 @@ class BatchNorm:
             self._assign(self.bias, 0.0)
 
     def _new(self, fill):
-        return self._to_device(np.full(self.num_features, fill, self.dtype))
+        host = np.full(self.num_features, fill, self.dtype)
+        if self.device == "cpu":
+            return host
+        from numba import cuda
+
+        return cuda.to_device(host)
 
     def _assign(self, buffer, value):
         """Write ``value`` (a scalar or a host array, cast to the layer's dtype) into ``buffer``."""
@@ -185,35 +227,35 @@ class BatchNorm:
 
         As ``torch.nn.BatchNorm*d``: training (or eval without running statistics) uses the
         batch statistics; training with running statistics counts ``num_batches_tracked``
-        and, with ``momentum=None``, averages cumulatively (``momentum = 1 / count``).
+        (an empty batch counts too, as in PyTorch) and, with ``momentum=None``, averages
+        cumulatively (``momentum = 1 / num_batches_tracked``).
         """
-        x = self._check_input(x)
+        inp = self._check_input(x)
+        call = self._forward_call(inp)
+        y, mean, invstd = self._run_forward(call)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+        # The input is kept by reference for backward(), as PyTorch keeps it: modifying it in
+        # place before backward() changes the gradients (PyTorch would raise; this cannot tell).
+        self._saved = (inp, mean, invstd, call.training)
+        return y
+
+    __call__ = forward
+
+    def _forward_call(self, inp):
+        """The checked forward call of this layer's state on the checked input ``inp``."""
         use_batch = self.training or self.running_mean is None
         track = self.training and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if track and self.momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
-        running = (
-            (None, None) if self.training and not self.track_running_stats else (self.running_mean, self.running_var)
-        )
-        y, mean, invstd = batch_norm_forward(
-            x,
-            self.weight,
-            self.bias,
-            *running,
-            training=use_batch,
-            momentum=momentum,
-            eps=self.eps,
-            axis=self.axis,
-        )
-        if track:
-            self.num_batches_tracked += 1
-        # The input is kept by reference for backward(), as PyTorch keeps it: modifying it in
-        # place before backward() changes the gradients (PyTorch would raise; this cannot tell).
-        self._saved = (x, mean, invstd, use_batch)
-        return y
+        running = (None, None) if self.training and not track else (self.running_mean, self.running_var)
+        return _call.forward_call(inp, self.weight, self.bias, *running, use_batch, momentum, self.eps, None)
 
-    __call__ = forward
+    def _run_forward(self, call):
+        """``(output, save_mean, save_invstd)`` of a checked forward call (SyncBatchNorm
+        exchanges statistics here)."""
+        return call.run()
 
     def backward(self, grad_output):
         """Gradient of the last :meth:`forward`'s output.
@@ -236,41 +278,39 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
-        x, mean, invstd, use_batch = self._saved
-        grad_input, grad_weight, grad_bias, abs_grad_sum = _backward(
-            grad_output, x, self.weight, mean, invstd, use_batch, self.axis, None
-        )
+        inp, mean, invstd, use_batch = self._saved
+        call = _call.backward_call(inp, grad_output, self.weight, mean, invstd, use_batch, None)
+        grad_input, grad_weight, grad_bias, abs_grad_sum, n = self._run_backward(call)
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
-        n = _layout.values_per_channel(x.shape, _layout.norm_axis(self.axis, x.ndim))
-        if self.device == "cuda":
-            self.update_threshold = _cuda().scaled(abs_grad_sum, 1.0 / n if n else np.nan)
-        else:
-            self.update_threshold = abs_grad_sum / n if n else np.full(self.num_features, np.nan)
+        self.update_threshold = inp.backend.scaled(abs_grad_sum, 1.0 / n if n else np.nan)
         return grad_input
 
-    def _check_input(self, x):
-        if self.device == "cuda":
-            if not is_device(x):
-                raise TypeError(
-                    f"input must be a GPU array for a layer on device 'cuda', got {type(x).__name__}: "
-                    "host and device arrays are not mixed"
-                )
-            meta = _layout.check_input(_as_numba(x), "input", (np.dtype(np.float16), *_layout.FLOAT_DTYPES))
-        else:
-            meta = x = _layout.as_input(x)
-        self._check_meta(meta)
-        return x
+    def _run_backward(self, call):
+        """``(grad_input, grad_weight, grad_bias, abs_grad_sum, n)`` of a checked backward
+        call, ``n`` the values per channel that ``abs_grad_sum`` sums over (SyncBatchNorm
+        exchanges the sums here)."""
+        return (*call.run(), _layout.values_per_channel(call.inp.shape, call.inp.axis))
 
-    def _check_meta(self, x):
-        if x.dtype != self.dtype:
-            raise TypeError(f"input must have dtype {self.dtype} (the layer's), got {x.dtype}")
-        ax = _layout.norm_axis(self.axis, x.ndim)
-        if x.shape[ax] != self.num_features:
+    def _check_input(self, x):
+        """The checked input of a call on this layer: its backend must be the layer's device,
+        its dtype the layer's and its channels ``num_features``."""
+        inp = _call.check_input(x, self.axis, None)
+        on_gpu = inp.backend.__name__ == "numbabn.cuda.api"
+        if on_gpu != (self.device == "cuda"):
+            where = "a GPU array" if self.device == "cuda" else "a host array (NumPy or Dask)"
+            raise TypeError(
+                f"input must be {where} for a layer on device {self.device!r}, got {type(x).__name__}: "
+                "host and device arrays are not mixed"
+            )
+        if inp.dtype != self.dtype:
+            raise TypeError(f"input must have dtype {self.dtype} (the layer's), got {inp.dtype}")
+        if inp.num_channels != self.num_features:
             raise ValueError(
                 f"input must have {self.num_features} channels (num_features) along axis {self.axis}, "
-                f"got {x.shape[ax]} (shape {x.shape})"
+                f"got {inp.num_channels} (shape {inp.shape})"
             )
+        return inp
 
     # -- state dicts ------------------------------------------------------------------------
     def _state_names(self):
@@ -341,22 +381,36 @@ class BatchNorm:
                 self._assign(getattr(self, name), value)
         return IncompatibleKeys(missing, unexpected)
 
+    # -- pickling ---------------------------------------------------------------------------
+    def __getstate__(self):
+        """Parameters, buffers, gradients and settings, as host arrays; not the last forward's
+        saved input (as a pickled PyTorch module keeps no autograd graph), so
+        :meth:`backward` needs a new :meth:`forward` after unpickling."""
+        state = dict(self.__dict__)
+        state["_saved"] = None
+        if self.device == "cuda":
+            for name, value in state.items():
+                if value is not None and is_device(value):
+                    state[name] = _as_numba(value).copy_to_host()
+        return state
+
+    def __setstate__(self, state):
+        if state.get("device") == "cuda":
+            from numba import cuda
+
+            _call.cuda_backend()
+            state = {
+                k: cuda.to_device(v) if isinstance(v, np.ndarray) and k != "update_threshold" else v
+                for k, v in state.items()
+            }
+        self.__dict__.update(state)
+
     def __repr__(self):
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
             + (", device='cuda')" if self.device == "cuda" else ")")
         )
-
-
-def _device_mover(device):
-    """How a new host buffer reaches ``device``: as it is, or copied to the GPU."""
-    if device == "cpu":
-        return lambda a: a
-    _cuda()  # a clear error now when there is no GPU backend, not at the first call
-    from numba import cuda
-
-    return cuda.to_device
 
 
 def _as_numba(a):

@@ -6,11 +6,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _layout
-from ._config import PARALLEL_MIN
+from . import _call
 from ._device import host_only, host_stream, is_device
 from ._math import chan_merge
-from .cpu import stats as _cpu
 
 
 class Stats(NamedTuple):
@@ -38,6 +36,28 @@ class Stats(NamedTuple):
         """Per-channel standard deviation, ``sqrt(var(ddof))``."""
         return np.sqrt(self.var(ddof))
 
+    def to_array(self):
+        """The statistics as one float64 array ``[count, mean[0..C), m2[0..C)]`` of length
+        ``2 C + 1``: the payload to send between processes (:meth:`from_array` reads it).
+        GPU statistics are copied to the host."""
+        mean, m2 = _host_array(self.mean), _host_array(self.m2)
+        return np.concatenate(([float(self.count)], mean, m2))
+
+    @classmethod
+    def from_array(cls, a):
+        """The :class:`Stats` of an array made by :meth:`to_array`."""
+        a = np.asarray(a)
+        if a.ndim != 1 or a.shape[0] % 2 != 1 or a.dtype != np.float64:
+            raise ValueError(
+                f"a must be a 1-d float64 array of length 2 C + 1 (count, mean, m2), got dtype {a.dtype} "
+                f"and shape {a.shape}"
+            )
+        count = a[0]
+        if not (np.isfinite(count) and count >= 0 and count == int(count)):
+            raise ValueError(f"a[0] (the count) must be an integer >= 0, got {count!r}")
+        c = (a.shape[0] - 1) // 2
+        return cls(int(count), a[1 : 1 + c].copy(), a[1 + c :].copy())
+
 
 def welford(x, *, axis=1, stream=None):
     """Per-channel count, mean and M2 of ``x`` in one pass (blocked Welford / Chan).
@@ -62,21 +82,13 @@ def welford(x, *, axis=1, stream=None):
     Blocks of ``x`` get their exact mean and centred sum of squares from two sweeps while
     in cache, then are merged with Chan's formula in an order fixed by the shape: the result
     is bitwise identical for any number of threads and never suffers the cancellation of
-    ``E[x^2] - E[x]^2``.  An ``x`` with no values gives ``count=0`` and zeros, the identity of
-    :func:`merge_stats`.
+    ``E[x^2] - E[x]^2``.  An ``x`` with no values per channel (a zero-length axis other than
+    ``axis``) gives ``count=0`` and zeros, the identity of :func:`merge_stats`; ``count`` is
+    always the number of values per channel, so shape ``(4, 0, 5)`` (no channels) gives
+    ``count=20`` and empty ``mean`` and ``m2``.
     """
-    if is_device(x):
-        from .functional import _cuda
-
-        return Stats(*_cuda().welford(x, axis, stream))
-    host_stream(stream)
-    x = _layout.as_input(x, "x")
-    ax = _layout.norm_axis(axis, x.ndim)
-    x = _layout.contiguous(x)
-    stats = np.empty((3, x.shape[ax]))
-    _cpu.welford(x.size >= PARALLEL_MIN, _layout.view3(x, ax), stats)
-    count = _layout.values_per_channel(x.shape, ax)
-    return Stats(count, stats[1], stats[2])
+    inp = _call.check_input(x, axis, stream, "x")
+    return Stats(*inp.backend.welford(inp))
 
 
 def merge_stats(*stats, stream=None):
@@ -102,11 +114,9 @@ def merge_stats(*stats, stream=None):
     if not stats:
         raise TypeError("merge_stats needs at least one Stats, got none")
     if any(is_device(s[1]) for s in stats if isinstance(s, tuple) and len(s) == 3):
-        from .functional import _cuda
-
         parts = [_as_stats(s, f"stats[{i}]", device=True) for i, s in enumerate(stats)]
         _same_channels(parts)
-        count, mean, m2 = _cuda().merge(parts, stream)
+        count, mean, m2 = _call.cuda_backend().merge(parts, stream)
         return Stats(count, mean, m2)
     host_stream(stream, "host statistics")
     parts = [_as_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
@@ -147,3 +157,11 @@ def _as_stats(s, name, device=False):
     if mean.ndim != 1 or m2.shape != mean.shape:
         raise ValueError(f"{name}.mean and .m2 must both have shape (C,), got {mean.shape} and {m2.shape}")
     return Stats(int(count), mean, m2)
+
+
+def _host_array(a):
+    if is_device(a):
+        from .cuda._arrays import as_numba
+
+        return as_numba(a).copy_to_host()
+    return np.asarray(a, dtype=np.float64)

@@ -1,8 +1,8 @@
-"""The public functions on GPU arrays: the same checks and messages as on the host
-(:mod:`numbabn._layout`), a zero-copy ``(outer, C, inner)`` view, the kernels launched on the
-caller's stream (nothing synchronizes the host), results handed back as the caller's kind
-of array.  Reached from :mod:`numbabn.functional` and :mod:`numbabn.stats` when the input
-is a GPU array."""
+"""The GPU backend: checked calls (:mod:`numbabn._call`) on GPU arrays.  A zero-copy
+``(outer, C, inner)`` view, the kernels launched on the caller's stream (nothing
+synchronizes the host), results handed back as the caller's kind of array."""
+
+import sys
 
 import numpy as np
 
@@ -19,9 +19,9 @@ from ._plan import launch_1d
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-class _Call:
-    """One call's input: the caller's array, its numba view, dtype, axis, memory order and
-    stream."""
+class Input:
+    """A checked GPU input: the caller's array, its numba view, dtype, axis, memory order and
+    stream, and the per-channel and like-input checks of its call."""
 
     def __init__(self, input, axis, stream, name="input"):
         self.original = input
@@ -29,6 +29,7 @@ class _Call:
         self.axis = _layout.norm_axis(axis, x.ndim)
         self.num_channels = x.shape[self.axis]
         self.dtype = x.dtype
+        self.shape = x.shape
         self.stream = _arrays.stream_of(stream, input)
         self.order = _arrays.dense_order(x)
         if self.order is None:
@@ -38,7 +39,7 @@ class _Call:
             )
         self.x = x
 
-    def per_channel(self, a, name, *, save=False):
+    def per_channel(self, a, name, *, writable=False, save=False):
         """A per-channel GPU array: shape (C,), the input's dtype (float16 inputs also take
         float32 ones, as cuDNN does; saved statistics may be float64), contiguous."""
         if a is None:
@@ -50,7 +51,7 @@ class _Call:
             raise ValueError(f"{name} must be contiguous on the GPU, got stride {a.strides[0]} bytes")
         return a
 
-    def like_input(self, a, name):
+    def like_input(self, a, name, *, writable=False):
         """``a`` (a GPU array of the input's shape and dtype) with the input's memory order."""
         a = _layout.check_like(self.x, _device_array(a, name), name)
         order = _arrays.dense_order(a)
@@ -75,65 +76,47 @@ class _Call:
         return _arrays.like(a, self.original)
 
 
-def forward(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out, stream):
-    """:func:`numbabn.functional.batch_norm_forward` on GPU arrays."""
-    call = _Call(input, axis, stream)
-    training = _layout.check_flag(training, "training")
-    weight, bias = call.per_channel(weight, "weight"), call.per_channel(bias, "bias")
-    running_mean = call.per_channel(running_mean, "running_mean")
-    running_var = call.per_channel(running_var, "running_var")
-    if (running_mean is None) != (running_var is None):
-        missing = "running_var" if running_var is None else "running_mean"
-        raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
-    if training:
-        momentum = _layout.check_momentum(momentum)
-        _layout.check_training_count(call.x, call.axis)
-    elif running_mean is None:
-        raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
-    eps = _layout.check_eps(eps)
-    dest = call.new_like_input() if out is None else call.like_input(out, "out")
-
-    x3, y3 = call.view(call.x), call.view(dest)
-    w = call.constant(1.0) if weight is None else weight
-    b = call.constant(0.0) if bias is None else bias
-    st = call.stream
-    if training and call.x.size == 0:
-        save = _arrays.to_device(np.full((2, call.num_channels), np.nan), st)
-    elif training:
-        save = _arrays.empty((2, call.num_channels), "f8", st)
-        rm = _arrays.constant(0.0, 0, call.dtype) if running_mean is None else running_mean
-        rv = _arrays.constant(0.0, 0, call.dtype) if running_var is None else running_var
-        _fwd.forward_train(x3, w, b, rm, rv, momentum, eps, y3, save, st)
+def forward(call):
+    """``(output, save_mean, save_invstd)`` of a checked :class:`numbabn._call.ForwardCall`."""
+    inp, out = call.inp, call.out
+    dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
+    x3, y3 = inp.view(inp.x), inp.view(dest)
+    w = inp.constant(1.0) if call.weight is None else call.weight
+    b = inp.constant(0.0) if call.bias is None else call.bias
+    running_mean, running_var = call.running_mean, call.running_var
+    st = inp.stream
+    if call.training and inp.x.size == 0:
+        save = _arrays.to_device(np.full((2, inp.num_channels), np.nan), st)
+    elif call.training:
+        save = _arrays.empty((2, inp.num_channels), "f8", st)
+        rm = _arrays.constant(0.0, 0, inp.dtype) if running_mean is None else running_mean
+        rv = _arrays.constant(0.0, 0, inp.dtype) if running_var is None else running_var
+        _fwd.forward_train(x3, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
     else:
-        save = _arrays.empty((2, call.num_channels), "f8", st)
-        _fwd.forward_eval(x3, w, b, running_mean, running_var, eps, y3, save, st)
-    y = out if out is not None else call.hand_back(dest)
-    return y, call.hand_back(save[0]), call.hand_back(save[1])
+        save = _arrays.empty((2, inp.num_channels), "f8", st)
+        _fwd.forward_eval(x3, w, b, running_mean, running_var, call.eps, y3, save, st)
+    y = out if out is not None else inp.hand_back(dest)
+    return y, inp.hand_back(save[0]), inp.hand_back(save[1])
 
 
-def backward(grad_output, input, weight, save_mean, save_invstd, training, axis, out, stream):
-    """:func:`numbabn.functional.batch_norm_backward` on GPU arrays; also returns the
-    per-channel ``sum |grad_output|`` (float64)."""
-    call = _Call(input, axis, stream)
-    g = call.like_input(grad_output, "grad_output")
-    training = _layout.check_flag(training, "training")
-    weight = call.per_channel(weight, "weight")
-    save_mean = call.per_channel(save_mean, "save_mean", save=True)
-    save_invstd = call.per_channel(save_invstd, "save_invstd", save=True)
-    if save_mean is None or save_invstd is None:
-        raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
-    dest = call.new_like_input() if out is None else call.like_input(out, "out")
-    st = call.stream
-    mean, invstd = _as_f64(save_mean, st), _as_f64(save_invstd, st)
-    w = call.constant(1.0) if weight is None else weight
-    gdtype = np.float32 if call.dtype.itemsize == 2 else call.dtype
-    gi = out if out is not None else call.hand_back(dest)
-    if call.x.size == 0:
-        return (gi, *(call.hand_back(a) for a in _empty_grads(call.num_channels, invstd, gdtype, st)))
-    grads = _arrays.empty((3, call.num_channels), "f8", st)
-    gwb = _arrays.empty((2, call.num_channels), gdtype, st)
-    _bwd.backward(call.view(g), call.view(call.x), w, mean, invstd, training, call.view(dest), grads, gwb, st)
-    return gi, call.hand_back(gwb[0]), call.hand_back(gwb[1]), call.hand_back(grads[2])
+def backward(call):
+    """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked
+    :class:`numbabn._call.BackwardCall`; the last is the per-channel ``sum |grad_output|``
+    (float64)."""
+    inp, out = call.inp, call.out
+    dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
+    st = inp.stream
+    mean, invstd = _as_f64(call.save_mean, st), _as_f64(call.save_invstd, st)
+    w = inp.constant(1.0) if call.weight is None else call.weight
+    gdtype = np.float32 if inp.dtype.itemsize == 2 else inp.dtype
+    gi = out if out is not None else inp.hand_back(dest)
+    if inp.x.size == 0:
+        return (gi, *(inp.hand_back(a) for a in _empty_grads(inp.num_channels, invstd, gdtype, st)))
+    grads = _arrays.empty((3, inp.num_channels), "f8", st)
+    gwb = _arrays.empty((2, inp.num_channels), gdtype, st)
+    g3, x3, gi3 = inp.view(call.grad_output), inp.view(inp.x), inp.view(dest)
+    _bwd.backward(g3, x3, w, mean, invstd, call.training, gi3, grads, gwb, st)
+    return gi, inp.hand_back(gwb[0]), inp.hand_back(gwb[1]), inp.hand_back(grads[2])
 
 
 def _empty_grads(num_channels, invstd, gdtype, stream):
@@ -145,17 +128,16 @@ def _empty_grads(num_channels, invstd, gdtype, stream):
     return gw, gb, _arrays.to_device(np.zeros(num_channels), stream)
 
 
-def welford(x, axis, stream):
-    """:func:`numbabn.welford` on a GPU array: ``(count, mean, m2)``, mean and m2 float64
-    arrays of the input's kind."""
-    call = _Call(x, axis, stream, "x")
-    if call.x.size == 0:  # count 0 and zeros: the identity of merge_stats
-        stats = _arrays.to_device(np.zeros((3, call.num_channels)), call.stream)
+def welford(inp):
+    """``(count, mean, m2)`` of a checked :class:`Input`, mean and m2 float64 arrays of the
+    input's kind."""
+    if inp.x.size == 0:  # count 0 and zeros: the identity of merge_stats
+        stats = _arrays.to_device(np.zeros((3, inp.num_channels)), inp.stream)
     else:
-        stats = _arrays.empty((3, call.num_channels), "f8", call.stream)
-        _stats.welford(call.view(call.x), stats, call.stream)
-    count = _layout.values_per_channel(call.x.shape, call.axis)
-    return count, call.hand_back(stats[1]), call.hand_back(stats[2])
+        stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
+        _stats.welford(inp.view(inp.x), stats, inp.stream)
+    count = _layout.values_per_channel(inp.shape, inp.axis)
+    return count, inp.hand_back(stats[1]), inp.hand_back(stats[2])
 
 
 def merge(parts, stream):
@@ -207,3 +189,6 @@ def scaled(a, factor, stream=None):
     """``a * factor`` (float64) for a GPU array ``a`` of shape (C,), as ``a``'s kind of array."""
     d = _arrays.as_numba(a)
     return _arrays.like(_cast(d, np.float64, _arrays.stream_of(stream, a), factor), a)
+
+
+Input.backend = sys.modules[__name__]

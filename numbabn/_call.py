@@ -1,0 +1,142 @@
+"""One checked description of each call, made once at the public boundary, and the one
+place that picks the backend.
+
+A backend is a module with the same five names (``numbabn.cpu.api`` for NumPy arrays,
+``numbabn.cuda.api`` for GPU arrays, ``numbabn.dask`` for Dask arrays):
+
+``Input(x, axis, stream, name)``
+    Checks the input array (dtype, ndim, axis, layout, stream) and checks the arrays that
+    come with it: ``per_channel(a, name, writable=..., save=...)`` and
+    ``like_input(a, name, writable=...)``.  Exposes ``x``, ``axis``, ``num_channels``,
+    ``dtype``, ``shape`` and ``backend``.
+``forward(call)``
+    A :class:`ForwardCall` to ``(output, save_mean, save_invstd)``.
+``backward(call)``
+    A :class:`BackwardCall` to ``(grad_input, grad_weight, grad_bias, abs_grad_sum)``.
+``welford(inp)``
+    An ``Input`` to ``(count, mean, m2)``.
+``scaled(a, factor)``
+    ``a * factor`` as float64, on the backend's kind of array.
+
+Backends receive checked calls only: they never validate arguments again.
+"""
+
+import sys
+
+import numpy as np
+
+from . import _layout
+from .cpu import api as _host
+
+
+def backend_of(x):
+    """The backend module for input ``x``: GPU arrays, Dask arrays, or the host (NumPy and
+    anything ``numpy.asarray`` takes).  ``numba.cuda`` and Dask are imported only when an
+    input of theirs is seen."""
+    if type(x) is np.ndarray:
+        return _host
+    from ._device import is_device
+
+    if is_device(x):
+        return cuda_backend()
+    if is_dask(x):
+        from . import dask as backend
+
+        return backend
+    return _host
+
+
+def is_dask(a):
+    """True for a ``dask.array.Array`` (checked without importing Dask unless it is loaded)."""
+    if "dask.array" not in sys.modules or a is None:
+        return False
+    return isinstance(a, sys.modules["dask.array"].Array)
+
+
+def cuda_backend():
+    """numbabn's GPU backend (imported on first use), or a RuntimeError saying why not."""
+    from . import cuda
+
+    cuda.require()
+    from .cuda import api
+
+    return api
+
+
+def check_input(x, axis, stream, name="input"):
+    """The checked ``Input`` of ``x`` on its backend."""
+    return backend_of(x).Input(x, axis, stream, name)
+
+
+class ForwardCall:
+    """A checked forward call: the ``Input`` and every other argument, checked."""
+
+    __slots__ = ("inp", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "out")
+
+    def __init__(self, inp, weight, bias, running_mean, running_var, training, momentum, eps, out):
+        self.inp = inp
+        self.weight = weight
+        self.bias = bias
+        self.running_mean = running_mean
+        self.running_var = running_var
+        self.training = training
+        self.momentum = momentum
+        self.eps = eps
+        self.out = out
+
+    def run(self):
+        """``(output, save_mean, save_invstd)`` from the input's backend."""
+        return self.inp.backend.forward(self)
+
+
+class BackwardCall:
+    """A checked backward call."""
+
+    __slots__ = ("inp", "grad_output", "weight", "save_mean", "save_invstd", "training", "out")
+
+    def __init__(self, inp, grad_output, weight, save_mean, save_invstd, training, out):
+        self.inp = inp
+        self.grad_output = grad_output
+        self.weight = weight
+        self.save_mean = save_mean
+        self.save_invstd = save_invstd
+        self.training = training
+        self.out = out
+
+    def run(self):
+        """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` from the input's backend."""
+        return self.inp.backend.backward(self)
+
+
+def forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out):
+    """Check a forward call's arguments against its checked input ``inp``."""
+    training = _layout.check_flag(training, "training")
+    weight = inp.per_channel(weight, "weight")
+    bias = inp.per_channel(bias, "bias")
+    running_mean = inp.per_channel(running_mean, "running_mean", writable=training)
+    running_var = inp.per_channel(running_var, "running_var", writable=training)
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
+    # Checked in eval mode too, where it is unused, so a bad value never waits for training.
+    momentum = _layout.check_momentum(momentum)
+    if training:
+        _layout.check_training_count(inp.shape, inp.axis)
+    elif running_mean is None:
+        raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
+    eps = _layout.check_eps(eps)
+    out = None if out is None else inp.like_input(out, "out", writable=True)
+    return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out)
+
+
+def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out):
+    """Check a backward call's arguments against its checked input ``inp``."""
+    grad_output = inp.like_input(grad_output, "grad_output")
+    training = _layout.check_flag(training, "training")
+    weight = inp.per_channel(weight, "weight")
+    save_mean = inp.per_channel(save_mean, "save_mean", save=True)
+    save_invstd = inp.per_channel(save_invstd, "save_invstd", save=True)
+    if save_mean is None or save_invstd is None:
+        raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
+    out = None if out is None else inp.like_input(out, "out", writable=True)
+    return BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out)
