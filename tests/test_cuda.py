@@ -348,12 +348,12 @@ def test_kernels_compile_for_a_real_gpu():
 
 def test_gpu_check_command_runs(capsys):
     """``python -m numbabn check --device cuda``'s machinery on tiny shapes (in the simulator
-    its timings mean nothing; its checks still compare with the CPU kernels)."""
-    from numbabn.cuda import check
+    its timings mean nothing; its checks still compare with the float64 oracle)."""
+    from numbabn.bench import check
 
     lines = []
     timing, checks = [("NC", (64, 8), 1)], [((40, 4), 1), ((3, 2, 12), 1)]
-    assert check.run(timing, checks, dtypes=("float32",), reps=1, out=lines.append)
+    assert check.gpu_check(timing, checks, dtypes=("float32",), reps=1, out=lines.append)
     assert sum(line.startswith("check") and line.endswith("ok") for line in lines) == 6
     assert any(line.startswith("NC 64x8") for line in lines)
 
@@ -361,7 +361,7 @@ def test_gpu_check_command_runs(capsys):
 def test_gpu_check_without_backend_says_why(monkeypatch, capsys):
     import importlib.util
 
-    from numbabn.__main__ import main
+    from numbabn.bench.cli import main
 
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -405,3 +405,133 @@ def test_grad_output_must_share_the_input_layout(rng):
     f = np.asfortranarray(g)
     with pytest.raises(ValueError, match="grad_output must have the same memory layout as input"):
         numbabn.batch_norm_backward(cuda.to_device(f), dev(x), None, mean, invstd)
+
+
+# -- host threads sharing one stream ---------------------------------------------------------------
+
+THREADS = 4
+ROUNDS = 2 if SIMULATED else 25  # calls of each kind per thread in the free-running test
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch goes through ``_arrays.launch``; in the simulator one at a time (its
+    kernel context is process-wide, so two host threads cannot run kernels at once there).
+    Setting ``launches.lockstep`` to a barrier makes the threads' launches alternate: each
+    thread's k-th launch runs after every thread has done its (k-1)-th, as host threads on one
+    stream may interleave them on a GPU."""
+    import threading
+    from types import SimpleNamespace
+
+    from numbabn.cuda import _arrays
+
+    real, lock = _arrays.launch, threading.Lock()
+    state = SimpleNamespace(lockstep=None)
+
+    def launch(*args):
+        if state.lockstep is not None:
+            state.lockstep.wait()
+        if SIMULATED:
+            with lock:
+                real(*args)
+        else:
+            real(*args)
+
+    monkeypatch.setattr(_arrays, "launch", launch)
+    return state
+
+
+def _threaded(fn, inputs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        return list(pool.map(fn, inputs))
+
+
+def _train_forward(x):
+    rm, rv = np.zeros(3, x.dtype), np.ones(3, x.dtype)
+    y, mean, invstd = numbabn.batch_norm_forward(dev(x), None, None, drm := dev(rm), drv := dev(rv), momentum=0.5)
+    return [host(a) for a in (y, mean, invstd, drm, drv)]
+
+
+def _eval_forward(x):
+    rm, rv = x.mean(axis=(0, 2)), x.var(axis=(0, 2))
+    return [host(a) for a in numbabn.batch_norm_forward(dev(x), None, None, dev(rm), dev(rv), training=False)]
+
+
+def _backward(x):
+    g = np.cos(x)
+    _, mean, invstd = numbabn.batch_norm_forward(x)
+    return [host(a) for a in numbabn.batch_norm_backward(dev(g), dev(x), None, dev(mean), dev(invstd))]
+
+
+def _welford(x):
+    s = numbabn.welford(dev(x))
+    return [np.array(s.count), host(s.mean), host(s.m2)]
+
+
+def _cpu(fn, x):
+    """The CPU functions on the same data, through the same wrapper (``dev``/``host`` are no-ops)."""
+    g = globals()
+    saved = g["dev"], g["host"]
+    g["dev"], g["host"] = (lambda a: a), np.asarray
+    try:
+        return fn(x)
+    finally:
+        g["dev"], g["host"] = saved
+
+
+CALLS = [_train_forward, _eval_forward, _backward, _welford]
+
+
+def _inputs(rng):
+    """One (9, 3, 8) float64 input per thread (three splits a channel with the patched blocks),
+    each with its own per-channel means and scales, so one call's partials in another's
+    results are far off."""
+    return [make_input(rng, (9, 3, 8), 1, np.float64, loc=10.0 * (i + 1)) for i in range(THREADS)]
+
+
+@pytest.mark.parametrize("fn", CALLS, ids=[f.__name__.strip("_") for f in CALLS])
+def test_threads_on_one_stream_interleaving_launches_get_their_own_results(rng, launches, fn):
+    """Host threads calling on the same (default) stream, their launches forced to alternate:
+    each call's partials and coefficients are its own (work buffers shared per stream let a
+    call read another's partials between its reduction and its finish launches)."""
+    import threading
+
+    xs = _inputs(rng)
+    launches.lockstep = threading.Barrier(THREADS, timeout=60)
+    got = _threaded(fn, xs)
+    launches.lockstep = None
+    for i, (x, results) in enumerate(zip(xs, got, strict=True)):
+        for k, (a, e) in enumerate(zip(results, _cpu(fn, x), strict=True)):
+            assert_close(a, e, np.float64, err_msg=f"thread {i}, result {k}")
+
+
+def test_threads_on_one_stream_match_the_cpu(rng, launches):
+    """4 host threads, each a few training forwards, backwards and statistics of its own inputs
+    on the default stream, free-running (on a GPU their launches interleave as they come)."""
+    xs = _inputs(rng)
+
+    def work(x):
+        return [fn(x + k) for k in range(ROUNDS) for fn in CALLS]
+
+    got = _threaded(work, xs)
+    for i, (x, results) in enumerate(zip(xs, got, strict=True)):
+        want = [_cpu(fn, x + k) for k in range(ROUNDS) for fn in CALLS]
+        for j, (r, e) in enumerate(zip(results, want, strict=True)):
+            for a, b in zip(r, e, strict=True):
+                assert_close(a, b, np.float64, err_msg=f"thread {i}, call {j}")
+
+
+def test_calls_one_after_another_reuse_their_work_arrays(rng):
+    """Uncontended, a call takes the work arrays the one before returned (no allocation per
+    call): one free array per (stream, tag, dtype) after any number of sequential calls."""
+    from numbabn.cuda import _arrays
+
+    _arrays._FREE.clear()
+    x = make_input(rng, (9, 3, 8), 1, np.float64)
+    for fn in CALLS * 2:
+        fn(x)
+    assert _arrays._FREE and all(len(free) == 1 for free in _arrays._FREE.values()), _arrays._FREE
+    with pytest.raises(RuntimeError, match="one_call"):
+        _arrays.scratch("part", (3, 1, 3), "f8", cuda.default_stream())

@@ -4,6 +4,7 @@ as the caller's kind of array."""
 
 import functools
 import math
+import threading
 
 import numpy as np
 from numba import cuda
@@ -151,20 +152,66 @@ def _constant(context, fill, n, dtype):
     return to_device(np.full(n, fill, dtype=dtype), 0)
 
 
-_SCRATCH = {}
+_FREE = {}  # (context, stream, tag, dtype) -> work arrays no call holds
+_FREE_LOCK = threading.Lock()
+_HELD = threading.local()  # .arrays: the (key, array) pairs the current driver call holds
+
+
+def one_call(driver):
+    """Decorate a driver (one call's launches): the work arrays it takes with :func:`scratch`
+    are its own until it returns, then go back to the free list of their stream.
+
+    Host threads may share a stream: the launches of two calls then interleave in the stream's
+    order, so arrays held per stream alone would let one call's finish read another's partials.
+    Returned only once every launch reading them is enqueued, an array is next written by a
+    later launch on the same stream: stream order makes that reuse safe.  Uncontended, each
+    call reuses the arrays of the one before (no ``cudaMalloc`` per call)."""
+
+    @functools.wraps(driver)
+    def run(*args):
+        if getattr(_HELD, "arrays", None) is not None:  # a driver inside a driver: one call
+            return driver(*args)
+        _HELD.arrays = []
+        try:
+            return driver(*args)
+        finally:
+            held, _HELD.arrays = _HELD.arrays, None
+            with _FREE_LOCK:
+                for key, buf in held:
+                    _FREE.setdefault(key, []).append(buf)
+
+    return run
 
 
 def scratch(tag, shape, dtype, stream):
-    """A work array (partials, per-channel coefficients) that later calls on the same stream
-    and device reuse: stream order makes the reuse safe, and it saves a ``cudaMalloc`` per
-    call (and the device-wide synchronization of numba's deferred ``cudaFree``)."""
+    """A work array (partials, per-channel coefficients) for the running :func:`one_call`
+    driver: one no other call holds, reused from earlier calls on the same stream and device
+    when one is free and large enough (saving a ``cudaMalloc`` and the device-wide
+    synchronization of numba's deferred ``cudaFree``)."""
+    held = getattr(_HELD, "arrays", None)
+    if held is None:
+        raise RuntimeError("scratch() is for drivers decorated with _arrays.one_call")
     n = math.prod(shape)
     dtype = np.dtype(dtype)
-    key = (_context_key(), _stream_key(stream), tag, dtype)
-    buf = _SCRATCH.get(key)
+    key = (_context_key(), _scratch_stream_key(stream), tag, dtype)
+    with _FREE_LOCK:
+        free = _FREE.get(key)
+        buf = free.pop() if free else None
     if buf is None or buf.shape[0] < n:
-        buf = _SCRATCH[key] = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
+        buf = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
+    held.append((key, buf))
     return buf[:n].reshape(shape)
+
+
+def _scratch_stream_key(stream):
+    """The stream as work arrays are shared on it: a per-thread default stream (numba's
+    ``per_thread_default_stream``, or handle 0 under ``CUDA_PER_THREAD_DEFAULT_STREAM``) is a
+    different stream in each host thread, so the thread is part of its key."""
+    key = _stream_key(stream)
+    per_thread = 2  # CU_STREAM_PER_THREAD
+    if key == per_thread or (key == 0 and getattr(cuda.config, "CUDA_PER_THREAD_DEFAULT_STREAM", 0)):
+        return key, threading.get_ident()
+    return key
 
 
 def _stream_key(stream):

@@ -107,6 +107,7 @@ def apply_columns(g2, x2, q, coef, gi2):
             gi2[o, j] = g2[o, j] * a + x2[o, j] * b + d
 
 
+@_arrays.one_call
 def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
     """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
     ``gwb`` (2, C) the first two in the output dtype, ``gi3`` the input gradient (formulas

@@ -100,6 +100,7 @@ def normalize(x3, coef, y3, stream):
         _arrays.launch(normalize_columns, grid, block, stream, columns(x3), x3.shape[2], coef, columns(y3))
 
 
+@_arrays.one_call
 def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save, stream):
     """Driver, training: batch statistics, EMA update, normalize ``x3`` into ``y3``; ``save``
     (2, C) float64 receives the mean and invstd used."""
@@ -111,6 +112,7 @@ def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3
     normalize(x3, coef, y3, stream)
 
 
+@_arrays.one_call
 def forward_eval(x3, weight, bias, mean, var, eps, y3, save, stream):
     """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean`` and
     ``var``; ``save`` (2, C) float64 receives the mean and invstd used."""

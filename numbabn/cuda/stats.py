@@ -192,6 +192,7 @@ def partials(x3, stream):
     return part, p.q
 
 
+@_arrays.one_call
 def welford(x3, stats, stream):
     """Driver: ``stats`` (3, C) float64 (device) receives ``(n, mean, M2)`` of ``x3``."""
     part, q = partials(x3, stream)
