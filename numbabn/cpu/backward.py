@@ -178,3 +178,25 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
     for c in range(num_channels):
         grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
     apply_grad(g3, x3, coef, gi3)
+
+
+@twin
+def grad_reduce(g3, x3, mean, sums):
+    """Driver, the reduction pass alone: ``sums`` (3, C) float64 receives ``(sum g,
+    sum g * (x - mean), sum |g|)`` per channel, to be summed with other parts' (Dask chunks,
+    processes) before :func:`grad_coefs`."""
+    grad_sums(g3, x3, mean, sums)
+
+
+@leaf
+def grad_coefs(sums, n, weight, mean, invstd, training, coef, grads):
+    """:func:`numbabn._math.grad_coef` of every channel from the summed ``sums`` over ``n``
+    values per channel: ``grads`` (3, C) and the ``coef`` (3, C) of :func:`grad_apply`."""
+    for c in range(sums.shape[1]):
+        grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
+
+
+@twin
+def grad_apply(g3, x3, coef, gi3):
+    """Driver, the elementwise pass alone: ``grad_input = g * coef[0] + x * coef[1] + coef[2]``."""
+    apply_grad(g3, x3, coef, gi3)
