@@ -1,4 +1,4 @@
-"""Results are bitwise identical for any number of threads (DESIGN.md section 2: blocking and
+"""Results are bitwise identical for any number of threads (docs/design.rst: blocking and
 merge order depend on the shape alone), and concurrent calls from Python threads give the
 same results as sequential ones."""
 

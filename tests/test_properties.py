@@ -77,7 +77,7 @@ def test_forward_matches_oracle(case, training, affine, data):
 
     y, mean, invstd = numbabn.batch_norm_forward(x, w, b, rm, rv, training=training, momentum=momentum, axis=axis)
 
-    # y = x * a + b with a = weight * invstd, b = bias - mean * a (DESIGN.md section 2).
+    # y = x * a + b with a = weight * invstd, b = bias - mean * a (docs/math.rst).
     a = (np.ones(C) if w is None else w.astype(np.float64)) * ref_invstd
     fold_b = (np.zeros(C) if b is None else b.astype(np.float64)) - ref_mean * a
     y_scale = np.abs(x.astype(np.float64)) * np.abs(a).reshape(_bshape(x, axis)) + np.abs(fold_b).reshape(
