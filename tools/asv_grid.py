@@ -2,7 +2,7 @@
 
 For machines where asv is not installed (a lent GPU machine with no package index): every
 generated class of ``asv_bench/benchmarks`` is set up (which checks its results against the
-float64 NumPy reference), timed once and, for ``track_`` methods, measured against the copy,
+float64 oracle), timed once and, for ``track_`` methods, measured against the copy,
 exactly as asv would call them.  Prints one line per grid point; exits 1 when any point
 failed (a skip, asv's ``NotImplementedError``, is reported, not failed).
 

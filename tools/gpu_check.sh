@@ -49,8 +49,8 @@ step check_cuda 90 $PY -m numbabn check --device cuda
 step profile 60 $PY tools/gpu_profile.py calls kernels
 step bench_gpu 100 $PY -c "
 import numpy as np, json, sys
-from numbabn import _bench
-r = _bench.run(_bench.SHAPES, budget=0.3, names=['numbabn-cuda', 'torch-cuda'])
+from numbabn.bench import report
+r = report.run(report.SHAPES, budget=0.3, names=['numbabn-cuda', 'torch-cuda'])
 json.dump(r, open('$OUT/bench_gpu.json', 'w'), default=float)
 "
 TAIL=12 step asv_gpu 80 bash -c "$PY tools/asv_grid.py --backend cuda torch-cuda --size small medium &&

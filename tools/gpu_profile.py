@@ -17,7 +17,7 @@ import numbabn
 from numbabn.cuda import _arrays, _plan
 from numbabn.cuda import forward as F
 from numbabn.cuda import stats as S
-from numbabn.cuda.check import _median_ms
+from numbabn.bench.check import _median_ms
 
 
 def per_call_us(f, n=300):

@@ -10,12 +10,15 @@ import os
 
 import numpy as np
 
-# The registry the suite times.  Commits older than it are skipped, not failed; an error
-# inside it is raised, so a broken registry fails the run instead of skipping everything.
-if importlib.util.find_spec("numbabn._backends") is None:  # pragma: no cover - older commits
-    _backends = None
+# The contenders the suite times (numbabn through its public API, NumPy, PyTorch), checked
+# against numbabn's float64 oracle.  Commits older than numbabn.bench are skipped, not
+# failed; an error inside it is raised, so a broken registry fails the run instead of
+# skipping everything.
+if importlib.util.find_spec("numbabn.bench") is None:  # pragma: no cover - older commits
+    contenders = Case = None
 else:
-    from numbabn import _backends
+    from numbabn.bench import contenders
+    from numbabn.bench.cases import Case
 
 #: ``NUMBABN_ASV_QUICK=1`` keeps the small size and float32 only: CI runs every benchmark once
 #: on it (every stage, layout and backend; float64 goes through the same code).  asv starts
@@ -24,9 +27,9 @@ QUICK = os.environ.get("NUMBABN_ASV_QUICK", "") not in ("", "0")
 
 #: Elements per array.  small: 64 Ki elements (256 KB of float32), in a core's L2;
 #: medium: 4 Mi (16 MB), beyond L2 and the L3 of most desktops; large: 64 Mi (256 MB),
-#: beyond most servers' L3 (32 MB on the EPYC of DESIGN.md section 5).  The project's own
-#: machines have a 480 MB L3, so nothing practical streams from DRAM there: "large" is as
-#: big as the NumPy and float64 cases allow in reasonable time and memory.
+#: beyond most servers' L3 (32 MB on a 2-socket EPYC).  Some machines have an L3 of
+#: hundreds of MB, where nothing practical streams from DRAM: "large" is as big as the NumPy
+#: and float64 cases allow in reasonable time and memory.
 SIZES = {"small": 1 << 16, "medium": 1 << 22, "large": 1 << 26}
 
 #: Layout -> (feature axis, shape of one batch row); the batch size fills the size.
@@ -38,7 +41,7 @@ LAYOUTS = {
 
 DTYPES = ["float32", "float64"]
 
-#: Backend parameter -> registry entry of ``numbabn._backends``: numbabn and the alternatives
+#: Backend parameter -> entry of ``numbabn.bench.contenders.BACKENDS``: numbabn and the alternatives
 #: a user would pick instead, on the CPU and (``cuda``: numbabn's CUDA backend) on a GPU.
 BACKENDS = {
     "numbabn": "numbabn",
@@ -60,30 +63,30 @@ def skip(reason):
 
 def requires_cuda():
     """Skip unless numba sees a CUDA GPU and ``numbabn.cuda`` imports."""
-    if _backends is None or not hasattr(_backends, "cuda_unavailable"):
-        skip("this numbabn has no CUDA backend")
-    reason = _backends.cuda_unavailable()
+    if contenders is None:
+        skip("this numbabn has no numbabn.bench")
+    reason = contenders.cuda_unavailable()
     if reason is not None:
         skip(reason)
 
 
 def make_case(layout, size, dtype):
-    """The :class:`numbabn._backends.Case` of one grid point."""
-    if _backends is None:
-        skip("this numbabn predates numbabn._backends")
+    """The :class:`numbabn.bench.cases.Case` of one grid point."""
+    if contenders is None:
+        skip("this numbabn predates numbabn.bench")
     axis, row = LAYOUTS[layout]
     batch = max(2, SIZES[size] // int(np.prod(row)))
-    return _backends.Case((batch, *row), axis, dtype, layout)
+    return Case((batch, *row), axis, dtype, layout)
 
 
 def prepare(backend, case, stages, check=True):
-    """Place ``case`` for ``backend``, check ``stages`` against the float64 NumPy reference
+    """Place ``case`` for ``backend``, check ``stages`` against the float64 oracle
     (which also compiles them: compile time stays out of the timings) and return
     ``(Backend, {stage: callable})``; skip where the backend or a stage cannot run.
     ``check=False`` leaves the check to the caller."""
     if backend == "cuda":
         requires_cuda()
-    entry = _backends.BACKENDS.get(BACKENDS[backend])
+    entry = contenders.BACKENDS.get(BACKENDS[backend])
     if entry is None:
         skip(f"no {backend} backend registered")
     reason = entry.unavailable()
@@ -95,5 +98,5 @@ def prepare(backend, case, stages, check=True):
         skip(f"{entry.name} has no {', '.join(missing)} stage")
     chosen = {s: fns[s] for s in stages}
     if check:
-        _backends.check(entry, {s: f for s, f in chosen.items() if s != "copy"}, case)
+        contenders.check(entry, {s: f for s, f in chosen.items() if s != "copy"}, case)
     return entry, chosen

@@ -7,18 +7,18 @@ grid layout x size x dtype x backend of ``benchmarks.PARAMS``:
 - ``<Stage>.track_<stage>_over_copy``: the stage's time over a streaming copy of the same
   array on the same backend, timed in one interleaved run (``unit = "ratio"``): a kernel
   sliding toward or away from the memory floor shows as a number that machine noise barely
-  moves.  DESIGN.md section 5's floors: stats 0.5, train 1.5, eval 1.0, backward 2.5,
-  layer 4.0;
+  moves.  At memory speed (the bytes each stage must move over the copy's): stats 0.5,
+  train 1.5, eval 1.0, backward 2.5, layer 4.0;
 - ``<Stage>Memory.peakmem_<stage>``: the process's peak resident memory after one call
   (host memory only).
 
-``setup`` checks every result against the float64 NumPy reference before timing anything.
+``setup`` checks every result against numbabn's float64 oracle before timing anything.
 The peak-memory classes check a small array of the same layout, dtype and backend instead:
 asv reads the process's peak RSS, which cannot be reset, so the float64 reference of the
 full array would be the peak measured.
 """
 
-from numbabn import _bench
+from numbabn.bench.timing import interleaved
 
 from . import PARAM_NAMES, PARAMS, make_case, prepare
 
@@ -57,7 +57,7 @@ class _Stage:
 
     def _over_copy(self, *params):
         sync = self.backend.synchronize
-        t = _bench.interleaved({"stage": self.run, "copy": self.copy}, budget=0.3, sync={"stage": sync, "copy": sync})
+        t = interleaved({"stage": self.run, "copy": self.copy}, budget=0.3, sync={"stage": sync, "copy": sync})
         return round(t["stage"] / t["copy"], 4)
 
     _over_copy.unit = "ratio"
@@ -71,7 +71,7 @@ def _make(stage, name, memory):
         if stage != "ema":
             methods[f"track_{stage}_over_copy"] = _Stage._over_copy
     cls = type(name, (_Stage,), {"stage": stage, "memory": memory, **methods})
-    cls.__doc__ = f"The ``{stage}`` stage of ``numbabn._backends`` over the grid."
+    cls.__doc__ = f"The ``{stage}`` stage (``numbabn.bench.cases``) over the grid."
     return cls
 
 

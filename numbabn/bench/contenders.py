@@ -1,120 +1,32 @@
 """The contenders the benchmarks time side by side: a small registry of backends.
 
 A backend is an entry of :data:`BACKENDS`: a name, the device it runs on, a check that says
-whether it can run here, a ``prepare`` that puts one :class:`Case`'s arrays where the backend
-wants them and returns a zero-argument callable per stage, a ``synchronize`` for devices that
-run asynchronously, and a ``to_numpy`` that brings a result back for checking.  Both
-``python -m numbabn bench`` and the asv suite (``asv_bench/``) time these entries, so the
-two can never disagree on what "the NumPy version" or "PyTorch" means.
+whether it can run here, a ``prepare`` that puts one :class:`~numbabn.bench.cases.Case`'s
+arrays where the backend wants them and returns a zero-argument callable per stage (the
+stages of :mod:`numbabn.bench.cases`), a ``synchronize`` for devices that run asynchronously,
+and a ``to_numpy`` that brings a result back for checking.  ``python -m numbabn bench``, the
+asv suite (``asv_bench/``) and the pytest-benchmark suite (``tests/benchmarks/``) all time
+these entries, so they never disagree on what "the NumPy version" or "PyTorch" means.
 
-Stages (what a callable does; what it returns, for :func:`check`):
-
-- ``copy``: a streaming copy of ``x`` into a preallocated array, the floor kernels are judged
-  against (returns nothing);
-- ``stats``: per-channel mean and biased variance of ``x`` -> ``(mean, var)`` (numbabn returns
-  its ``Stats(count, mean, m2)``, which :func:`check` compares as ``(mean, m2 / count)``);
-- ``train``: training forward, running statistics updated -> ``y``;
-- ``eval``: eval forward with the running statistics -> ``y``;
-- ``backward``: training backward -> ``(grad_input, grad_weight, grad_bias)``;
-- ``ema``: one EMA step of a running statistic, ``(1 - m) * running + m * batch``, on (C,)
-  arrays -> the new value.  numbabn fuses this step into the training forward; alone it is
-  O(C) work, so this stage times the call overhead each library adds to it;
-- ``layer``: the layer round trip, training forward then backward -> ``grad_input``.
-
-Outputs go to preallocated arrays (``out=``) wherever a library offers it, so kernels are
-compared with kernels, not with the OS zero-filling fresh pages.
+numbabn's entries call its public API only.  Outputs go to preallocated arrays (``out=``)
+wherever a library offers it, so kernels are compared with kernels, not with the OS
+zero-filling fresh pages.  :func:`check` compares every stage with the float64 oracle of
+:mod:`numbabn.bench.reference` before anything is timed.
 """
 
 import importlib
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numba
 import numpy as np
-from numba import prange
 
-STAGES = ("copy", "stats", "train", "eval", "backward", "ema", "layer")
-
-#: Bytes per element each stage must move from and to memory (DESIGN.md section 5, the
-#: streaming floor, times the itemsize): ``stats`` reads ``x``; ``train`` reads ``x`` for the
-#: statistics, again to normalize, and writes ``y``; ``eval`` reads ``x`` and writes ``y``;
-#: ``backward`` reads ``g`` and ``x`` to reduce, again for ``grad_input``, and writes it;
-#: ``layer`` is ``train`` plus ``backward``.  ``ema`` is O(C), see :func:`bytes_moved`.
-BYTES_PER_ELEMENT = {"copy": 2, "stats": 1, "train": 3, "eval": 2, "backward": 5, "layer": 8}
-
-MOMENTUM = 0.1
-EPS = 1e-5
+from . import reference
+from .cases import EPS, MOMENTUM
+from .yardsticks import copy_of
 
 #: Relative tolerance (to the float64 result's scale) of each dtype in :func:`check`.
 TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
-
-
-class Unavailable(Exception):
-    """A backend cannot run here (library not installed, no GPU); the message says why."""
-
-
-class Case:
-    """One benchmark input: ``x``, ``g`` (a grad_output) and the per-channel arrays, as NumPy
-    arrays, made from a fixed seed.
-
-    Parameters
-    ----------
-    shape : tuple of int
-    axis : int
-        The feature axis (``-1`` for channels-last).
-    dtype : numpy dtype
-    layout : str, optional
-        A label for tables ("NCHW", "NHWC", "NC").
-    """
-
-    def __init__(self, shape, axis=1, dtype=np.float32, layout=""):
-        self.shape, self.axis, self.dtype, self.layout = tuple(shape), axis, np.dtype(dtype), layout
-        self.ax = axis % len(shape)
-        self.channels = shape[self.ax]
-        self.reduce = tuple(i for i in range(len(shape)) if i != self.ax)
-        rng = np.random.default_rng(0)
-        # Per-channel offsets and scales, so channels differ and the mean is not zero.
-        cs = [1] * len(shape)
-        cs[self.ax] = -1
-        mu = rng.uniform(-3.0, 3.0, self.channels).astype(self.dtype).reshape(cs)
-        self.x = rng.standard_normal(shape, dtype=np.float32).astype(self.dtype)
-        self.x *= 2  # in place: no temporaries to inflate peak-memory benchmarks
-        self.x += mu
-        self.g = rng.standard_normal(shape, dtype=np.float32).astype(self.dtype)
-        c = self.channels
-        self.weight = rng.uniform(0.5, 1.5, c).astype(self.dtype)
-        self.bias = rng.normal(0.0, 0.5, c).astype(self.dtype)
-        self.running_mean = rng.normal(0.0, 1.0, c).astype(self.dtype)
-        self.running_var = rng.uniform(0.5, 2.0, c).astype(self.dtype)
-
-    @property
-    def size(self):
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self):
-        return self.size * self.dtype.itemsize
-
-    def astype(self, dtype):
-        """The same case (same values, rounded) in another dtype."""
-        other = Case.__new__(Case)
-        other.__dict__.update(self.__dict__)
-        other.dtype = np.dtype(dtype)
-        for k in ("x", "g", "weight", "bias", "running_mean", "running_var"):
-            setattr(other, k, getattr(self, k).astype(dtype))
-        return other
-
-    def __repr__(self):
-        return f"Case({self.shape}, axis={self.axis}, dtype={self.dtype.name})"
-
-
-def bytes_moved(stage, case):
-    """Bytes ``stage`` must move on ``case`` (the byte model of GB/s figures)."""
-    if stage == "ema":  # read running and batch value, write running: 3 per channel
-        return 3 * case.channels * case.dtype.itemsize
-    return BYTES_PER_ELEMENT[stage] * case.nbytes
 
 
 def _nothing():
@@ -170,20 +82,11 @@ def available(names=None):
 
 
 # -- numbabn ----------------------------------------------------------------------------------
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _copy(src, dst):
-    # A parallel streaming copy: on several cores it beats np.copyto's single thread.
-    for i in prange(src.size):
-        dst[i] = src[i]
-
-
 def _prepare_numbabn(case, to_device=None, copy=None):
     """numbabn's stages on NumPy arrays, or (with ``to_device``) on device arrays, which its
-    functions accept and return in kind."""
-    from . import functional as F
-    from ._math import ema
-    from .layer import BatchNorm
-    from .stats import welford
+    functions accept and return in kind.  It has no ``ema`` stage: numbabn's running-statistic
+    update is fused into the training forward, with no public call of its own."""
+    import numbabn
 
     on_device = to_device is not None
     put = to_device or (lambda a: a)
@@ -192,32 +95,17 @@ def _prepare_numbabn(case, to_device=None, copy=None):
     rm, rv = put(c.running_mean.copy()), put(c.running_var.copy())
     erm, erv = put(c.running_mean), put(c.running_var)  # eval's, never written
     y, gi = put(np.empty_like(c.x)), put(np.empty_like(c.x))
-    _, mean, invstd = F.batch_norm_forward(x, w, b, axis=c.axis)
-    bn = BatchNorm(c.channels, axis=c.axis, dtype=c.dtype, device="cuda" if on_device else "cpu")
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=c.axis)
+    bn = numbabn.BatchNorm(c.channels, axis=c.axis, dtype=c.dtype, device="cuda" if on_device else "cpu")
     bn.weight, bn.bias = put(c.weight.copy()), put(c.bias.copy())
-    stages = {
-        "copy": copy(x, y) if copy else _flat_copy(c.x, y),
-        "stats": lambda: welford(x, axis=c.axis),  # Stats(count, mean, m2): see check()
-        "train": lambda: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS, axis=c.axis, out=y),
-        "eval": lambda: F.batch_norm(x, erm, erv, w, b, False, MOMENTUM, EPS, axis=c.axis, out=y),
-        "backward": lambda: F.batch_norm_backward(g, x, w, mean, invstd, axis=c.axis, out=gi),
+    return {
+        "copy": copy(x, y) if copy else copy_of(c.x, y),
+        "stats": lambda: numbabn.welford(x, axis=c.axis),  # Stats(count, mean, m2): see check()
+        "train": lambda: numbabn.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS, axis=c.axis, out=y),
+        "eval": lambda: numbabn.batch_norm(x, erm, erv, w, b, False, MOMENTUM, EPS, axis=c.axis, out=y),
+        "backward": lambda: numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=c.axis, out=gi),
         "layer": lambda: (bn(x), bn.backward(g))[1],
     }
-    if not on_device:  # the EMA step is a host leaf (on the GPU it lives inside the kernels)
-        saved_mean = mean.astype(c.dtype)
-        stages["ema"] = lambda: ema(erm, saved_mean, MOMENTUM)
-    return stages
-
-
-def _flat_copy(x, y):
-    # As numbabn's kernels: serial below PARALLEL_MIN elements, where starting the threads
-    # costs more than the copy (on a busy 2-core machine up to 30x the copy of 256 KB).
-    from ._config import PARALLEL_MIN
-
-    if x.size < PARALLEL_MIN:
-        return lambda: np.copyto(y, x)
-    fx, fy = x.reshape(-1), y.reshape(-1)
-    return lambda: _copy(fx, fy)
 
 
 register(Backend("numbabn", "cpu", ours=True, unavailable=lambda: None, prepare=_prepare_numbabn))
@@ -258,7 +146,7 @@ def numpy_forward(x, weight, bias, running_mean, running_var, training, momentum
 
 
 def numpy_backward(g, x, weight, mean, invstd, axis=1):
-    """Training-mode backward, as a NumPy user writes it (DESIGN.md section 2)::
+    """Training-mode backward, as a NumPy user writes it::
 
         grad_bias   = sum(g);  grad_weight = sum(g * xhat)
         grad_input  = weight * invstd / n * (n * g - grad_bias - xhat * grad_weight)
@@ -488,36 +376,44 @@ register(
 
 
 # -- checking -----------------------------------------------------------------------------------
-def reference(case):
-    """Float64 results of every stage on ``case``: the NumPy backend run on the case's values
-    in float64 (``tests/test_bench.py`` checks it against the tests' float64 oracle)."""
-    c64 = case.astype(np.float64)
-    ref = _prepare_numpy(c64)
-    out = {s: ref[s]() for s in STAGES if s not in ("copy", "train", "layer")}
-    # train and layer update running statistics in place: run them once, on fresh copies.
-    fresh = (c64.running_mean.copy(), c64.running_var.copy())
-    out["train"] = numpy_forward(c64.x, c64.weight, c64.bias, *fresh, True, axis=case.axis)[0]
-    out["layer"] = out["backward"][0]
-    return out
+def expected(case):
+    """The float64 oracle's result of every stage on ``case`` (what :func:`check` compares
+    with), in the shapes the stages return."""
+    c = case
+    _, mean, var = reference.stats(c.x, c.axis)
+    train = reference.forward(c.x, c.weight, c.bias, c.running_mean, c.running_var, True, MOMENTUM, EPS, c.axis)
+    evald = reference.forward(c.x, c.weight, c.bias, c.running_mean, c.running_var, False, MOMENTUM, EPS, c.axis)
+    grads = reference.backward(c.g, c.x, c.weight, train[1], train[2], True, c.axis)
+    return {
+        "stats": (mean, var),
+        "train": train[0],
+        "eval": evald[0],
+        "backward": grads,
+        "ema": reference.ema(c.running_mean, mean, MOMENTUM),
+        "layer": grads[0],
+    }
 
 
 def check(backend, stages, case, ref=None):
-    """Run each stage once and compare it with the float64 :func:`reference`; raise
-    ``AssertionError`` naming the backend, stage and error on a mismatch."""
-    ref = reference(case) if ref is None else ref
+    """Run each stage once and compare it with the float64 oracle (:func:`expected`); raise
+    ``AssertionError`` naming the backend, stage and error on a mismatch.
+
+    ``stats`` results may be numbabn's ``Stats(count, mean, m2)``, compared as
+    ``(mean, m2 / count)``.
+    """
+    ref = expected(case) if ref is None else ref
     tol = TOL[case.dtype]
     for stage, fn in stages.items():
         if stage == "copy":
             continue
         got = fn()
         backend.synchronize()
-        if hasattr(got, "m2"):  # numbabn's Stats(count, mean, m2): compare mean and m2 / count
+        if hasattr(got, "m2"):
             got = (got.mean, backend.to_numpy(got.m2) / got.count)
         got = got if isinstance(got, tuple) else (got,)
         want = ref[stage] if isinstance(ref[stage], tuple) else (ref[stage],)
         for i, (a, r) in enumerate(zip(got, want, strict=True)):
-            a = np.asarray(backend.to_numpy(a), dtype=np.float64)
-            err = float(np.max(np.abs(a - r), initial=0.0)) / max(1.0, float(np.max(np.abs(r), initial=0.0)))
+            err = reference.relative_error(backend.to_numpy(a), r)
             if not err <= tol:
                 raise AssertionError(
                     f"{backend.name} {stage} (output {i}) on {case}: relative error {err:.2e} > {tol:.0e}"

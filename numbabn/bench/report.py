@@ -1,7 +1,7 @@
 """``python -m numbabn bench``: numbabn side by side with NumPy, PyTorch and a streaming copy.
 
-Every backend of ``numbabn._backends`` that can run here is timed on the same arrays, after
-its results were checked against a float64 reference.  Every ratio is measured in one run,
+Every contender of :mod:`numbabn.bench.contenders` that can run here is timed on the same
+arrays, after its results were checked against the float64 oracle.  Every ratio is measured in one run,
 rounds interleaved (each contender once per round, median over rounds), because these
 machines are shared and noisy.
 """
@@ -12,15 +12,16 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import numba
 import numpy as np
 
-from . import _backends
-from ._backends import BYTES_PER_ELEMENT, Case
+from . import contenders
+from .cases import BYTES_PER_ELEMENT, Case, bytes_moved, shape_of_mb
+from .timing import Progress, interleaved, torch_threads
 
-#: The core issue's shape list: (shape, axis, label).
+#: The table's shapes: ImageNet-sized NCHW and NHWC activations, and (N, C) batches from
+#: large to tiny: (shape, axis, label).
 SHAPES = [
     ((64, 64, 56, 56), 1, "NCHW"),
     ((32, 256, 28, 28), 1, "NCHW"),
@@ -46,100 +47,6 @@ TABLE_STAGES = ("train", "eval", "backward")
 SWEEP_MB = (1, 4, 16, 64, 256)
 
 
-def interleaved(fns, budget=0.6, batch=0.01, min_rounds=3, max_rounds=100, sync=None, progress=None):
-    """Median seconds per call of each of ``fns`` (dict name -> callable).
-
-    Each callable is calibrated to a batch of about ``batch`` seconds of back-to-back calls;
-    rounds then time one batch of each callable in turn, so drifts of a shared machine hit
-    every contender alike.  Batches also dilute the OpenMP spin-wait that one library's
-    threads leave behind for the next library's first call.
-
-    Parameters
-    ----------
-    sync : dict name -> callable, optional
-        Called after each batch before the clock is read, so device work queued by the batch
-        is inside its time.
-    progress : callable (fraction), optional
-        Told after each round how far the rounds have come.
-    """
-    sync = sync or {}
-    nothing = _backends._nothing
-    counts = {}
-    for k, f in fns.items():
-        s = sync.get(k, nothing)
-        f()  # warm-up (compile, allocate, fault pages in)
-        s()
-        t = time.perf_counter()
-        f()
-        s()
-        one = max(time.perf_counter() - t, 1e-7)
-        counts[k] = max(1, int(batch / one))
-    rounds = int(min(max_rounds, max(min_rounds, budget / (batch * len(fns)))))
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k, f in fns.items():
-            n, s = counts[k], sync.get(k, nothing)
-            t = time.perf_counter()
-            for _ in range(n):
-                f()
-            s()
-            times[k].append((time.perf_counter() - t) / n)
-        if progress is not None:
-            progress((r + 1) / rounds)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-class _torch_threads:
-    """Run PyTorch with as many threads as numba, so neither side gets more cores."""
-
-    def __init__(self):
-        self.torch = _backends._torch()
-
-    def __enter__(self):
-        if self.torch is not None:
-            self.old = self.torch.get_num_threads()
-            self.torch.set_num_threads(numba.get_num_threads())
-
-    def __exit__(self, *exc):
-        if self.torch is not None:
-            self.torch.set_num_threads(self.old)
-
-
-class Progress:
-    """A one-line progress bar on ``file`` (stderr), redrawn in place with ``\\r``.
-
-    Drawn only when ``file`` is a terminal: in a pipe or a CI log a redrawn line would land as
-    hundreds of lines (or one unreadable one), and there the table rows, printed as each shape
-    finishes, show the progress anyway.  Standard library only: numbabn's runtime
-    dependencies stay numpy and numba.
-    """
-
-    def __init__(self, total, file=None, width=30):
-        self.file = sys.stderr if file is None else file
-        self.total, self.width, self.done = max(total, 1), width, 0
-        self.enabled = hasattr(self.file, "isatty") and self.file.isatty()
-        self.label, self.shown = "", False
-
-    def update(self, done, label=None):
-        """Set the completed work (in the units of ``total``) and redraw."""
-        self.done = min(done, self.total)
-        self.label = self.label if label is None else label
-        if self.enabled:
-            filled = int(self.width * self.done / self.total)
-            bar = "#" * filled + "." * (self.width - filled)
-            line = f"[{bar}] {100 * self.done / self.total:3.0f}% {self.label}"
-            self.file.write("\r" + line[:110].ljust(110))
-            self.file.flush()
-            self.shown = True
-
-    def clear(self):
-        """Erase the bar (before printing a line of results below it)."""
-        if self.shown:
-            self.file.write("\r" + " " * 110 + "\r")
-            self.file.flush()
-            self.shown = False
-
-
 def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None, ref=None):
     """Check, then time ``stages`` and the streaming copy of every backend on ``case``.
 
@@ -147,10 +54,10 @@ def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None, ref=
     ----------
     case : Case
     backends : list of Backend
-        Those that can run here (:func:`numbabn._backends.available`).
+        Those that can run here (:func:`numbabn.bench.contenders.available`).
     progress : callable (fraction, label), optional
     ref : dict, optional
-        :func:`numbabn._backends.reference` of ``case``, when the caller has it already.
+        :func:`numbabn.bench.contenders.expected` of ``case``, when the caller has it already.
 
     Returns
     -------
@@ -159,17 +66,17 @@ def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None, ref=
         are absent).
     """
     progress = progress or (lambda frac, label: None)
-    ref = _backends.reference(case) if ref is None else ref
+    ref = contenders.expected(case) if ref is None else ref
     fns, sync = {}, {}
     for i, b in enumerate(backends):
         progress(0.3 * i / len(backends), f"{case.shape} {b.name}: checking")
         prepared = b.prepare(case)
         chosen = {s: prepared[s] for s in ("copy", *stages) if s in prepared}
-        _backends.check(b, {s: f for s, f in chosen.items() if s != "copy"}, case, ref)
+        contenders.check(b, {s: f for s, f in chosen.items() if s != "copy"}, case, ref)
         for s, f in chosen.items():
             fns[b.name, s] = f
             sync[b.name, s] = b.synchronize
-    with _torch_threads():
+    with torch_threads():
         t = interleaved(fns, budget=budget, sync=sync, progress=lambda f: progress(0.3 + 0.7 * f, f"{case.shape}"))
     seconds = {b.name: {} for b in backends}
     for (name, stage), v in t.items():
@@ -179,7 +86,7 @@ def measure(case, backends, stages=TABLE_STAGES, budget=0.6, progress=None, ref=
 
 def summarize(case, seconds, backends):
     """Seconds -> the table's numbers for one case: per backend and stage ``seconds``,
-    ``GBps`` (:data:`numbabn._backends.BYTES_PER_ELEMENT`) and ``x_copy`` (time over the
+    ``GBps`` (:data:`numbabn.bench.cases.BYTES_PER_ELEMENT`) and ``x_copy`` (time over the
     fastest streaming copy of ``x`` on the same device), and ``speedup``: an alternative's time
     over numbabn's on the same device."""
     copy = {}
@@ -193,7 +100,7 @@ def summarize(case, seconds, backends):
         for stage, t in seconds[b.name].items():
             stages[stage] = {
                 "seconds": t,
-                "GBps": _backends.bytes_moved(stage, case) / t / 1e9,
+                "GBps": bytes_moved(stage, case) / t / 1e9,
                 "x_copy": t / copy[b.device],
             }
             mine = ours.get(b.device)
@@ -215,10 +122,10 @@ def run(shapes=SHAPES, dtype=np.float32, budget=0.6, names=None, file=None, prog
     """Measure ``shapes`` with every available backend (or those in ``names``), printing one
     table per device as rows finish; return the JSON-ready results."""
     file = sys.stdout if file is None else file
-    backends = _backends.available(names)
+    backends = contenders.available(names)
     skipped = {  # why, on one line (driver errors come with several)
         n: " ".join(b.unavailable().split())
-        for n, b in _backends.BACKENDS.items()
+        for n, b in contenders.BACKENDS.items()
         if (names is None or n in names) and b not in backends
     }
     bar = Progress(len(shapes), progress_file)
@@ -243,7 +150,7 @@ def run(shapes=SHAPES, dtype=np.float32, budget=0.6, names=None, file=None, prog
 def _measure_devices(case, backends, budget, bar, done, prefix=""):
     """:func:`measure` each device's backends apart (each syncs its own queue), then
     :func:`summarize`; ``bar`` shows ``done`` cases plus this one's progress."""
-    seconds, ref = {}, _backends.reference(case)
+    seconds, ref = {}, contenders.expected(case)
 
     def progress(frac, text):
         bar.update(done + frac, prefix + text)
@@ -268,11 +175,14 @@ def median_speedups(rows):
 def _legend(dtype):
     model = ", ".join(f"{s} {BYTES_PER_ELEMENT[s]}" for s in ("copy", *TABLE_STAGES))
     return (
-        f"{np.dtype(dtype).name}, {numba.get_num_threads()} numba threads.  ms: median time per call;"
-        f" GB/s: bytes the operation must move\n(DESIGN.md section 5's streaming floor, per element times"
-        f" the itemsize: {model}) over that time;\nx copy: time over the fastest streaming copy of the same"
-        " array on that device (floors: train 1.5, eval 1.0, backward 2.5);\nspeed-up: the alternative's"
-        " time over numbabn's (higher is better for numbabn)."
+        f"{np.dtype(dtype).name}, {numba.get_num_threads()} numba threads.\n"
+        "  ms: median time per call.\n"
+        "  GB/s: the bytes the operation cannot avoid moving, over that time (per element, in itemsizes:"
+        f" {model};\n    a training forward reads x twice, for the statistics and to normalize, and writes y).\n"
+        "  x copy: time over the fastest streaming copy of the same array on that device.  At memory speed a"
+        " training\n    forward takes 1.5x a copy, an eval forward 1.0x, a backward 2.5x; beyond the cache,"
+        " where each output line\n    is read before it is written, about 2.0x, 1.5x and 3x.\n"
+        "  speed-up: the alternative's time over numbabn's (above 1: numbabn is faster)."
     )
 
 
@@ -313,7 +223,7 @@ def _print_medians(medians, by_device, file):
 
 def machine_info():
     """What the numbers were measured on: CPU model, cores, threads and library versions."""
-    from . import __version__
+    from numbabn import __version__
 
     info = {
         "numbabn": __version__,
@@ -325,13 +235,13 @@ def machine_info():
         "numpy": np.__version__,
         "numba": numba.__version__,
     }
-    torch = _backends._torch()
+    torch = contenders._torch()
     info["torch"] = None if torch is None else torch.__version__
     try:
         info["threading_layer"] = numba.threading_layer()
     except ValueError:  # no parallel region has run yet
         info["threading_layer"] = None
-    if _backends.cuda_unavailable() is None:
+    if contenders.cuda_unavailable() is None:
         from numba import cuda
 
         name = cuda.get_current_device().name
@@ -350,15 +260,10 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
-def shape_of_mb(per_row, mb, itemsize):
-    """``(n, *per_row)`` with ``n >= 2`` rows, about ``mb`` MB of ``itemsize``-byte values."""
-    return (max(2, round(mb * 1e6 / (itemsize * math.prod(per_row)))), *per_row)
-
-
-def sweep(sizes_mb=SWEEP_MB, dtype=np.float32, budget=0.3, progress_file=None):
-    """GB/s of every stage and backend over NCHW arrays of about ``sizes_mb`` MB (64
-    channels of 32 x 32); returns one :func:`summarize` row per size."""
-    backends = _backends.available()
+def sweep(sizes_mb=SWEEP_MB, dtype=np.float32, budget=0.3, progress_file=None, names=None):
+    """GB/s of every stage and backend (or those in ``names``) over NCHW arrays of about
+    ``sizes_mb`` MB (64 channels of 32 x 32); returns one :func:`summarize` row per size."""
+    backends = contenders.available(names)
     bar = Progress(len(sizes_mb), progress_file)
     rows = []
     for i, mb in enumerate(sizes_mb):

@@ -1,0 +1,182 @@
+"""The command line, ``python -m numbabn [check | bench] [options]``.
+
+``check`` (the default): the self-check against the float64 oracle, then a quick table.
+``bench``: the self-check, then numbabn side by side with plain NumPy, PyTorch (CPU and CUDA,
+when installed and present) and a streaming copy, in time, GB/s, ratio to the copy and
+speed-up, then the cold start.  ``--quick`` (three small shapes) for CI, ``--json`` for
+machines, ``--plot FILE.png`` for a bandwidth-vs-size chart, ``--floor`` for how close the
+CPU kernels come to the memory floor (:mod:`numbabn.bench.floor`), ``--device`` to choose the
+CPU or the GPU columns.
+"""
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def cold_start():
+    """Seconds for ``import numbabn`` plus a first training forward and backward, in a fresh
+    process: with numba's on-disk cache empty (compile) and warm (load)."""
+    code = (
+        "import time; t = time.perf_counter(); import numpy as np, numbabn; "
+        "x = np.random.default_rng(0).standard_normal((8, 4, 32), dtype=np.float32); "
+        "y, m, s = numbabn.batch_norm_forward(x); numbabn.batch_norm_backward(y, x, None, m, s); "
+        "print(time.perf_counter() - t)"
+    )
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("cold (compile)", "warm (cached)"):
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            out[label] = float(res.stdout.strip())
+    return out
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="python -m numbabn", description="numbabn's self-check and benchmarks against NumPy and PyTorch."
+    )
+    p.add_argument(
+        "command",
+        nargs="?",
+        default="check",
+        choices=["check", "bench"],
+        help="check (default): the self-check and a quick table; bench: the full side-by-side table",
+    )
+    p.add_argument("--budget", type=float, default=None, help="seconds of timing per shape (bench)")
+    p.add_argument("--quick", action="store_true", help="bench: three 2-4 MB shapes, short budgets (CI)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="bench: input dtype")
+    p.add_argument("--json", action="store_true", help="bench: print the results as JSON on stdout only")
+    p.add_argument(
+        "--plot", metavar="FILE.png", help="bench: also sweep sizes and chart GB/s vs size (needs matplotlib)"
+    )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="bench: how close the CPU kernels come to the memory floor: each pass's time over a streaming copy"
+        " (or triad) of the same bytes, call overhead on small arrays, time per element across sizes, peak memory",
+    )
+    p.add_argument(
+        "--floor-mb",
+        type=float,
+        default=1024,
+        metavar="MB",
+        help="bench --floor: array size beyond the cache (default 1024; 4 arrays of it are allocated)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="check: 'cuda' checks the GPU backend against the float64 oracle and times it (CUDA events); "
+        "bench: only the CPU columns, or only the GPU ones (an error where no GPU can run); "
+        "default: the host check, and every column that can run here",
+    )
+    return p
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (0 ok, 1 a failed check, 2 cannot run)."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "check" and args.device == "cuda":
+        return _check_cuda()
+    if args.floor and (args.command == "check" or args.quick or args.plot):
+        p.error("--floor goes with bench alone: python -m numbabn bench --floor [--floor-mb MB]")
+    if args.floor and args.device == "cuda":
+        p.error("--floor measures the CPU kernels; for the GPU: python -m numbabn check --device cuda")
+    if args.plot and args.command == "check":
+        p.error("--plot goes with bench: python -m numbabn bench --plot FILE.png")
+    if args.plot:  # fail before minutes of timing, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib, which numbabn does not require: pip install 'numbabn[plot]'")
+    if args.device == "cuda":
+        from .contenders import cuda_unavailable
+
+        why = cuda_unavailable()
+        if why is not None:
+            print(f"numbabn: bench --device cuda: no GPU column can run here: {why}", file=sys.stderr)
+            return 2
+    # With --json, stdout carries the JSON alone; everything for people goes to stderr.
+    human = sys.stderr if args.json else sys.stdout
+    with contextlib.redirect_stdout(human):
+        results = _run(args)
+    if results is None:
+        return 1
+    if args.json:
+        from . import report
+
+        report.to_json(results, sys.stdout)
+    return 0
+
+
+def _backend_names(device):
+    """Names of the contenders of ``device`` ("cpu", "cuda"), or None for all."""
+    from .contenders import BACKENDS
+
+    if device is None:
+        return None
+    want = "gpu" if device == "cuda" else "cpu"
+    return [n for n, b in BACKENDS.items() if b.device == want]
+
+
+def _run(args):
+    """The human-readable part of :func:`main`; returns the results, or None on a failed
+    self-check."""
+    import numba
+
+    from . import check, report
+
+    print(f"numbabn self-check (numba {numba.__version__}, {numba.get_num_threads()} threads)")
+    print("  (a first run compiles the kernels, up to a minute; numba's cache keeps them for later runs)", flush=True)
+    t = time.perf_counter()
+    if not check.self_check(out=lambda line: print(line, flush=True)):
+        print("self-check FAILED")
+        return None
+    print(f"self-check passed in {time.perf_counter() - t:.1f} s (includes compiling on first use)")
+    if args.floor:
+        from . import floor
+
+        print()
+        budget = args.budget if args.budget is not None else 3.0
+        # Peak memory is measured on 512 MB; smaller runs (tests) shrink it too.
+        peak_mb = min(512, args.floor_mb)
+        return {"floor": floor.run(mb=args.floor_mb, budget=budget, peak_mb=peak_mb), "self_check": True}
+    full = args.command == "bench" and not args.quick
+    shapes = report.SHAPES if full else report.QUICK_SHAPES
+    budget = args.budget if args.budget is not None else (0.6 if full else 0.15)
+    names = _backend_names(args.device)
+    print(f"\nnumbabn against the alternatives installed here (results checked first), {args.dtype}:")
+    results = report.run(shapes, dtype=np.dtype(args.dtype), budget=budget, names=names, progress_file=sys.stderr)
+    results["self_check"] = True
+    if args.plot:
+        sizes = report.SWEEP_MB if full else report.SWEEP_MB[:2]
+        print(f"\nsweeping {', '.join(map(str, sizes))} MB for {args.plot} ...", flush=True)
+        results["sweep"] = report.sweep(sizes, dtype=np.dtype(args.dtype), budget=budget / 2, names=names)
+        report.plot(results["sweep"], args.plot)
+        print(f"wrote {args.plot}")
+    if full:
+        print("\ncold start, import + first forward and backward:")
+        results["cold_start_seconds"] = cold_start()
+        for k, v in results["cold_start_seconds"].items():
+            print(f"  {k}: {v:.2f} s")
+    return results
+
+
+def _check_cuda():
+    from . import check
+
+    try:
+        ok = check.gpu_check()
+    except RuntimeError as e:  # no numba-cuda, no driver or no device: say which
+        print(f"numbabn: {e}", file=sys.stderr)
+        return 2
+    print("GPU check passed" if ok else "GPU check FAILED")
+    return 0 if ok else 1

@@ -1,0 +1,108 @@
+"""Timing on shared, noisy machines: contenders timed in interleaved rounds, with equal
+thread counts, and a progress bar for people at a terminal."""
+
+import statistics
+import sys
+import time
+
+import numba
+
+from . import contenders
+
+
+def _nothing():
+    pass
+
+
+def interleaved(fns, budget=0.6, batch=0.01, min_rounds=3, max_rounds=100, sync=None, progress=None):
+    """Median seconds per call of each of ``fns`` (dict name -> callable).
+
+    Each callable is calibrated to a batch of about ``batch`` seconds of back-to-back calls;
+    rounds then time one batch of each callable in turn, so drifts of a shared machine hit
+    every contender alike.  Batches also dilute the OpenMP spin-wait that one library's
+    threads leave behind for the next library's first call.
+
+    Parameters
+    ----------
+    sync : dict name -> callable, optional
+        Called after each batch before the clock is read, so device work queued by the batch
+        is inside its time.
+    progress : callable (fraction), optional
+        Told after each round how far the rounds have come.
+    """
+    sync = sync or {}
+    nothing = _nothing
+    counts = {}
+    for k, f in fns.items():
+        s = sync.get(k, nothing)
+        f()  # warm-up (compile, allocate, fault pages in)
+        s()
+        t = time.perf_counter()
+        f()
+        s()
+        one = max(time.perf_counter() - t, 1e-7)
+        counts[k] = max(1, int(batch / one))
+    rounds = int(min(max_rounds, max(min_rounds, budget / (batch * len(fns)))))
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k, f in fns.items():
+            n, s = counts[k], sync.get(k, nothing)
+            t = time.perf_counter()
+            for _ in range(n):
+                f()
+            s()
+            times[k].append((time.perf_counter() - t) / n)
+        if progress is not None:
+            progress((r + 1) / rounds)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class torch_threads:
+    """Run PyTorch with as many threads as numba, so neither side gets more cores."""
+
+    def __init__(self):
+        self.torch = contenders._torch()
+
+    def __enter__(self):
+        if self.torch is not None:
+            self.old = self.torch.get_num_threads()
+            self.torch.set_num_threads(numba.get_num_threads())
+
+    def __exit__(self, *exc):
+        if self.torch is not None:
+            self.torch.set_num_threads(self.old)
+
+
+class Progress:
+    """A one-line progress bar on ``file`` (stderr), redrawn in place with ``\\r``.
+
+    Drawn only when ``file`` is a terminal: in a pipe or a CI log a redrawn line would land as
+    hundreds of lines (or one unreadable one), and there the table rows, printed as each shape
+    finishes, show the progress anyway.  Standard library only: numbabn's runtime
+    dependencies stay numpy and numba.
+    """
+
+    def __init__(self, total, file=None, width=30):
+        self.file = sys.stderr if file is None else file
+        self.total, self.width, self.done = max(total, 1), width, 0
+        self.enabled = hasattr(self.file, "isatty") and self.file.isatty()
+        self.label, self.shown = "", False
+
+    def update(self, done, label=None):
+        """Set the completed work (in the units of ``total``) and redraw."""
+        self.done = min(done, self.total)
+        self.label = self.label if label is None else label
+        if self.enabled:
+            filled = int(self.width * self.done / self.total)
+            bar = "#" * filled + "." * (self.width - filled)
+            line = f"[{bar}] {100 * self.done / self.total:3.0f}% {self.label}"
+            self.file.write("\r" + line[:110].ljust(110))
+            self.file.flush()
+            self.shown = True
+
+    def clear(self):
+        """Erase the bar (before printing a line of results below it)."""
+        if self.shown:
+            self.file.write("\r" + " " * 110 + "\r")
+            self.file.flush()
+            self.shown = False
