@@ -1,13 +1,13 @@
 """numbabn: Numba-accelerated batch normalization for NumPy.
 
-Public names only; see the README and ``DESIGN.md`` for the math and architecture.
+Public names only; the documentation (docs/) has the math, the design and the API.
 """
 
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layer import BatchNorm
 from .stats import Stats, merge_stats, welford
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BatchNorm",
