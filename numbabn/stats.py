@@ -144,6 +144,12 @@ def _as_stats(s, name, device=False):
     if int(count) != count:
         raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
     if device:
+        for part, a in (("mean", mean), ("m2", m2)):
+            if not is_device(a):
+                raise TypeError(
+                    f"{name}.{part} is a host array ({type(a).__name__}) but other parts are GPU arrays: "
+                    "host and device statistics are not mixed; move one of them"
+                )
         if mean.ndim != 1 or m2.shape != mean.shape:
             raise ValueError(f"{name}.mean and .m2 must both have shape (C,), got {mean.shape} and {m2.shape}")
         return Stats(int(count), mean, m2)

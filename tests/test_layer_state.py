@@ -163,12 +163,6 @@ def test_gpu_merge_of_gpu_parts_matches_the_host(rng):
     np.testing.assert_allclose(_host(gpu.m2), cpu.m2, rtol=1e-13)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="numbabn.stats._as_stats(device=True) reads mean.ndim before checking the part is a "
-    "GPU array: a list (not a NumPy array) beside GPU parts raises AttributeError, not the mixing TypeError",
-)
 def test_gpu_merge_with_a_list_part_is_a_type_error(rng):
     x = make_input(rng, (6, 3, 5), 1, np.float64)
     gpu = numbabn.welford(cuda.to_device(x))
