@@ -108,8 +108,10 @@ class BackwardCall:
         return self.inp.backend.backward(self)
 
 
-def forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out):
-    """Check a forward call's arguments against its checked input ``inp``."""
+def forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False):
+    """Check a forward call's arguments against its checked input ``inp``; ``part``: ``inp``
+    is one process's part of a global batch, whose count the caller checks once the parts'
+    statistics are exchanged (SyncBatchNorm), not the part's own."""
     training = _layout.check_flag(training, "training")
     weight = inp.per_channel(weight, "weight")
     bias = inp.per_channel(bias, "bias")
@@ -121,7 +123,8 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     # Checked in eval mode too, where it is unused, so a bad value never waits for training.
     momentum = _layout.check_momentum(momentum)
     if training:
-        _layout.check_training_count(inp.shape, inp.axis)
+        if not part:
+            _layout.check_training_count(inp.shape, inp.axis)
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
     eps = _layout.check_eps(eps)

@@ -242,15 +242,16 @@ class BatchNorm:
 
     __call__ = forward
 
-    def _forward_call(self, inp):
-        """The checked forward call of this layer's state on the checked input ``inp``."""
+    def _forward_call(self, inp, part=False):
+        """The checked forward call of this layer's state on the checked input ``inp``
+        (``part``: see :func:`numbabn._call.forward_call`)."""
         use_batch = self.training or self.running_mean is None
         track = self.training and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if track and self.momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
         running = (None, None) if self.training and not track else (self.running_mean, self.running_var)
-        return _call.forward_call(inp, self.weight, self.bias, *running, use_batch, momentum, self.eps, None)
+        return _call.forward_call(inp, self.weight, self.bias, *running, use_batch, momentum, self.eps, None, part=part)
 
     def _run_forward(self, call):
         """``(output, save_mean, save_invstd)`` of a checked forward call (SyncBatchNorm

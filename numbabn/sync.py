@@ -1,0 +1,279 @@
+"""``SyncBatchNorm``: a :class:`~numbabn.BatchNorm` whose training steps normalize with the
+statistics of the global batch that several processes hold parts of.
+
+Each training forward exchanges one small float64 payload per process (its part's
+:class:`~numbabn.Stats`, ``2 C + 1`` numbers) and each backward the per-channel gradient
+sums (``3 C`` numbers), through one ``allgather`` each; everything else is the
+single-process kernels, on the local part.  The parts are merged in rank order, the same
+order on every rank, so every rank computes the same bits.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .cpu import api as _host
+from .layer import _DEFAULT_MOMENTUM, BatchNorm
+from .stats import Stats, merge_stats
+
+
+class SyncBatchNorm(BatchNorm):
+    """Batch normalization over a batch split across processes (data-parallel training).
+
+    A :class:`BatchNorm` (same parameters, buffers, state-dict keys and methods) whose
+    training steps agree across the processes of ``comm``: every rank normalizes with the
+    mean and variance of the global batch (all ranks' inputs together), updates the same
+    running statistics, and gets the gradients of the global batch's normalization.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, decay, device
+        As :class:`BatchNorm`.  ``device="cuda"`` works with ``comm=None`` only (a plain
+        GPU batch norm): the exchange is implemented for host arrays.
+    comm : object with ``allgather(obj) -> list``, optional
+        The processes' communicator: ``allgather`` takes this rank's object and returns
+        every rank's object in rank order.  An mpi4py communicator as it is
+        (``MPI.COMM_WORLD``), or a small wrapper around ``torch.distributed`` (see the
+        data-parallel page of the guide).  ``None`` makes a plain :class:`BatchNorm`.
+
+    Notes
+    -----
+    Training forward: each rank computes its part's statistics ``(count, mean, M2)``
+    (:func:`numbabn.welford`), sends ``("forward", C, dtype, Stats.to_array())`` in one
+    ``allgather``, and merges the received parts left to right in rank order with Chan's
+    formula (:func:`numbabn.merge_stats`), exactly as one array's blocks are merged.  The
+    global ``count``, ``mean`` and ``M2`` give the normalization and the running-statistics
+    update (unbiased variance ``M2 / (count - 1)`` of the global batch)::
+
+        n = na + nb;  d = mean_b - mean_a
+        mean = mean_a + d * nb / n
+        M2   = M2_a + M2_b + d**2 * na * nb / n
+
+    Training backward: each rank reduces its part to ``(sum g, sum g * (x - mean),
+    sum |g|)`` per channel, and the ranks' sums, exchanged in one ``allgather``, are added in
+    rank order; ``grad_input`` follows from the global sums over the global ``n``, and
+    ``grad_weight``, ``grad_bias`` and ``update_threshold`` are the global batch's, the same
+    bits on every rank.
+
+    Ranks may hold different batch sizes, empty ones included (an empty part gives an empty
+    output).  The global batch needs more than one value per channel; otherwise, and when
+    any rank's step fails its checks (a bad input, ranks disagreeing on ``num_features`` or
+    ``dtype``), every rank raises the same error and no rank changes its state.  Eval mode
+    exchanges nothing.  Every rank must make the same training calls in the same order
+    (each is a collective operation): a rank that skips one, or is in eval mode while the
+    others train, leaves the others waiting in ``allgather``.
+
+    ``comm`` is not pickled (nor deep-copied): an unpickled layer has ``comm=None`` until it
+    is given one again (``layer.comm = MPI.COMM_WORLD``).
+
+    Examples
+    --------
+    Run with ``mpiexec -n 4 python train.py``; each rank trains on its own part of each
+    global batch:
+
+    >>> from mpi4py import MPI  # doctest: +SKIP
+    >>> bn = numbabn.SyncBatchNorm(64, comm=MPI.COMM_WORLD)  # doctest: +SKIP
+    >>> y = bn(x_local)  # doctest: +SKIP
+    >>> grad_x_local = bn.backward(grad_y_local)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=_DEFAULT_MOMENTUM,
+        affine=True,
+        track_running_stats=True,
+        *,
+        axis=1,
+        dtype=np.float32,
+        decay=None,
+        device="cpu",
+        comm=None,
+    ):
+        if comm is not None and device == "cuda":
+            raise NotImplementedError(_NO_GPU)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            axis=axis,
+            dtype=dtype,
+            decay=decay,
+            device=device,
+        )
+        self.comm = comm
+        self._check_comm()
+        # Values per channel of the last forward's global batch when that forward was
+        # synchronized (its backward then is too), else None.
+        self._sync_count = None
+        self._exchanged = False
+
+    @classmethod
+    def from_batchnorm(cls, bn, comm):
+        """A :class:`SyncBatchNorm` with ``bn``'s settings (``eps``, ``momentum``, ``affine``,
+        ``track_running_stats``, ``axis``, ``dtype``, ``device``, train/eval mode) and
+        copies of its parameters and buffers, as ``torch.nn.SyncBatchNorm.
+        convert_sync_batchnorm`` converts a module; ``bn`` is left as it was."""
+        if not isinstance(bn, BatchNorm):
+            raise TypeError(f"bn must be a numbabn.BatchNorm, got {type(bn).__name__}")
+        new = cls(
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
+            axis=bn.axis,
+            dtype=bn.dtype,
+            device=bn.device,
+            comm=comm,
+        )
+        new.load_state_dict(bn.state_dict())
+        return new.train(bn.training)
+
+    def _check_comm(self):
+        comm = self.comm
+        if comm is None:
+            return
+        if not callable(getattr(comm, "allgather", None)):
+            raise TypeError(
+                "comm must have an allgather(obj) -> list method returning every rank's obj in rank order "
+                f"(an mpi4py communicator such as MPI.COMM_WORLD, or a wrapper), or be None; got {type(comm).__name__}"
+            )
+        if self.device == "cuda":
+            raise NotImplementedError(_NO_GPU)
+
+    def _syncs(self):
+        """Whether a forward now is synchronized: training mode with a communicator."""
+        if self.comm is None or not self.training:
+            return False
+        self._check_comm()  # comm may have been assigned since the constructor
+        return True
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x):
+        """Normalize ``x``, this rank's part of the global batch; in training mode with a
+        ``comm``, with the global batch's statistics (a collective call: every rank makes
+        it).  See :meth:`BatchNorm.forward` and the class notes."""
+        if not self._syncs():
+            return super().forward(x)
+        return self._collective("forward", super().forward, x)
+
+    __call__ = forward
+
+    def _forward_call(self, inp, part=False):
+        return super()._forward_call(inp, part=part or self._syncs())
+
+    def _run_forward(self, call):
+        if not (call.training and self._syncs()):
+            result = call.run()
+            self._sync_count = None
+            return result
+        inp = call.inp
+        local = Stats(*inp.backend.welford(inp))
+        parts = self._exchange("forward", local.to_array())
+        merged = merge_stats(*(Stats.from_array(p) for p in parts))
+        if merged.count == 1:
+            counts = [int(p[0]) for p in parts]
+            raise ValueError(
+                "expected more than 1 value per channel when training, got 1 value per channel in the global "
+                f"batch (values per channel on each rank, in rank order: {counts})"
+            )
+        if merged.count == 0:  # every part empty: the plain empty batch (empty output, no update)
+            result = call.run()
+        else:
+            result = _host.forward_with_stats(call, *merged)
+        self._sync_count = merged.count
+        return result
+
+    # -- backward ---------------------------------------------------------------------------
+    def backward(self, grad_output):
+        """Gradient of the last :meth:`forward`'s output on this rank's part; after a
+        synchronized forward, a collective call whose ``grad_weight``, ``grad_bias`` and
+        ``update_threshold`` are the global batch's.  See :meth:`BatchNorm.backward`."""
+        if self._saved is None or self._sync_count is None:
+            return super().backward(grad_output)
+        self._check_comm()
+        return self._collective("backward", super().backward, grad_output)
+
+    def _run_backward(self, call):
+        n = self._sync_count
+        if n is None or not call.training or n == 0:  # n == 0: every rank's part was empty
+            return super()._run_backward(call)
+        inp = call.inp
+        sums = _host.grad_reduce(call.grad_output, inp.x, inp.axis, call.save_mean)
+        parts = self._exchange("backward", sums)
+        total = parts[0].copy()
+        for p in parts[1:]:
+            total += p
+        return (*_host.backward_with_sums(call, total, n), n)
+
+    # -- the exchange -----------------------------------------------------------------------
+    def _collective(self, step, method, arg):
+        """``method(arg)``, making sure this rank takes part in the step's one ``allgather``
+        even when its own checks fail, so that no rank waits forever and every rank raises."""
+        self._exchanged = False
+        try:
+            return method(arg)
+        except Exception as error:
+            if self._exchanged:
+                raise
+            self._exchange(step, _Failure(type(error).__name__, str(error)), error)
+            raise  # not reached: the exchange raised
+
+    def _exchange(self, step, payload, error=None):
+        """Every rank's payload of this step, in rank order, after checking that all ranks
+        made the same step with the same channels and dtype: otherwise (or when a rank sent
+        a :class:`_Failure`) every rank raises the same error."""
+        self._exchanged = True
+        gathered = self.comm.allgather((step, self.num_features, self.dtype.name, payload))
+        if not isinstance(gathered, (list, tuple)) or not gathered:
+            kind = type(gathered).__name__
+            raise TypeError(f"comm.allgather must return the list of every rank's object, got {kind}")
+        failed = [(r, e[3]) for r, e in enumerate(gathered) if isinstance(e[3], _Failure)]
+        if failed:
+            rank, failure = failed[0]
+            others = f" (and ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+            exc = _EXCEPTIONS.get(failure.kind, RuntimeError)
+            raise exc(
+                f"SyncBatchNorm {step} failed on rank {rank} of {len(gathered)}{others}, so on every rank, "
+                f"nothing changed: {failure.kind}: {failure.message}"
+            ) from error
+        for what, k, exc in (("steps", 0, RuntimeError), ("num_features", 1, ValueError), ("dtypes", 2, TypeError)):
+            values = [e[k] for e in gathered]
+            if any(v != values[0] for v in values):
+                raise exc(
+                    f"SyncBatchNorm ranks disagree on their {what}, so every rank stops, nothing changed: "
+                    f"{values} (in rank order)"
+                )
+        return [np.asarray(e[3], dtype=np.float64) for e in gathered]
+
+    # -- pickling ---------------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["comm"] = None  # a communicator belongs to its processes
+        state["_sync_count"] = None
+        state["_exchanged"] = False
+        return state
+
+    def __repr__(self):
+        comm = "" if self.comm is None else f", comm={type(self.comm).__name__}"
+        return "Sync" + super().__repr__()[:-1] + comm + ")"
+
+
+class _Failure(NamedTuple):
+    """What a rank whose own checks failed sends instead of its payload."""
+
+    kind: str
+    message: str
+
+
+_NO_GPU = (
+    "SyncBatchNorm with a comm on device 'cuda' is not implemented: the GPU backend (numbabn.cuda.api) has no "
+    "stage functions for statistics merged elsewhere (forward_with_stats, grad_reduce, backward_with_sums) yet; "
+    "use device='cpu', or comm=None for a plain GPU BatchNorm"
+)
+
+_EXCEPTIONS = {e.__name__: e for e in (TypeError, ValueError, RuntimeError, NotImplementedError)}
