@@ -1,0 +1,135 @@
+"""SyncBatchNorm across real processes: run with ``mpiexec -n P python mpi_sync_check.py``
+(tests/test_sync_mpi.py does, for P = 2 and 3).
+
+Every rank draws the same global batches from a shared seed, trains a SyncBatchNorm on its
+own part (uneven parts, one rank's part empty) and a plain BatchNorm on the whole batch,
+and compares its part of the outputs and gradients, the global gradients and the running
+statistics; the ranks then compare their running statistics and global gradients bit for
+bit.  The global-count and disagreeing-channels errors must be the same on every rank.
+Exits 1 (every rank) on any mismatch, printing what differed.
+"""
+
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+from numbabn import BatchNorm, SyncBatchNorm
+
+COMM = MPI.COMM_WORLD
+RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
+TOL = {np.dtype(np.float32): 4e-5, np.dtype(np.float64): 4e-12}
+
+# (shape of the global batch with a placeholder batch size, feature axis, batch axis)
+LAYOUTS = [((None, 5), 1, 0), ((None, 3, 4, 5), 1, 0), ((None, 4, 3, 6), -1, 0)]
+
+#: What every rank must hold bit for bit: the global gradients and the running statistics.
+SHARED = ("grad_weight", "grad_bias", "update_threshold", "running_mean", "running_var")
+
+failures = []
+
+
+def check(ok, what):
+    if not ok:
+        failures.append(f"rank {RANK}: {what}")
+
+
+def close(actual, desired, dtype, what):
+    desired = np.asarray(desired, dtype=np.float64)
+    scale = max(1.0, float(np.abs(desired).max())) if desired.size else 1.0
+    tol = TOL[np.dtype(dtype)]
+    err = np.abs(np.asarray(actual, dtype=np.float64) - desired)
+    check(actual.shape == desired.shape and bool(np.all(err <= tol * (scale + np.abs(desired)))), what)
+
+
+def part_sizes(step):
+    """Uneven parts of each step's global batch: rank 0's part empty in step 1, a part of
+    one row in step 2."""
+    if step == 0:
+        return [r + 2 for r in range(SIZE)]
+    if step == 1:
+        return [0] + [3 * r + 1 for r in range(1, SIZE)]
+    return [1] + [2] * (SIZE - 1)
+
+
+def run_case(shape, axis, batch_axis, dtype, momentum, seed):
+    rng = np.random.default_rng(seed)
+    channels = shape[axis]
+    sync = SyncBatchNorm(channels, axis=axis, dtype=dtype, momentum=momentum, comm=COMM)
+    ref = BatchNorm(channels, axis=axis, dtype=dtype, momentum=momentum)
+    w = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    b = rng.normal(size=channels).astype(dtype)
+    for layer in (sync, ref):
+        layer.weight[...], layer.bias[...] = w, b
+    name = f"shape {shape} axis {axis} {np.dtype(dtype).name} momentum {momentum}"
+    for step in range(3):
+        sizes = part_sizes(step)
+        full = list(shape)
+        full[batch_axis] = sum(sizes)
+        x = rng.normal(3.0, 2.0, full).astype(dtype)
+        g = rng.normal(size=full).astype(dtype)
+        lo, hi = sum(sizes[:RANK]), sum(sizes[: RANK + 1])
+        mine = [slice(None)] * len(full)
+        mine[batch_axis] = slice(lo, hi)
+        mine = tuple(mine)
+        y = sync(x[mine])
+        gi = sync.backward(g[mine])
+        y_ref = ref(x)
+        gi_ref = ref.backward(g)
+        what = f"{name} step {step}"
+        close(y, y_ref[mine], dtype, f"{what}: output")
+        close(gi, gi_ref[mine], dtype, f"{what}: grad_input")
+        for attr in SHARED:
+            close(getattr(sync, attr), getattr(ref, attr), dtype, f"{what}: {attr}")
+        check(sync.num_batches_tracked == ref.num_batches_tracked, f"{what}: num_batches_tracked")
+        mine_bits = b"".join(getattr(sync, a).tobytes() for a in SHARED)
+        everyone = COMM.allgather(mine_bits)
+        check(all(bits == everyone[0] for bits in everyone), f"{what}: state differs between ranks")
+
+
+def same_error_everywhere(make_call, kind, fragment, what):
+    try:
+        make_call()
+        message = None
+    except Exception as e:  # noqa: BLE001 - compared below
+        message = f"{type(e).__name__}: {e}"
+    messages = COMM.allgather(message)
+    check(message is not None and message.startswith(kind) and fragment in message, f"{what}: got {message!r}")
+    check(all(m == messages[0] for m in messages), f"{what}: ranks raised different errors {messages}")
+
+
+def run_errors():
+    layer = SyncBatchNorm(4, comm=COMM)
+    before = layer.state_dict()
+    one = np.ones((1 if RANK == 0 else 0, 4), np.float32)
+    same_error_everywhere(lambda: layer(one), "ValueError", "more than 1 value per channel", "global batch of one")
+    after = layer.state_dict()
+    check(all(np.array_equal(before[k], after[k]) for k in before), "global batch of one: state changed")
+    odd = SyncBatchNorm(3 + (RANK == SIZE - 1), comm=COMM)
+    x = np.ones((2, odd.num_features), np.float32)
+    same_error_everywhere(lambda: odd(x), "ValueError", "num_features", "disagreeing channels")
+    check(odd.num_batches_tracked == 0, "disagreeing channels: state changed")
+    # Still in step afterwards.
+    y = layer(np.arange(8, dtype=np.float32).reshape(2, 4) + RANK)
+    check(y.shape == (2, 4) and layer.num_batches_tracked == 1, "a step after the errors")
+
+
+def main():
+    seed = 0
+    for shape, axis, batch_axis in LAYOUTS:
+        for dtype in (np.float32, np.float64):
+            for momentum in (0.1, None):
+                run_case(shape, axis, batch_axis, dtype, momentum, seed)
+                seed += 1
+    run_errors()
+    everyone = COMM.allgather(failures)
+    if RANK == 0:
+        for lines in everyone:
+            for line in lines:
+                print(line, file=sys.stderr)
+        print(f"{SIZE} ranks: {sum(map(len, everyone))} mismatches", file=sys.stderr)
+    return 1 if any(everyone) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
