@@ -5,6 +5,8 @@ positive, finite and consistent with its definition, that the plain-NumPy conten
 batch norm correctly, and that the command line says what it does and fails when a check
 fails."""
 
+import importlib
+import importlib.util
 import io
 import json
 import math
@@ -208,16 +210,24 @@ ASV = pathlib.Path(__file__).resolve().parents[1] / "asv_bench"
 
 
 @pytest.fixture
-def asv_benchmarks(monkeypatch):
-    if not (ASV / "benchmarks").is_dir():
+def asv_benchmarks():
+    """asv's suite, imported as "asv_benchmarks" ("benchmarks" is the pytest-benchmark
+    suite's name here), and removed again afterwards."""
+    path = ASV / "benchmarks"
+    if not path.is_dir():
         pytest.skip("no asv_bench/ beside the tests")
-    monkeypatch.syspath_prepend(str(ASV))
-    for mod in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
-        monkeypatch.delitem(sys.modules, mod)
-    import benchmarks
-    import benchmarks.batchnorm
-
-    return benchmarks
+    spec = importlib.util.spec_from_file_location(
+        "asv_benchmarks", path / "__init__.py", submodule_search_locations=[str(path)]
+    )
+    suite = importlib.util.module_from_spec(spec)
+    sys.modules["asv_benchmarks"] = suite
+    try:
+        spec.loader.exec_module(suite)
+        suite.batchnorm = importlib.import_module("asv_benchmarks.batchnorm")
+        yield suite
+    finally:
+        sys.modules.pop("asv_benchmarks", None)
+        sys.modules.pop("asv_benchmarks.batchnorm", None)
 
 
 def test_asv_grid_and_skips(asv_benchmarks):

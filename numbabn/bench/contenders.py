@@ -396,25 +396,30 @@ def expected(case):
 
 def check(backend, stages, case, ref=None):
     """Run each stage once and compare it with the float64 oracle (:func:`expected`); raise
-    ``AssertionError`` naming the backend, stage and error on a mismatch.
+    ``AssertionError`` naming the backend, stage and error on a mismatch."""
+    ref = expected(case) if ref is None else ref
+    for stage, fn in stages.items():
+        if stage != "copy":
+            got = fn()
+            backend.synchronize()
+            check_result(backend, stage, got, case, ref)
+
+
+def check_result(backend, stage, got, case, ref=None):
+    """Compare what ``backend``'s ``stage`` returned on ``case`` with the float64 oracle, to
+    :data:`TOL` of the case's dtype; raise ``AssertionError`` naming the backend, stage and
+    error on a mismatch.
 
     ``stats`` results may be numbabn's ``Stats(count, mean, m2)``, compared as
     ``(mean, m2 / count)``.
     """
     ref = expected(case) if ref is None else ref
     tol = TOL[case.dtype]
-    for stage, fn in stages.items():
-        if stage == "copy":
-            continue
-        got = fn()
-        backend.synchronize()
-        if hasattr(got, "m2"):
-            got = (got.mean, backend.to_numpy(got.m2) / got.count)
-        got = got if isinstance(got, tuple) else (got,)
-        want = ref[stage] if isinstance(ref[stage], tuple) else (ref[stage],)
-        for i, (a, r) in enumerate(zip(got, want, strict=True)):
-            err = reference.relative_error(backend.to_numpy(a), r)
-            if not err <= tol:
-                raise AssertionError(
-                    f"{backend.name} {stage} (output {i}) on {case}: relative error {err:.2e} > {tol:.0e}"
-                )
+    if hasattr(got, "m2"):
+        got = (got.mean, backend.to_numpy(got.m2) / got.count)
+    got = got if isinstance(got, tuple) else (got,)
+    want = ref[stage] if isinstance(ref[stage], tuple) else (ref[stage],)
+    for i, (a, r) in enumerate(zip(got, want, strict=True)):
+        err = reference.relative_error(backend.to_numpy(a), r)
+        if not err <= tol:
+            raise AssertionError(f"{backend.name} {stage} (output {i}) on {case}: relative error {err:.2e} > {tol:.0e}")

@@ -1,0 +1,1 @@
+"""pytest-benchmark suite (a package, so its conftest does not shadow the tests' own)."""
