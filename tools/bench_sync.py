@@ -1,0 +1,107 @@
+"""SyncBatchNorm's cost over MPI: a training step (forward + backward) of SyncBatchNorm
+against BatchNorm on the same local batch, and the latency of the two allgathers a step
+makes (the forward's ``2 C + 1`` statistics, the backward's ``3 C`` sums).
+
+    NUMBA_NUM_THREADS=1 mpiexec -n 2 python tools/bench_sync.py
+
+Every rank runs the same calls in lockstep (a SyncBatchNorm step is collective); timings
+are medians over interleaved rounds, each round a batch of back-to-back calls between
+barriers, and rank 0 prints the slowest rank's median.  A step's exchange should cost no
+more than the two allgathers: ``sync <= 1.2 x (batchnorm + allgathers)``.
+"""
+
+import argparse
+import pickle
+import statistics
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import numbabn
+
+COMM = MPI.COMM_WORLD
+
+#: (name, local batch shape, feature axis)
+SHAPES = [
+    ("NC 256x256", (256, 256), 1),
+    ("NCHW 16x64x16x16", (16, 64, 16, 16), 1),
+    ("NHWC 16x16x16x64", (16, 16, 16, 64), -1),
+    ("NCHW 32x64x32x32", (32, 64, 32, 32), 1),
+]
+
+
+def timed(fn, calls):
+    COMM.Barrier()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t) / calls
+
+
+def bench(shape, axis, rounds, budget):
+    channels = shape[axis]
+    rng = np.random.default_rng(COMM.rank)
+    x = rng.normal(3.0, 2.0, shape).astype(np.float32)
+    g = rng.normal(size=shape).astype(np.float32)
+    bn = numbabn.BatchNorm(channels, axis=axis)
+    sync = numbabn.SyncBatchNorm(channels, axis=axis, comm=COMM)
+    stats = numbabn.welford(x, axis=axis).to_array()
+    sums = np.zeros((3, channels))
+
+    def step(layer):
+        layer(x)
+        layer.backward(g)
+
+    fns = {
+        "batchnorm": lambda: step(bn),
+        "sync": lambda: step(sync),
+        # what SyncBatchNorm sends: (step, C, dtype, payload), pickled by mpi4py's allgather
+        "allgather fwd": lambda: COMM.allgather(("forward", channels, "float32", stats)),
+        "allgather bwd": lambda: COMM.allgather(("backward", channels, "float32", sums)),
+    }
+    for fn in fns.values():  # compile, warm caches
+        fn()
+    calls = {}
+    for name, fn in fns.items():  # calls per batch: about budget / rounds seconds, same on every rank
+        one = timed(fn, 3)
+        calls[name] = max(1, int(COMM.allreduce(budget / rounds / one, op=MPI.MIN)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, calls[name]))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {name: COMM.allreduce(t, op=MPI.MAX) for name, t in medians.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds per contender and shape")
+    parser.add_argument("--out", help="also write the results (a pickled dict) here (rank 0)")
+    args = parser.parse_args()
+    results = {}
+    if COMM.rank == 0:
+        print(f"{COMM.size} ranks, {MPI.Get_library_version().splitlines()[0]}, numbabn {numbabn.__version__}")
+        header = ("local batch", "BatchNorm", "SyncBatchNorm", "allgathers", "sync / (bn + allgathers)")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" for _ in header) + "|")
+    for name, shape, axis in SHAPES:
+        t = bench(shape, axis, args.rounds, args.budget)
+        results[name] = t
+        exchange = t["allgather fwd"] + t["allgather bwd"]
+        if COMM.rank == 0:
+            ratio = t["sync"] / (t["batchnorm"] + exchange)
+            us = 1e6
+            print(
+                f"| {name} | {t['batchnorm'] * us:.0f} us | {t['sync'] * us:.0f} us | "
+                f"{t['allgather fwd'] * us:.1f} + {t['allgather bwd'] * us:.1f} us | {ratio:.2f} |",
+                flush=True,
+            )
+    if COMM.rank == 0 and args.out:
+        with open(args.out, "wb") as f:
+            pickle.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
