@@ -14,10 +14,10 @@ import numpy as np
 from numba import cuda
 
 import numbabn
+from numbabn.bench.check import _median_ms
 from numbabn.cuda import _arrays, _plan
 from numbabn.cuda import forward as F
 from numbabn.cuda import stats as S
-from numbabn.bench.check import _median_ms
 
 
 def per_call_us(f, n=300):
