@@ -7,9 +7,12 @@ CPU without numba-cuda, a driver or a device.  :func:`require` says which one is
 import importlib.util
 import os
 
+_FOUND_DEVICE = False  # a driver and a device were found once (require() runs at every GPU call)
+
 
 def require():
     """``numba.cuda``, ready to launch kernels, or a ``RuntimeError`` that says why not."""
+    global _FOUND_DEVICE
     simulated = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
     if not simulated and importlib.util.find_spec("numba_cuda") is None:
         raise RuntimeError(
@@ -20,6 +23,8 @@ def require():
     if simulated:
         return cuda
     _require_compiler()
+    if _FOUND_DEVICE:
+        return cuda
     try:
         from numba.cuda.cudadrv.driver import driver
 
@@ -28,6 +33,7 @@ def require():
         raise RuntimeError(f"numbabn's GPU backend found no usable NVIDIA driver: {e}".strip()) from None
     if count == 0:
         raise RuntimeError("numbabn's GPU backend found an NVIDIA driver but no CUDA device")
+    _FOUND_DEVICE = True
     return cuda
 
 

@@ -9,6 +9,8 @@ import threading
 import numpy as np
 from numba import cuda
 
+from . import _launch
+
 SIMULATED = bool(cuda.config.ENABLE_CUDASIM)  # the CUDA simulator: arrays wrap NumPy ones
 
 
@@ -23,7 +25,10 @@ _LAUNCHERS = {}
 
 
 def launch(kernel, grid, block, stream, *args):
-    """``kernel[grid, block, stream](*args)``, reusing the configured launcher.
+    """Launch ``kernel`` on ``grid`` x ``block`` on ``stream``: through numbabn's own launch
+    layer (:mod:`._launch`) on a GPU, else ``kernel[grid, block, stream](*args)``, reusing the
+    configured launcher (the simulator, ``NUMBABN_CUDA_LAUNCH=numba``).  Every launch of the
+    drivers goes through here.
 
     numba-cuda builds a launch configuration at every ``kernel[...]``: it converts the stream
     and, for grids under 128 blocks (numbabn's per-channel kernels, and every kernel on small
@@ -34,6 +39,9 @@ def launch(kernel, grid, block, stream, *args):
     if SIMULATED:
         kernel[grid, block, stream](*args)
         return
+    if _launch.FAST and isinstance(kernel, _dispatcher()):
+        _launch.launch(kernel, grid, block, stream, *args)
+        return
     key = (kernel, grid, block, _stream_key(stream))
     configured = _LAUNCHERS.get(key)
     if configured is None:
@@ -41,6 +49,13 @@ def launch(kernel, grid, block, stream, *args):
             _LAUNCHERS.clear()
         configured = _LAUNCHERS[key] = kernel[grid, block, stream]
     configured(*args)
+
+
+@functools.cache
+def _dispatcher():
+    from numba.cuda.dispatcher import CUDADispatcher
+
+    return CUDADispatcher
 
 
 def kind(a):
@@ -89,7 +104,12 @@ def stream_of(stream, original):
 def dense_order(a):
     """Axes of ``a`` from the slowest-varying in memory to the fastest, when ``a`` is dense
     (a permutation of a C-contiguous array: C, F, channels-last, ...); else None."""
-    shape, strides, size = a.shape, a.strides, a.dtype.itemsize
+    order = _dense_order(tuple(a.shape), tuple(a.strides), a.dtype.itemsize)
+    return None if order is None else list(order)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dense_order(shape, strides, size):
     if 0 in shape:  # no elements: any order will do (their strides may read 0)
         return list(range(len(shape)))
     order = sorted(range(len(shape)), key=lambda i: (-strides[i], i))
@@ -104,15 +124,27 @@ def dense_order(a):
 def view3(a, axis, order):
     """``a`` (dense, axes in memory ``order``) viewed as a C-contiguous ``(outer, C, inner)``
     array: the axes before ``axis`` in memory order make ``outer``, those after ``inner``."""
+    shape, strides = _view3(tuple(a.shape), axis, tuple(order), a.dtype.itemsize)
+    return strided(a, shape, strides)
+
+
+@functools.lru_cache(maxsize=1024)
+def _view3(shape, axis, order, s):
     k = order.index(axis)
-    outer = math.prod(a.shape[i] for i in order[:k])
-    inner = math.prod(a.shape[i] for i in order[k + 1 :])
-    s = a.dtype.itemsize
-    return strided(a, (outer, a.shape[axis], inner), (a.shape[axis] * inner * s, inner * s, s))
+    outer = math.prod(shape[i] for i in order[:k])
+    inner = math.prod(shape[i] for i in order[k + 1 :])
+    return (outer, shape[axis], inner), (shape[axis] * inner * s, inner * s, s)
 
 
 def strided(a, shape, strides):
-    """A view of dense ``a``'s memory with the given shape and byte strides."""
+    """A view of dense ``a``'s memory with the given shape and byte strides: a
+    :class:`._launch.Dev` on the fast launch path (kernel arguments only)."""
+    if _launch.FAST:
+        return _launch.Dev(_launch.pointer(a), shape, strides, a.dtype)
+    return _numba_view(a, shape, strides)
+
+
+def _numba_view(a, shape, strides):
     if SIMULATED:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
@@ -132,7 +164,7 @@ def empty_like(a, order, stream):
         step *= a.shape[i]
     n = math.prod(a.shape)
     flat = cuda.device_array(n, dtype=a.dtype, stream=stream)
-    return strided(flat, a.shape, tuple(strides))
+    return _numba_view(flat, a.shape, tuple(strides))
 
 
 def empty(shape, dtype, stream):
@@ -152,7 +184,7 @@ def _constant(context, fill, n, dtype):
     return to_device(np.full(n, fill, dtype=dtype), 0)
 
 
-_FREE = {}  # (context, stream, tag, dtype) -> work arrays no call holds
+_FREE = {}  # (context, stream, tag, dtype) -> (array, its pointer or None) no call holds
 _FREE_LOCK = threading.Lock()
 _HELD = threading.local()  # .arrays: the (key, array) pairs the current driver call holds
 
@@ -197,10 +229,14 @@ def scratch(tag, shape, dtype, stream):
     with _FREE_LOCK:
         free = _FREE.get(key)
         buf = free.pop() if free else None
-    if buf is None or buf.shape[0] < n:
-        buf = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
+    if buf is None or buf[0].shape[0] < n:
+        a = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
+        buf = (a, _launch.pointer(a) if _launch.FAST else None)
     held.append((key, buf))
-    return buf[:n].reshape(shape)
+    a, ptr = buf
+    if ptr is not None:  # the fast launch path: the kernels' view, no numba array made
+        return _launch.Dev(ptr, shape, _launch.c_strides(shape, dtype.itemsize), dtype)
+    return a[:n].reshape(shape)
 
 
 def _scratch_stream_key(stream):

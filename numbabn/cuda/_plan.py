@@ -9,10 +9,12 @@ blocks, whose partials a second kernel merges in a fixed order: deterministic, a
 ``C`` still fills the GPU.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
 from .. import _config
+from . import _arrays
 
 #: Size of the shared-memory reduction buffers: the most threads a block may have.
 MAX_THREADS = 256
@@ -45,11 +47,16 @@ def _pow2_at_least(n):
 
 
 def plan(outer, num_channels, inner):
-    """The reduction geometry of an ``(outer, C, inner)`` array."""
-    threads = _config.CUDA_THREADS
+    """The reduction geometry of an ``(outer, C, inner)`` array (made once per shape and
+    tunables: a call's plan is a dictionary lookup)."""
+    return _plan(outer, num_channels, inner, _config.CUDA_THREADS, _config.CUDA_MIN_INNER, _config.CUDA_BLOCK_ELEMS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(outer, num_channels, inner, threads, min_inner, block_elems):
     if threads > MAX_THREADS or threads & (threads - 1):
         raise ValueError(f"CUDA_THREADS must be a power of two <= {MAX_THREADS}, got {threads}")
-    strided = inner >= _config.CUDA_MIN_INNER
+    strided = inner >= min_inner
     if strided:
         bx = min(threads, _pow2_at_least(inner))
         width, q, row_elems = num_channels, 1, inner
@@ -57,7 +64,7 @@ def plan(outer, num_channels, inner):
         bx = min(threads, 32)
         width, q, row_elems = num_channels * inner, inner, bx
     by = threads // bx
-    rows = max(by * CHUNK, -(-_config.CUDA_BLOCK_ELEMS // row_elems))
+    rows = max(by * CHUNK, -(-block_elems // row_elems))
     nsplit = max(1, -(-outer // rows))
     if nsplit > MAX_GRID_Y:
         nsplit = MAX_GRID_Y
@@ -71,8 +78,12 @@ def elementwise(outer, num_channels, inner):
     """``(strided, grid, block)`` of the elementwise kernels: threads along rows of ``inner`` values
     (strided; rows are the ``outer * C`` (outer, channel) pairs) or across the ``C * inner``
     columns (minor; rows are the ``outer`` rows)."""
-    threads = _config.CUDA_THREADS
-    strided = inner >= _config.CUDA_MIN_INNER
+    return _elementwise(outer, num_channels, inner, _config.CUDA_THREADS, _config.CUDA_MIN_INNER)
+
+
+@functools.lru_cache(maxsize=1024)
+def _elementwise(outer, num_channels, inner, threads, min_inner):
+    strided = inner >= min_inner
     if strided:
         cols, rows = inner, outer * num_channels
     else:
@@ -88,10 +99,8 @@ def elementwise(outer, num_channels, inner):
 
 def columns(a3):
     """``(outer, C, inner)`` viewed as ``(outer, C * inner)`` (same memory)."""
-    from ._arrays import strided
-
     outer, num_channels, inner = a3.shape
-    return strided(a3, (outer, num_channels * inner), (a3.strides[0], a3.strides[2]))
+    return _arrays.strided(a3, (outer, num_channels * inner), (a3.strides[0], a3.strides[2]))
 
 
 def coef_dtype(dtype):
@@ -102,7 +111,11 @@ def coef_dtype(dtype):
 def per_channel_blocks(num_channels):
     """``(grid, block)`` of the kernels that merge each channel's partials: a block per
     channel, ``CUDA_MERGE_THREADS`` threads (a power of two) each."""
-    threads = _config.CUDA_MERGE_THREADS
+    return _per_channel_blocks(num_channels, _config.CUDA_MERGE_THREADS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _per_channel_blocks(num_channels, threads):
     if threads > MAX_THREADS or threads & (threads - 1):
         raise ValueError(f"CUDA_MERGE_THREADS must be a power of two <= {MAX_THREADS}, got {threads}")
     return max(1, num_channels), threads

@@ -1,0 +1,213 @@
+"""numbabn's own kernel launches on a GPU: each kernel compiled once per signature by
+numba-cuda, then launched through ``cuda.core.launch`` with its arguments already flattened
+to numba's kernel ABI, skipping numba-cuda's per-launch typing and argument preparation
+(about 18 us per launch plus 15 us per array argument in numba-cuda 0.30.4).
+
+numba-cuda passes an array argument as the scalars ``(meminfo, parent, nitems, itemsize,
+data, shape..., strides...)`` (``numba.cuda.dispatcher._Kernel._prepare_args``); a float64
+as a double, an int64 as an 8-byte integer, a boolean as one byte.  :class:`Dev` is a device
+array held as those scalars (no numba object, no allocation), which the drivers' internal
+views and work arrays are on this path; the caller's numba arrays are converted at launch.
+
+Used on a real GPU unless ``NUMBABN_CUDA_LAUNCH=numba`` (read at import) asks for numba's
+own ``kernel[grid, block, stream](...)``, kept for comparison; the CUDA simulator always
+takes numba's path (see :func:`numbabn.cuda._arrays.launch`).  Nothing here synchronizes.
+"""
+
+import functools
+import math
+import os
+
+import numpy as np
+from numba import cuda, types
+from numba.np import numpy_support
+
+SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+
+#: "fast" (this module) or "numba" (numba-cuda's own launches), from NUMBABN_CUDA_LAUNCH.
+MODE = os.environ.get("NUMBABN_CUDA_LAUNCH", "fast").strip().lower() or "fast"
+if MODE not in ("fast", "numba"):
+    raise ValueError(f"NUMBABN_CUDA_LAUNCH must be 'fast' or 'numba', got {MODE!r}")
+
+#: Whether kernels launch through this module (a real GPU, not told otherwise).
+FAST = not SIMULATED and MODE == "fast"
+
+
+def layout_of(shape, strides, itemsize):
+    """``"C"``, ``"F"`` or ``"A"``: the layout numba-cuda types a device array of this shape
+    and byte strides as (``DeviceNDArray._numba_type_``), which selects the compiled kernel."""
+    size = math.prod(shape)
+    if size == 0:
+        return "C"
+    if 0 in strides:  # broadcast
+        return "A"
+    c = f = True
+    expected = itemsize
+    for n, s in zip(reversed(shape), reversed(strides), strict=True):
+        if n != 1 and s != expected:
+            c = False
+            break
+        expected *= n
+    if c:
+        return "C"
+    expected = itemsize
+    for n, s in zip(shape, strides, strict=True):
+        if n != 1 and s != expected:
+            f = False
+            break
+        expected *= n
+    return "F" if f else "A"
+
+
+class Dev:
+    """A device array as a kernel receives it: ``abi`` is its argument scalars, ``sig`` what
+    selects its compiled kernel.  Has the ``shape``, ``strides``, ``dtype``, ``size`` and
+    ``ndim`` the drivers read; owns nothing (the memory's owner must outlive the launch)."""
+
+    __slots__ = ("ptr", "shape", "strides", "dtype", "size", "ndim", "sig", "head", "dims")
+
+    def __init__(self, ptr, shape, strides, dtype):
+        self.ptr = ptr
+        self.shape = shape
+        self.strides = strides
+        self.dtype = dtype
+        meta = _META.get((shape, strides, dtype))
+        if meta is None:
+            meta = _meta(shape, strides, dtype)
+        self.size, self.ndim, self.sig, self.head, self.dims = meta
+
+    @property
+    def abi(self):
+        """``(meminfo, parent, nitems, itemsize, data, shape..., strides...)``."""
+        return (*self.head, self.ptr, *self.dims)
+
+
+_META = {}  # (shape, strides, dtype) -> what Dev derives from them
+
+
+def _meta(shape, strides, dtype):
+    if len(_META) > 4096:
+        _META.clear()
+    size = math.prod(shape)
+    sig = (dtype, len(shape), layout_of(shape, strides, dtype.itemsize))
+    meta = _META[shape, strides, dtype] = (size, len(shape), sig, (0, 0, size, dtype.itemsize), shape + strides)
+    return meta
+
+
+def pointer(a):
+    """The device address of the data of ``a`` (a :class:`Dev` or a numba device array)."""
+    if type(a) is Dev:
+        return a.ptr
+    try:
+        return int(a.gpu_data.device_pointer)
+    except AttributeError:  # a pointer-less (empty) array, or a proxied one
+        return a.device_ctypes_pointer.value or 0
+
+
+def describe(a):
+    """``a`` (a numba device array, or a :class:`Dev`) as a :class:`Dev`."""
+    if type(a) is Dev:
+        return a
+    return Dev(pointer(a), a.shape, a.strides, a.dtype)
+
+
+def c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+# -- numba types, compiled kernels, configurations, streams: each made once ---------------------
+
+_SCALARS = {float: types.float64, int: types.int64, bool: types.boolean}
+_SCALARS.update({np.float64: types.float64, np.int64: types.int64, np.bool_: types.boolean})
+
+
+def argtypes_of(key):
+    """The numba argument types of a launch key (``Dev.sig`` for arrays, the Python type of
+    scalars): the types numba-cuda's dispatcher infers for the same arguments."""
+    out = []
+    for k in key:
+        if type(k) is tuple:
+            dtype, ndim, layout = k
+            out.append(types.Array(numpy_support.from_dtype(dtype), ndim, layout))
+        else:
+            out.append(_SCALARS[k])
+    return tuple(out)
+
+
+def compiled(dispatcher, argtypes):
+    """numba-cuda's compiled kernel of ``dispatcher`` for ``argtypes`` (compiled, or loaded
+    from the disk cache, once per signature), bound to the current context: its
+    ``cuda.core`` Kernel."""
+    kernel = dispatcher.compile(argtypes)
+    kernel.bind()  # loads the module into the current context (a no-op once loaded)
+    return kernel._codelibrary.get_cufunc().kernel
+
+
+def context_key():
+    """The current CUDA context, as compiled kernels are cached per context (a module loaded
+    in one context cannot run in another)."""
+    return id(cuda.current_context())
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_config(grid, block):
+    from cuda.core import LaunchConfig
+
+    return LaunchConfig(grid=grid, block=block)
+
+
+_STREAMS = {}
+
+
+def core_stream(stream):
+    """``stream`` (a numba stream or 0) as the ``cuda.core`` Stream ``launch`` takes, one per
+    handle."""
+    handle = int(stream) if stream else 0
+    s = _STREAMS.get(handle)
+    if s is None:
+        from numba.cuda.cudadrv.driver import _to_core_stream
+
+        if len(_STREAMS) > 256:
+            _STREAMS.clear()
+        s = _STREAMS[handle] = _to_core_stream(stream)
+    return s
+
+
+def driver_launch(stream, config, kernel, *args):
+    """The one call into CUDA: ``cuda.core.launch`` (numba-cuda's own launch primitive)."""
+    from cuda.core import launch as core_launch
+
+    core_launch(stream, config, kernel, *args)
+
+
+_KERNELS = {}  # (dispatcher, launch key, context) -> cuda.core Kernel
+
+
+def launch(dispatcher, grid, block, stream, *args):
+    """Launch ``dispatcher`` (a ``numba.cuda.jit`` kernel) on ``grid`` x ``block`` on
+    ``stream``.  Arguments: :class:`Dev` or numba device arrays, Python floats (float64),
+    ints (int64) and bools."""
+    packed = []
+    key = [dispatcher]
+    for a in args:
+        t = type(a)
+        if t in _SCALARS:
+            packed.append(a)
+            key.append(t)
+            continue
+        if t is not Dev:
+            a = describe(a)
+        packed += a.head
+        packed.append(a.ptr)
+        packed += a.dims
+        key.append(a.sig)
+    key.append(context_key())
+    key = tuple(key)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = compiled(dispatcher, argtypes_of(key[1:-1]))
+    driver_launch(core_stream(stream), launch_config(grid, block), kernel, *packed)

@@ -1,0 +1,401 @@
+"""numbabn's GPU launch layer (``numbabn.cuda._launch``) against a stub driver, without a GPU.
+
+The layer is numba-cuda's real-GPU path, so these tests need numba with the simulator off;
+under the simulator (the test suite's default) one test reruns this file in a subprocess
+with ``NUMBA_ENABLE_CUDASIM=0``.  The stub replaces what needs a driver: the compiled-kernel
+lookup, ``cuda.core.launch``, the stream conversion, numba's allocations and contexts.  Every
+launch is recorded (kernel, packed arguments, grid, block, stream) and its arguments are
+checked against numba-cuda's own argument preparation (``_Kernel._prepare_args``) of the
+same arrays.
+
+``python tests/test_cuda_launch.py`` prints the Python time of calls up to the driver.
+"""
+
+import ctypes
+import itertools
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")  # run as a script: the layer's own path
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from numba import cuda  # noqa: E402
+
+SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+needs_real_numba = pytest.mark.skipif(
+    SIMULATED, reason="the launch layer runs with the simulator off (test_launch_layer_with_the_simulator_off)"
+)
+
+
+def test_launch_layer_with_the_simulator_off():
+    """This file's tests in a process with the simulator off (numba's real-GPU path, stubbed)."""
+    if not SIMULATED:
+        pytest.skip("the simulator is off here: this file's tests run in this process")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBABN_CUDA_LAUNCH="fast")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-3000:]
+
+
+# -- the stub driver --------------------------------------------------------------------------
+
+
+class FakeMemory:
+    """Device memory as numba's ``MemoryPointer`` shows it, at a made-up address."""
+
+    _next = itertools.count(1)
+
+    def __init__(self, nbytes, ptr=None):
+        self.size = nbytes
+        self.device_pointer = ptr if ptr is not None else (next(self._next) << 24)
+        self.owner = self
+
+    @property
+    def device_ctypes_pointer(self):
+        return ctypes.c_size_t(self.device_pointer)
+
+    def view(self, start, stop=None):
+        stop = self.size if stop is None else stop
+        return FakeMemory(stop - start, self.device_pointer + start)
+
+
+def device_array(shape, dtype=np.float64, strides=None, stream=0, ptr=None):
+    """A numba ``DeviceNDArray`` over fake memory (C order unless ``strides``)."""
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    from numbabn.cuda._launch import c_strides
+
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dtype = np.dtype(dtype)
+    strides = c_strides(shape, dtype.itemsize) if strides is None else tuple(strides)
+    extent = sum((n - 1) * abs(s) for n, s in zip(shape, strides, strict=True)) + dtype.itemsize
+    return DeviceNDArray(shape, strides, dtype, stream=stream, gpu_data=FakeMemory(max(extent, 1), ptr))
+
+
+class FakeStream:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __int__(self):
+        return self.handle
+
+    def __bool__(self):
+        return bool(self.handle)
+
+
+class Recorder:
+    """What the stub driver saw: ``launches`` (name, argtypes, packed, grid, block, stream),
+    ``compiled`` (name, argtypes), ``allocations`` (shapes)."""
+
+    def __init__(self):
+        self.launches, self.compiled, self.allocations = [], [], []
+
+    @property
+    def names(self):
+        return [launch.name for launch in self.launches]
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    from numbabn import cuda as backend
+    from numbabn.cuda import _arrays, _launch
+
+    rec = Recorder()
+
+    def compiled(dispatcher, argtypes):
+        rec.compiled.append((dispatcher.py_func.__name__, argtypes))
+        return SimpleNamespace(name=dispatcher.py_func.__name__, argtypes=argtypes)
+
+    def driver_launch(stream, config, kernel, *args):
+        seen = SimpleNamespace(name=kernel.name, argtypes=kernel.argtypes, packed=args)
+        seen.grid, seen.block, seen.stream = config.grid, config.block, stream
+        rec.launches.append(seen)
+
+    def fake_device_array(shape, dtype=np.float64, stream=0):
+        rec.allocations.append(shape)
+        return device_array(shape, dtype)
+
+    def fake_to_device(host, stream=0):
+        return device_array(np.shape(host), np.asarray(host).dtype)
+
+    import contextlib
+
+    from numba.cuda.cudadrv import devices
+
+    context = object()
+    monkeypatch.setattr(devices._runtime, "ensure_context", contextlib.nullcontext)
+    monkeypatch.setattr(_launch, "FAST", True)
+    monkeypatch.setattr(_launch, "compiled", compiled)
+    monkeypatch.setattr(_launch, "driver_launch", driver_launch)
+    monkeypatch.setattr(_launch, "core_stream", lambda s: int(s) if s else 0)
+    monkeypatch.setattr(_launch, "_KERNELS", {})
+    monkeypatch.setattr(cuda, "current_context", lambda: context)
+    monkeypatch.setattr(cuda, "device_array", fake_device_array)
+    monkeypatch.setattr(cuda, "to_device", fake_to_device)
+    monkeypatch.setattr(cuda, "default_stream", lambda: FakeStream(0))
+    monkeypatch.setattr(cuda, "external_stream", FakeStream)
+    monkeypatch.setattr(backend, "_FOUND_DEVICE", True)
+    monkeypatch.setattr(_arrays, "_FREE", {})
+    _arrays._constant.cache_clear()
+    yield rec
+    _arrays._constant.cache_clear()
+
+
+def numba_prepared(ty, array):
+    """numba-cuda's own kernel arguments for ``array`` typed ``ty`` (``_Kernel._prepare_args``),
+    as plain values."""
+    from numba.cuda.dispatcher import _Kernel
+
+    out = []
+    _Kernel._prepare_args(SimpleNamespace(extensions=[]), ty, array, 0, [], out)
+    return [getattr(v, "value", v) for v in out]
+
+
+def check_against_numba(launch):
+    """Each argument of a recorded launch, unpacked by its numba type, is what numba-cuda's
+    argument preparation gives for a numba array of the same memory, shape and strides (and
+    for the same scalar); returns the arrays' (ptr, shape, strides)."""
+    from numba import types
+
+    packed, arrays = list(launch.packed), []
+    for ty in launch.argtypes:
+        if isinstance(ty, types.Array):
+            n = 5 + 2 * ty.ndim
+            mine, packed = packed[:n], packed[n:]
+            shape, strides = tuple(mine[5 : 5 + ty.ndim]), tuple(mine[5 + ty.ndim :])
+            assert mine[3] == ty.dtype.bitwidth // 8
+            a = device_array(shape, np.dtype(str(ty.dtype)), strides, ptr=mine[4])
+            assert a._numba_type_ == ty, (launch.name, a._numba_type_, ty)
+            assert numba_prepared(ty, a) == mine, launch.name
+            arrays.append((mine[4], shape, strides))
+        else:
+            value, packed = packed[0], packed[1:]
+            assert numba_prepared(ty, value) == [value], (launch.name, ty, value)
+    assert not packed, f"{launch.name}: {len(packed)} arguments left over"
+    return arrays
+
+
+# -- argument packing -------------------------------------------------------------------------
+
+LAYOUT_CASES = [
+    ((4, 3), None),  # C
+    ((4, 3), (8, 32)),  # F (float64)
+    ((4, 3), (48, 8)),  # rows padded: neither
+    ((4, 3, 5), (120, 40, 8)),  # C, 3-D
+    ((4, 1, 5), (40, 8, 8)),  # C with an odd stride on a length-1 axis
+    ((1, 6), (8, 8)),  # both C and F: numba says C
+    ((5, 3), (0, 8)),  # broadcast
+    ((2, 3, 4), (8, 16, 48)),  # F, 3-D
+    ((2, 3, 4), (96, 8, 24)),  # a permutation (channels-last-like): A
+    ((7,), (16,)),  # 1-D strided
+]
+
+
+@needs_real_numba
+@pytest.mark.parametrize("shape,strides", LAYOUT_CASES)
+def test_arrays_pack_as_numba_prepares_them(shape, strides):
+    from numbabn.cuda import _launch
+
+    a = device_array(shape, np.float64, strides)
+    d = _launch.describe(a)
+    ty = a._numba_type_
+    assert _launch.argtypes_of((d.sig,)) == (ty,)
+    assert list(d.abi) == numba_prepared(ty, a)
+    assert d.ptr == a.device_ctypes_pointer.value and d.shape == a.shape and d.strides == a.strides
+    assert _launch.layout_of(shape, a.strides, 8) == ty.layout
+
+
+@needs_real_numba
+def test_layout_matches_numba_on_every_small_shape_and_stride():
+    """``layout_of`` against numba's own flags, over all shapes and strides of up to 3 axes of
+    lengths 0-3 and strides in {0, 4, 8, 16, 24, 48} (float32)."""
+    from numba.cuda.cudadrv.dummyarray import Array as Dummy
+
+    from numbabn.cuda._launch import layout_of
+
+    for ndim in (1, 2, 3):
+        for shape in itertools.product(range(4), repeat=ndim):
+            for strides in itertools.product((0, 4, 8, 16, 24, 48), repeat=ndim):
+                flags = Dummy.from_desc(0, shape, strides, 4).flags
+                size = int(np.prod(shape))
+                broadcast = 0 in strides and size != 0
+                want = (
+                    "C"
+                    if flags["C_CONTIGUOUS"] and not broadcast
+                    else "F"
+                    if flags["F_CONTIGUOUS"] and not broadcast
+                    else "A"
+                )
+                assert layout_of(shape, strides, 4) == want, (shape, strides)
+
+
+@needs_real_numba
+@pytest.mark.parametrize("value", [0.1, 3, True, False, np.float64(2.5)])
+def test_scalars_pack_as_numba_prepares_them(value):
+    from numba.core.typing.typeof import Purpose, typeof
+
+    from numbabn.cuda import _launch
+
+    (ty,) = _launch.argtypes_of((type(value),))
+    assert ty == typeof(value, Purpose.argument)
+    assert numba_prepared(ty, value) == [value]
+
+
+@needs_real_numba
+def test_one_compile_per_signature_and_the_launch_recorded(stub):
+    from numbabn.cuda import _launch
+    from numbabn.cuda import stats as S
+
+    a, b = device_array(5), device_array(5)
+    for _ in range(3):
+        _launch.launch(S.copy_cast, (1,), (128,), FakeStream(7), a, 2.0, b)
+    _launch.launch(S.copy_cast, (1,), (128,), 0, a, 2.0, device_array(5, np.float32))
+    assert [name for name, _ in stub.compiled] == ["copy_cast", "copy_cast"]
+    first = stub.launches[0]
+    assert (first.grid, first.block, first.stream) == ((1, 1, 1), (128, 1, 1), 7)
+    assert stub.launches[-1].stream == 0
+    for launch in stub.launches:
+        check_against_numba(launch)
+
+
+# -- the drivers on the stub ------------------------------------------------------------------
+
+# (shape, axis, memory order as numpy would make it): C (N, C), NCHW, channels-last (the
+# channel axis fastest in memory), an F-ordered NCHW.
+DRIVER_CASES = [((32, 64), 1, "C"), ((4, 8, 6, 40), 1, "C"), ((4, 6, 5, 16), -1, "C"), ((4, 8, 6, 40), 1, "F")]
+
+
+def _input(shape, order, dtype=np.float32):
+    itemsize = np.dtype(dtype).itemsize
+    strides = np.empty(shape, dtype, order=order).strides
+    assert itemsize
+    return device_array(shape, dtype, strides)
+
+
+@needs_real_numba
+@pytest.mark.parametrize("shape,axis,order", DRIVER_CASES)
+def test_forward_backward_launches(stub, shape, axis, order):
+    """Each stage's kernels, geometry (from ``_plan``), stream, and arguments as numba would
+    prepare them; the input's memory is what the kernels read."""
+    import numbabn
+    from numbabn.cuda import _arrays, _plan
+
+    x, y, g = _input(shape, order), _input(shape, order), _input(shape, order)
+    c = shape[axis]
+    rm, rv, w = device_array(c, np.float32), device_array(c, np.float32), device_array(c, np.float32)
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, None, rm, rv, training=True, axis=axis, out=y, stream=5)
+    x3 = _arrays.view3(x, axis % len(shape), _arrays.dense_order(x))
+    p = _plan.plan(*x3.shape)
+    strided, egrid, eblock = _plan.elementwise(*x3.shape)
+    fam = "strided" if p.strided else "minor"
+    assert stub.names == [f"partials_{fam}", "finish_channels", "normalize_rows" if strided else "normalize_columns"]
+    red, fin, norm = stub.launches
+    assert red.grid[:2] == p.grid and red.block[:2] == (p.bx, p.by)
+    assert fin.grid[0] == c and norm.grid[:2] == egrid and norm.block[:2] == eblock
+    assert {launch.stream for launch in stub.launches} == {5}
+    xptr = x.device_ctypes_pointer.value
+    for launch in stub.launches:
+        arrays = check_against_numba(launch)
+        if launch is red or launch is norm:
+            assert arrays[0][0] == xptr  # the input, viewed without a copy
+    assert check_against_numba(norm)[-1][0] == y.device_ctypes_pointer.value
+
+    stub.launches.clear()
+    numbabn.batch_norm(x, rm, rv, w, None, False, axis=axis, out=y)
+    assert stub.names == ["eval_channels", "normalize_rows" if strided else "normalize_columns"]
+    assert {launch.stream for launch in stub.launches} == {0}
+    for launch in stub.launches:
+        check_against_numba(launch)
+
+    stub.launches.clear()
+    numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=y)
+    assert stub.names == [f"grad_partials_{fam}", "grad_channels", "apply_rows" if strided else "apply_columns"]
+    for launch in stub.launches:
+        check_against_numba(launch)
+
+
+@needs_real_numba
+def test_repeated_calls_compile_nothing_and_reuse_work_arrays(stub):
+    """After the first call: no compiled-kernel lookup, no work-array allocation (the outputs
+    a call returns, save_mean and save_invstd, are its own)."""
+    import numbabn
+
+    x, y = _input((32, 64), "C"), _input((32, 64), "C")
+    rm, rv = device_array(64, np.float32), device_array(64, np.float32)
+    numbabn.batch_norm(x, rm, rv, None, None, True, out=y)
+    compiled, allocations = len(stub.compiled), len(stub.allocations)
+    for _ in range(5):
+        numbabn.batch_norm(x, rm, rv, None, None, True, out=y)
+    assert len(stub.compiled) == compiled == 3
+    assert stub.allocations[allocations:] == [(2, 64)] * 5  # the returned (mean, invstd) only
+
+
+@needs_real_numba
+def test_numba_mode_is_read_from_the_environment():
+    code = "from numbabn.cuda import _launch; print(_launch.MODE, _launch.FAST)"
+    for mode, want in (("numba", "numba False"), ("fast", "fast True"), ("", "fast True")):
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBABN_CUDA_LAUNCH=mode)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert run.stdout.strip() == want, run.stderr
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBABN_CUDA_LAUNCH="cupy")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "NUMBABN_CUDA_LAUNCH must be 'fast' or 'numba'" in run.stderr
+
+
+# -- Python time up to the driver -------------------------------------------------------------
+
+
+def stub_timing(n=2000):
+    """Microseconds of Python per call with the stub driver: the whole training forward call
+    on (32, 64) float32 (``numbabn.batch_norm`` with running stats and ``out=``), its driver
+    alone (``cuda.forward.forward_train`` on prepared views), and one launch through the
+    layer."""
+    import numbabn
+    from numbabn.cuda import _arrays
+    from numbabn.cuda import forward as F
+    from numbabn.cuda import stats as S
+
+    x, y = _input((32, 64), "C"), _input((32, 64), "C")
+    rm, rv = device_array(64, np.float32), device_array(64, np.float32)
+    w, b = device_array(64, np.float32), device_array(64, np.float32)
+    x3, y3 = _arrays.view3(x, 1, [0, 1]), _arrays.view3(y, 1, [0, 1])
+    save = device_array((2, 64))
+    a, d = device_array(64), device_array(64, np.float32)
+    stream = FakeStream(0)
+    rows = {
+        "training forward, whole call": lambda: numbabn.batch_norm(x, rm, rv, w, b, True, out=y),
+        "eval forward, whole call": lambda: numbabn.batch_norm(x, rm, rv, w, b, False, out=y),
+        "training forward, driver only": lambda: F.forward_train(x3, w, b, rm, rv, 0.1, 1e-5, y3, save, stream),
+        "one launch (3 arguments)": lambda: _arrays.launch(S.copy_cast, 1, 128, stream, a, 2.0, d),
+    }
+    out = {}
+    for name, f in rows.items():
+        f()
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                f()
+            best = min(best, (time.perf_counter() - t) / n * 1e6)
+        out[name] = best
+    return out
+
+
+@needs_real_numba
+def test_print_python_time_up_to_the_driver(stub, capsys):
+    """Prints the figures (``pytest -s``); a figure, not a timed assertion."""
+    times = stub_timing(200)
+    with capsys.disabled():
+        print("\nstub driver, us of Python per call: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    assert all(v > 0 for v in times.values())
+    assert len(stub.compiled) >= 4  # the calls went through the layer
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-s", "-k", "print_python_time"]))
