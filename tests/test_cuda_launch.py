@@ -348,6 +348,53 @@ def test_numba_mode_is_read_from_the_environment():
     assert run.returncode != 0 and "NUMBABN_CUDA_LAUNCH must be 'fast' or 'numba'" in run.stderr
 
 
+# -- the disk cache ---------------------------------------------------------------------------
+
+
+ALL_KERNELS = {
+    "stats": ("partials_strided", "partials_minor", "channel_stats", "merge_channels", "copy_cast"),
+    "forward": ("finish_channels", "eval_channels", "normalize_rows", "normalize_columns"),
+    "backward": ("grad_partials_strided", "grad_partials_minor", "grad_channels", "apply_rows", "apply_columns"),
+}
+
+
+@needs_real_numba
+def test_every_kernel_is_cached_on_disk_keyed_by_numbabn_sources():
+    import importlib
+
+    from numbabn.cuda import _launch
+
+    codegen = SimpleNamespace(magic_tuple=lambda: ((13, 0), (9, 0)))
+    for module, names in ALL_KERNELS.items():
+        m = importlib.import_module(f"numbabn.cuda.{module}")
+        for name in names:
+            cache = getattr(m, name)._cache
+            assert type(cache).__name__ == "KernelCache", name
+            key = cache._index_key((), codegen)
+            assert key[-1] == ("numbabn-sources", _launch.sources_hash()) and key[1] == ((13, 0), (9, 0))
+
+
+@needs_real_numba
+def test_sources_hash_changes_with_any_source(tmp_path):
+    from numbabn.cuda._launch import sources_hash
+
+    names = ("a.py", "b.py")
+    for n in names:
+        (tmp_path / n).write_text("x = 1\n")
+    before = sources_hash(str(tmp_path), names)
+    (tmp_path / "b.py").write_text("x = 2\n")
+    sources_hash.cache_clear()
+    assert sources_hash(str(tmp_path), names) != before
+
+
+@needs_real_numba
+def test_cache_can_be_turned_off():
+    code = "from numbabn.cuda import stats; print(type(stats.partials_minor._cache).__name__)"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBABN_CUDA_CACHE="0")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "NullCache", run.stderr
+
+
 # -- Python time up to the driver -------------------------------------------------------------
 
 

@@ -211,3 +211,56 @@ def launch(dispatcher, grid, block, stream, *args):
     if kernel is None:
         kernel = _KERNELS[key] = compiled(dispatcher, argtypes_of(key[1:-1]))
     driver_launch(core_stream(stream), launch_config(grid, block), kernel, *packed)
+
+
+# -- compiled kernels on disk -------------------------------------------------------------------
+
+#: The sources a kernel's machine code depends on beyond its own function: device functions
+#: and constants (CHUNK, MAX_THREADS) of these modules are compiled into the kernels.
+SOURCES = ("_math.py", "_jit.py", "cuda/_plan.py", "cuda/stats.py", "cuda/forward.py", "cuda/backward.py")
+
+#: Whether kernels are cached on disk, from NUMBABN_CUDA_CACHE (default on; "0" turns it off).
+CACHE = os.environ.get("NUMBABN_CUDA_CACHE", "1").strip() not in ("0", "")
+
+
+@functools.cache
+def sources_hash(root=None, names=SOURCES):
+    """A hash of :data:`SOURCES`' contents (numbabn's package directory by default)."""
+    import hashlib
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for name in names:
+        with open(os.path.join(root, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def _cache_class():
+    from numba.cuda.dispatcher import CUDACache
+
+    class KernelCache(CUDACache):
+        """numba-cuda's disk cache (keyed by signature, CUDA version, compute capability,
+        numba-cuda version and the kernel's bytecode), also keyed by :func:`sources_hash`:
+        numba-cuda checks only the kernel's own file, and would load a kernel compiled before
+        a device function in another module changed."""
+
+        def _index_key(self, sig, codegen):
+            return (*super()._index_key(sig, codegen), ("numbabn-sources", sources_hash()))
+
+    return KernelCache
+
+
+def cache_on_disk(*dispatchers):
+    """Cache the compiled ``dispatchers`` on disk (``cache=True``, with the key above), so a
+    fresh process loads them instead of compiling them (seconds per kernel and dtype).  Not
+    under the simulator, nor with ``NUMBABN_CUDA_CACHE=0``; where numba finds no cache
+    directory it can write, the kernels stay uncached."""
+    if SIMULATED or not CACHE:
+        return
+    for d in dispatchers:
+        try:
+            d._cache = _cache_class()(d.py_func)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            pass

@@ -12,7 +12,7 @@ the CPU drivers' own, compiled for the device.
 from numba import cuda, float64
 
 from .._math import grad_coef as _grad_coef
-from . import _arrays
+from . import _arrays, _launch
 from ._plan import CHUNK, coef_dtype, columns, elementwise, per_channel_blocks, plan
 from .forward import first_row
 from .stats import block_partial, channel_partials, rows_of_split
@@ -23,16 +23,29 @@ grad_coef = _arrays.shared(_grad_coef)
 @cuda.jit(device=True)
 def column_sums(g3, x3, c, i, m, o0, o1, step):
     """``(sum g, sum g * (x - m), sum |g|)`` over rows ``o0, o0 + step, ... < o1`` of column
-    ``[:, c, i]``, ``CHUNK`` rows per round (independent loads in flight)."""
+    ``[:, c, i]``, ``CHUNK`` rows per round (a whole round's ``2 * CHUNK`` loads in flight)."""
     sg, sgx, sa = 0.0, 0.0, 0.0
+    gs = cuda.local.array(CHUNK, float64)
+    xs = cuda.local.array(CHUNK, float64)
     for o in range(o0, o1, step * CHUNK):
-        for u in range(CHUNK):
-            r = o + u * step
-            if r < o1:
-                g = float64(g3[r, c, i])
+        if o + (CHUNK - 1) * step < o1:  # a whole chunk: its 2 * CHUNK loads before any use
+            for u in range(CHUNK):
+                gs[u] = float64(g3[o + u * step, c, i])
+            for u in range(CHUNK):
+                xs[u] = float64(x3[o + u * step, c, i])
+            for u in range(CHUNK):
+                g = gs[u]
                 sg += g
-                sgx += g * (float64(x3[r, c, i]) - m)
+                sgx += g * (xs[u] - m)
                 sa += abs(g)
+        else:
+            for u in range(CHUNK):
+                r = o + u * step
+                if r < o1:
+                    g = float64(g3[r, c, i])
+                    sg += g
+                    sgx += g * (float64(x3[r, c, i]) - m)
+                    sa += abs(g)
     return sg, sgx, sa
 
 
@@ -130,3 +143,6 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
         _arrays.launch(apply_rows, grid, block, stream, g3, x3, coef, gi3)
     else:
         _arrays.launch(apply_columns, grid, block, stream, columns(g3), columns(x3), inner, coef, columns(gi3))
+
+
+_launch.cache_on_disk(grad_partials_strided, grad_partials_minor, grad_channels, apply_rows, apply_columns)

@@ -12,7 +12,7 @@ from numba import cuda, float64
 
 from .._math import finish_channel as _finish_channel
 from .._math import fold, invstd_of
-from . import _arrays
+from . import _arrays, _launch
 from ._plan import coef_dtype, columns, elementwise, launch_1d, per_channel_blocks
 from .stats import channel_partials, partials
 
@@ -121,3 +121,6 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save, stream):
     grid, block = launch_1d(num_channels)
     _arrays.launch(eval_channels, grid, block, stream, weight, bias, mean, var, eps, coef, save)
     normalize(x3, coef, y3, stream)
+
+
+_launch.cache_on_disk(finish_channels, eval_channels, normalize_rows, normalize_columns)

@@ -1,8 +1,9 @@
 """Per-channel Welford statistics on the GPU (twin of ``cpu/stats.py``).
 
-Every thread runs blocked Welford over its share of a channel (column): ``CHUNK`` rows
-loaded at once (independent loads in flight), their exact mean and centred sum of squares,
-then a Chan merge into the thread's running ``(n, mean, M2)``, all in float64.  A block
+Every thread runs blocked Welford over its share of a channel (column): ``CHUNK`` rows at a
+time, their exact mean and centred sum of squares, then a Chan merge into the thread's
+running ``(n, mean, M2)``, all in float64; two chunks' loads are issued before either is
+used (``2 * CHUNK`` loads in flight, checked in the PTX by ``tests/_ptx_check.py``).  A block
 merges its threads' partials in shared memory along a fixed tree (no warp shuffles: the
 CUDA simulator, which the tests run in, has none) and writes one
 partial per (split, column); a block per channel then merges a channel's partials in a
@@ -13,7 +14,7 @@ gradient kernels).  Bytes moved: ``x`` once.
 from numba import cuda, float64
 
 from .._math import chan_merge
-from . import _arrays
+from . import _arrays, _launch
 from ._plan import CHUNK, MAX_THREADS, per_channel_blocks, plan
 
 
@@ -38,6 +39,43 @@ def chunk_welford(x3, c, i, o, o1, step, n, mean, m2):
             d = vals[u] - mb
             q += d * d
     return chan_merge(n, mean, m2, cnt, mb, q)
+
+
+@cuda.jit(device=True)
+def full_chunk(vals, n, mean, m2):
+    """:func:`chunk_welford`'s merge of ``CHUNK`` loaded values ``vals`` (all rows present),
+    with the same operations in the same order (the same bits)."""
+    s = 0.0
+    for u in range(CHUNK):
+        s += vals[u]
+    mb = s / float64(CHUNK)
+    q = 0.0
+    for u in range(CHUNK):
+        d = vals[u] - mb
+        q += d * d
+    return chan_merge(n, mean, m2, float64(CHUNK), mb, q)
+
+
+@cuda.jit(device=True)
+def chunk_pair(x3, c, i, o, o1, step, n, mean, m2):
+    """Merge the two chunks of rows ``o, o + step, ...`` (``2 * CHUNK`` rows, those below
+    ``o1``; at least one) of column ``x3[:, c, i]`` into ``(n, mean, m2)``, one after the
+    other as :func:`chunk_welford` would.  When both chunks are whole, their ``2 * CHUNK``
+    loads are issued before any is used (loads in flight: one at a time, an H200 read the
+    statistics of a large NCHW array at 2.4x a copy's time)."""
+    if o + (2 * CHUNK - 1) * step < o1:
+        va = cuda.local.array(CHUNK, float64)
+        vb = cuda.local.array(CHUNK, float64)
+        for u in range(CHUNK):
+            va[u] = float64(x3[o + u * step, c, i])
+        for u in range(CHUNK):
+            vb[u] = float64(x3[o + (CHUNK + u) * step, c, i])
+        n, mean, m2 = full_chunk(va, n, mean, m2)
+        return full_chunk(vb, n, mean, m2)
+    n, mean, m2 = chunk_welford(x3, c, i, o, o1, step, n, mean, m2)
+    if o + CHUNK * step < o1:
+        n, mean, m2 = chunk_welford(x3, c, i, o + CHUNK * step, o1, step, n, mean, m2)
+    return n, mean, m2
 
 
 @cuda.jit(device=True)
@@ -133,8 +171,8 @@ def partials_strided(x3, rows_per_split, part):
     o0, o1 = rows_of_split(s, rows_per_split, x3.shape[0])
     n, mean, m2 = 0.0, 0.0, 0.0
     for i in range(tx, x3.shape[2], bx):
-        for o in range(o0 + ty, o1, by * CHUNK):
-            n, mean, m2 = chunk_welford(x3, c, i, o, o1, by, n, mean, m2)
+        for o in range(o0 + ty, o1, 2 * by * CHUNK):
+            n, mean, m2 = chunk_pair(x3, c, i, o, o1, by, n, mean, m2)
     block_partial(n, mean, m2, 0, ty * bx + tx, 1, bx * by, True, part, s, c)
 
 
@@ -147,8 +185,8 @@ def partials_minor(x2, rows_per_split, part):
     o0, o1 = rows_of_split(s, rows_per_split, x2.shape[0])
     n, mean, m2 = 0.0, 0.0, 0.0
     if j < x2.shape[1]:
-        for o in range(o0 + ty, o1, by * CHUNK):
-            n, mean, m2 = chunk_welford(x2, j, 0, o, o1, by, n, mean, m2)
+        for o in range(o0 + ty, o1, 2 * by * CHUNK):
+            n, mean, m2 = chunk_pair(x2, j, 0, o, o1, by, n, mean, m2)
     block_partial(n, mean, m2, tx, ty, bx, by, True, part, s, j if j < x2.shape[1] else -1)
 
 
@@ -197,3 +235,6 @@ def welford(x3, stats, stream):
     """Driver: ``stats`` (3, C) float64 (device) receives ``(n, mean, M2)`` of ``x3``."""
     part, q = partials(x3, stream)
     _arrays.launch(channel_stats, *per_channel_blocks(x3.shape[1]), stream, part, q, stats)
+
+
+_launch.cache_on_disk(partials_strided, partials_minor, channel_stats, merge_channels, copy_cast)
