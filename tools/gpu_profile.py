@@ -1,23 +1,34 @@
 """Where a numbabn GPU call's time goes: host overhead of numba-cuda primitives, whole calls,
-a cProfile of the small training call, and each kernel alone timed with CUDA events.
+a cProfile of the small training call, each kernel alone timed with CUDA events, the host
+time per call through numbabn's launch layer against numba's own launches (``launch``), and
+the first call of a fresh process with the kernel cache warm (``cold``).
 
-    NUMBA_ENABLE_CUDASIM=0 python tools/gpu_profile.py
+    NUMBA_ENABLE_CUDASIM=0 python tools/gpu_profile.py [primitives calls profile_small kernels launch cold]
+
+Figures of ``launch`` and ``cold`` also go to ``$OUT/profile.json`` when ``OUT`` is set.
 """
 
 import cProfile
 import io
+import json
+import os
 import pstats
+import subprocess
 import sys
 import time
 
-import numpy as np
-from numba import cuda
+_T0 = time.perf_counter()
 
-import numbabn
-from numbabn.bench.check import _median_ms
-from numbabn.cuda import _arrays, _plan
-from numbabn.cuda import forward as F
-from numbabn.cuda import stats as S
+import numpy as np  # noqa: E402
+from numba import cuda  # noqa: E402
+
+import numbabn  # noqa: E402
+from numbabn.bench.check import _median_ms  # noqa: E402
+from numbabn.cuda import _arrays, _plan  # noqa: E402
+from numbabn.cuda import forward as F  # noqa: E402
+from numbabn.cuda import stats as S  # noqa: E402
+
+_IMPORT_S = time.perf_counter() - _T0
 
 
 def per_call_us(f, n=300):
@@ -132,11 +143,11 @@ def _kernels_row(shape, axis):
     c = x3.shape[1]
     stats = cuda.device_array((3, c), np.float64)
     coef = cuda.to_device(np.ones((2, c)))
-    part, q = S.partials(x3, 0)
+    part, q = _arrays.one_call(S.partials)(x3, 0)  # work arrays belong to a driver call
     copy_ms = event_ms(lambda: y.copy_to_device(x))
     rows = {
         "copy": copy_ms,
-        "partials": event_ms(lambda: S.partials(x3, 0)),
+        "partials": event_ms(lambda: _arrays.one_call(S.partials)(x3, 0)),
         "channel_stats": event_ms(
             lambda: _arrays.launch(S.channel_stats, *_plan.per_channel_blocks(c), 0, part, q, stats)
         ),
@@ -144,6 +155,91 @@ def _kernels_row(shape, axis):
     }
     print(f"  {shape} plan {_plan.plan(*x3.shape)}")
     print("   " + "  ".join(f"{k} {v:.3f} ms ({v / copy_ms:.2f}x copy)" for k, v in rows.items()))
+
+
+#: The issue's targets for the whole call on (32, 64), host time in us, and the cold start in s.
+TARGETS = {"train": 25.0, "eval": 15.0, "backward": 30.0, "cold_start_s": 1.0}
+
+
+def _small_calls():
+    """Host us per whole call on (32, 64) float32 (with ``out=``, running statistics), and a
+    launch of one kernel through ``_arrays.launch``: this process's launch mode."""
+    rng = np.random.default_rng(0)
+    x = cuda.to_device(rng.standard_normal((32, 64), dtype=np.float32))
+    g = cuda.to_device(rng.standard_normal((32, 64), dtype=np.float32))
+    rm, rv = cuda.to_device(np.zeros(64, np.float32)), cuda.to_device(np.ones(64, np.float32))
+    y = cuda.device_array_like(x)
+    _, m, s = numbabn.batch_norm_forward(x)
+    a, b = cuda.device_array(64), cuda.device_array(64, np.float32)
+    fs = {
+        "train": lambda: numbabn.batch_norm(x, rm, rv, None, None, True, out=y),
+        "eval": lambda: numbabn.batch_norm(x, rm, rv, None, None, False, out=y),
+        "backward": lambda: numbabn.batch_norm_backward(g, x, None, m, s, out=y),
+        "one launch": lambda: _arrays.launch(S.copy_cast, 1, 128, 0, a, 2.0, b),
+    }
+    return {k: min(per_call_us(f, 500) for _ in range(3)) for k, f in fs.items()}
+
+
+def _child(mode, part):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBABN_CUDA_LAUNCH=mode)
+    run = subprocess.run(
+        [sys.executable, __file__, part], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"{part} ({mode}) failed:\n{run.stdout}\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _record(name, figures):
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    path = os.path.join(out, "profile.json")
+    data = json.load(open(path)) if os.path.exists(path) else {}
+    data[name] = figures
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def launch():
+    """Host us per call on (32, 64), numbabn's launch layer against numba's launches, each in
+    a process of its own (the mode is read at import)."""
+    fast, slow = _child("fast", "_small_calls_json"), _child("numba", "_small_calls_json")
+    print("\nhost us per call on (32, 64) float32: launch layer | numba's launches | target")
+    for k in fast:
+        target = TARGETS.get(k)
+        print(f"  {k:<12}{fast[k]:9.1f} | {slow[k]:9.1f} | " + (f"<= {target:.0f}" if target else "-"))
+    targets = {k: TARGETS[k] for k in ("train", "eval", "backward")}
+    _record("launch_us", {"fast": fast, "numba": slow, "targets": targets})
+
+
+def cold():
+    """Seconds from a fresh process's start to the end of its first training forward, eval
+    and backward (synchronized), the kernel cache warmed by a process before it."""
+    warm = _child("fast", "_first_calls_json")
+    timed = _child("fast", "_first_calls_json")
+    print(
+        f"\nfirst GPU calls in a fresh process, cache warm: {timed['first_calls_s']:.2f} s "
+        f"(import {timed['import_s']:.2f} s; target <= {TARGETS['cold_start_s']:.0f} s; "
+        f"the warming process took {warm['first_calls_s']:.2f} s)"
+    )
+    _record("cold_start_s", {"warm_cache": timed, "warming_run": warm, "target": TARGETS["cold_start_s"]})
+
+
+def _first_calls_json():
+    x = cuda.to_device(np.random.default_rng(0).standard_normal((32, 64), dtype=np.float32))
+    cuda.synchronize()
+    t = time.perf_counter()
+    y, m, s = numbabn.batch_norm_forward(x)
+    numbabn.batch_norm_forward(x, None, None, m, s, training=False)
+    numbabn.batch_norm_backward(x, x, None, m, s)
+    cuda.synchronize()
+    calls = time.perf_counter() - t
+    print(json.dumps({"first_calls_s": calls, "import_s": _IMPORT_S}))
+
+
+def _small_calls_json():
+    print(json.dumps(_small_calls()))
 
 
 if __name__ == "__main__":
