@@ -39,9 +39,15 @@ def strided_grad_rows(g3, x3, c, m, r0, r1):
 
 @stage
 def apply_row(gr, xr, a, b, d, out):
-    """``out = gr * a + xr * b + d`` along one contiguous row."""
-    for k in range(xr.shape[0]):
-        out[k] = gr[k] * a + xr[k] * b + d
+    """``out = gr * a + xr * b + d`` along one contiguous row; ``gr * a`` when ``b`` and ``d``
+    are zero (eval), where ``grad_input`` does not depend on ``x``: a NaN in ``x`` must not
+    reach it through ``NaN * 0``."""
+    if b == 0.0 and d == 0.0:
+        for k in range(xr.shape[0]):
+            out[k] = gr[k] * a
+    else:
+        for k in range(xr.shape[0]):
+            out[k] = gr[k] * a + xr[k] * b + d
 
 
 @stage
@@ -153,9 +159,18 @@ def apply_grad(g3, x3, coef, gi3):
         g2 = g3.reshape(outer // k, width)
         x2 = x3.reshape(outer // k, width)
         gi2 = gi3.reshape(outer // k, width)
-        for o in prange(outer // k):
-            for j in range(width):
-                gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
+        depends_on_x = False  # False in eval (as in apply_row): x is then not read
+        for c in range(num_channels):
+            if coef[1, c] != 0.0 or coef[2, c] != 0.0:
+                depends_on_x = True
+        if depends_on_x:
+            for o in prange(outer // k):
+                for j in range(width):
+                    gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
+        else:
+            for o in prange(outer // k):
+                for j in range(width):
+                    gi2[o, j] = g2[o, j] * a[j]
 
 
 @twin
