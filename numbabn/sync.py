@@ -172,6 +172,11 @@ class SyncBatchNorm(BatchNorm):
             self._sync_count = None
             return result
         inp = call.inp
+        if inp.backend is not _host:
+            raise TypeError(
+                f"SyncBatchNorm's synchronized training takes NumPy arrays, got {type(inp.x).__name__} "
+                "(compute a Dask array's part first)"
+            )
         local = Stats(*inp.backend.welford(inp))
         parts = self._exchange("forward", local.to_array())
         merged = merge_stats(*(Stats.from_array(p) for p in parts))
@@ -193,14 +198,14 @@ class SyncBatchNorm(BatchNorm):
         """Gradient of the last :meth:`forward`'s output on this rank's part; after a
         synchronized forward, a collective call whose ``grad_weight``, ``grad_bias`` and
         ``update_threshold`` are the global batch's.  See :meth:`BatchNorm.backward`."""
-        if self._saved is None or self._sync_count is None:
+        if self._saved is None or not self._sync_count:  # 0: every part was empty, nothing to exchange
             return super().backward(grad_output)
         self._check_comm()
         return self._collective("backward", super().backward, grad_output)
 
     def _run_backward(self, call):
         n = self._sync_count
-        if n is None or not call.training or n == 0:  # n == 0: every rank's part was empty
+        if not (n and call.training):
             return super()._run_backward(call)
         inp = call.inp
         sums = _host.grad_reduce(call.grad_output, inp.x, inp.axis, call.save_mean)

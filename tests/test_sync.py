@@ -225,6 +225,26 @@ def test_every_part_empty(rng):
         assert layer.num_batches_tracked == 2
 
 
+def test_bad_grad_output_after_empty_global_batch(rng):
+    """After a global batch of no values the backward exchanges nothing, so a rank's bad
+    grad_output raises there alone, and no rank waits."""
+    _, layers, _ = make_layers(2, 3, np.float32, rng)
+    empty = np.ones((0, 3), np.float32)
+    unwrap(run_ranks(2, lambda r: layers[r](empty)))
+    results = run_ranks(2, lambda r: layers[r].backward(empty if r == 0 else np.ones((1, 3), np.float32)))
+    assert isinstance(results[0], np.ndarray) and results[0].shape == (0, 3)
+    assert isinstance(results[1], ValueError) and "grad_output" in str(results[1])
+
+
+def test_dask_input_refused_everywhere(rng):
+    da = pytest.importorskip("dask.array")
+    _, layers, _ = make_layers(2, 3, np.float32, rng)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    results = run_ranks(2, lambda r: layers[r](da.from_array(x) if r == 1 else x))
+    assert_same_error(results, TypeError, "rank 1", "NumPy arrays")
+    assert all(layer.num_batches_tracked == 0 for layer in layers)
+
+
 def state(layer):
     return pickle.dumps((layer.state_dict(), layer.grad_weight, layer.grad_bias, layer.update_threshold))
 
