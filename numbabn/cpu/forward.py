@@ -43,8 +43,12 @@ def normalize(x3, coef, y3):
     else:
         k = widen(outer, num_channels * inner)
         width = k * num_channels * inner
-        a = expand(coef[0], inner, k)
-        b = expand(coef[1], inner, k)
+        if k * inner == 1:  # (N, C): the coefficients are the rows already
+            a = coef[0]
+            b = coef[1]
+        else:
+            a = expand(coef[0], inner, k)
+            b = expand(coef[1], inner, k)
         x2 = x3.reshape(outer // k, width)
         y2 = y3.reshape(outer // k, width)
         for o in prange(outer // k):

@@ -207,11 +207,18 @@ def channel_stats(x3, stats):
     """Write ``stats[:, c] = (count, mean, M2)`` of every channel of ``x3``."""
     outer, num_channels, inner = x3.shape
     strided, k, ct, ntiles, nsplit = plan(outer, num_channels, inner)
-    part = np.empty((3, nsplit, k * num_channels))
+    if nsplit * k == 1:
+        # One partial per channel is the result (the merge below would only copy it): written
+        # in place, without the partial buffer and the merge (small calls pay for both).
+        part = stats.reshape((3, 1, num_channels))
+    else:
+        part = np.empty((3, nsplit, k * num_channels))
     if strided:
         partials_strided(x3, nsplit, part)
     else:
         partials_minor(x3.reshape(outer // k, k * num_channels, inner), nsplit, ct, ntiles, part)
+    if nsplit * k == 1:
+        return
     # Every partial of a split has the same count, so each merge is one vectorized loop
     # over channels; the order (split, then pseudo-channel) is fixed by the shape.
     # (Zeroed by a loop: in a parallel driver np.zeros would be a parallel region of its own.)
