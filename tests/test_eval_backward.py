@@ -36,3 +36,34 @@ def test_non_finite_input_does_not_reach_eval_grad_input(rng, shape, axis, bad):
     reduce = tuple(i for i in range(len(shape)) if i != axis % len(shape))
     # grad_bias sums in float64 and rounds once to float32: within an ulp of sum |g|.
     np.testing.assert_allclose(gb, g.astype(np.float64).sum(axis=reduce), rtol=0, atol=1e-6 * np.abs(g).sum())
+
+
+@pytest.mark.parametrize("shape, axis", [((5, 3, 12), 1), ((37, 5), 1), ((3, 4, 3, 5), -1)])
+def test_non_finite_input_does_not_reach_eval_grad_input_on_gpu(rng, monkeypatch, shape, axis):
+    from numba import cuda
+
+    from numbabn import _config
+
+    # Small blocks, as in test_cuda.py, so both kernel families and many blocks run.
+    monkeypatch.setattr(_config, "CUDA_THREADS", 8)
+    monkeypatch.setattr(_config, "CUDA_MERGE_THREADS", 4)
+    monkeypatch.setattr(_config, "CUDA_BLOCK_ELEMS", 16)
+    monkeypatch.setattr(_config, "CUDA_MIN_INNER", 8)
+    x = rng.normal(size=shape).astype(np.float32)
+    x.flat[0] = np.nan
+    g = rng.normal(size=shape).astype(np.float32)
+    num_channels = shape[axis]
+    mean, invstd = rng.normal(size=num_channels), rng.uniform(0.5, 2.0, num_channels)
+    gi, _, _ = numbabn.batch_norm_backward(
+        cuda.to_device(g),
+        cuda.to_device(x),
+        None,
+        cuda.to_device(mean),
+        cuda.to_device(invstd),
+        training=False,
+        axis=axis,
+    )
+    gi = gi.copy_to_host()
+    assert np.isfinite(gi).all()
+    expected, _, _ = numbabn.batch_norm_backward(g, x, None, mean, invstd, training=False, axis=axis)
+    np.testing.assert_allclose(gi, expected, rtol=2e-7, atol=0)
