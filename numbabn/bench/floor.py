@@ -18,6 +18,7 @@ give (:data:`FIGURES`).  Every ratio is timed side by side, rounds interleaved
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -203,7 +204,12 @@ def peak_memory(mb=512):
     (``method`` "VmHWM"); elsewhere it is ``ru_maxrss``, which the compile may keep above
     the call's own peak (``extra_bytes`` then reads too low).
     """
-    done = subprocess.run([sys.executable, "-c", _PEAK, str(mb)], capture_output=True, text=True, check=True)
+    # glibc's malloc serves a large request from memory a freed one left resident (its mmap
+    # threshold grows with each large free), which would hide part of the output: a fixed
+    # threshold maps every large array afresh.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    cmd = [sys.executable, "-c", _PEAK, str(mb)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     nx, ny, before, after, method = done.stdout.split()
     nx, ny, before, after = int(nx), int(ny), int(before), int(after)
     extra = after - before - ny
