@@ -3,6 +3,10 @@ NumPy path for any chunking (along the feature axis too, uneven, empty chunks), 
 bits for a given chunking under every scheduler, a real distributed cluster and a worker
 lost mid-computation, and refuse bad arguments before anything is computed or written."""
 
+import logging
+import os
+import re
+
 import numpy as np
 import pytest
 from conftest import assert_bitwise, assert_close, make_input, make_params
@@ -240,3 +244,313 @@ def test_layer_several_steps(shape, axis, momentum, rng):
     host.eval()
     x = make_input(rng, shape, axis, dtype)
     assert_close(lazy(da.from_array(x, chunks=3)).compute(), host(x), dtype)
+
+
+# -- bad input: checked before anything is computed or written -------------------------------------
+class FakeGpuArray:
+    """Looks like a GPU array to numbabn (exports ``__cuda_array_interface__``)."""
+
+    shape, dtype = (3,), np.dtype(np.float32)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": (3,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+def _never(block):
+    raise AssertionError("computed although the call should fail its checks")
+
+
+class Args:
+    """A forward call on a Dask input that must not be computed, and a snapshot of the
+    NumPy buffers to check that a failed call wrote nothing."""
+
+    def __init__(self, rng, shape=(4, 3, 5), dtype=np.float32):
+        self.x = da.from_array(make_input(rng, shape, 1, dtype), chunks=2).map_blocks(_never, dtype=dtype)
+        self.weight, self.bias, self.running_mean, self.running_var = make_params(rng, shape[1], dtype)
+        self._snap = {k: v.copy() for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+
+    def forward(self, **override):
+        kw = dict(weight=self.weight, bias=self.bias, running_mean=self.running_mean, running_var=self.running_var)
+        kw.update(override)
+        return numbabn.batch_norm_forward(kw.pop("input", self.x), **kw)
+
+    def assert_unchanged(self):
+        for name, before in self._snap.items():
+            assert_bitwise(getattr(self, name), before, err_msg=name)
+
+
+def _bad_forward_cases():
+    def ro(a):
+        a = a.copy()
+        a.flags.writeable = False
+        return a
+
+    int_x = da.zeros((4, 3, 5), dtype=np.int32, chunks=2)
+    one = da.zeros((1, 3), dtype=np.float32, chunks=1)
+    masked = da.ma.masked_array(da.zeros((4, 3, 5), dtype=np.float32, chunks=2))
+    return [
+        # The NumPy path's checks, through the Dask backend.
+        ("dtype", lambda a: {"input": int_x}, TypeError, "input must have dtype float32 or float64"),
+        ("1-d", lambda a: {"input": da.zeros(5, chunks=2)}, ValueError, "at least 2 dimensions"),
+        ("axis", lambda a: {"axis": 3}, ValueError, "axis must be in [-3, 3)"),
+        ("stream", lambda a: {"stream": 0}, ValueError, "stream applies to GPU arrays only"),
+        ("one value", lambda a: {"input": one, "weight": None, "bias": None}, ValueError, "more than 1 value"),
+        ("eval", lambda a: {"training": False, "running_mean": None, "running_var": None}, ValueError, "required"),
+        ("momentum", lambda a: {"momentum": 2.0}, ValueError, "momentum must be in [0, 1]"),
+        ("eps", lambda a: {"eps": -1.0}, ValueError, "eps must be a finite float >= 0"),
+        ("weight shape", lambda a: {"weight": np.ones(4, np.float32)}, ValueError, "weight must have shape (3,)"),
+        ("weight dtype", lambda a: {"weight": np.ones(3)}, TypeError, "weight must have dtype float32"),
+        ("read-only", lambda a: {"running_var": ro(a.running_var)}, ValueError, "running_var must be writable"),
+        # Dask's own.
+        ("dask weight", lambda a: {"weight": da.ones(3, dtype=np.float32)}, TypeError, "weight must be a NumPy"),
+        ("dask running", lambda a: {"running_mean": da.zeros(3, dtype=np.float32)}, TypeError, "Dask array"),
+        ("gpu bias", lambda a: {"bias": FakeGpuArray()}, TypeError, "bias must be a NumPy array, got a GPU array"),
+        ("out", lambda a: {"out": np.empty((4, 3, 5), np.float32)}, TypeError, "out= is not supported for Dask"),
+        ("masked", lambda a: {"input": masked}, TypeError, "Dask array of NumPy chunks"),
+    ]
+
+
+@pytest.mark.parametrize(("override", "exc", "message"), [c[1:] for c in _bad_forward_cases()],
+                         ids=[c[0] for c in _bad_forward_cases()])  # fmt: skip
+def test_bad_forward_arguments(override, exc, message, rng):
+    args = Args(rng)
+    with pytest.raises(exc, match=re.escape(message)):
+        args.forward(**override(args))
+    args.assert_unchanged()
+
+
+def test_unknown_chunk_sizes(rng):
+    x = da.from_array(make_input(rng, (8, 3), 1, np.float64), chunks=2)
+    x = x[x[:, 0] > -100]
+    with pytest.raises(ValueError, match="known chunk sizes.*compute_chunk_sizes"):
+        numbabn.welford(x)
+
+
+def test_bad_backward_arguments(rng):
+    args = Args(rng)
+    mean, invstd = np.zeros(3), np.ones(3)
+    g = np.ones((4, 3, 5), np.float32)
+    with pytest.raises(TypeError, match="grad_output must be a Dask array"):
+        numbabn.batch_norm_backward(g, args.x, None, mean, invstd)
+    with pytest.raises(ValueError, match=re.escape("grad_output must have shape (4, 3, 5)")):
+        numbabn.batch_norm_backward(da.ones((4, 3, 6), np.float32), args.x, None, mean, invstd)
+    with pytest.raises(TypeError, match="save_mean must be a NumPy array, got a Dask"):
+        numbabn.batch_norm_backward(da.from_array(g), args.x, None, da.from_array(mean), invstd)
+    with pytest.raises(TypeError, match="out= is not supported"):
+        numbabn.batch_norm_backward(da.from_array(g), args.x, None, mean, invstd, out=g)
+
+
+def test_bad_welford_arguments(rng):
+    x = make_input(rng, (4, 3), 1, np.float64)
+    with pytest.raises(TypeError, match="x must be a dask.array.Array, got ndarray"):
+        nd.welford(x)
+    dx = da.from_array(x, chunks=2)
+    with pytest.raises(ValueError, match="split_every must be an int >= 2 or None, got 1"):
+        nd.welford(dx, split_every=1)
+    with pytest.raises(TypeError, match="split_every must be an int >= 2 or None, got float"):
+        nd.welford(dx, split_every=2.0)
+    with pytest.raises(TypeError, match="compute must be a bool"):
+        nd.welford(dx, compute="yes")
+
+
+def test_layer_refuses_wrong_channels_unchanged(rng):
+    layer = numbabn.BatchNorm(4)
+    before = layer.running_mean.copy()
+    with pytest.raises(ValueError, match="input must have 4 channels"):
+        layer(Args(rng).x)
+    assert_bitwise(layer.running_mean, before)
+    assert layer.num_batches_tracked == 0
+
+
+# -- the out-of-core pipeline ----------------------------------------------------------------------
+def test_normalize_pass_maps_chunks_independently(tmp_path, rng):
+    """Statistics first, then a map over concrete coefficients: each output chunk depends on
+    its own input chunk only (nothing holds the whole array), and no statistic is lazy."""
+    zarr = pytest.importorskip("zarr")
+    x = make_input(rng, (12, 3, 4, 4), 1, np.float32)
+    src = str(tmp_path / "x.zarr")
+    da.to_zarr(da.from_array(x, chunks=(4, 2, 4, 4)), src)
+    z = da.from_zarr(src)
+    y = numbabn.batch_norm(z, None, None, training=True)
+    graph = y.__dask_graph__()
+    assert not any("welford" in str(name) for name in graph.layers)
+    deps = graph.get_all_dependencies()
+    for key in (k for k in dict(graph) if k[0] == y.name):
+        seen, todo = set(), [key]
+        while todo:
+            for d in deps[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        assert len([d for d in seen if isinstance(d, tuple) and d[0] == z.name]) == 1, key
+    dst = str(tmp_path / "y.zarr")
+    da.to_zarr(y, dst)
+    out = zarr.open_array(dst, mode="r")
+    assert out.chunks == (4, 2, 4, 4)
+    in_memory = numbabn.batch_norm(da.from_array(x, chunks=(4, 2, 4, 4)), None, None, training=True)
+    assert_bitwise(out[...], in_memory.compute())
+
+
+# -- the same bits on every scheduler, cluster and rerun -------------------------------------------
+#: One chunking with everything at once: uneven chunks, an empty chunk, chunks along the
+#: channel axis, several merge levels (split_every 16).
+SHAPE = (40, 6, 5, 70)
+CHUNKS = ((3, 0, 17, 20), (2, 4), (5,), (30, 40))
+SMALL_CHUNKS = ((2,) * 20, (2, 4), (5,), (70,))  # 20 chunks per column: two merge levels
+
+
+def _run(x, g, chunks, scheduler):
+    """Everything a Dask input computes, under ``scheduler``: statistics, a training forward
+    (output and running statistics), a backward (grad_input and the per-channel gradients)."""
+    rng = np.random.default_rng(7)
+    w, b, rm, rv = make_params(rng, x.shape[1], x.dtype)
+    with dask.config.set(scheduler=scheduler):
+        dx = da.from_array(x, chunks=chunks)
+        s = numbabn.welford(dx)
+        y, mean, invstd = numbabn.batch_norm_forward(dx, w, b, rm, rv)
+        gi, gw, gb = numbabn.batch_norm_backward(da.from_array(g, chunks=chunks), dx, w, mean, invstd)
+        y, gi = dask.compute(y, gi)
+    return {"mean": s.mean, "m2": s.m2, "y": y, "rm": rm, "rv": rv, "gi": gi, "gw": gw, "gb": gb}
+
+
+def _assert_same_bits(a, b):
+    for name in a:
+        assert_bitwise(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(11)
+    return make_input(rng, SHAPE, 1, np.float32), rng.standard_normal(SHAPE).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def threaded(data):
+    """The reference: the threaded scheduler, per chunking."""
+    return {c: _run(*data, c, "threads") for c in (CHUNKS, SMALL_CHUNKS)}
+
+
+def _warm_numba_cache():
+    """Compile (or load) every serial kernel a task runs, in this process, so the on-disk
+    cache is there for worker processes to load instead of compiling for seconds each."""
+    for dtype in (np.float32, np.float64):
+        for shape, axis in LAYOUTS:
+            x = make_input(np.random.default_rng(0), shape, axis, np.dtype(dtype))
+            dx = da.from_array(x, chunks=3)
+            with dask.config.set(scheduler="sync"):
+                y, mean, invstd = numbabn.batch_norm_forward(dx, axis=axis)
+                gi = numbabn.batch_norm_backward(dx, dx, None, mean, invstd, axis=axis)[0]
+                dask.compute(y, gi)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes of one thread each, numba's threads limited to one inside them."""
+    distributed = pytest.importorskip("distributed")
+    _warm_numba_cache()
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        env={"NUMBA_NUM_THREADS": "1"},
+        silence_logs=logging.CRITICAL,  # the killed worker's traceback is expected
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:  # fmt: skip
+        yield cluster, client
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "processes"])
+def test_same_bits_on_local_schedulers(scheduler, data, threaded):
+    if scheduler == "processes":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _warm_numba_cache()
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with dask.config.set(pool=pool):
+                for chunks, ref in threaded.items():
+                    _assert_same_bits(_run(*data, chunks, "processes"), ref)
+        return
+    for chunks, ref in threaded.items():
+        _assert_same_bits(_run(*data, chunks, scheduler), ref)
+
+
+def test_same_bits_on_a_cluster(cluster, data, threaded):
+    _, client = cluster
+    assert len(client.scheduler_info()["workers"]) == 2
+    threads = client.run(lambda: os.environ.get("NUMBA_NUM_THREADS"))
+    assert set(threads.values()) == {"1"}
+    for chunks, ref in threaded.items():
+        _assert_same_bits(_run(*data, chunks, client), ref)
+
+
+def test_same_bits_on_a_one_worker_cluster(data, threaded):
+    distributed = pytest.importorskip("distributed")
+    _warm_numba_cache()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", env={"NUMBA_NUM_THREADS": "1"}
+    ) as one, distributed.Client(one, set_as_default=False) as client:  # fmt: skip
+        _assert_same_bits(_run(*data, CHUNKS, client), threaded[CHUNKS])
+
+
+def test_zarr_round_trip_on_a_cluster(cluster, tmp_path, rng):
+    """Statistics from a Zarr array, the normalized array stored to another Zarr store with
+    the same chunks (no lock), on the cluster: the same bits as in memory on threads."""
+    zarr = pytest.importorskip("zarr")
+    _, client = cluster
+    x = make_input(rng, (24, 4, 6, 8), 1, np.float32)
+    chunks = (5, 2, 6, 8)
+    src, dst = str(tmp_path / "x.zarr"), str(tmp_path / "y.zarr")
+    da.to_zarr(da.from_array(x, chunks=chunks), src)
+    _, _, rm, rv = make_params(rng, 4, np.float32)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    with dask.config.set(scheduler=client):
+        z = da.from_zarr(src)
+        s = nd.welford(z)
+        y = numbabn.batch_norm(z, rm, rv, training=True)
+        da.to_zarr(y, dst)
+    with dask.config.set(scheduler="threads"):
+        dx = da.from_array(x, chunks=chunks)
+        s_ref = nd.welford(dx)
+        y_ref = numbabn.batch_norm(dx, rm_ref, rv_ref, training=True).compute()
+    out = zarr.open_array(dst, mode="r")
+    assert out.chunks == chunks and out.dtype == np.float32
+    assert_bitwise(out[...], y_ref)
+    assert_bitwise(s.mean, s_ref.mean)
+    assert_bitwise(s.m2, s_ref.m2)
+    assert_bitwise(rm, rm_ref)
+    assert_bitwise(rv, rv_ref)
+    assert_stats_equal(s, numbabn.welford(x))
+
+
+def test_same_bits_after_a_worker_is_killed(cluster, data, threaded, tmp_path):
+    """A task kills its worker process mid-computation (the first time only, remembered in a
+    file): the scheduler reruns the lost tasks on the other worker and the bits do not
+    change.  (Last of the cluster tests: the cluster keeps one worker afterwards.)"""
+    _, client = cluster
+    x, _ = data
+    flag = str(tmp_path / "killed")
+    pids = set(client.run(os.getpid).values())
+
+    def kill_once(block, block_id=None):
+        if block_id == (2, 1, 0, 1) and not os.path.exists(flag):
+            import time
+
+            time.sleep(0.3)  # other tasks finish on this worker first: their results are lost too
+            open(flag, "w").close()
+            os._exit(1)
+        return block
+
+    killing = da.from_array(x, chunks=CHUNKS).map_blocks(kill_once, dtype=x.dtype)
+    with dask.config.set(scheduler=client):
+        # The statistics pass of the call loses a worker; the map runs on the survivor.
+        y = numbabn.batch_norm(killing, None, None, training=True).compute()
+        s = numbabn.welford(killing)
+    assert os.path.exists(flag)
+    assert len(pids - set(client.run(os.getpid).values())) == 1  # really gone
+    assert_bitwise(s.mean, threaded[CHUNKS]["mean"])
+    assert_bitwise(s.m2, threaded[CHUNKS]["m2"])
+    with dask.config.set(scheduler="threads"):
+        y_ref = numbabn.batch_norm(da.from_array(x, chunks=CHUNKS), None, None, training=True).compute()
+    assert_bitwise(y, y_ref)
