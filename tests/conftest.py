@@ -24,8 +24,18 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from numbabn import _config  # noqa: E402
+
+# Hypothesis profiles: "dev" (random examples, a fresh set each run), "ci" (derandomized: the
+# same examples every run, chosen from the test's source, so a CI failure reproduces), loaded
+# when the CI variable is set; HYPOTHESIS_PROFILE names one explicitly.  The property tests on
+# arrays past PARALLEL_MIN take PARALLEL_PROPERTIES: the loaded profile with fewer examples.
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile("ci", settings.get_profile("dev"), derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+PARALLEL_PROPERTIES = settings(settings.default, max_examples=6)
 
 MIN_INNER = _config.MIN_INNER
 BLOCK = _config.BLOCK
