@@ -102,6 +102,7 @@ def main(argv=None):
 
         why = cuda_unavailable()
         if why is not None:
+            why = " ".join(why.split())  # driver errors come on several lines
             print(f"numbabn: bench --device cuda: no GPU column can run here: {why}", file=sys.stderr)
             return 2
     # With --json, stdout carries the JSON alone; everything for people goes to stderr.
