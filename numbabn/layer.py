@@ -14,30 +14,6 @@ class _DefaultMomentum(float):
 
     __slots__ = ()
 
-    # -- pickling ---------------------------------------------------------------------------
-    def __getstate__(self):
-        """Parameters, buffers, gradients and settings, as host arrays; not the last forward's
-        saved input (as a pickled PyTorch module keeps no autograd graph), so
-        :meth:`backward` needs a new :meth:`forward` after unpickling."""
-        state = dict(self.__dict__)
-        state["_saved"] = None
-        if self.device == "cuda":
-            for name, value in state.items():
-                if value is not None and is_device(value):
-                    state[name] = _as_numba(value).copy_to_host()
-        return state
-
-    def __setstate__(self, state):
-        if state.get("device") == "cuda":
-            from numba import cuda
-
-            _call.cuda_backend()
-            state = {
-                k: cuda.to_device(v) if isinstance(v, np.ndarray) and k != "update_threshold" else v
-                for k, v in state.items()
-            }
-        self.__dict__.update(state)
-
     def __repr__(self):
         return "0.1"
 
