@@ -1,7 +1,7 @@
 """pytest-benchmark suite: numbabn beside NumPy and PyTorch on the same arrays.
 
 A plain ``pytest`` runs each benchmark once, as a test, and checks its result against the
-float64 oracle; the beyond-cache arrays are skipped there (with the reason) so the suite stays
+float64 oracle; the beyond-cache arrays are left out there (deselected) so the suite stays
 quick.  Timing is on when asked for: ``--benchmark-only``, ``--benchmark-enable`` or an option
 that saves or compares timings (``--benchmark-json``, ``--benchmark-save``,
 ``--benchmark-autosave``, ``--benchmark-compare``, ``--benchmark-histogram``)::
@@ -49,6 +49,18 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def pytest_collection_modifyitems(config, items):
+    """Deselect the beyond-cache cases of this suite unless the run times it."""
+    if timing(config):
+        return
+    here = str(__file__).rsplit("/", 1)[0]
+    drop = [item for item in items if str(item.path).startswith(here) and "-beyond" in item.nodeid]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        dropped = set(drop)
+        items[:] = [item for item in items if item not in dropped]
+
+
 def timing(config):
     """Whether this run times the benchmarks (else each runs once, as a test)."""
     return any(config.getoption(name, None) for name in TIMING_OPTIONS)
@@ -59,8 +71,6 @@ def case(request):
     """One :class:`numbabn.bench.cases.Case` (module scope: tests are grouped by case, so
     one case's arrays are alive at a time)."""
     layout, axis, size, shape = request.param
-    if size == "beyond" and not timing(request.config):
-        pytest.skip("beyond-cache arrays are timed only (--benchmark-only); a plain run checks the smaller ones")
     c = cases.Case(shape, axis, "float32", layout)
     c.size_label = size
     return c
