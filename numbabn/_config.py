@@ -35,6 +35,12 @@ WIDEN_TO = 1024
 #: 4-row blocks, (256, 1024) float32 statistics ran 10x slower than memory speed.
 MINOR_ROWS = 64
 
+#: Channel-minor blocks are summed in one sweep of ``d = x - shift`` (``shift`` a nearby mean)
+#: and kept when ``M2 = sum(d ** 2) - sum(d) ** 2 / n`` cancels at most this factor of
+#: ``sum(d ** 2)`` (4 bits); a block that cancels more is summed again in two sweeps, mean
+#: then centred squares.  Changes which blocks take the second path, never the precision bound.
+SHIFT_CANCEL = 16.0
+
 #: Channel-strided passes take one whole channel per task, and revisit its slice while it is
 #: in L2 (the cached case of docs/design.rst's byte model), when a channel's slice is at most
 #: this many bytes and there are at least FUSE_CHANNELS channels to share among the cores.

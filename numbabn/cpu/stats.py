@@ -1,15 +1,16 @@
 """Per-channel statistics ``(count, mean, M2)`` in one pass over memory: blocked Welford.
 
 Each block (a row chunk of one channel, or a few rows of a channel tile) gets its exact mean
-from one sweep and its centred ``M2`` from a second sweep while it is still in L1/L2, then is
-Chan-merged into its task's partial.  DRAM sees ``x`` once; there is no ``E[x^2] - E[x]^2``.
-Sums run in float64 whatever the input dtype.
+and centred ``M2`` while it is still in L1/L2 (channel-strided: a sweep for the mean, then
+one for the centred squares; channel-minor: one sweep of sums shifted by a nearby mean, see
+:func:`minor_rows`), then is Chan-merged into its task's partial.  DRAM sees ``x`` once; there
+is no unshifted ``E[x^2] - E[x]^2``.  Sums run in float64 whatever the input dtype.
 """
 
 import numpy as np
 from numba import prange
 
-from .._config import BLOCK, MINOR_ROWS
+from .._config import BLOCK, MINOR_ROWS, SHIFT_CANCEL
 from .._jit import leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
 from ._plan import minor_task, plan, repeat_inner, rows, sum_inner
@@ -133,60 +134,110 @@ def column_squares(x2, o0, o1, j0, centre, acc):
             acc[j] += d * d
 
 
+@stage
+def shifted4(v0, v1, v2, v3, m):
+    """``(sum(v - m), sum((v - m) ** 2))`` over four rows' values of one column, in float64."""
+    d0 = np.float64(v0) - m
+    d1 = np.float64(v1) - m
+    d2 = np.float64(v2) - m
+    d3 = np.float64(v3) - m
+    return (d0 + d1) + (d2 + d3), (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
 @leaf
-def sums_and_squares(x2, s0, s1, q0, q1, j0, centre, acc_s, acc_q):
-    """One sweep for two blocks: :func:`column_sums` of rows ``[s0, s1)`` into ``acc_s`` and
-    :func:`column_squares` of rows ``[q0, q1)`` into ``acc_q``, four rows of each per pass.
-    (Same additions as the two functions: the results do not depend on the fusion.)"""
-    o, r = s0, q0
-    while o + 4 <= s1 and r + 4 <= q1:
-        a0, a1, a2, a3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
-        b0, b1, b2, b3 = x2[r, j0:], x2[r + 1, j0:], x2[r + 2, j0:], x2[r + 3, j0:]
+def shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q):
+    """``acc_s[j] += sum(d)`` and ``acc_q[j] += sum(d ** 2)``, ``d = x2[o0:o1, j0 + j] -
+    shift[j]``: both sums in one sweep, four rows per sweep of the accumulators."""
+    o = o0
+    while o + 4 <= o1:
+        x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
         for j in range(acc_s.shape[0]):
-            acc_s[j] += sum4(a0[j], a1[j], a2[j], a3[j])
-            acc_q[j] += squares4(b0[j], b1[j], b2[j], b3[j], centre[j])
+            s, q = shifted4(x0[j], x1[j], x2_[j], x3[j], shift[j])
+            acc_s[j] += s
+            acc_q[j] += q
         o += 4
-        r += 4
-    column_sums(x2, o, s1, j0, acc_s)
-    column_squares(x2, r, q1, j0, centre, acc_q)
+    for r in range(o, o1):
+        xr = x2[r, j0:]
+        for j in range(acc_s.shape[0]):
+            d = np.float64(xr[j]) - shift[j]
+            acc_s[j] += d
+            acc_q[j] += d * d
+
+
+@leaf
+def exact_block(x2, b0, b1, j0, inner, bn, acc_s, acc_q, centre, bmean, bm2):
+    """The block's exact mean (first sweep) and centred ``M2`` (second sweep) into ``bmean``
+    and ``bm2``: the fallback of :func:`minor_rows` when its shift was too far off.  With
+    ``inner == 1``, ``bmean`` may be ``acc_s`` and ``bm2`` ``acc_q``."""
+    acc_s[:] = 0.0
+    column_sums(x2, b0, b1, j0, acc_s)
+    sum_inner(acc_s, inner, bmean)
+    bmean /= bn
+    repeat_inner(bmean, inner, centre)
+    acc_q[:] = 0.0
+    column_squares(x2, b0, b1, j0, centre, acc_q)
+    sum_inner(acc_q, inner, bm2)
 
 
 @leaf
 def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     """``(count, mean, M2)`` of the ``nc`` channels whose columns start at ``j0`` over rows
-    ``[r0, r1)`` of the ``(outer, C * inner)`` array ``x2``, in blocks of ``rb`` rows summed
-    into per-column float64 accumulators; ``mean`` and ``m2`` (length ``nc``) receive the
-    statistics and the count is returned.  Every channel of the tile has the same count, so
-    the Chan merge of a block runs as one vectorized loop over channels."""
+    ``[r0, r1)`` of the ``(outer, C * inner)`` array ``x2``, in blocks of ``rb`` rows; ``mean``
+    and ``m2`` (length ``nc``) receive the statistics and the count is returned.
+
+    One sweep per block sums ``d = x - shift`` and ``d ** 2`` per column in float64, the shift
+    of each channel being the previous block's mean (in the first block, the channel's first
+    value); then ``mean = shift + sum(d) / n`` and ``M2 = sum(d ** 2) - sum(d) ** 2 / n``, exact
+    to float64 rounding while the shift is within a few standard deviations of the block's
+    mean.  A block where it is not (see ``SHIFT_CANCEL``: a trend or an outlier) is summed again
+    in two sweeps, mean then centred squares.  Every channel of the tile has the same count,
+    so the Chan merge of a block runs as one vectorized loop over channels."""
     width = nc * inner
     rb = max(MINOR_ROWS, BLOCK // max(width, 1))
-    work = np.empty(3 * width + 2 * nc)  # one allocation: they cost ~0.1 us each
-    acc_s = work[:width]  # sums of the next block
-    acc_q = work[width : 2 * width]  # centred squares of the current block
-    centre = work[2 * width : 3 * width]
-    bmean = work[3 * width : 3 * width + nc]
-    bm2 = work[3 * width + nc :]
-    acc_s[:] = 0.0
+    # One allocation (they cost ~0.1 us each); with inner == 1 the per-channel arrays are the
+    # per-column ones, so no pass copies between them.
+    work = np.empty(3 * width + (3 * nc if inner > 1 else 0))
+    acc_s = work[:width]
+    acc_q = work[width : 2 * width]
+    shift = work[2 * width : 3 * width]
+    bmean, bm2, centre = acc_s, acc_q, shift
+    if inner > 1:
+        bmean = work[3 * width : 3 * width + nc]
+        bm2 = work[3 * width + nc : 3 * width + 2 * nc]
+        centre = work[3 * width + 2 * nc :]
     mean[:] = 0.0
     m2[:] = 0.0
     n = 0.0
-    # As strided_rows: the squares of block [b0, b1) are summed in the same sweep as the
-    # sums of the next block [b1, b2), so loads from DRAM never pause for compute.
+    if r1 <= r0:
+        return n
+    for c in range(nc):
+        centre[c] = x2[r0, j0 + c * inner]
+    keep = 1.0 - 1.0 / SHIFT_CANCEL
     b0 = r0
-    b1 = min(r1, b0 + rb)
-    column_sums(x2, b0, b1, j0, acc_s)
     while b0 < r1:
-        b2 = min(r1, b1 + rb)
+        b1 = min(r1, b0 + rb)
         bn = float((b1 - b0) * inner)
-        sum_inner(acc_s, inner, bmean)
-        bmean /= bn
-        repeat_inner(bmean, inner, centre)
+        if inner > 1:
+            repeat_inner(centre, inner, shift)
         acc_s[:] = 0.0
         acc_q[:] = 0.0
-        sums_and_squares(x2, b1, b2, b0, b1, j0, centre, acc_s, acc_q)
-        sum_inner(acc_q, inner, bm2)
+        shifted_sums(x2, b0, b1, j0, shift, acc_s, acc_q)
+        if inner > 1:
+            sum_inner(acc_s, inner, bmean)
+            sum_inner(acc_q, inner, bm2)
+        far = False
+        inv = 1.0 / bn  # a division per channel cost more than the merge
+        for c in range(nc):
+            s = bmean[c] * inv
+            t = s * bmean[c]
+            far |= t > keep * bm2[c]
+            bmean[c] = centre[c] + s
+            bm2[c] -= t
+        if far:
+            exact_block(x2, b0, b1, j0, inner, bn, acc_s, acc_q, shift, bmean, bm2)
         n = chan_merge_channels(n, mean, m2, bn, bmean, bm2)
-        b0, b1 = b1, b2
+        centre[:] = bmean
+        b0 = b1
     return n
 
 
