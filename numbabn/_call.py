@@ -13,8 +13,8 @@ A backend is a module with the same five names (``numbabn.cpu.api`` for NumPy ar
     A :class:`ForwardCall` to ``(output, save_mean, save_invstd)``.
 ``backward(call)``
     A :class:`BackwardCall` to ``(grad_input, grad_weight, grad_bias, abs_grad_sum)``.
-``welford(inp)``
-    An ``Input`` to ``(count, mean, m2)``.
+``batch_stats(inp)``
+    An ``Input`` to ``(count, mean, m2)`` (:func:`numbabn.welford`).
 ``scaled(a, factor)``
     ``a * factor`` as float64, on the backend's kind of array.
 

@@ -122,7 +122,7 @@ def forward(call):
         coef = np.full((2, inp.num_channels), np.nan)
         save = np.full((2, inp.num_channels), np.nan)
     elif call.training:
-        count, mean, m2 = welford(inp)
+        count, mean, m2 = batch_stats(inp)
         running = (call.running_mean, call.running_var)
         coef, save = _host.finish(count, mean, m2, call.weight, call.bias, *running, call.momentum, call.eps, inp.dtype)
     else:
@@ -186,15 +186,17 @@ def welford(x, *, axis=1, split_every=None, compute=True):
         mean = mean_a + d * nb / n
         m2 = m2_a + m2_b + d**2 * na * nb / n
     """
-    if isinstance(x, Input):
-        # The backend entry point of the same name (numbabn.welford on a Dask input): a
-        # checked input, computed now, as ``(count, mean, m2)``.
-        (stats,) = dask.compute(statistics(x))
-        return stats
     compute = _layout.check_flag(compute, "compute")
     inp = Input(x, axis, None, "x")
     stats = statistics(inp, split_every)
     return stats.compute() if compute else stats
+
+
+def batch_stats(inp):
+    """:func:`numbabn.welford` of a checked :class:`Input`, computed now: ``(count, mean,
+    m2)``."""
+    (stats,) = dask.compute(statistics(inp))
+    return stats
 
 
 # -- reductions: one partial per chunk, a fixed tree per column of chunks ----------------------

@@ -88,7 +88,7 @@ def welford(x, *, axis=1, stream=None):
     ``count=20`` and empty ``mean`` and ``m2``.
     """
     inp = _call.check_input(x, axis, stream, "x")
-    return Stats(*inp.backend.welford(inp))
+    return Stats(*inp.backend.batch_stats(inp))
 
 
 def merge_stats(*stats, stream=None):

@@ -28,8 +28,8 @@ class SyncBatchNorm(BatchNorm):
     Parameters
     ----------
     num_features, eps, momentum, affine, track_running_stats, axis, dtype, decay, device
-        As :class:`BatchNorm`.  ``device="cuda"`` works with ``comm=None`` only (a plain
-        GPU batch norm): the exchange is implemented for host arrays.
+        As :class:`BatchNorm`.  With ``device="cuda"`` the data, parameters and buffers stay
+        on the GPU and only the small payloads below go through the host.
     comm : object with ``allgather(obj) -> list``, optional
         The processes' communicator: ``allgather`` takes this rank's object and returns
         every rank's object in rank order.  An mpi4py communicator as it is
@@ -91,8 +91,6 @@ class SyncBatchNorm(BatchNorm):
         device="cpu",
         comm=None,
     ):
-        if comm is not None and device == "cuda":
-            raise NotImplementedError(_NO_GPU)
         super().__init__(
             num_features,
             eps,
@@ -142,8 +140,6 @@ class SyncBatchNorm(BatchNorm):
                 "comm must have an allgather(obj) -> list method returning every rank's obj in rank order "
                 f"(an mpi4py communicator such as MPI.COMM_WORLD, or a wrapper), or be None; got {type(comm).__name__}"
             )
-        if self.device == "cuda":
-            raise NotImplementedError(_NO_GPU)
 
     def _syncs(self):
         """Whether a forward now is synchronized: training mode with a communicator."""
@@ -172,12 +168,15 @@ class SyncBatchNorm(BatchNorm):
             self._sync_count = None
             return result
         inp = call.inp
-        if inp.backend is not _host:
+        if inp.backend is _host:
+            local = Stats(*_host.batch_stats(inp))
+        elif _on_gpu(inp):
+            local = Stats(*inp.backend.host_welford(inp))  # copied to the host on the input's stream
+        else:
             raise TypeError(
-                f"SyncBatchNorm's synchronized training takes NumPy arrays, got {type(inp.x).__name__} "
-                "(compute a Dask array's part first)"
+                f"SyncBatchNorm's synchronized training takes NumPy arrays (GPU arrays on device 'cuda'), got "
+                f"{type(inp.x).__name__} (compute a Dask array's part first)"
             )
-        local = Stats(*inp.backend.welford(inp))
         parts = self._exchange("forward", local.to_array())
         merged = merge_stats(*(Stats.from_array(p) for p in parts))
         if merged.count == 1:
@@ -189,7 +188,7 @@ class SyncBatchNorm(BatchNorm):
         if merged.count == 0:  # every part empty: the plain empty batch (empty output, no update)
             result = call.run()
         else:
-            result = _host.forward_with_stats(call, *merged)
+            result = inp.backend.forward_with_stats(call, *merged)
         self._sync_count = merged.count
         return result
 
@@ -208,12 +207,15 @@ class SyncBatchNorm(BatchNorm):
         if not (n and call.training):
             return super()._run_backward(call)
         inp = call.inp
-        sums = _host.grad_reduce(call.grad_output, inp.x, inp.axis, call.save_mean)
+        if _on_gpu(inp):
+            sums = inp.backend.grad_reduce(call)  # a host array
+        else:
+            sums = _host.grad_reduce(call.grad_output, inp.x, inp.axis, call.save_mean)
         parts = self._exchange("backward", sums)
         total = parts[0].copy()
         for p in parts[1:]:
             total += p
-        return (*_host.backward_with_sums(call, total, n), n)
+        return (*inp.backend.backward_with_sums(call, total, n), n)
 
     # -- the exchange -----------------------------------------------------------------------
     def _collective(self, step, method, arg):
@@ -275,10 +277,10 @@ class _Failure(NamedTuple):
     message: str
 
 
-_NO_GPU = (
-    "SyncBatchNorm with a comm on device 'cuda' is not implemented: the GPU backend (numbabn.cuda.api) has no "
-    "stage functions for statistics merged elsewhere (forward_with_stats, grad_reduce, backward_with_sums) yet; "
-    "use device='cpu', or comm=None for a plain GPU BatchNorm"
-)
+def _on_gpu(inp):
+    """Whether a checked input is on the GPU backend (checked by name: numba.cuda is imported
+    only for GPU inputs)."""
+    return inp.backend.__name__ == "numbabn.cuda.api"
+
 
 _EXCEPTIONS = {e.__name__: e for e in (TypeError, ValueError, RuntimeError, NotImplementedError)}

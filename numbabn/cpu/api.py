@@ -95,7 +95,7 @@ def backward(call):
     return deliver(grad_input, call.out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
 
 
-def welford(inp):
+def batch_stats(inp):
     """``(count, mean, m2)`` of a checked :class:`Input`, mean and m2 float64 ``(C,)``."""
     x = _layout.contiguous(inp.x)
     stats = np.empty((3, inp.num_channels))

@@ -128,7 +128,7 @@ def _empty_grads(num_channels, invstd, gdtype, stream):
     return gw, gb, _arrays.to_device(np.zeros(num_channels), stream)
 
 
-def welford(inp):
+def batch_stats(inp):
     """``(count, mean, m2)`` of a checked :class:`Input`, mean and m2 float64 arrays of the
     input's kind."""
     if inp.x.size == 0:  # count 0 and zeros: the identity of merge_stats
@@ -157,6 +157,86 @@ def merge(parts, stream):
         _arrays.launch(_stats.merge_channels, grid, block, st, float(count), mean, m2, float(c), mb, m2b)
         count += c
     return count, _arrays.like(mean, first), _arrays.like(m2, first)
+
+
+# -- stages for statistics merged elsewhere (SyncBatchNorm's processes) ------------------------
+# The twins of the host backend's: the payloads between the stages are host float64 arrays
+# (an exchange goes through the host), the data stays on the GPU and the kernels run on the
+# caller's stream.
+
+
+def host_welford(inp):
+    """:func:`welford` with ``mean`` and ``m2`` copied to the host (float64 NumPy arrays) on
+    the input's stream: one rank's payload."""
+    count = _layout.values_per_channel(inp.shape, inp.axis)
+    if inp.x.size == 0:
+        return count, np.zeros(inp.num_channels), np.zeros(inp.num_channels)
+    stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
+    _stats.welford(inp.view(inp.x), stats, inp.stream)
+    stats = _arrays.to_host(stats, inp.stream)
+    return count, stats[1], stats[2]
+
+
+def forward_with_stats(call, count, mean, m2):
+    """A checked training forward normalized with statistics merged elsewhere (host
+    ``count`` and float64 ``mean``, ``m2`` of the global batch): ``(output, save_mean,
+    save_invstd)`` as the input's kind of array, the running statistics updated on the device
+    as :func:`forward` would on an input with those statistics (the unbiased variance from
+    ``count``).  The statistics are copied to the device and finished there by the kernel of
+    :func:`forward` (``_math.finish_channel``): ranks holding the same statistics and running
+    statistics compute the same bits."""
+    inp, out = call.inp, call.out
+    st, num_channels = inp.stream, inp.num_channels
+    dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
+    save = _arrays.empty((2, num_channels), "f8", st)
+    if num_channels:
+        stats = np.empty((3, num_channels))
+        stats[0], stats[1], stats[2] = float(count), mean, m2
+        stats = _arrays.to_device(stats, st)
+        w = inp.constant(1.0) if call.weight is None else call.weight
+        b = inp.constant(0.0) if call.bias is None else call.bias
+        rm = _arrays.constant(0.0, 0, inp.dtype) if call.running_mean is None else call.running_mean
+        rv = _arrays.constant(0.0, 0, inp.dtype) if call.running_var is None else call.running_var
+        x3, y3 = inp.view(inp.x), inp.view(dest)
+        _fwd.forward_with_stats(x3, stats, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
+    y = out if out is not None else inp.hand_back(dest)
+    return y, inp.hand_back(save[0]), inp.hand_back(save[1])
+
+
+def grad_reduce(call):
+    """``(sum g, sum g * (x - mean), sum |g|)`` per channel of a checked
+    :class:`numbabn._call.BackwardCall` (``mean`` its ``save_mean``): a (3, C) float64 host
+    array, one rank's payload, the same bits for a given shape and data."""
+    inp = call.inp
+    st = inp.stream
+    if inp.x.size == 0:
+        return np.zeros((3, inp.num_channels))
+    sums = _arrays.empty((3, inp.num_channels), "f8", st)
+    mean = _as_f64(call.save_mean, st)
+    _bwd.grad_reduce(inp.view(call.grad_output), inp.view(inp.x), mean, sums, st)
+    return _arrays.to_host(sums, st)
+
+
+def backward_with_sums(call, sums, n):
+    """A checked backward whose reduction ``sums`` (:func:`grad_reduce`, added over every
+    part; a host (3, C) float64 array) cover ``n`` values per channel: ``(grad_input,
+    grad_weight, grad_bias, abs_grad_sum)`` as :func:`backward` returns them, the last three
+    the global batch's."""
+    inp, out = call.inp, call.out
+    st, num_channels = inp.stream, inp.num_channels
+    dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
+    gi = out if out is not None else inp.hand_back(dest)
+    gdtype = np.float32 if inp.dtype.itemsize == 2 else inp.dtype
+    mean, invstd = _as_f64(call.save_mean, st), _as_f64(call.save_invstd, st)
+    if num_channels == 0:
+        return (gi, *(inp.hand_back(a) for a in _empty_grads(0, invstd, gdtype, st)))
+    sums = _arrays.to_device(np.asarray(sums, dtype=np.float64), st)
+    grads = _arrays.empty((3, num_channels), "f8", st)
+    gwb = _arrays.empty((2, num_channels), gdtype, st)
+    w = inp.constant(1.0) if call.weight is None else call.weight
+    g3, x3, gi3 = inp.view(call.grad_output), inp.view(inp.x), inp.view(dest)
+    _bwd.backward_with_sums(g3, x3, w, mean, invstd, call.training, sums, float(n), gi3, grads, gwb, st)
+    return gi, inp.hand_back(gwb[0]), inp.hand_back(gwb[1]), inp.hand_back(grads[2])
 
 
 def _significant(order, shape):
