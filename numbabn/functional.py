@@ -26,8 +26,9 @@ def batch_norm(
 
     Parameters
     ----------
-    input : ndarray of float32 or float64, ndim >= 2
-        ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ... with the features on ``axis``.
+    input : ndarray, GPU array or dask.array.Array of float32 or float64, ndim >= 2
+        ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ... with the features on ``axis``
+        (float16 too on the GPU).
     running_mean, running_var : ndarray of shape (C,) or None
         Running statistics, same dtype as ``input``.  Used to normalize in eval mode
         (required there); updated in place in training mode when given.
@@ -53,7 +54,9 @@ def batch_norm(
     Returns
     -------
     ndarray
-        ``y = (x - mean) / sqrt(var + eps) * weight + bias``, in ``input``'s memory order.
+        ``y = (x - mean) / sqrt(var + eps) * weight + bias``, in ``input``'s memory order
+        (the input's kind of array; a lazy ``dask.array.Array`` with ``input``'s chunks for
+        a Dask input).
 
     Notes
     -----
@@ -64,6 +67,10 @@ def batch_norm(
         running_var  <- (1 - momentum) * running_var  + momentum * var * n / (n - 1)
 
     A non-contiguous ``input`` is copied once.
+
+    A Dask ``input`` takes NumPy per-channel arrays: in training its statistics are computed
+    during the call (one pass) and the running statistics updated then; the normalization is
+    the lazy second pass; ``out`` is refused (see the Dask page of the docs).
     """
     inp = _call.check_input(input, axis, stream)
     return _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out).run()[0]
@@ -95,7 +102,8 @@ def batch_norm_forward(
     save_mean, save_invstd : ndarray of float64, shape (C,)
         The mean and ``1 / sqrt(var + eps)`` the output was normalized with: the batch's
         in training, the running statistics' in eval.  Kept in float64 so the backward pass
-        loses nothing when ``|mean| / std`` is large.
+        loses nothing when ``|mean| / std`` is large.  NumPy arrays for a Dask input too
+        (the output is lazy).
     """
     inp = _call.check_input(input, axis, stream)
     return _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out).run()
@@ -108,8 +116,9 @@ def batch_norm_backward(
 
     Parameters
     ----------
-    grad_output : ndarray
-        Gradient of the loss with respect to the output; shape and dtype of ``input``.
+    grad_output : ndarray, GPU array or dask.array.Array
+        Gradient of the loss with respect to the output; shape, dtype and kind of
+        ``input`` (a Dask one is rechunked to ``input``'s chunks).
     input : ndarray of float32 or float64
         The forward pass's input.
     weight : ndarray of shape (C,) or None
@@ -131,7 +140,9 @@ def batch_norm_backward(
         Same shape and dtype as ``input``, C-contiguous unless ``input`` is F-contiguous
         (``out`` when given).
     grad_weight, grad_bias : ndarray of shape (C,)
-        Per-channel, in ``input``'s dtype, even when ``weight`` is None.
+        Per-channel, in ``input``'s dtype, even when ``weight`` is None.  For a Dask input
+        they are NumPy arrays computed during the call (one pass over ``grad_output`` and
+        ``input``) and ``grad_input`` is lazy.
 
     Notes
     -----

@@ -1,4 +1,5 @@
-"""``BatchNorm``: parameters, running buffers, train/eval, state dicts; work is functional's."""
+"""``BatchNorm``: parameters, running buffers, train/eval, state dicts; each call is checked once
+(:mod:`numbabn._call`) and run by the input's backend."""
 
 from typing import NamedTuple
 
@@ -204,7 +205,8 @@ class BatchNorm:
         As ``torch.nn.BatchNorm*d``: training (or eval without running statistics) uses the
         batch statistics; training with running statistics counts ``num_batches_tracked``
         (an empty batch counts too, as in PyTorch) and, with ``momentum=None``, averages
-        cumulatively (``momentum = 1 / num_batches_tracked``).
+        cumulatively (``momentum = 1 / num_batches_tracked``).  A Dask input gives a lazy
+        output (its statistics are computed during the call).
         """
         inp = self._check_input(x)
         call = self._forward_call(inp)
@@ -251,7 +253,8 @@ class BatchNorm:
         -----
         Also sets ``grad_weight`` and ``grad_bias`` (None without affine parameters) and
         ``update_threshold``, the per-channel ``mean(|grad_output|)`` in float64, in training
-        and eval mode alike (NaN for an empty batch).
+        and eval mode alike (NaN for an empty batch).  For a Dask input ``grad_input`` is
+        lazy and the three attributes are NumPy arrays computed during the call.
         """
         if self._saved is None:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")

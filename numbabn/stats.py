@@ -16,7 +16,8 @@ class Stats(NamedTuple):
     ``(C,)``), with ``m2 = sum((x - mean)**2)``.
 
     Partial statistics merge exactly with :func:`merge_stats`, so one array, a stream of
-    batches or chunks spread over many machines give the same numbers (to rounding).
+    batches or chunks spread over many machines (:func:`numbabn.dask.welford`) give the
+    same numbers (to rounding).
     """
 
     count: int
@@ -64,8 +65,10 @@ def welford(x, *, axis=1, stream=None):
 
     Parameters
     ----------
-    x : ndarray of float32 or float64, ndim >= 2
+    x : ndarray, GPU array or dask.array.Array of float32 or float64, ndim >= 2
         Values; every axis but ``axis`` is reduced.  A non-contiguous ``x`` is copied once.
+        A Dask ``x`` is computed now and gives NumPy ``Stats`` (:func:`numbabn.dask.welford`
+        takes ``split_every`` and ``compute=False``).
     axis : int, default 1
         The feature (channel) axis; ``-1`` for channels-last.
     stream : optional
