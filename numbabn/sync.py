@@ -171,7 +171,7 @@ class SyncBatchNorm(BatchNorm):
         if inp.backend is _host:
             local = Stats(*_host.batch_stats(inp))
         elif _on_gpu(inp):
-            local = Stats(*inp.backend.host_welford(inp))  # copied to the host on the input's stream
+            local = Stats(*inp.backend.host_batch_stats(inp))  # copied to the host on the input's stream
         else:
             raise TypeError(
                 f"SyncBatchNorm's synchronized training takes NumPy arrays (GPU arrays on device 'cuda'), got "

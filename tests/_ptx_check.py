@@ -51,6 +51,7 @@ def signatures(dt):
         (F.normalize_columns, (arr(dt, 2), i8, arr(coef, 2), arr(dt, 2))),
         (B.grad_partials_strided, (arr(dt, 3), arr(dt, 3), arr(f8, 1), i8, arr(f8, 3))),
         (B.grad_partials_minor, (arr(dt, 3), arr(dt, 3), arr(f8, 1), i8, i8, arr(f8, 3))),
+        (B.grad_sums, (arr(f8, 3), i8, arr(f8, 2))),
         (B.apply_rows, (arr(dt, 3), arr(dt, 3), arr(coef, 2), arr(dt, 3))),
         (B.apply_columns, (arr(dt, 2), arr(dt, 2), i8, arr(coef, 2), arr(dt, 2))),
     ]

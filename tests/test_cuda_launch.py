@@ -142,6 +142,7 @@ def stub(monkeypatch):
     monkeypatch.setattr(cuda, "external_stream", FakeStream)
     monkeypatch.setattr(backend, "_FOUND_DEVICE", True)
     monkeypatch.setattr(_arrays, "_FREE", {})
+    monkeypatch.setattr(_arrays, "to_host", lambda a, stream: np.zeros(a.shape, a.dtype))
     _arrays._constant.cache_clear()
     yield rec
     _arrays._constant.cache_clear()
@@ -321,6 +322,45 @@ def test_forward_backward_launches(stub, shape, axis, order):
 
 
 @needs_real_numba
+@pytest.mark.parametrize("shape,axis,order", DRIVER_CASES)
+def test_sync_stages_launches(stub, shape, axis, order):
+    """SyncBatchNorm's stages: the statistics (partials, then a channel merge), the forward
+    on given statistics (their (3, C) upload as one partial per channel, then normalize),
+    the gradient sums alone, the backward on given sums over the global count; all on the
+    caller's stream, arguments as numba would prepare them."""
+    from numbabn import _call
+    from numbabn.cuda import _arrays, _plan
+    from numbabn.cuda import api as gpu
+
+    x, y, g = _input(shape, order), _input(shape, order), _input(shape, order)
+    c = shape[axis]
+    rm, rv, w = device_array(c, np.float32), device_array(c, np.float32), device_array(c, np.float32)
+    inp = _call.check_input(x, axis, 5)
+    x3 = _arrays.view3(x, axis % len(shape), _arrays.dense_order(x))
+    fam = "strided" if _plan.plan(*x3.shape).strided else "minor"
+    strided = _plan.elementwise(*x3.shape)[0]
+    count, mean, m2 = gpu.host_batch_stats(inp)
+    assert stub.names == [f"partials_{fam}", "channel_stats"] and mean.shape == (c,)
+    stub.launches.clear()
+    call = _call.forward_call(inp, w, None, rm, rv, True, 0.1, 1e-5, y, part=True)
+    _, save_mean, save_invstd = gpu.forward_with_stats(call, 3 * count, mean, m2)
+    assert stub.names == ["finish_channels", "normalize_rows" if strided else "normalize_columns"]
+    part = check_against_numba(stub.launches[0])[0]
+    assert part[1] == (3, 1, c) and stub.launches[0].packed[11] == 1  # the statistics, q = 1
+    stub.launches.clear()
+    bcall = _call.backward_call(inp, g, w, save_mean, save_invstd, True, y)
+    sums = gpu.grad_reduce(bcall)
+    assert type(sums) is np.ndarray and sums.shape == (3, c)
+    assert stub.names == [f"grad_partials_{fam}", "grad_sums"]
+    gpu.backward_with_sums(bcall, sums, 3 * count)
+    assert stub.names[2:] == ["grad_channels", "apply_rows" if strided else "apply_columns"]
+    assert stub.launches[2].packed[11:13] == (1, float(3 * count))  # q = 1, the global n
+    for launch in stub.launches:
+        check_against_numba(launch)
+        assert launch.stream == 5
+
+
+@needs_real_numba
 def test_repeated_calls_compile_nothing_and_reuse_work_arrays(stub):
     """After the first call: no compiled-kernel lookup, no work-array allocation (the outputs
     a call returns, save_mean and save_invstd, are its own)."""
@@ -354,7 +394,14 @@ def test_numba_mode_is_read_from_the_environment():
 ALL_KERNELS = {
     "stats": ("partials_strided", "partials_minor", "channel_stats", "merge_channels", "copy_cast"),
     "forward": ("finish_channels", "eval_channels", "normalize_rows", "normalize_columns"),
-    "backward": ("grad_partials_strided", "grad_partials_minor", "grad_channels", "apply_rows", "apply_columns"),
+    "backward": (
+        "grad_partials_strided",
+        "grad_partials_minor",
+        "grad_sums",
+        "grad_channels",
+        "apply_rows",
+        "apply_columns",
+    ),
 }
 
 

@@ -267,6 +267,14 @@ def to_device(host, stream):
     return cuda.to_device(np.ascontiguousarray(host), stream=stream)
 
 
+def to_host(a, stream):
+    """A NumPy copy of the numba array ``a``, made on ``stream`` once the work queued there
+    before is done (the host waits for it)."""
+    host = a.copy_to_host(stream=stream)
+    stream.synchronize()
+    return host
+
+
 def like(result, original):
     """``result`` (a numba array) as the kind of array ``original`` is: CuPy in, CuPy out;
     PyTorch in, PyTorch out; numba in, numba out.  Zero-copy."""

@@ -165,7 +165,7 @@ def merge(parts, stream):
 # caller's stream.
 
 
-def host_welford(inp):
+def host_batch_stats(inp):
     """:func:`welford` with ``mean`` and ``m2`` copied to the host (float64 NumPy arrays) on
     the input's stream: one rank's payload."""
     count = _layout.values_per_channel(inp.shape, inp.axis)

@@ -77,6 +77,17 @@ def grad_partials_minor(g2, x2, mean, q, rows_per_split, part):
 
 
 @cuda.jit
+def grad_sums(part, q, sums):
+    """Block ``c``: ``sums[:, c] = (sum g, sum g * (x - mean), sum |g|)`` of channel ``c``,
+    its partial sums added (:func:`stats.channel_partials`): the reduction alone, to be added
+    to other parts' (SyncBatchNorm's processes) before the coefficients."""
+    c = cuda.blockIdx.x
+    sg, sgx, sa = channel_partials(part, q, c, False)
+    if cuda.threadIdx.x == 0:
+        sums[0, c], sums[1, c], sums[2, c] = sg, sgx, sa
+
+
+@cuda.jit
 def grad_channels(part, q, n, weight, mean, invstd, training, coef, grads, gwb):
     """Block ``c``: channel ``c``'s partial sums added (:func:`stats.channel_partials`), then
     ``grads[:, c] = (grad_weight, grad_bias, sum |g|)`` (float64), the same two in
@@ -129,11 +140,9 @@ def apply_columns(g2, x2, q, coef, gi2):
                 gi2[o, j] = g2[o, j] * a + x2[o, j] * b + d
 
 
-@_arrays.one_call
-def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
-    """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
-    ``gwb`` (2, C) the first two in the output dtype, ``gi3`` the input gradient (formulas
-    of ``cpu.backward.backward``)."""
+def grad_partials(g3, x3, mean, stream):
+    """Launch the partial sums of ``g3`` and ``x3`` (``mean`` float64 (C,)); returns
+    ``(part, q)`` for :func:`stats.channel_partials`."""
     outer, num_channels, inner = x3.shape
     p = plan(outer, num_channels, inner)
     part = _arrays.scratch("part", (3, p.nsplit, p.width), "f8", stream)
@@ -142,11 +151,15 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
     else:
         g2, x2 = (_arrays.strided(a, (outer, p.width, 1), (a.strides[0], a.strides[2], a.strides[2])) for a in (g3, x3))
         _arrays.launch(grad_partials_minor, p.grid, (p.bx, p.by), stream, g2, x2, mean, p.q, p.rows_per_split, part)
-    coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
-    args = (part, p.q, float(outer * inner), weight, mean, invstd, training, coef, grads, gwb)
-    _arrays.launch(grad_channels, *per_channel_blocks(num_channels), stream, *args)
+    return part, p.q
+
+
+def grad_apply(g3, x3, coef, gi3, stream):
+    """``gi3 = g3 * coef[0, c] + x3 * coef[1, c] + coef[2, c]``, with the kernel of ``x3``'s
+    layout family."""
     if x3.size == 0:
         return
+    outer, num_channels, inner = x3.shape
     strided, grid, block = elementwise(outer, num_channels, inner)
     if strided:
         _arrays.launch(apply_rows, grid, block, stream, g3, x3, coef, gi3)
@@ -154,4 +167,42 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
         _arrays.launch(apply_columns, grid, block, stream, columns(g3), columns(x3), inner, coef, columns(gi3))
 
 
-_launch.cache_on_disk(grad_partials_strided, grad_partials_minor, grad_channels, apply_rows, apply_columns)
+@_arrays.one_call
+def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
+    """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
+    ``gwb`` (2, C) the first two in the output dtype, ``gi3`` the input gradient (formulas
+    of ``cpu.backward.backward``)."""
+    outer, num_channels, inner = x3.shape
+    part, q = grad_partials(g3, x3, mean, stream)
+    coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
+    args = (part, q, float(outer * inner), weight, mean, invstd, training, coef, grads, gwb)
+    _arrays.launch(grad_channels, *per_channel_blocks(num_channels), stream, *args)
+    grad_apply(g3, x3, coef, gi3, stream)
+
+
+@_arrays.one_call
+def grad_reduce(g3, x3, mean, sums, stream):
+    """Driver, the reduction pass alone: ``sums`` (3, C) float64 receives ``(sum g,
+    sum g * (x - mean), sum |g|)`` per channel (the partials added in a fixed order, from
+    the shape alone), to be added to other parts' before :func:`backward_with_sums`."""
+    part, q = grad_partials(g3, x3, mean, stream)
+    _arrays.launch(grad_sums, *per_channel_blocks(x3.shape[1]), stream, part, q, sums)
+
+
+@_arrays.one_call
+def backward_with_sums(g3, x3, weight, mean, invstd, training, sums, n, gi3, grads, gwb, stream):
+    """Driver, the backward of a part of a global batch: from ``sums`` (3, C) float64, the
+    :func:`grad_reduce` sums of every part added, over ``n`` values per channel, ``grads``,
+    ``gwb`` and ``gi3`` as :func:`backward` gives them (the CPU's ``grad_coefs`` and
+    ``grad_apply``).  ``sums`` go to :func:`grad_channels` as the one partial of each
+    channel, which it adds to zeros: unchanged (but for the sign of a zero)."""
+    num_channels = x3.shape[1]
+    step = sums.strides[1] * num_channels
+    part = _arrays.strided(sums, (3, 1, num_channels), (step, step, sums.strides[1]))
+    coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
+    args = (part, 1, float(n), weight, mean, invstd, training, coef, grads, gwb)
+    _arrays.launch(grad_channels, *per_channel_blocks(num_channels), stream, *args)
+    grad_apply(g3, x3, coef, gi3, stream)
+
+
+_launch.cache_on_disk(grad_partials_strided, grad_partials_minor, grad_sums, grad_channels, apply_rows, apply_columns)

@@ -113,6 +113,24 @@ def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3
 
 
 @_arrays.one_call
+def forward_with_stats(x3, stats, weight, bias, running_mean, running_var, momentum, eps, y3, save, stream):
+    """Driver, training with statistics merged elsewhere (SyncBatchNorm's global batch):
+    ``stats`` (3, C) float64 holds every channel's ``(count, mean, M2)``; the finish and EMA
+    update of :func:`forward_train`, then normalize ``x3`` into ``y3``.
+
+    ``stats`` goes to :func:`finish_channels` as the one partial of each channel, which its
+    merge returns unchanged (a Chan merge with an empty side is exact): the arithmetic, and on
+    one part the bits, of :func:`forward_train`."""
+    num_channels = x3.shape[1]
+    step = stats.strides[1] * num_channels
+    part = _arrays.strided(stats, (3, 1, num_channels), (step, step, stats.strides[1]))
+    coef = _arrays.scratch("coef", (2, num_channels), coef_dtype(x3.dtype), stream)
+    args = (part, 1, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    _arrays.launch(finish_channels, *per_channel_blocks(num_channels), stream, *args)
+    normalize(x3, coef, y3, stream)
+
+
+@_arrays.one_call
 def forward_eval(x3, weight, bias, mean, var, eps, y3, save, stream):
     """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean`` and
     ``var``; ``save`` (2, C) float64 receives the mean and invstd used."""
