@@ -186,8 +186,8 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     and ``m2`` (length ``nc``) receive the statistics and the count is returned.
 
     One sweep per block sums ``d = x - shift`` and ``d ** 2`` per column in float64, the shift
-    of each channel being the previous block's mean (in the first block, the channel's first
-    value); then ``mean = shift + sum(d) / n`` and ``M2 = sum(d ** 2) - sum(d) ** 2 / n``, exact
+    of each channel being the previous block's mean (in the first block, the mean of the
+    channel's first values); then ``mean = shift + sum(d) / n`` and ``M2 = sum(d ** 2) - sum(d) ** 2 / n``, exact
     to float64 rounding while the shift is within a few standard deviations of the block's
     mean.  A block where it is not (see ``SHIFT_CANCEL``: a trend or an outlier) is summed again
     in two sweeps, mean then centred squares.  Every channel of the tile has the same count,
@@ -210,8 +210,14 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     n = 0.0
     if r1 <= r0:
         return n
+    # The first block's shift: each channel's mean over its first (up to) four rows, so a
+    # lone outlier there moves it by a quarter only.
+    head = min(4, r1 - r0)
     for c in range(nc):
-        centre[c] = x2[r0, j0 + c * inner]
+        h = 0.0
+        for r in range(r0, r0 + head):
+            h += x2[r, j0 + c * inner]
+        centre[c] = h / head
     keep = 1.0 - 1.0 / SHIFT_CANCEL
     b0 = r0
     while b0 < r1:
