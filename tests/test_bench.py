@@ -419,3 +419,27 @@ def test_yardsticks_and_figures():
         np.testing.assert_array_equal(y, x)
     res = {"small": {"(1, 2)": {"seconds": {}, "small_speedup": 2.5}}, "per_element": {"per_element_spread": 1.4}}
     assert floor.figures(res) == {"(1, 2) small_speedup": 2.5, "per_element_spread": 1.4}
+
+
+def test_bench_dask_json(capsys):
+    pytest.importorskip("dask.array", reason="bench --dask needs numbabn[dask]")
+    assert cli.main(["bench", "--dask", "--dask-mb", "4", "--budget", "0.05", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["dask"]
+    assert doc["mb"] == 4 and doc["dtype"] == "float32"
+    assert set(doc["layouts"]) == {"NCHW", "NHWC"}
+    for r in doc["layouts"].values():
+        names = ("welford_dask", "mean_var_dask", "welford_memory", "normalize_dask", "eval_memory")
+        assert all(_positive(r[k]) for k in names)
+        assert r["speedup_vs_mean_var"] == pytest.approx(r["mean_var_dask"] / r["welford_dask"])
+        assert r["welford_over_memory"] == pytest.approx(r["welford_dask"] / r["welford_memory"])
+        assert r["normalize_over_memory"] == pytest.approx(r["normalize_dask"] / r["eval_memory"])
+    t = doc["task_overhead_us"]
+    assert t["overhead_us"] == pytest.approx(t["per_chunk_us"] - t["kernel_us"])
+
+
+def test_dask_goes_with_bench_alone(capsys):
+    for argv in (["check", "--dask"], ["bench", "--dask", "--floor"], ["bench", "--dask", "--device", "cuda"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        assert "--dask goes with bench alone" in capsys.readouterr().err

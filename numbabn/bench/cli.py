@@ -70,6 +70,13 @@ def parser():
         help="bench --floor: array size beyond the cache (default 1024; 4 arrays of it are allocated)",
     )
     p.add_argument(
+        "--dask",
+        action="store_true",
+        help="bench: numbabn on in-memory Dask arrays (threaded scheduler) against Dask's own mean and var "
+        "and against numbabn on the same array in memory (needs numbabn[dask]; --dask-mb sets the size)",
+    )
+    p.add_argument("--dask-mb", type=float, default=256, metavar="MB", help="bench --dask: array size (default 256)")
+    p.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default=None,
@@ -90,6 +97,13 @@ def main(argv=None):
         p.error("--floor goes with bench alone: python -m numbabn bench --floor [--floor-mb MB]")
     if args.floor and args.device == "cuda":
         p.error("--floor measures the CPU kernels; for the GPU: python -m numbabn check --device cuda")
+    if args.dask and (args.command == "check" or args.floor or args.plot or args.device == "cuda"):
+        p.error("--dask goes with bench alone: python -m numbabn bench --dask [--dask-mb MB]")
+    if args.dask:
+        try:
+            import dask.array  # noqa: F401
+        except ImportError:
+            p.error("--dask needs Dask, which numbabn does not require: pip install 'numbabn[dask]'")
     if args.plot and args.command == "check":
         p.error("--plot goes with bench: python -m numbabn bench --plot FILE.png")
     if args.plot:  # fail before minutes of timing, not after
@@ -150,6 +164,13 @@ def _run(args):
         # Peak memory is measured on 512 MB; smaller runs (tests) shrink it too.
         peak_mb = min(512, args.floor_mb)
         return {"floor": floor.run(mb=args.floor_mb, budget=budget, peak_mb=peak_mb), "self_check": True}
+    if args.dask:
+        from . import dask_bench
+
+        print()
+        results = dask_bench.run(mb=args.dask_mb, budget=args.budget if args.budget is not None else 2.0)
+        dask_bench.report(results)
+        return {"dask": results, "self_check": True}
     full = args.command == "bench" and not args.quick
     shapes = report.SHAPES if full else report.QUICK_SHAPES
     budget = args.budget if args.budget is not None else (0.6 if full else 0.15)
