@@ -361,6 +361,21 @@ def test_sync_stages_launches(stub, shape, axis, order):
 
 
 @needs_real_numba
+@pytest.mark.parametrize("shape,dtype", [((2, 64), np.float64), ((3, 5), np.float32), ((2, 1), np.float64)])
+def test_rows_are_numba_rows(stub, shape, dtype):
+    """``_arrays.rows(a)`` gives what numba's ``a[i]`` gives, without numba's indexing."""
+    from numbabn.cuda import _arrays
+
+    a = device_array(shape, dtype, stream=FakeStream(3))
+    for i, row in enumerate(_arrays.rows(a)):
+        want = a[i]
+        assert type(row) is type(want) and row.stream is want.stream
+        assert row.__cuda_array_interface__ == want.__cuda_array_interface__
+        assert (row.shape, row.strides, row.dtype, row.size) == (want.shape, want.strides, want.dtype, want.size)
+        assert row.gpu_data.size == want.gpu_data.size and row._numba_type_ == want._numba_type_
+
+
+@needs_real_numba
 def test_repeated_calls_compile_nothing_and_reuse_work_arrays(stub):
     """After the first call: no compiled-kernel lookup, no work-array allocation (the outputs
     a call returns, save_mean and save_invstd, are its own)."""

@@ -19,6 +19,15 @@ from ._plan import launch_1d
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+#: The dtypes of per-channel arrays, by (input dtype, whether saved statistics): the input's,
+#: float32 too for float16 inputs (as cuDNN takes them), float64 too for saved statistics.
+_PER_CHANNEL_DTYPES = {
+    (d, save): (d,) + ((np.dtype(np.float32),) if d.itemsize == 2 else ()) + ((np.dtype(np.float64),) if save else ())
+    for d in DTYPES
+    for save in (False, True)
+}
+
+
 class Input:
     """A checked GPU input: the caller's array, its numba view, dtype, axis, memory order and
     stream, and the per-channel and like-input checks of its call."""
@@ -45,8 +54,7 @@ class Input:
         if a is None:
             return None
         a = _device_array(a, name)
-        dtypes = (self.dtype,) + ((np.dtype(np.float32),) if self.dtype.itemsize == 2 else ())
-        _layout.check_channels(a, self.num_channels, dtypes + ((np.dtype(np.float64),) if save else ()), name)
+        _layout.check_channels(a, self.num_channels, _PER_CHANNEL_DTYPES[self.dtype, save], name)
         if a.strides[0] != a.dtype.itemsize and self.num_channels > 1:
             raise ValueError(f"{name} must be contiguous on the GPU, got stride {a.strides[0]} bytes")
         return a
@@ -96,7 +104,8 @@ def forward(call):
         save = _arrays.empty((2, inp.num_channels), "f8", st)
         _fwd.forward_eval(x3, w, b, running_mean, running_var, call.eps, y3, save, st)
     y = out if out is not None else inp.hand_back(dest)
-    return y, inp.hand_back(save[0]), inp.hand_back(save[1])
+    mean, invstd = _arrays.rows(save)
+    return y, inp.hand_back(mean), inp.hand_back(invstd)
 
 
 def backward(call):
@@ -116,7 +125,8 @@ def backward(call):
     gwb = _arrays.empty((2, inp.num_channels), gdtype, st)
     g3, x3, gi3 = inp.view(call.grad_output), inp.view(inp.x), inp.view(dest)
     _bwd.backward(g3, x3, w, mean, invstd, call.training, gi3, grads, gwb, st)
-    return gi, inp.hand_back(gwb[0]), inp.hand_back(gwb[1]), inp.hand_back(grads[2])
+    gw, gb = _arrays.rows(gwb)
+    return gi, inp.hand_back(gw), inp.hand_back(gb), inp.hand_back(_arrays.rows(grads)[2])
 
 
 def _empty_grads(num_channels, invstd, gdtype, stream):
@@ -137,7 +147,8 @@ def batch_stats(inp):
         stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
         _stats.welford(inp.view(inp.x), stats, inp.stream)
     count = _layout.values_per_channel(inp.shape, inp.axis)
-    return count, inp.hand_back(stats[1]), inp.hand_back(stats[2])
+    _, mean, m2 = _arrays.rows(stats)
+    return count, inp.hand_back(mean), inp.hand_back(m2)
 
 
 def merge(parts, stream):
@@ -200,7 +211,8 @@ def forward_with_stats(call, count, mean, m2):
         x3, y3 = inp.view(inp.x), inp.view(dest)
         _fwd.forward_with_stats(x3, stats, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
     y = out if out is not None else inp.hand_back(dest)
-    return y, inp.hand_back(save[0]), inp.hand_back(save[1])
+    mean, invstd = _arrays.rows(save)
+    return y, inp.hand_back(mean), inp.hand_back(invstd)
 
 
 def grad_reduce(call):
@@ -236,7 +248,8 @@ def backward_with_sums(call, sums, n):
     w = inp.constant(1.0) if call.weight is None else call.weight
     g3, x3, gi3 = inp.view(call.grad_output), inp.view(inp.x), inp.view(dest)
     _bwd.backward_with_sums(g3, x3, w, mean, invstd, call.training, sums, float(n), gi3, grads, gwb, st)
-    return gi, inp.hand_back(gwb[0]), inp.hand_back(gwb[1]), inp.hand_back(grads[2])
+    gw, gb = _arrays.rows(gwb)
+    return gi, inp.hand_back(gw), inp.hand_back(gb), inp.hand_back(_arrays.rows(grads)[2])
 
 
 def _significant(order, shape):
