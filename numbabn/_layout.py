@@ -125,6 +125,8 @@ def check_eps(eps):
 
 def values_per_channel(shape, axis):
     """``n``, the number of values that share each channel: the product of the other axes."""
+    if len(shape) == 2:
+        return shape[1 - axis]
     return math.prod(shape[:axis]) * math.prod(shape[axis + 1 :])
 
 
@@ -148,22 +150,29 @@ def view3(a, axis, *others):
     applies, so the caller copies.  With ``others`` (arrays of ``a``'s shape and memory
     order), returns the tuple of all the views: the shape is worked out once.
     """
-    if a.flags.c_contiguous:
+    flags = a.flags
+    if flags.c_contiguous:
         shape = a.shape
-        flip = False
-    elif a.flags.f_contiguous:
+    elif flags.f_contiguous:
         shape = a.shape[::-1]
         axis = a.ndim - 1 - axis
-        flip = True
+        a, others = a.T, [b.T for b in others]
     else:
         return None
-    outer = shape[0] if axis == 1 else math.prod(shape[:axis])
-    shape3 = (outer, shape[axis], math.prod(shape[axis + 1 :]))
-    if flip:
-        a, others = a.T, [b.T for b in others]
+    shape3 = _shape3(shape, axis)
     if not others:
         return a.reshape(shape3)
     return (a.reshape(shape3), *[b.reshape(shape3) for b in others])
+
+
+def _shape3(shape, axis):
+    # (outer, C, inner), without math.prod for the common 2-d and axis-1 shapes (small
+    # calls spend their time in Python).
+    ndim = len(shape)
+    if ndim == 2:
+        return (shape[0], shape[1], 1) if axis == 1 else (1, shape[0], shape[1])
+    outer = shape[0] if axis == 1 else math.prod(shape[:axis])
+    return (outer, shape[axis], shape[2] if ndim == 3 and axis == 1 else math.prod(shape[axis + 1 :]))
 
 
 def contiguous(x):
