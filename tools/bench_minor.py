@@ -1,0 +1,122 @@
+"""Where the time of a channel-minor training forward goes: the whole call beside PyTorch,
+the eval call, a copy, and each stage of the kernel alone, timed in interleaved rounds.
+
+    .venv/bin/python tools/bench_minor.py                  # the default shapes, float32
+    .venv/bin/python tools/bench_minor.py --budget 3 --shapes 256x1024 64x56x56x64
+    .venv/bin/python tools/bench_minor.py --cpu            # one thread each, CPU time
+
+Each shape is (N, C) or channels-last (N, H, W, C) (``axis=-1``); every figure is a time per
+call in us: the median over interleaved rounds (``--stat p10``: their 10th percentile, the
+figure to read on a machine that other jobs share, as they only ever add time).  ``--cpu``
+runs numbabn and PyTorch on one thread each and times the calling thread's CPU time, which
+descheduling by other jobs does not inflate: per-core work, comparable on a busy machine.
+"""
+
+import argparse
+import time
+
+import numba
+import numpy as np
+
+import numbabn
+from numbabn import _layout
+from numbabn._config import PARALLEL_MIN
+from numbabn.cpu import forward as fwd
+from numbabn.cpu import stats as cst
+
+SHAPES = ["32x64", "64x1024", "256x1024", "1024x512", "8192x256", "4096x1024", "64x56x56x64"]
+
+
+def parse(s):
+    return tuple(int(v) for v in s.split("x"))
+
+
+def contenders(shape, dtype, torch):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    axis = 1 if len(shape) == 2 else -1
+    c = shape[axis]
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    y = np.empty_like(x)
+    x3, y3 = _layout.view3(x, axis % x.ndim, y)
+    par = x.size >= PARALLEL_MIN
+    stats = np.empty((3, c))
+    cst.welford(par, x3, stats)
+    w, b = np.ones(c, dtype), np.zeros(c, dtype)
+    coef, save = np.empty((2, c)), np.empty((2, c))
+    fwd.finish_channels(stats, w, b, rm.copy(), rv.copy(), 0.1, 1e-5, coef, save)
+    e = np.empty(0, dtype)
+    fns = {
+        "train": lambda: numbabn.batch_norm(x, rm, rv, training=True, axis=axis),
+        "eval": lambda: numbabn.batch_norm(x, rm, rv, training=False, axis=axis),
+        "copy": lambda: np.copyto(y, x),
+        "welford": lambda: numbabn.welford(x, axis=axis),
+        "k_train": lambda: fwd.forward_train(par, x3, w, b, e, e, 0.1, 1e-5, y3, save),
+        "k_stats": lambda: cst.welford(par, x3, stats),
+        "k_finish": lambda: fwd.finish_channels(stats, w, b, e, e, 0.1, 1e-5, coef, save),
+        "k_norm": lambda: fwd.apply(par, x3, coef, y3),
+    }
+    if torch is not None:
+        tx = torch.from_numpy(x)
+        if axis == -1:
+            tx = tx.permute(0, tx.ndim - 1, *range(1, tx.ndim - 1))
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        fb = torch.nn.functional.batch_norm
+        fns["torch_train"] = lambda: fb(tx, trm, trv, training=True)
+        fns["torch_eval"] = lambda: fb(tx, trm, trv, training=False)
+    return fns
+
+
+def interleaved(fns, budget, batch=0.004, stat="median", clock=time.perf_counter):
+    """Seconds per call of each of ``fns``: rounds of one ~``batch``-second batch of calls of
+    each in turn (as numbabn.bench.timing), summarised by ``stat`` over the rounds."""
+    counts = {}
+    for k, f in fns.items():
+        f()
+        t = clock()
+        f()
+        counts[k] = max(1, int(batch / max(clock() - t, 1e-6)))
+    rounds = max(9, int(budget / (batch * len(fns))))
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            n = counts[k]
+            t = clock()
+            for _ in range(n):
+                f()
+            times[k].append((clock() - t) / n)
+    q = 0.5 if stat == "median" else 0.1
+    return {k: float(np.quantile(v, q)) for k, v in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="*", default=SHAPES)
+    p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--stat", choices=["median", "p10"], default="median")
+    p.add_argument("--cpu", action="store_true", help="one thread each, thread CPU time")
+    a = p.parse_args()
+    threads = 1 if a.cpu else 2
+    clock = time.thread_time if a.cpu else time.perf_counter
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch = None
+    if not a.no_torch:
+        import torch
+
+        torch.set_num_threads(threads)
+    cols = ["train", "torch_train", "eval", "torch_eval", "copy", "welford", "k_train", "k_stats", "k_finish", "k_norm"]
+    print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  stats/copy")
+    for s in a.shapes:
+        shape = parse(s)
+        fns = contenders(shape, np.dtype(a.dtype), torch)
+        t = interleaved(fns, a.budget, stat=a.stat, clock=clock)
+        mb = np.prod(shape) * np.dtype(a.dtype).itemsize / 1e6
+        row = " ".join(f"{t[k] * 1e6:11.2f}" if k in t else f"{'-':>11}" for k in cols)
+        ratio = t["torch_train"] / t["train"] if "torch_train" in t else float("nan")
+        print(f"{s:>16} {mb:6.2f} {row}  {ratio:11.2f}  {t['k_stats'] / t['copy']:10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
