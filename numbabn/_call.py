@@ -53,13 +53,20 @@ def is_dask(a):
     return isinstance(a, sys.modules["dask.array"].Array)
 
 
+_CUDA = []  # the GPU backend module, once cuda.require() has passed
+
+
 def cuda_backend():
-    """numbabn's GPU backend (imported on first use), or a RuntimeError saying why not."""
+    """numbabn's GPU backend (imported and checked on first use), or a RuntimeError saying
+    why not."""
+    if _CUDA:
+        return _CUDA[0]
     from . import cuda
 
     cuda.require()
     from .cuda import api
 
+    _CUDA.append(api)
     return api
 
 

@@ -244,10 +244,12 @@ def test_non_dense_device_input_is_refused(rng):
 def test_require_says_what_is_missing(monkeypatch):
     import importlib.util
 
+    from numbabn import _call
     from numbabn import cuda as backend
 
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_call, "_CUDA", [])  # as in a process that has not used the GPU yet
     missing = r"numba-cuda package, which is not installed: pip install 'numbabn\[cuda\]'"
     with pytest.raises(RuntimeError, match=missing):
         backend.require()
