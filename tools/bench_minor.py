@@ -4,6 +4,11 @@ the eval call, a copy, and each stage of the kernel alone, timed in interleaved 
     .venv/bin/python tools/bench_minor.py                  # the default shapes, float32
     .venv/bin/python tools/bench_minor.py --budget 3 --shapes 256x1024 64x56x56x64
     .venv/bin/python tools/bench_minor.py --cpu            # one thread each, CPU time
+    .venv/bin/python tools/bench_minor.py --baseline /tmp/base/numbabn_base
+
+``--baseline DIR`` imports DIR, a copy of the ``numbabn`` package under another name (say an
+older commit's ``git archive``), and times its train, eval and welford calls in the same
+rounds (columns ``base_*``): a before/after in one process.
 
 Each shape is (N, C) or channels-last (N, H, W, C) (``axis=-1``); every figure is a time per
 call in us: the median over interleaved rounds (``--stat p10``: their 10th percentile, the
@@ -13,6 +18,9 @@ descheduling by other jobs does not inflate: per-core work, comparable on a busy
 """
 
 import argparse
+import importlib
+import os
+import sys
 import time
 
 import numba
@@ -31,7 +39,7 @@ def parse(s):
     return tuple(int(v) for v in s.split("x"))
 
 
-def contenders(shape, dtype, torch):
+def contenders(shape, dtype, torch, base=None):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     axis = 1 if len(shape) == 2 else -1
@@ -56,6 +64,10 @@ def contenders(shape, dtype, torch):
         "k_finish": lambda: fwd.finish_channels(stats, w, b, e, e, 0.1, 1e-5, coef, save),
         "k_norm": lambda: fwd.apply(par, x3, coef, y3),
     }
+    if base is not None:
+        fns["base_train"] = lambda: base.batch_norm(x, rm, rv, training=True, axis=axis)
+        fns["base_eval"] = lambda: base.batch_norm(x, rm, rv, training=False, axis=axis)
+        fns["base_welford"] = lambda: base.welford(x, axis=axis)
     if torch is not None:
         tx = torch.from_numpy(x)
         if axis == -1:
@@ -97,7 +109,13 @@ def main():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--stat", choices=["median", "p10"], default="median")
     p.add_argument("--cpu", action="store_true", help="one thread each, thread CPU time")
+    p.add_argument("--baseline", help="a renamed copy of the numbabn package to time beside it")
     a = p.parse_args()
+    base = None
+    if a.baseline:
+        path = os.path.abspath(a.baseline)
+        sys.path.insert(0, os.path.dirname(path))
+        base = importlib.import_module(os.path.basename(path))
     threads = 1 if a.cpu else 2
     clock = time.thread_time if a.cpu else time.perf_counter
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -107,15 +125,17 @@ def main():
 
         torch.set_num_threads(threads)
     cols = ["train", "torch_train", "eval", "torch_eval", "copy", "welford", "k_train", "k_stats", "k_finish", "k_norm"]
-    print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  stats/copy")
+    if base is not None:
+        cols = ["base_train", "train", "torch_train", "base_eval", "eval", "copy", "base_welford", "welford"]
+    print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  welford/copy")
     for s in a.shapes:
         shape = parse(s)
-        fns = contenders(shape, np.dtype(a.dtype), torch)
+        fns = contenders(shape, np.dtype(a.dtype), torch, base)
         t = interleaved(fns, a.budget, stat=a.stat, clock=clock)
         mb = np.prod(shape) * np.dtype(a.dtype).itemsize / 1e6
         row = " ".join(f"{t[k] * 1e6:11.2f}" if k in t else f"{'-':>11}" for k in cols)
         ratio = t["torch_train"] / t["train"] if "torch_train" in t else float("nan")
-        print(f"{s:>16} {mb:6.2f} {row}  {ratio:11.2f}  {t['k_stats'] / t['copy']:10.2f}", flush=True)
+        print(f"{s:>16} {mb:6.2f} {row}  {ratio:11.2f}  {t['welford'] / t['copy']:10.2f}", flush=True)
 
 
 if __name__ == "__main__":
