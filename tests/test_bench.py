@@ -443,3 +443,39 @@ def test_dask_goes_with_bench_alone(capsys):
             cli.main(argv)
         assert exc.value.code == 2
         assert "--dask goes with bench alone" in capsys.readouterr().err
+
+
+def test_dask_out_of_core_figures(tmp_path, capsys):
+    """``run_out_of_core`` on a tiny store (a real 2-worker LocalCluster): every figure there,
+    the ratios consistent with the times, nothing spilled, the temporary stores removed."""
+    pytest.importorskip("distributed", reason="the out-of-core bench needs numbabn[dask]")
+    pytest.importorskip("zarr", reason="the out-of-core bench needs numbabn[dask]")
+    from numbabn.bench import dask_bench
+
+    lines = []
+    r = dask_bench.run_out_of_core(
+        8, 512, 1, str(tmp_path), runs=1, overhead_chunks=16, budget=0.02, progress=lines.append
+    )
+    assert list(tmp_path.iterdir()) == []  # stores and worker spill space removed
+    assert r["total_mb"] == 8 and r["chunk_mb"] == 1 and r["chunks"] == 8 and r["n_workers"] == 2
+    assert r["worker_numba_threads"] == ["1"]
+    assert r["worker_config"] == [tuple(dask_bench.MEMORY_CONFIG.values())]
+    passes = {"stats", "read", "normalize", "copy"}
+    assert set(r["seconds"]) == set(r["peak_worker_bytes"]) == set(r["spilled"]) == passes
+    assert all(_positive(v) for v in r["seconds"].values())
+    assert r["stats_over_read"] == pytest.approx(r["seconds"]["stats"] / r["seconds"]["read"])
+    assert r["normalize_over_copy"] == pytest.approx(r["seconds"]["normalize"] / r["seconds"]["copy"])
+    limit = 512 * 2**20
+    for name in passes:
+        assert r["peak_over_limit"][name] == pytest.approx(r["peak_worker_bytes"][name] / limit)
+        assert r["peak_worker_bytes"][name] >= r["worker_rss_after_warmup"] * 0.5
+    assert not r["spilled_any"] and all(v["bytes"] == 0 for v in r["spilled"].values())
+    assert r["within_limit"] == (max(r["peak_over_limit"].values()) < 1)
+    t = r["task_overhead_us"]
+    assert t["overhead_us"] == pytest.approx(t["per_chunk_us"] - t["kernel_us"])
+    assert len(r["load_average"]) == 3 and len(lines) == 2 + 4
+    dask_bench.report_out_of_core(r, out=lines.append)
+    assert "stats" in lines[-5] and "target <= 1.25" in lines[-5]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--out-of-core"])
+    assert exc.value.code == 2 and "--out-of-core goes with --dask" in capsys.readouterr().err

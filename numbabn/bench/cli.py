@@ -77,6 +77,12 @@ def parser():
     )
     p.add_argument("--dask-mb", type=float, default=256, metavar="MB", help="bench --dask: array size (default 256)")
     p.add_argument(
+        "--out-of-core",
+        action="store_true",
+        help="bench --dask: the Zarr-to-Zarr pipeline on a 2-worker LocalCluster of 512 MB workers and a store 4x "
+        "their memory instead (needs numbabn[dask]; minutes, several GB in the temp dir)",
+    )
+    p.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default=None,
@@ -99,6 +105,8 @@ def main(argv=None):
         p.error("--floor measures the CPU kernels; for the GPU: python -m numbabn check --device cuda")
     if args.dask and (args.command == "check" or args.floor or args.plot or args.device == "cuda"):
         p.error("--dask goes with bench alone: python -m numbabn bench --dask [--dask-mb MB]")
+    if args.out_of_core and not args.dask:
+        p.error("--out-of-core goes with --dask: python -m numbabn bench --dask --out-of-core")
     if args.dask:
         try:
             import dask.array  # noqa: F401
@@ -168,6 +176,10 @@ def _run(args):
         from . import dask_bench
 
         print()
+        if args.out_of_core:
+            results = dask_bench.run_out_of_core(budget=min(args.budget if args.budget is not None else 1.0, 1.0))
+            dask_bench.report_out_of_core(results)
+            return {"dask_out_of_core": results, "self_check": True}
         results = dask_bench.run(mb=args.dask_mb, budget=args.budget if args.budget is not None else 2.0)
         dask_bench.report(results)
         return {"dask": results, "self_check": True}
