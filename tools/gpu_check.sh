@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# numbabn on a real NVIDIA GPU, in one call of a lent machine :
+# numbabn on a real NVIDIA GPU, in one call of a GPU machine :
 # the CUDA tests with the simulator off (on numbabn's launch layer, the default), a check
 # that the launch layer really launched, the GPU self-check and timing table, the profile
 # (launch layer against numba's launches per call, first call of a fresh process with the
@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 # Wheels carried in .whl/ (ignored by git) replace the machine's own: numbabn[cuda] caps NumPy
 # below 2.5, which numba-cuda 0.30.4 cannot compile kernels with, and such a machine has no
-# package index.  Fetch one here first, for the machine's Python (3.12 on the lent machines):
+# package index.  Fetch one here first, for the machine's Python (3.12 on the GPU machines used so far):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl numpy==2.4.6
 if ls .whl/*.whl >/dev/null 2>&1; then
