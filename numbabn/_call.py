@@ -1,7 +1,7 @@
 """One checked description of each call, made once at the public boundary, and the one
 place that picks the backend.
 
-A backend is a module with the same five names (``numbabn.cpu.api`` for NumPy arrays,
+A backend is a module with the same names (``numbabn.cpu.api`` for NumPy arrays,
 ``numbabn.cuda.api`` for GPU arrays, ``numbabn.dask`` for Dask arrays):
 
 ``Input(x, axis, stream, name)``
@@ -17,6 +17,8 @@ A backend is a module with the same five names (``numbabn.cpu.api`` for NumPy ar
     An ``Input`` to ``(count, mean, m2)`` (:func:`numbabn.welford`).
 ``scaled(a, factor)``
     ``a * factor`` as float64, on the backend's kind of array.
+``DEVICE``
+    ``"cpu"`` or ``"cuda"``: where the backend's arrays live.
 
 Backends receive checked calls only: they never validate arguments again.
 """

@@ -14,11 +14,6 @@ def is_device(a):
         return False
 
 
-def any_device(*arrays):
-    """True when any of ``arrays`` is a GPU array."""
-    return any(is_device(a) for a in arrays)
-
-
 def host_stream(stream, what="a host input"):
     """Raise when a ``stream`` is given for work on the host."""
     if stream is not None:

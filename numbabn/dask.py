@@ -42,6 +42,9 @@ __all__ = ["welford"]
 #: Partials merged (or summed) per task of a reduction tree when ``split_every`` is None.
 SPLIT_EVERY = 16
 
+#: Where this backend's arrays live (``BatchNorm.device``'s spelling): chunks are host arrays.
+DEVICE = "cpu"
+
 
 class Input:
     """A checked Dask input: a ``dask.array.Array`` of NumPy chunks, float32 or float64,

@@ -276,8 +276,7 @@ class BatchNorm:
         """The checked input of a call on this layer: its backend must be the layer's device,
         its dtype the layer's and its channels ``num_features``."""
         inp = _call.check_input(x, self.axis, None)
-        on_gpu = inp.backend.__name__ == "numbabn.cuda.api"
-        if on_gpu != (self.device == "cuda"):
+        if inp.backend.DEVICE != self.device:
             where = "a GPU array" if self.device == "cuda" else "a host array (NumPy or Dask)"
             raise TypeError(
                 f"input must be {where} for a layer on device {self.device!r}, got {type(x).__name__}: "

@@ -281,9 +281,8 @@ class _Failure(NamedTuple):
 
 
 def _on_gpu(inp):
-    """Whether a checked input is on the GPU backend (checked by name: numba.cuda is imported
-    only for GPU inputs)."""
-    return inp.backend.__name__ == "numbabn.cuda.api"
+    """Whether a checked input is on the GPU backend."""
+    return inp.backend.DEVICE == "cuda"
 
 
 _EXCEPTIONS = {e.__name__: e for e in (TypeError, ValueError, RuntimeError, NotImplementedError)}

@@ -18,6 +18,9 @@ from . import backward as _bwd
 from . import forward as _fwd
 from . import stats as _stats
 
+#: Where this backend's arrays live (``BatchNorm.device``'s spelling).
+DEVICE = "cpu"
+
 
 class Input:
     """A checked host input: a floating ndarray with ``ndim >= 2``, its feature axis

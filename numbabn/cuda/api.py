@@ -18,6 +18,9 @@ from ._plan import launch_1d
 #: compute in float32 (``_plan.coef_dtype``).
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
+#: Where this backend's arrays live (``BatchNorm.device``'s spelling).
+DEVICE = "cuda"
+
 
 #: The dtypes of per-channel arrays, by (input dtype, whether saved statistics): the input's,
 #: float32 too for float16 inputs (as cuDNN takes them), float64 too for saved statistics.
