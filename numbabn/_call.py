@@ -122,10 +122,16 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     is one process's part of a global batch, whose count the caller checks once the parts'
     statistics are exchanged (SyncBatchNorm), not the part's own."""
     training = _layout.check_flag(training, "training")
-    weight = inp.per_channel(weight, "weight")
-    bias = inp.per_channel(bias, "bias")
-    running_mean = inp.per_channel(running_mean, "running_mean", writable=training)
-    running_var = inp.per_channel(running_var, "running_var", writable=training)
+    # (None passes every per-channel check: skipped here, as small calls spend their time in
+    # Python.)
+    if weight is not None:
+        weight = inp.per_channel(weight, "weight")
+    if bias is not None:
+        bias = inp.per_channel(bias, "bias")
+    if running_mean is not None:
+        running_mean = inp.per_channel(running_mean, "running_mean", writable=training)
+    if running_var is not None:
+        running_var = inp.per_channel(running_var, "running_var", writable=training)
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
@@ -137,7 +143,8 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
     eps = _layout.check_eps(eps)
-    out = None if out is None else inp.like_input(out, "out", writable=True)
+    if out is not None:
+        out = inp.like_input(out, "out", writable=True)
     return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out)
 
 

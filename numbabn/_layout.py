@@ -43,7 +43,7 @@ def _names(dtypes):
 
 def norm_axis(axis, ndim, name="axis"):
     """Return ``axis`` as a non-negative int in ``[0, ndim)`` or raise."""
-    if type(axis) is int and -ndim <= axis < ndim:  # fast path: ABC checks cost ~0.3 us
+    if type(axis) is int and -ndim <= axis < ndim:
         return axis % ndim
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
@@ -74,13 +74,6 @@ def per_channel(a, num_channels, dtype, name, *, writable=False, allow_f64=False
     ``allow_f64``), writable when it is updated in place.  ``None`` passes through."""
     if a is None:
         return None
-    if (
-        type(a) is np.ndarray
-        and a.shape == (num_channels,)
-        and a.dtype == dtype
-        and (a.flags.writeable or not writable)
-    ):
-        return a  # fast path: every check below would pass
     a = _ndarray(a, name)
     check_channels(a, num_channels, (dtype, np.float64) if allow_f64 else (dtype,), name)
     if writable and not a.flags.writeable:
@@ -134,6 +127,8 @@ def check_training_count(shape, axis):
     """Training needs more than one value per channel (the unbiased variance divides by
     n - 1); an empty batch (n = 0) is allowed, as in PyTorch (its output is empty and the
     running statistics are untouched)."""
+    if len(shape) == 2 and shape[1 - axis] != 1:
+        return  # fast path for (N, C) and (C, N)
     n = values_per_channel(shape, axis)
     if n == 1:
         raise ValueError(
@@ -159,15 +154,16 @@ def view3(a, axis, *others):
         a, others = a.T, [b.T for b in others]
     else:
         return None
-    shape3 = _shape3(shape, axis)
+    shape = shape3(shape, axis)
     if not others:
-        return a.reshape(shape3)
-    return (a.reshape(shape3), *[b.reshape(shape3) for b in others])
+        return a.reshape(shape)
+    return (a.reshape(shape), *[b.reshape(shape) for b in others])
 
 
-def _shape3(shape, axis):
-    # (outer, C, inner), without math.prod for the common 2-d and axis-1 shapes (small
-    # calls spend their time in Python).
+def shape3(shape, axis):
+    """``(outer, C, inner)`` of a C-ordered ``shape`` with the features on ``axis`` (without
+    ``math.prod`` for the common 2-d and axis-1 shapes: small calls spend their time in
+    Python)."""
     ndim = len(shape)
     if ndim == 2:
         return (shape[0], shape[1], 1) if axis == 1 else (1, shape[0], shape[1])

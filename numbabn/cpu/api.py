@@ -6,7 +6,6 @@ Arrays are viewed as ``(outer, C, inner)`` without a copy where their memory ord
 before the drivers run, and every argument was checked before this module sees it.
 """
 
-import functools
 import sys
 
 import numpy as np
@@ -21,55 +20,91 @@ from . import stats as _stats
 #: Where this backend's arrays live (``BatchNorm.device``'s spelling).
 DEVICE = "cpu"
 
+_F64 = np.dtype(np.float64)  # compared with dtypes: ``dtype == np.float64`` costs ~0.3 us
+
 
 class Input:
     """A checked host input: a floating ndarray with ``ndim >= 2``, its feature axis
-    (non-negative) and the per-channel and like-input checks of its call."""
+    (non-negative) and the per-channel and like-input checks of its call.
 
-    __slots__ = ("x", "axis", "num_channels", "dtype", "shape")
+    ``x`` is C- or F-contiguous (a strided input is copied here, once for the forward and
+    backward of a layer's step) and ``shape3`` is its ``(outer, C, inner)`` view's shape,
+    worked out once: small calls spend their time in Python.
+    """
+
+    __slots__ = ("x", "axis", "num_channels", "dtype", "shape", "shape3", "c_order")
 
     def __init__(self, x, axis, stream, name="input"):
-        host_stream(stream)
-        x = _layout.as_input(x, name)
-        self.axis = _layout.norm_axis(axis, x.ndim)
+        if stream is not None:
+            host_stream(stream)
+        if not (type(x) is np.ndarray and x.dtype in _layout.FLOAT_DTYPES and x.ndim >= 2):
+            x = _layout.as_input(x, name)  # converts or raises; the fast path above passes it
+        ndim = x.ndim
+        if type(axis) is int and -ndim <= axis < ndim:
+            axis %= ndim
+        else:
+            axis = _layout.norm_axis(axis, ndim)
+        self.axis = axis
+        flags = x.flags
+        c_order = flags.c_contiguous
+        if not (c_order or flags.f_contiguous):
+            x = np.ascontiguousarray(x)
+            c_order = True
+        self.c_order = c_order
         self.x = x
-        self.shape = x.shape
-        self.num_channels = x.shape[self.axis]
+        self.shape = shape = x.shape
+        self.num_channels = shape[axis]
         self.dtype = x.dtype
+        self.shape3 = _layout.shape3(shape, axis) if c_order else _layout.shape3(shape[::-1], x.ndim - 1 - axis)
 
     def per_channel(self, a, name, *, writable=False, save=False):
         """A per-channel NumPy array of shape ``(C,)`` and the input's dtype (``save``:
         float64 too), writable when updated in place; ``None`` passes through."""
+        if (
+            type(a) is np.ndarray
+            and a.shape == (self.num_channels,)
+            and (a.dtype == self.dtype or (save and a.dtype == _F64))
+            and (not writable or a.flags.writeable)
+        ):
+            return a  # fast path: every check of _layout.per_channel would pass
         return _layout.per_channel(a, self.num_channels, self.dtype, name, writable=writable, allow_f64=save)
 
     def like_input(self, a, name, *, writable=False):
         """A NumPy array of the input's shape and dtype (writable when it receives results)."""
+        if (
+            type(a) is np.ndarray
+            and a.shape == self.shape
+            and a.dtype == self.dtype
+            and (not writable or a.flags.writeable)
+        ):
+            return a  # fast path: every check of _layout.same_kind would pass
         return _layout.same_kind(self.x, a, name, writable=writable)
+
+    def view3(self, a):
+        """The ``(outer, C, inner)`` view of ``a``, an array of ``x``'s shape and memory order."""
+        return a.reshape(self.shape3) if self.c_order else a.T.reshape(self.shape3)
 
 
 def forward(call):
     """``(output, save_mean, save_invstd)`` of a checked :class:`numbabn._call.ForwardCall`."""
     inp = call.inp
-    x = _layout.contiguous(inp.x)
-    dtype, num_channels = inp.dtype, inp.num_channels
-    dest = _layout.output_for(x, call.out)
-    x3, y3 = _layout.view3(x, inp.axis, dest)
-    w = per_channel_array(call.weight, 1.0, num_channels, dtype)
-    b = per_channel_array(call.bias, 0.0, num_channels, dtype)
-    save = np.empty((2, num_channels))
-    parallel = x.size >= PARALLEL_MIN
-    if call.training and x.size == 0:
+    x, dtype = inp.x, inp.dtype
+    dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
+    w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
+    save = np.empty((2, inp.num_channels))
+    rm, rv = _buffers(call.running_mean, call.running_var, dtype)
+    if not call.training:
+        _fwd.forward_eval(x.size >= PARALLEL_MIN, inp.view3(x), w, b, rm, rv, call.eps, inp.view3(dest), save)
+    elif x.size:
+        _fwd.forward_train(
+            x.size >= PARALLEL_MIN, inp.view3(x), w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save
+        )
+        if rm is not call.running_mean or rv is not call.running_var:
+            _write_back(call.running_mean, rm)
+            _write_back(call.running_var, rv)
+    else:
         # An empty batch, as in PyTorch: an empty output, running statistics untouched.
         save[...] = np.nan
-    elif call.training:
-        rm = _buffer(call.running_mean, dtype)
-        rv = _buffer(call.running_var, dtype)
-        _fwd.forward_train(parallel, x3, w, b, rm, rv, call.momentum, call.eps, y3, save)
-        _write_back(call.running_mean, rm)
-        _write_back(call.running_var, rv)
-    else:
-        mean, var = _buffer(call.running_mean, dtype), _buffer(call.running_var, dtype)
-        _fwd.forward_eval(parallel, x3, w, b, mean, var, call.eps, y3, save)
     return deliver(dest, call.out), save[0], save[1]
 
 
@@ -78,31 +113,29 @@ def backward(call):
     :class:`numbabn._call.BackwardCall`; the last is the per-channel ``sum |grad_output|``
     (float64) that the reduction pass accumulates beside ``grad_bias``."""
     inp = call.inp
-    dtype, num_channels = inp.dtype, inp.num_channels
-    x = _layout.contiguous(inp.x)
+    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
     grad_input = _layout.output_for(x, call.out, g)
     grads = np.empty((3, num_channels))
-    g3, x3, gi3 = _layout.view3(g, inp.axis, x, grad_input)
     _bwd.backward(
         x.size >= PARALLEL_MIN,
-        g3,
-        x3,
+        inp.view3(g),
+        inp.view3(x),
         per_channel_array(call.weight, 1.0, num_channels, dtype),
-        np.ascontiguousarray(call.save_mean, dtype=np.float64),
-        np.ascontiguousarray(call.save_invstd, dtype=np.float64),
+        _saved(call.save_mean),
+        _saved(call.save_invstd),
         call.training,
-        gi3,
+        inp.view3(grad_input),
         grads,
     )
-    return deliver(grad_input, call.out), grads[0].astype(dtype), grads[1].astype(dtype), grads[2]
+    affine = grads[:2].astype(dtype)  # one conversion for both
+    return deliver(grad_input, call.out), affine[0], affine[1], grads[2]
 
 
 def batch_stats(inp):
     """``(count, mean, m2)`` of a checked :class:`Input`, mean and m2 float64 ``(C,)``."""
-    x = _layout.contiguous(inp.x)
     stats = np.empty((3, inp.num_channels))
-    _stats.welford(x.size >= PARALLEL_MIN, _layout.view3(x, inp.axis), stats)
+    _stats.welford(inp.x.size >= PARALLEL_MIN, inp.view3(inp.x), stats)
     return _layout.values_per_channel(inp.shape, inp.axis), stats[1], stats[2]
 
 
@@ -127,10 +160,9 @@ def finish(count, mean, m2, weight, bias, running_mean, running_var, momentum, e
     stats[0] = count
     stats[1] = mean
     stats[2] = m2
-    rm, rv = _buffer(running_mean, dtype), _buffer(running_var, dtype)
+    rm, rv = _buffers(running_mean, running_var, dtype)
     coef, save = np.empty((2, num_channels)), np.empty((2, num_channels))
-    w = per_channel_array(weight, 1.0, num_channels, dtype)
-    b = per_channel_array(bias, 0.0, num_channels, dtype)
+    w, b = _affine(weight, bias, num_channels, dtype)
     _fwd.finish_channels(stats, w, b, rm, rv, momentum, eps, coef, save)
     _write_back(running_mean, rm)
     _write_back(running_var, rv)
@@ -161,7 +193,7 @@ def grad_reduce(g, x, axis, mean, parallel=None):
     g = _same_order(g, x)
     sums = np.empty((3, x.shape[axis]))
     g3, x3 = _layout.view3(g, axis, x)
-    _bwd.grad_reduce(_parallel(parallel, x), g3, x3, np.ascontiguousarray(mean, dtype=np.float64), sums)
+    _bwd.grad_reduce(_parallel(parallel, x), g3, x3, _saved(mean), sums)
     return sums
 
 
@@ -171,8 +203,8 @@ def grad_coefs(sums, n, weight, mean, invstd, training, dtype):
     num_channels = sums.shape[1]
     coef, grads = np.empty((3, num_channels)), np.empty((3, num_channels))
     w = per_channel_array(weight, 1.0, num_channels, dtype)
-    mean = np.ascontiguousarray(mean, dtype=np.float64)
-    invstd = np.ascontiguousarray(invstd, dtype=np.float64)
+    mean = _saved(mean)
+    invstd = _saved(invstd)
     _bwd.grad_coefs(np.ascontiguousarray(sums), float(n), w, mean, invstd, bool(training), coef, grads)
     return coef, grads
 
@@ -233,27 +265,53 @@ def per_channel_array(a, fill, num_channels, dtype):
     """``a`` as a contiguous array, or the constant ``fill`` when ``a`` is None."""
     if a is None:
         return _constant(fill, num_channels, dtype)
-    return np.ascontiguousarray(a)
+    return _contiguous(a)
+
+
+def _affine(weight, bias, num_channels, dtype):
+    """The kernels' ``(weight, bias)``: the given arrays (contiguous) or the defaults."""
+    if weight is None and bias is None:
+        return _constant(None, num_channels, dtype)
+    return per_channel_array(weight, 1.0, num_channels, dtype), per_channel_array(bias, 0.0, num_channels, dtype)
 
 
 def _constant(fill, num_channels, dtype):
-    if num_channels > 1 << 16:  # not worth keeping alive
-        return np.full(num_channels, fill, dtype=dtype)
-    return _small_constant(fill, num_channels, dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _small_constant(fill, num_channels, dtype):
     # The default weight (ones) and bias (zeros), made once per (C, dtype) and only read by
-    # the kernels.  Not flagged read-only: numba would compile a second specialization.
-    return np.full(num_channels, fill, dtype=dtype)
-
-
-def _buffer(a, dtype):
-    # Kernels take contiguous per-channel arrays; a strided one goes through a copy (which
-    # _write_back copies back when the kernel updated it).
+    # the kernels (a dict, not lru_cache: small calls spend their time in Python); fill None
+    # is the pair of both.  Not flagged read-only: numba would compile a second
+    # specialization.
+    key = (fill, num_channels, dtype)
+    a = _CONSTANTS.get(key)
     if a is None:
-        return np.empty(0, dtype=dtype)
+        if fill is None:
+            a = (_constant(1.0, num_channels, dtype), _constant(0.0, num_channels, dtype))
+        else:
+            a = np.full(num_channels, fill, dtype=dtype)
+        if num_channels <= 1 << 16 and len(_CONSTANTS) < 96:  # larger ones: not worth keeping
+            _CONSTANTS[key] = a
+    return a
+
+
+_CONSTANTS = {}
+
+
+def _saved(a):
+    """A saved statistic (float64 or the input's dtype) as the contiguous float64 array the
+    kernels take."""
+    return a if a.dtype == _F64 and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _buffers(running_mean, running_var, dtype):
+    """The kernels' running statistics: the given arrays, contiguous copies of strided ones
+    (which :func:`_write_back` copies back once the kernel updated them), or empty arrays,
+    which the kernels neither read nor write."""
+    if running_mean is None:
+        empty = _constant(0.0, 0, dtype)
+        return empty, empty
+    return _contiguous(running_mean), _contiguous(running_var)
+
+
+def _contiguous(a):
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 

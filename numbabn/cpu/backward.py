@@ -113,16 +113,17 @@ def grad_sums(g3, x3, mean, sums):
     else:
         # Super-rows of k rows: k * C pseudo-channels, folded into C below.
         rows_k, chans_k = outer // k, k * num_channels
-        centre = expand(mean, inner, k)
+        centre = mean if k * inner == 1 else expand(mean, inner, k)  # (N, C): the rows already
         g2 = g3.reshape(rows_k, chans_k * inner)
         x2 = x3.reshape(rows_k, chans_k * inner)
         for task in prange(nsplit * ntiles):
             split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, rows_k, chans_k)
             j0 = c0 * inner
             width = nc * inner
-            acc_g = np.zeros(width)
-            acc_gx = np.zeros(width)
-            acc_ga = np.zeros(width)
+            acc = np.zeros(3 * width)  # one allocation: small calls pay ~0.05 us for each
+            acc_g = acc[:width]
+            acc_gx = acc[width : 2 * width]
+            acc_ga = acc[2 * width :]
             grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga)
             sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
             sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
@@ -153,9 +154,14 @@ def apply_grad(g3, x3, coef, gi3):
     else:
         k = widen(outer, num_channels * inner)
         width = k * num_channels * inner
-        a = expand(coef[0], inner, k)
-        b = expand(coef[1], inner, k)
-        d = expand(coef[2], inner, k)
+        if k * inner == 1:  # (N, C): the coefficients are the rows already
+            a = coef[0]
+            b = coef[1]
+            d = coef[2]
+        else:
+            a = expand(coef[0], inner, k)
+            b = expand(coef[1], inner, k)
+            d = expand(coef[2], inner, k)
         g2 = g3.reshape(outer // k, width)
         x2 = x3.reshape(outer // k, width)
         gi2 = gi3.reshape(outer // k, width)
