@@ -12,9 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cpu import api as _host
+from .cpu.stats import merge_parts as _merge_parts
 from .layer import _DEFAULT_MOMENTUM, BatchNorm
-from .stats import Stats, merge_stats
 
 
 class SyncBatchNorm(BatchNorm):
@@ -168,28 +167,27 @@ class SyncBatchNorm(BatchNorm):
             self._sync_count = None
             return result
         inp = call.inp
-        if inp.backend is _host:
-            local = Stats(*_host.batch_stats(inp))
-        elif _on_gpu(inp):
-            local = Stats(*inp.backend.host_batch_stats(inp))  # copied to the host on the input's stream
-        else:
+        backend = inp.backend
+        if not hasattr(backend, "part_stats"):
             raise TypeError(
                 f"SyncBatchNorm's synchronized training takes NumPy arrays (GPU arrays on device 'cuda'), got "
                 f"{type(inp.x).__name__} (compute a Dask array's part first)"
             )
-        parts = self._exchange("forward", local.to_array())
-        merged = merge_stats(*(Stats.from_array(p) for p in parts))
-        if merged.count == 1:
+        # The part's statistics on the host (a GPU part's copied on the input's stream).
+        parts = self._exchange("forward", _payload(*backend.part_stats(inp)))
+        stats = np.empty((3, inp.num_channels))
+        count = int(_merge_parts(parts, stats))
+        if count == 1:
             counts = [int(p[0]) for p in parts]
             raise ValueError(
                 "expected more than 1 value per channel when training, got 1 value per channel in the global "
                 f"batch (values per channel on each rank, in rank order: {counts})"
             )
-        if merged.count == 0:  # every part empty: the plain empty batch (empty output, no update)
+        if count == 0:  # every part empty: the plain empty batch (empty output, no update)
             result = call.run()
         else:
-            result = inp.backend.forward_with_stats(call, *merged)
-        self._sync_count = merged.count
+            result = backend.forward_with_stats(call, stats)
+        self._sync_count = count
         return result
 
     # -- backward ---------------------------------------------------------------------------
@@ -206,20 +204,16 @@ class SyncBatchNorm(BatchNorm):
         n = self._sync_count
         if not (n and call.training):
             return super()._run_backward(call)
-        inp = call.inp
-        if _on_gpu(inp):
-            sums = inp.backend.grad_reduce(call)  # a host array
-        else:
-            sums = _host.grad_reduce(call.grad_output, inp.x, inp.axis, call.save_mean)
-        parts = self._exchange("backward", sums)
+        backend = call.inp.backend
+        parts = self._exchange("backward", backend.part_sums(call))  # host arrays
         total = parts[0].copy()
-        for p in parts[1:]:
+        for p in parts[1:]:  # in rank order, the same on every rank
             total += p
-        return (*inp.backend.backward_with_sums(call, total, n), n)
+        return (*backend.backward_with_sums(call, total, n), n)
 
     # -- the exchange -----------------------------------------------------------------------
     def _collective(self, step, method, arg):
-        """``method(arg)``, making sure this rank takes part in the step's one ``allgather``
+        """``method(arg)``, making sure this rank takes part in the step's exchange
         even when its own checks fail, so that no rank waits forever and every rank raises."""
         self._exchanged = False
         try:
@@ -231,34 +225,39 @@ class SyncBatchNorm(BatchNorm):
             raise  # not reached: the exchange raised
 
     def _exchange(self, step, payload, error=None):
-        """Every rank's payload of this step, in rank order, after checking that all ranks
-        made the same step with the same channels and dtype: otherwise (or when a rank sent
-        a :class:`_Failure`) every rank raises the same error."""
+        """Every rank's payload of this step, stacked in rank order (float64), after checking
+        that all ranks made the same step with the same channels and dtype: otherwise (or
+        when a rank sent a :class:`_Failure`) every rank raises the same error."""
         self._exchanged = True
+        if _buffered(self.comm):
+            return self._exchange_buffers(step, payload, error)
+        return _checked(step, self._allgather(step, payload), error)
+
+    def _allgather(self, step, payload):
         # dtype.str ("<f4"), not dtype.name: the name is a Python-level property, ~5 us a call.
         gathered = self.comm.allgather((step, self.num_features, self.dtype.str, payload))
         if not isinstance(gathered, (list, tuple)) or not gathered:
             kind = type(gathered).__name__
             raise TypeError(f"comm.allgather must return the list of every rank's object, got {kind}")
-        failed = [(r, e[3]) for r, e in enumerate(gathered) if isinstance(e[3], _Failure)]
-        if failed:
-            rank, failure = failed[0]
-            others = f" (and ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
-            exc = _EXCEPTIONS.get(failure.kind, RuntimeError)
-            raise exc(
-                f"SyncBatchNorm {step} failed on rank {rank} of {len(gathered)}{others}, so on every rank, "
-                f"nothing changed: {failure.kind}: {failure.message}"
-            ) from error
-        for what, k, exc in (("steps", 0, RuntimeError), ("num_features", 1, ValueError), ("dtypes", 2, TypeError)):
-            values = [e[k] for e in gathered]
-            if any(v != values[0] for v in values):
-                if k == 2:
-                    values = [np.dtype(v).name for v in values]
-                raise exc(
-                    f"SyncBatchNorm ranks disagree on their {what}, so every rank stops, nothing changed: "
-                    f"{values} (in rank order)"
-                )
-        return [np.asarray(e[3], dtype=np.float64) for e in gathered]
+        return gathered
+
+    def _exchange_buffers(self, step, payload, error):
+        """:meth:`_exchange` through mpi4py's buffer ``Allgather``: a header of four float64
+        (step, C, dtype, failed) from every rank, then, when they all agree and none failed,
+        the payloads as one float64 array; otherwise every rank (each sees every header)
+        makes the object exchange, whose checks raise the same error everywhere."""
+        comm = self.comm
+        failed = isinstance(payload, _Failure)
+        header = np.array([_STEPS[step], self.num_features, ord(self.dtype.char), failed], dtype=np.float64)
+        headers = np.empty((comm.Get_size(), 4))
+        comm.Allgather(header, headers)
+        if headers[:, 3].any() or not (headers[:, :3] == header[:3]).all():
+            _checked(step, self._allgather(step, payload), error)
+            raise AssertionError("unreachable: a failure or a disagreement raises")
+        payload = np.ascontiguousarray(payload, dtype=np.float64)
+        parts = np.empty((headers.shape[0], *payload.shape))
+        comm.Allgather(payload, parts)
+        return parts
 
     # -- pickling ---------------------------------------------------------------------------
     def __getstate__(self):
@@ -273,16 +272,62 @@ class SyncBatchNorm(BatchNorm):
         return "Sync" + super().__repr__()[:-1] + comm + ")"
 
 
+def _checked(step, gathered, error):
+    """The payloads of ``gathered``, every rank's ``(step, C, dtype.str, payload)``,
+    stacked in rank order, or the error that every rank raises: a rank's failure (a
+    :class:`_Failure` payload), or ranks that disagree on the step, C or dtype."""
+    first = gathered[0]
+    for e in gathered:  # the common case in one loop: every rank sent the same step's payload
+        if type(e[3]) is _Failure or e[0] != first[0] or e[1] != first[1] or e[2] != first[2]:
+            break
+    else:
+        return np.array([e[3] for e in gathered], dtype=np.float64)
+    failed = [(r, e[3]) for r, e in enumerate(gathered) if isinstance(e[3], _Failure)]
+    if failed:
+        rank, failure = failed[0]
+        others = f" (and ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+        exc = _EXCEPTIONS.get(failure.kind, RuntimeError)
+        raise exc(
+            f"SyncBatchNorm {step} failed on rank {rank} of {len(gathered)}{others}, so on every rank, "
+            f"nothing changed: {failure.kind}: {failure.message}"
+        ) from error
+    for what, k, exc in (("steps", 0, RuntimeError), ("num_features", 1, ValueError), ("dtypes", 2, TypeError)):
+        values = [e[k] for e in gathered]
+        if any(v != values[0] for v in values):
+            if k == 2:
+                values = [np.dtype(v).name for v in values]
+            raise exc(
+                f"SyncBatchNorm ranks disagree on their {what}, so every rank stops, nothing changed: "
+                f"{values} (in rank order)"
+            )
+    raise AssertionError("unreachable: the loop above found a failure or a disagreement")
+
+
+def _buffered(comm):
+    """Whether ``comm`` has mpi4py's buffer interface (``Allgather`` and ``Get_size``), the
+    fast path of an exchange; other communicators exchange pickled objects."""
+    return callable(getattr(comm, "Allgather", None)) and callable(getattr(comm, "Get_size", None))
+
+
+#: The steps' codes in a buffer exchange's header.
+_STEPS = {"forward": 0.0, "backward": 1.0}
+
+
+def _payload(count, mean, m2):
+    """A part's statistics as :meth:`Stats.to_array` lays them out: ``[count, mean, m2]``."""
+    num_channels = mean.shape[0]
+    payload = np.empty(2 * num_channels + 1)
+    payload[0] = count
+    payload[1 : 1 + num_channels] = mean
+    payload[1 + num_channels :] = m2
+    return payload
+
+
 class _Failure(NamedTuple):
     """What a rank whose own checks failed sends instead of its payload."""
 
     kind: str
     message: str
-
-
-def _on_gpu(inp):
-    """Whether a checked input is on the GPU backend."""
-    return inp.backend.DEVICE == "cuda"
 
 
 _EXCEPTIONS = {e.__name__: e for e in (TypeError, ValueError, RuntimeError, NotImplementedError)}

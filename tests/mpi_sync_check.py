@@ -5,7 +5,9 @@ Every rank draws the same global batches from a shared seed, trains a SyncBatchN
 own part (uneven parts, one rank's part empty) and a plain BatchNorm on the whole batch,
 and compares its part of the outputs and gradients, the global gradients and the running
 statistics; the ranks then compare their running statistics and global gradients bit for
-bit.  The global-count and disagreeing-channels errors must be the same on every rank.
+bit.  The errors (a global batch of one value, ranks disagreeing on channels or dtype, a
+bad input or grad_output on one rank) must be the same on every rank.  ``MPI.COMM_WORLD``
+has mpi4py's buffer methods, so this runs SyncBatchNorm's buffer exchange.
 Exits 1 (every rank) on any mismatch, printing what differed.
 """
 
@@ -109,9 +111,18 @@ def run_errors():
     x = np.ones((2, odd.num_features), np.float32)
     same_error_everywhere(lambda: odd(x), "ValueError", "num_features", "disagreeing channels")
     check(odd.num_batches_tracked == 0, "disagreeing channels: state changed")
+    odd_dtype = SyncBatchNorm(4, dtype=np.float64 if RANK == SIZE - 1 else np.float32, comm=COMM)
+    x = np.ones((2, 4), odd_dtype.dtype)
+    same_error_everywhere(lambda: odd_dtype(x), "TypeError", "dtypes", "disagreeing dtypes")
+    bad = np.ones((2, 5 if RANK == 0 else 4), np.float32)
+    same_error_everywhere(lambda: layer(bad), "ValueError", "forward failed on rank 0", "a bad input on rank 0")
+    layer(np.arange(8, dtype=np.float32).reshape(2, 4) + RANK)
+    grad = np.ones((1 if RANK == SIZE - 1 else 2, 4), np.float32)
+    same_error_everywhere(lambda: layer.backward(grad), "ValueError", "backward failed on rank", "a bad grad_output")
+    check(layer.grad_weight is None, "a bad grad_output: grad_weight set")
     # Still in step afterwards.
     y = layer(np.arange(8, dtype=np.float32).reshape(2, 4) + RANK)
-    check(y.shape == (2, 4) and layer.num_batches_tracked == 1, "a step after the errors")
+    check(y.shape == (2, 4) and layer.num_batches_tracked == 2, "a step after the errors")
 
 
 def main():

@@ -339,17 +339,17 @@ def test_sync_stages_launches(stub, shape, axis, order):
     x3 = _arrays.view3(x, axis % len(shape), _arrays.dense_order(x))
     fam = "strided" if _plan.plan(*x3.shape).strided else "minor"
     strided = _plan.elementwise(*x3.shape)[0]
-    count, mean, m2 = gpu.host_batch_stats(inp)
+    count, mean, m2 = gpu.part_stats(inp)
     assert stub.names == [f"partials_{fam}", "channel_stats"] and mean.shape == (c,)
     stub.launches.clear()
     call = _call.forward_call(inp, w, None, rm, rv, True, 0.1, 1e-5, y, part=True)
-    _, save_mean, save_invstd = gpu.forward_with_stats(call, 3 * count, mean, m2)
+    _, save_mean, save_invstd = gpu.forward_with_stats(call, np.stack([np.full(c, 3.0 * count), mean, m2]))
     assert stub.names == ["finish_channels", "normalize_rows" if strided else "normalize_columns"]
     part = check_against_numba(stub.launches[0])[0]
     assert part[1] == (3, 1, c) and stub.launches[0].packed[11] == 1  # the statistics, q = 1
     stub.launches.clear()
     bcall = _call.backward_call(inp, g, w, save_mean, save_invstd, True, y)
-    sums = gpu.grad_reduce(bcall)
+    sums = gpu.part_sums(bcall)
     assert type(sums) is np.ndarray and sums.shape == (3, c)
     assert stub.names == [f"grad_partials_{fam}", "grad_sums"]
     gpu.backward_with_sums(bcall, sums, 3 * count)

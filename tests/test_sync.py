@@ -17,16 +17,20 @@ BARRIER_TIMEOUT = 300
 
 class ThreadComm:
     """An in-process communicator of ``size`` ranks: ``comm.rank(r).allgather(obj)`` returns
-    every rank's object (a pickled copy, as MPI delivers) in rank order."""
+    every rank's object (a pickled copy, as MPI delivers) in rank order.  With ``buffers``,
+    ranks also have mpi4py's buffer ``Allgather(sendbuf, recvbuf)`` and ``Get_size()``,
+    which refuse buffers of different sizes on different ranks, as MPI does."""
 
-    def __init__(self, size):
+    def __init__(self, size, buffers=False):
         self.size = size
         self._barrier = threading.Barrier(size, timeout=BARRIER_TIMEOUT)
         self._slots = [None] * size
         self.calls = [0] * size
+        self.buffer_calls = [0] * size
+        self._rank_class = _BufferRankComm if buffers else _RankComm
 
     def rank(self, r):
-        return _RankComm(self, r)
+        return self._rank_class(self, r)
 
     def allgather(self, r, obj):
         self.calls[r] += 1
@@ -36,6 +40,17 @@ class ThreadComm:
         self._barrier.wait()
         return out
 
+    def buffer_allgather(self, r, sendbuf, recvbuf):
+        self.buffer_calls[r] += 1
+        self._slots[r] = np.array(sendbuf, copy=True)
+        self._barrier.wait()
+        sizes = [a.size for a in self._slots]
+        if any(n != sizes[0] for n in sizes) or recvbuf.size != self.size * sizes[0]:
+            self._barrier.wait()
+            raise RuntimeError(f"MPI: message truncated (buffer sizes {sizes}, receive {recvbuf.size})")
+        recvbuf.reshape(self.size, -1)[...] = [a.ravel() for a in self._slots]
+        self._barrier.wait()
+
 
 class _RankComm:
     def __init__(self, comm, r):
@@ -43,6 +58,14 @@ class _RankComm:
 
     def allgather(self, obj):
         return self.comm.allgather(self.r, obj)
+
+
+class _BufferRankComm(_RankComm):
+    def Allgather(self, sendbuf, recvbuf):  # noqa: N802 - mpi4py's name
+        self.comm.buffer_allgather(self.r, sendbuf, recvbuf)
+
+    def Get_size(self):  # noqa: N802 - mpi4py's name
+        return self.comm.size
 
 
 def run_ranks(size, fn):
@@ -97,13 +120,14 @@ def assert_close(actual, desired, dtype, what):
     )
 
 
-def make_layers(size, num_features, dtype, rng, **kwargs):
-    """``size`` SyncBatchNorm layers on one ThreadComm and the reference BatchNorm, all with
-    the same random weight and bias (``num_features`` may be a Layout: its channels and axis)."""
+def make_layers(size, num_features, dtype, rng, buffers=False, **kwargs):
+    """``size`` SyncBatchNorm layers on one ThreadComm (``buffers``: with mpi4py's buffer
+    methods) and the reference BatchNorm, all with the same random weight and bias
+    (``num_features`` may be a Layout: its channels and axis)."""
     if isinstance(num_features, Layout):
         kwargs["axis"] = num_features.axis
         num_features = num_features.channels
-    comm = ThreadComm(size)
+    comm = ThreadComm(size, buffers)
     ref = BatchNorm(num_features, dtype=dtype, **kwargs)
     layers = [SyncBatchNorm(num_features, dtype=dtype, comm=comm.rank(r), **kwargs) for r in range(size)]
     if ref.affine:
@@ -172,6 +196,31 @@ def test_matches_global_batch(lay, dtype, size, momentum, rng):
     for sizes in SIZES[size]:
         step_and_compare(layers, ref, lay, sizes, dtype, rng)
     assert comm.calls == [2 * len(SIZES[size])] * size  # one allgather per forward and per backward
+
+
+@pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.tag)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_buffer_exchange_matches_object_exchange(lay, momentum, rng):
+    """A communicator with mpi4py's buffer methods exchanges float64 buffers (a header, then
+    the payloads: two Allgathers per step, no pickled object) and gives the same bits as the
+    object exchange, against BatchNorm on the whole batch."""
+    seed = int(rng.integers(1 << 30))
+    runs = []
+    for buffers in (False, True):
+        comm, layers, ref = make_layers(3, lay, np.float32, np.random.default_rng(seed), buffers, momentum=momentum)
+        step_rng = np.random.default_rng(seed + 1)
+        outs = [step_and_compare(layers, ref, lay, sizes, np.float32, step_rng) for sizes in SIZES[3]]
+        runs.append((outs, [state(layer) for layer in layers]))
+        steps = 2 * len(SIZES[3])
+        assert (comm.calls, comm.buffer_calls) == (
+            ([steps] * 3, [0] * 3) if not buffers else ([0] * 3, [2 * steps] * 3)
+        )
+    (outs_o, state_o), (outs_b, state_b) = runs
+    for step_o, step_b in zip(outs_o, outs_b, strict=True):
+        for (y_o, gi_o), (y_b, gi_b) in zip(step_o, step_b, strict=True):
+            np.testing.assert_array_equal(y_o, y_b)
+            np.testing.assert_array_equal(gi_o, gi_b)
+    assert state_o == state_b
 
 
 @pytest.mark.parametrize("lay", [BIG_LAYOUTS[0], *by_tag("big-NHWC")], ids=lambda lay: lay.tag)
@@ -249,10 +298,11 @@ def state(layer):
     return pickle.dumps((layer.state_dict(), layer.grad_weight, layer.grad_bias, layer.update_threshold))
 
 
-def test_global_batch_of_one_value_raises_everywhere(rng):
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_global_batch_of_one_value_raises_everywhere(rng, buffers):
     """One value per channel in the global batch (a rank's single value, the other rank
     empty): the same ValueError on every rank, and nothing changed."""
-    _, layers, _ = make_layers(2, 5, np.float32, rng)
+    _, layers, _ = make_layers(2, 5, np.float32, rng, buffers)
     x = rng.normal(size=(1, 5)).astype(np.float32)
     unwrap(run_ranks(2, lambda r: layers[r](np.concatenate([x, x])[: 2 - r])))
     before = [state(layer) for layer in layers]
@@ -370,17 +420,21 @@ def assert_same_error(results, kind, *fragments):
         assert fragment in str(results[0])
 
 
-def test_ranks_disagree_on_channels(rng):
-    comm = ThreadComm(2)
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_ranks_disagree_on_channels(rng, buffers):
+    comm = ThreadComm(2, buffers)
     layers = [SyncBatchNorm(3 + r, comm=comm.rank(r)) for r in range(2)]
     before = [state(layer) for layer in layers]
     results = run_ranks(2, lambda r: layers[r](rng.normal(size=(4, 3 + r)).astype(np.float32)))
     assert_same_error(results, ValueError, "num_features", "[3, 4]")
     assert [state(layer) for layer in layers] == before
+    # With buffers: the headers disagree, so every rank sends its object instead of a payload.
+    assert (comm.buffer_calls, comm.calls) == (([1, 1], [1, 1]) if buffers else ([0, 0], [1, 1]))
 
 
-def test_ranks_disagree_on_dtype(rng):
-    comm = ThreadComm(2)
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_ranks_disagree_on_dtype(rng, buffers):
+    comm = ThreadComm(2, buffers)
     dtypes = [np.float32, np.float64]
     layers = [SyncBatchNorm(3, dtype=dtypes[r], comm=comm.rank(r)) for r in range(2)]
     results = run_ranks(2, lambda r: layers[r](rng.normal(size=(4, 3)).astype(dtypes[r])))
@@ -388,10 +442,11 @@ def test_ranks_disagree_on_dtype(rng):
     assert all(layer.num_batches_tracked == 0 for layer in layers)
 
 
-def test_bad_input_on_one_rank_raises_everywhere(rng):
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_bad_input_on_one_rank_raises_everywhere(rng, buffers):
     """A rank whose own input fails its checks still takes part in the exchange: every rank
     raises the same error naming it, and no rank hangs or changes anything."""
-    _, layers, _ = make_layers(3, 4, np.float32, rng)
+    _, layers, _ = make_layers(3, 4, np.float32, rng, buffers)
     before = [state(layer) for layer in layers]
     results = run_ranks(3, lambda r: layers[r](np.ones((3, 5 if r == 1 else 4), np.float32)))
     assert_same_error(results, ValueError, "forward failed on rank 1 of 3", "channels")
@@ -399,8 +454,9 @@ def test_bad_input_on_one_rank_raises_everywhere(rng):
     assert [state(layer) for layer in layers] == before
 
 
-def test_bad_grad_output_on_one_rank_raises_everywhere(rng):
-    _, layers, _ = make_layers(2, 4, np.float32, rng)
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_bad_grad_output_on_one_rank_raises_everywhere(rng, buffers):
+    _, layers, _ = make_layers(2, 4, np.float32, rng, buffers)
     x = rng.normal(size=(3, 4)).astype(np.float32)
     unwrap(run_ranks(2, lambda r: layers[r](x)))
     results = run_ranks(2, lambda r: layers[r].backward(x if r == 0 else x[:2]))
@@ -411,9 +467,10 @@ def test_bad_grad_output_on_one_rank_raises_everywhere(rng):
     np.testing.assert_array_equal(layers[0].grad_weight, layers[1].grad_weight)
 
 
-def test_ranks_in_different_steps(rng):
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_ranks_in_different_steps(rng, buffers):
     """One rank calls forward while another calls backward: both stop."""
-    _, layers, _ = make_layers(2, 4, np.float32, rng)
+    _, layers, _ = make_layers(2, 4, np.float32, rng, buffers)
     x = rng.normal(size=(3, 4)).astype(np.float32)
     unwrap(run_ranks(2, lambda r: layers[r](x)))
     results = run_ranks(2, lambda r: layers[r](x) if r == 0 else layers[r].backward(x))

@@ -192,10 +192,11 @@ def test_stages_on_one_part_match_the_plain_calls(rng):
         [dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))],
     )
     inp = _call.check_input(dev(x), 1, None)
-    count, mean, m2 = gpu.host_batch_stats(inp)
+    count, mean, m2 = gpu.part_stats(inp)
     assert type(mean) is np.ndarray and count == 72
     staged = gpu.forward_with_stats(
-        _call.forward_call(inp, weight, bias, *running[0], True, 0.1, 1e-5, None), count, mean, m2
+        _call.forward_call(inp, weight, bias, *running[0], True, 0.1, 1e-5, None),
+        np.stack([np.full(mean.shape, float(count)), mean, m2]),
     )
     plain = gpu.forward(_call.forward_call(inp, weight, bias, *running[1], True, 0.1, 1e-5, None))
     for a, b in zip(staged, plain, strict=True):
@@ -204,9 +205,9 @@ def test_stages_on_one_part_match_the_plain_calls(rng):
     for a, b in zip(*running, strict=True):
         np.testing.assert_array_equal(host(a), host(b))
     call = _call.backward_call(inp, dev(g), weight, staged[1], staged[2], True, None)
-    sums = gpu.grad_reduce(call)
+    sums = gpu.part_sums(call)
     assert type(sums) is np.ndarray and sums.shape == (3, 3) and sums.dtype == np.float64
-    np.testing.assert_array_equal(gpu.grad_reduce(call), sums)  # deterministic
+    np.testing.assert_array_equal(gpu.part_sums(call), sums)  # deterministic
     for a, b in zip(gpu.backward_with_sums(call, sums, count), gpu.backward(call), strict=True):
         np.testing.assert_array_equal(host(a), host(b))
 

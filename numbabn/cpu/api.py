@@ -220,25 +220,67 @@ def grad_apply(g, x, axis, coef, out=None, parallel=None):
     return deliver(dest, out)
 
 
-def forward_with_stats(call, count, mean, m2):
-    """A checked training forward normalized with statistics merged elsewhere (the global
-    batch's): ``(output, save_mean, save_invstd)``; running statistics updated as
-    :func:`forward` would on an input with those statistics."""
+def part_stats(inp):
+    """``(count, mean, m2)`` of one process's part of a global batch (SyncBatchNorm's
+    payload): :func:`batch_stats`."""
+    return batch_stats(inp)
+
+
+def part_sums(call):
+    """:func:`grad_reduce` of a checked backward call's ``grad_output`` and input (``mean``
+    its ``save_mean``): one process's (3, C) float64 payload."""
     inp = call.inp
-    coef, save = finish(
-        count, mean, m2, call.weight, call.bias, call.running_mean, call.running_var, call.momentum, call.eps, inp.dtype
+    x = inp.x
+    g = _same_order(call.grad_output, x)
+    sums = np.empty((3, inp.num_channels))
+    _bwd.grad_reduce(x.size >= PARALLEL_MIN, inp.view3(g), inp.view3(x), _saved(call.save_mean), sums)
+    return sums
+
+
+def forward_with_stats(call, stats):
+    """A checked training forward normalized with the statistics ``stats`` (3, C) float64,
+    rows count, mean and M2, merged elsewhere (the global batch's): ``(output, save_mean,
+    save_invstd)``; running statistics updated as :func:`forward` would on an input with
+    those statistics."""
+    inp = call.inp
+    x, dtype = inp.x, inp.dtype
+    dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
+    w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
+    rm, rv = _buffers(call.running_mean, call.running_var, dtype)
+    save = np.empty((2, inp.num_channels))
+    _fwd.forward_stats(
+        x.size >= PARALLEL_MIN, inp.view3(x), stats, w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save
     )
-    return apply(inp.x, inp.axis, coef, call.out), save[0], save[1]
+    if rm is not call.running_mean or rv is not call.running_var:
+        _write_back(call.running_mean, rm)
+        _write_back(call.running_var, rv)
+    return deliver(dest, call.out), save[0], save[1]
 
 
 def backward_with_sums(call, sums, n):
-    """A checked backward whose reduction ``sums`` (:func:`grad_reduce`, summed over every
+    """A checked backward whose reduction ``sums`` (:func:`part_sums`, added over every
     part) cover ``n`` values per channel: ``(grad_input, grad_weight, grad_bias,
     abs_grad_sum)``."""
     inp = call.inp
-    coef, grads = grad_coefs(sums, n, call.weight, call.save_mean, call.save_invstd, call.training, inp.dtype)
-    gi = grad_apply(call.grad_output, inp.x, inp.axis, coef, call.out)
-    return gi, grads[0].astype(inp.dtype), grads[1].astype(inp.dtype), grads[2]
+    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
+    g = _same_order(call.grad_output, x)
+    grad_input = _layout.output_for(x, call.out, g)
+    grads = np.empty((3, num_channels))
+    _bwd.backward_sums(
+        x.size >= PARALLEL_MIN,
+        inp.view3(g),
+        inp.view3(x),
+        per_channel_array(call.weight, 1.0, num_channels, dtype),
+        _saved(call.save_mean),
+        _saved(call.save_invstd),
+        call.training,
+        np.ascontiguousarray(sums, dtype=np.float64),
+        float(n),
+        inp.view3(grad_input),
+        grads,
+    )
+    affine = grads[:2].astype(dtype)
+    return deliver(grad_input, call.out), affine[0], affine[1], grads[2]
 
 
 def _parallel(parallel, x):

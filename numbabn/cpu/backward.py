@@ -202,6 +202,18 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
 
 
 @twin
+def backward_sums(g3, x3, weight, mean, invstd, training, sums, n, gi3, grads):
+    """Driver, :func:`backward` with the reduction ``sums`` (3, C) over ``n`` values per
+    channel made elsewhere (SyncBatchNorm's parts, added): coefficients, then the
+    elementwise pass."""
+    num_channels = x3.shape[1]
+    coef = np.empty((3, num_channels))
+    for c in range(num_channels):
+        grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
+    apply_grad(g3, x3, coef, gi3)
+
+
+@twin
 def grad_reduce(g3, x3, mean, sums):
     """Driver, the reduction pass alone: ``sums`` (3, C) float64 receives ``(sum g,
     sum g * (x - mean), sum |g|)`` per channel, to be summed with other parts' (Dask chunks,

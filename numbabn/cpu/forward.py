@@ -110,6 +110,15 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save):
 
 
 @twin
+def forward_stats(x3, stats, weight, bias, running_mean, running_var, momentum, eps, y3, save):
+    """Driver, training with statistics ``stats`` (3, C) merged elsewhere (SyncBatchNorm's
+    global batch): finalize and EMA update as :func:`forward_train`, then normalize."""
+    coef = np.empty((2, x3.shape[1]))
+    finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    normalize(x3, coef, y3)
+
+
+@twin
 def apply(x3, coef, y3):
     """Driver: ``y = x * coef[0] + coef[1]`` with coefficients made elsewhere, from
     statistics merged over Dask chunks or processes (:func:`finish_channels`)."""

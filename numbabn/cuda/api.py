@@ -179,7 +179,7 @@ def merge(parts, stream):
 # caller's stream.
 
 
-def host_batch_stats(inp):
+def part_stats(inp):
     """:func:`welford` with ``mean`` and ``m2`` copied to the host (float64 NumPy arrays) on
     the input's stream: one rank's payload."""
     count = _layout.values_per_channel(inp.shape, inp.axis)
@@ -191,9 +191,9 @@ def host_batch_stats(inp):
     return count, stats[1], stats[2]
 
 
-def forward_with_stats(call, count, mean, m2):
-    """A checked training forward normalized with statistics merged elsewhere (host
-    ``count`` and float64 ``mean``, ``m2`` of the global batch): ``(output, save_mean,
+def forward_with_stats(call, stats):
+    """A checked training forward normalized with statistics merged elsewhere (a host
+    (3, C) float64 array, rows count, mean and M2 of the global batch): ``(output, save_mean,
     save_invstd)`` as the input's kind of array, the running statistics updated on the device
     as :func:`forward` would on an input with those statistics (the unbiased variance from
     ``count``).  The statistics are copied to the device and finished there by the kernel of
@@ -204,9 +204,7 @@ def forward_with_stats(call, count, mean, m2):
     dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
     save = _arrays.empty((2, num_channels), "f8", st)
     if num_channels:
-        stats = np.empty((3, num_channels))
-        stats[0], stats[1], stats[2] = float(count), mean, m2
-        stats = _arrays.to_device(stats, st)
+        stats = _arrays.to_device(np.ascontiguousarray(stats, dtype=np.float64), st)
         w = inp.constant(1.0) if call.weight is None else call.weight
         b = inp.constant(0.0) if call.bias is None else call.bias
         rm = _arrays.constant(0.0, 0, inp.dtype) if call.running_mean is None else call.running_mean
@@ -218,7 +216,7 @@ def forward_with_stats(call, count, mean, m2):
     return y, inp.hand_back(mean), inp.hand_back(invstd)
 
 
-def grad_reduce(call):
+def part_sums(call):
     """``(sum g, sum g * (x - mean), sum |g|)`` per channel of a checked
     :class:`numbabn._call.BackwardCall` (``mean`` its ``save_mean``): a (3, C) float64 host
     array, one rank's payload, the same bits for a given shape and data."""
@@ -233,7 +231,7 @@ def grad_reduce(call):
 
 
 def backward_with_sums(call, sums, n):
-    """A checked backward whose reduction ``sums`` (:func:`grad_reduce`, added over every
+    """A checked backward whose reduction ``sums`` (:func:`part_sums`, added over every
     part; a host (3, C) float64 array) cover ``n`` values per channel: ``(grad_input,
     grad_weight, grad_bias, abs_grad_sum)`` as :func:`backward` returns them, the last three
     the global batch's."""
