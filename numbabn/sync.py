@@ -40,7 +40,7 @@ class SyncBatchNorm(BatchNorm):
     Training forward: each rank computes its part's statistics ``(count, mean, M2)``
     (:func:`numbabn.welford`), sends ``("forward", C, dtype, Stats.to_array())`` in one
     ``allgather``, and merges the received parts left to right in rank order with Chan's
-    formula (:func:`numbabn.merge_stats`), exactly as one array's blocks are merged.  The
+    formula (that of :func:`numbabn.merge_stats`), as one array's blocks are merged.  The
     global ``count``, ``mean`` and ``M2`` give the normalization and the running-statistics
     update (unbiased variance ``M2 / (count - 1)`` of the global batch)::
 
@@ -53,6 +53,12 @@ class SyncBatchNorm(BatchNorm):
     rank order; ``grad_input`` follows from the global sums over the global ``n``, and
     ``grad_weight``, ``grad_bias`` and ``update_threshold`` are the global batch's, the same
     bits on every rank.
+
+    A ``comm`` that also has mpi4py's buffer methods ``Allgather(sendbuf, recvbuf)`` and
+    ``Get_size()`` (every mpi4py communicator) exchanges float64 buffers instead of pickled
+    objects: first a header of four numbers per rank (step, ``C``, dtype, whether the rank's
+    checks failed), then, when every header agrees and none failed, the payloads; otherwise
+    every rank makes the object exchange, whose checks raise the errors below.
 
     Ranks may hold different batch sizes, empty ones included (an empty part gives an empty
     output).  The global batch needs more than one value per channel; otherwise, and when

@@ -1,14 +1,19 @@
 """SyncBatchNorm's cost over MPI: a training step (forward + backward) of SyncBatchNorm
-against BatchNorm on the same local batch, and the latency of the two allgathers a step
-makes (the forward's ``2 C + 1`` statistics, the backward's ``3 C`` sums); "1 rank" is
-SyncBatchNorm with a communicator of one rank, its own work without any waiting.
+against BatchNorm on the same local batch, and the latency of the two exchanges a step
+makes (the forward's ``2 C + 1`` statistics, the backward's ``3 C`` sums; each a header
+and a payload ``Allgather`` of float64 buffers, as SyncBatchNorm makes them over an mpi4py
+communicator), beside the same payloads as pickled objects (``allgather``, what other
+communicators send); "1 rank" is SyncBatchNorm with a communicator of one rank, its own
+work without any waiting; "BatchNorm, exchanging" is BatchNorm's step with the same two
+exchanges made inside it, what any collective step costs on the machine (each exchange
+waits for the slower rank), without SyncBatchNorm's own work.
 
     NUMBA_NUM_THREADS=1 mpiexec -n 2 python tools/bench_sync.py
 
 Every rank runs the same calls in lockstep (a SyncBatchNorm step is collective); timings
 are medians over interleaved rounds, each round a batch of back-to-back calls between
 barriers, and rank 0 prints the slowest rank's median and, in parentheses, best round.  A step's exchange should cost no
-more than the two allgathers: ``sync <= 1.2 x (batchnorm + allgathers)``.
+more than the two exchanges: ``sync <= 1.2 x (batchnorm + exchanges)``.
 """
 
 import argparse
@@ -57,6 +62,14 @@ def bench(shape, axis, rounds, budget):
     alone = numbabn.SyncBatchNorm(channels, axis=axis, comm=OneRank())
     stats = numbabn.welford(x, axis=axis).to_array()
     sums = np.zeros((3, channels))
+    header, headers = np.zeros(4), np.zeros((COMM.size, 4))
+    stats_parts, sums_parts = np.zeros((COMM.size, *stats.shape)), np.zeros((COMM.size, *sums.shape))
+
+    def exchange(payload, parts):
+        # what SyncBatchNorm's exchange over an mpi4py communicator makes: a 4-number header
+        # from every rank, then the payloads, both as float64 buffers
+        COMM.Allgather(header, headers)
+        COMM.Allgather(payload, parts)
 
     def step(layer):
         layer(x)
@@ -66,9 +79,19 @@ def bench(shape, axis, rounds, budget):
         "batchnorm": lambda: step(bn),
         "sync": lambda: step(sync),
         "sync, 1 rank": lambda: step(alone),
-        # what SyncBatchNorm sends: (step, C, dtype, payload), pickled by mpi4py's allgather
-        "allgather fwd": lambda: COMM.allgather(("forward", channels, "float32", stats)),
-        "allgather bwd": lambda: COMM.allgather(("backward", channels, "float32", sums)),
+        # BatchNorm's step with the two exchanges made in it: the cost of any collective step
+        # here (the slower rank sets each exchange's pace), without SyncBatchNorm's own work
+        "batchnorm, exchanging": lambda: (
+            bn(x),
+            exchange(stats, stats_parts),
+            bn.backward(g),
+            exchange(sums, sums_parts),
+        ),
+        "allgather fwd": lambda: exchange(stats, stats_parts),
+        "allgather bwd": lambda: exchange(sums, sums_parts),
+        # the same payloads as pickled objects (mpi4py's allgather), as other communicators send them
+        "pickled fwd": lambda: COMM.allgather(("forward", channels, "<f4", stats)),
+        "pickled bwd": lambda: COMM.allgather(("backward", channels, "<f4", sums)),
     }
     for fn in fns.values():  # compile, warm caches
         fn()
@@ -102,8 +125,11 @@ def main():
             "BatchNorm",
             "SyncBatchNorm, 1 rank",
             "SyncBatchNorm",
-            "allgathers (fwd + bwd)",
-            "sync / (bn + allgathers)",
+            "exchanges (fwd + bwd)",
+            "pickled allgathers (fwd + bwd)",
+            "sync / (bn + exchanges)",
+            "BatchNorm, exchanging",
+            "sync / bn exchanging",
         )
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join("---" for _ in header) + "|")
@@ -121,13 +147,18 @@ def main():
                         t["sync"][k] * 1e6,
                         t["allgather fwd"][k] * 1e6,
                         t["allgather bwd"][k] * 1e6,
+                        t["pickled fwd"][k] * 1e6,
+                        t["pickled bwd"][k] * 1e6,
                         t["sync"][k] / (t["batchnorm"][k] + exchange),
+                        t["batchnorm, exchanging"][k] * 1e6,
+                        t["sync"][k] / t["batchnorm, exchanging"][k],
                     )
                 )
-            (bm, om, sm, fm, gm, rm), (bb, ob, sb, fb, gb, rb) = cells
+            (bm, om, sm, fm, gm, pf, pg, rm, em, qm), (bb, ob, sb, fb, gb, pfb, pgb, rb, eb, qb) = cells
             print(
                 f"| {name} | {bm:.0f} ({bb:.0f}) us | {om:.0f} ({ob:.0f}) us | {sm:.0f} ({sb:.0f}) us | "
-                f"{fm:.0f} + {gm:.0f} ({fb:.0f} + {gb:.0f}) us | {rm:.2f} ({rb:.2f}) |",
+                f"{fm:.0f} + {gm:.0f} ({fb:.0f} + {gb:.0f}) us | {pf:.0f} + {pg:.0f} ({pfb:.0f} + {pgb:.0f}) us | "
+                f"{rm:.2f} ({rb:.2f}) | {em:.0f} ({eb:.0f}) us | {qm:.2f} ({qb:.2f}) |",
                 flush=True,
             )
     if COMM.rank == 0 and args.out:
