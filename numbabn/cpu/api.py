@@ -20,7 +20,7 @@ from . import stats as _stats
 #: Where this backend's arrays live (``BatchNorm.device``'s spelling).
 DEVICE = "cpu"
 
-_F64 = np.dtype(np.float64)  # compared with dtypes: ``dtype == np.float64`` costs ~0.3 us
+_F64 = np.dtype(np.float64)  # compared with dtypes: ``dtype == np.float64`` converts the type each time
 
 
 class Input:
@@ -112,12 +112,18 @@ def backward(call):
     """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked
     :class:`numbabn._call.BackwardCall`; the last is the per-channel ``sum |grad_output|``
     (float64) that the reduction pass accumulates beside ``grad_bias``."""
+    return _backward(call, _bwd.backward)
+
+
+def _backward(call, driver, *sums):
+    """Run a backward ``driver`` on a checked call; ``sums``: the reduction and its count
+    that :func:`numbabn.cpu.backward.backward_sums` takes (made elsewhere)."""
     inp = call.inp
     x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
     grad_input = _layout.output_for(x, call.out, g)
     grads = np.empty((3, num_channels))
-    _bwd.backward(
+    driver(
         x.size >= PARALLEL_MIN,
         inp.view3(g),
         inp.view3(x),
@@ -125,6 +131,7 @@ def backward(call):
         _saved(call.save_mean),
         _saved(call.save_invstd),
         call.training,
+        *sums,
         inp.view3(grad_input),
         grads,
     )
@@ -261,26 +268,7 @@ def backward_with_sums(call, sums, n):
     """A checked backward whose reduction ``sums`` (:func:`part_sums`, added over every
     part) cover ``n`` values per channel: ``(grad_input, grad_weight, grad_bias,
     abs_grad_sum)``."""
-    inp = call.inp
-    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
-    g = _same_order(call.grad_output, x)
-    grad_input = _layout.output_for(x, call.out, g)
-    grads = np.empty((3, num_channels))
-    _bwd.backward_sums(
-        x.size >= PARALLEL_MIN,
-        inp.view3(g),
-        inp.view3(x),
-        per_channel_array(call.weight, 1.0, num_channels, dtype),
-        _saved(call.save_mean),
-        _saved(call.save_invstd),
-        call.training,
-        np.ascontiguousarray(sums, dtype=np.float64),
-        float(n),
-        inp.view3(grad_input),
-        grads,
-    )
-    affine = grads[:2].astype(dtype)
-    return deliver(grad_input, call.out), affine[0], affine[1], grads[2]
+    return _backward(call, _bwd.backward_sums, np.ascontiguousarray(sums, dtype=np.float64), float(n))
 
 
 def _parallel(parallel, x):
