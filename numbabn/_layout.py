@@ -127,8 +127,6 @@ def check_training_count(shape, axis):
     """Training needs more than one value per channel (the unbiased variance divides by
     n - 1); an empty batch (n = 0) is allowed, as in PyTorch (its output is empty and the
     running statistics are untouched)."""
-    if len(shape) == 2 and shape[1 - axis] != 1:
-        return  # fast path for (N, C) and (C, N)
     n = values_per_channel(shape, axis)
     if n == 1:
         raise ValueError(

@@ -225,8 +225,7 @@ class BatchNorm:
         (``part``: see :func:`numbabn._call.forward_call`)."""
         use_batch = self.training or self.running_mean is None
         track = self.training and self.track_running_stats
-        # (float: the default momentum is a float subclass, which misses the check's fast path.)
-        momentum = 0.0 if self.momentum is None else float(self.momentum)
+        momentum = 0.0 if self.momentum is None else self.momentum
         if track and self.momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
         running = (None, None) if self.training and not track else (self.running_mean, self.running_var)

@@ -14,6 +14,7 @@ import numpy as np
 
 from .cpu.stats import merge_parts as _merge_parts
 from .layer import _DEFAULT_MOMENTUM, BatchNorm
+from .stats import Stats
 
 
 class SyncBatchNorm(BatchNorm):
@@ -180,7 +181,7 @@ class SyncBatchNorm(BatchNorm):
                 f"{type(inp.x).__name__} (compute a Dask array's part first)"
             )
         # The part's statistics on the host (a GPU part's copied on the input's stream).
-        parts = self._exchange("forward", _payload(*backend.part_stats(inp)))
+        parts = self._exchange("forward", Stats(*backend.part_stats(inp)).to_array())
         stats = np.empty((3, inp.num_channels))
         count = int(_merge_parts(parts, stats))
         if count == 1:
@@ -258,8 +259,7 @@ class SyncBatchNorm(BatchNorm):
         headers = np.empty((comm.Get_size(), 4))
         comm.Allgather(header, headers)
         if headers[:, 3].any() or not (headers[:, :3] == header[:3]).all():
-            _checked(step, self._allgather(step, payload), error)
-            raise AssertionError("unreachable: a failure or a disagreement raises")
+            return _checked(step, self._allgather(step, payload), error)  # raises
         payload = np.ascontiguousarray(payload, dtype=np.float64)
         parts = np.empty((headers.shape[0], *payload.shape))
         comm.Allgather(payload, parts)
@@ -317,16 +317,6 @@ def _buffered(comm):
 
 #: The steps' codes in a buffer exchange's header.
 _STEPS = {"forward": 0.0, "backward": 1.0}
-
-
-def _payload(count, mean, m2):
-    """A part's statistics as :meth:`Stats.to_array` lays them out: ``[count, mean, m2]``."""
-    num_channels = mean.shape[0]
-    payload = np.empty(2 * num_channels + 1)
-    payload[0] = count
-    payload[1 : 1 + num_channels] = mean
-    payload[1 + num_channels :] = m2
-    return payload
 
 
 class _Failure(NamedTuple):

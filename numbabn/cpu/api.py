@@ -37,14 +37,8 @@ class Input:
     def __init__(self, x, axis, stream, name="input"):
         if stream is not None:
             host_stream(stream)
-        if not (type(x) is np.ndarray and x.dtype in _layout.FLOAT_DTYPES and x.ndim >= 2):
-            x = _layout.as_input(x, name)  # converts or raises; the fast path above passes it
-        ndim = x.ndim
-        if type(axis) is int and -ndim <= axis < ndim:
-            axis %= ndim
-        else:
-            axis = _layout.norm_axis(axis, ndim)
-        self.axis = axis
+        x = _layout.as_input(x, name)
+        self.axis = axis = _layout.norm_axis(axis, x.ndim)
         flags = x.flags
         c_order = flags.c_contiguous
         if not (c_order or flags.f_contiguous):
@@ -300,24 +294,18 @@ def per_channel_array(a, fill, num_channels, dtype):
 
 def _affine(weight, bias, num_channels, dtype):
     """The kernels' ``(weight, bias)``: the given arrays (contiguous) or the defaults."""
-    if weight is None and bias is None:
-        return _constant(None, num_channels, dtype)
     return per_channel_array(weight, 1.0, num_channels, dtype), per_channel_array(bias, 0.0, num_channels, dtype)
 
 
 def _constant(fill, num_channels, dtype):
     # The default weight (ones) and bias (zeros), made once per (C, dtype) and only read by
-    # the kernels (a dict, not lru_cache: small calls spend their time in Python); fill None
-    # is the pair of both.  Not flagged read-only: numba would compile a second
-    # specialization.
+    # the kernels (a dict, not lru_cache: small calls spend their time in Python).  Not
+    # flagged read-only: numba would compile a second specialization.
     key = (fill, num_channels, dtype)
     a = _CONSTANTS.get(key)
     if a is None:
-        if fill is None:
-            a = (_constant(1.0, num_channels, dtype), _constant(0.0, num_channels, dtype))
-        else:
-            a = np.full(num_channels, fill, dtype=dtype)
-        if num_channels <= 1 << 16 and len(_CONSTANTS) < 96:  # larger ones: not worth keeping
+        a = np.full(num_channels, fill, dtype=dtype)
+        if num_channels <= 1 << 16 and len(_CONSTANTS) < 64:  # larger ones: not worth keeping
             _CONSTANTS[key] = a
     return a
 

@@ -179,6 +179,15 @@ def apply_grad(g3, x3, coef, gi3):
                     gi2[o, j] = g2[o, j] * a[j]
 
 
+@leaf
+def grad_coefs(sums, n, weight, mean, invstd, training, coef, grads):
+    """:func:`numbabn._math.grad_coef` of every channel from the reduction ``sums`` (3, C)
+    over ``n`` values per channel: ``grads`` (3, C) and the ``coef`` (3, C) of
+    :func:`apply_grad` (the drivers' one coefficient loop)."""
+    for c in range(sums.shape[1]):
+        grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
+
+
 @twin
 def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
     """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
@@ -192,12 +201,10 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
     if fuse_channels(outer, num_channels, inner, 2 * x3.itemsize):
         backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads)
         return
-    n = float(outer * inner)
     sums = np.empty((3, num_channels))
     grad_sums(g3, x3, mean, sums)
     coef = np.empty((3, num_channels))
-    for c in range(num_channels):
-        grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
+    grad_coefs(sums, float(outer * inner), weight, mean, invstd, training, coef, grads)
     apply_grad(g3, x3, coef, gi3)
 
 
@@ -206,10 +213,8 @@ def backward_sums(g3, x3, weight, mean, invstd, training, sums, n, gi3, grads):
     """Driver, :func:`backward` with the reduction ``sums`` (3, C) over ``n`` values per
     channel made elsewhere (SyncBatchNorm's parts, added): coefficients, then the
     elementwise pass."""
-    num_channels = x3.shape[1]
-    coef = np.empty((3, num_channels))
-    for c in range(num_channels):
-        grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
+    coef = np.empty((3, x3.shape[1]))
+    grad_coefs(sums, n, weight, mean, invstd, training, coef, grads)
     apply_grad(g3, x3, coef, gi3)
 
 
@@ -219,14 +224,6 @@ def grad_reduce(g3, x3, mean, sums):
     sum g * (x - mean), sum |g|)`` per channel, to be summed with other parts' (Dask chunks,
     processes) before :func:`grad_coefs`."""
     grad_sums(g3, x3, mean, sums)
-
-
-@leaf
-def grad_coefs(sums, n, weight, mean, invstd, training, coef, grads):
-    """:func:`numbabn._math.grad_coef` of every channel from the summed ``sums`` over ``n``
-    values per channel: ``grads`` (3, C) and the ``coef`` (3, C) of :func:`grad_apply`."""
-    for c in range(sums.shape[1]):
-        grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
 
 
 @twin
