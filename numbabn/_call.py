@@ -10,7 +10,8 @@ A backend is a module with the same names (``numbabn.cpu.api`` for NumPy arrays,
     ``like_input(a, name, writable=...)``.  Exposes ``x``, ``axis``, ``num_channels``,
     ``dtype``, ``shape`` and ``backend``.
 ``forward(call)``
-    A :class:`ForwardCall` to ``(output, save_mean, save_invstd)``.
+    A :class:`ForwardCall` to ``(output, save_mean, save_invstd)``; the last two may be None
+    when ``call.saved`` is False (the caller discards them).
 ``backward(call)``
     A :class:`BackwardCall` to ``(grad_input, grad_weight, grad_bias, abs_grad_sum)``.
 ``batch_stats(inp)``
@@ -33,6 +34,7 @@ import sys
 import numpy as np
 
 from . import _layout
+from ._device import is_device
 from .cpu import api as _host
 
 
@@ -42,8 +44,6 @@ def backend_of(x):
     input of theirs is seen."""
     if type(x) is np.ndarray:
         return _host
-    from ._device import is_device
-
     if is_device(x):
         return cuda_backend()
     if is_dask(x):
@@ -85,9 +85,9 @@ def check_input(x, axis, stream, name="input"):
 class ForwardCall:
     """A checked forward call: the ``Input`` and every other argument, checked."""
 
-    __slots__ = ("inp", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "out")
+    __slots__ = ("inp", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "out", "saved")
 
-    def __init__(self, inp, weight, bias, running_mean, running_var, training, momentum, eps, out):
+    def __init__(self, inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=True):
         self.inp = inp
         self.weight = weight
         self.bias = bias
@@ -97,9 +97,11 @@ class ForwardCall:
         self.momentum = momentum
         self.eps = eps
         self.out = out
+        self.saved = saved  # whether the caller takes save_mean and save_invstd
 
     def run(self):
-        """``(output, save_mean, save_invstd)`` from the input's backend."""
+        """``(output, save_mean, save_invstd)`` from the input's backend (the last two None
+        where the backend skips them for a call that is not ``saved``)."""
         return self.inp.backend.forward(self)
 
 
@@ -122,10 +124,13 @@ class BackwardCall:
         return self.inp.backend.backward(self)
 
 
-def forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False):
+def forward_call(
+    inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False, saved=True
+):
     """Check a forward call's arguments against its checked input ``inp``; ``part``: ``inp``
     is one process's part of a global batch, whose count the caller checks once the parts'
-    statistics are exchanged (SyncBatchNorm), not the part's own."""
+    statistics are exchanged (SyncBatchNorm), not the part's own; ``saved``: whether the
+    caller takes the saved mean and invstd."""
     training = _layout.check_flag(training, "training")
     # (None passes every per-channel check: skipped here, as small calls spend their time in
     # Python.)
@@ -150,7 +155,7 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     eps = _layout.check_eps(eps)
     if out is not None:
         out = inp.like_input(out, "out", writable=True)
-    return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out)
+    return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
 
 
 def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out):

@@ -73,7 +73,8 @@ def batch_norm(
     the lazy second pass; ``out`` is refused (see the Dask page of the docs).
     """
     inp = _call.check_input(input, axis, stream)
-    return _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out).run()[0]
+    args = (weight, bias, running_mean, running_var, training, momentum, eps, out)
+    return _call.forward_call(inp, *args, saved=False).run()[0]
 
 
 def batch_norm_forward(

@@ -91,14 +91,35 @@ class FakeStream:
 
 class Recorder:
     """What the stub driver saw: ``launches`` (name, argtypes, packed, grid, block, stream),
-    ``compiled`` (name, argtypes), ``allocations`` (shapes)."""
+    ``compiled`` (name, argtypes), ``allocations`` (shapes).  A launch is kept as the driver
+    received it (the stub adds as little as it can to the time of a call) and read as a
+    namespace."""
 
     def __init__(self):
-        self.launches, self.compiled, self.allocations = [], [], []
+        self.raw, self.compiled, self.allocations = [], [], []
+
+    @property
+    def launches(self):
+        return _Launches(self.raw)
 
     @property
     def names(self):
         return [launch.name for launch in self.launches]
+
+
+class _Launches(list):
+    def __init__(self, raw):
+        super().__init__(
+            SimpleNamespace(
+                name=kernel.name, argtypes=kernel.argtypes, packed=args, grid=config.grid, block=config.block, stream=s
+            )
+            for s, config, kernel, args in raw
+        )
+        self.raw = raw
+
+    def clear(self):
+        self.raw.clear()
+        super().clear()
 
 
 @pytest.fixture
@@ -113,9 +134,7 @@ def stub(monkeypatch):
         return SimpleNamespace(name=dispatcher.py_func.__name__, argtypes=argtypes)
 
     def driver_launch(stream, config, kernel, *args):
-        seen = SimpleNamespace(name=kernel.name, argtypes=kernel.argtypes, packed=args)
-        seen.grid, seen.block, seen.stream = config.grid, config.block, stream
-        rec.launches.append(seen)
+        rec.raw.append((stream, config, kernel, args))
 
     def fake_device_array(shape, dtype=np.float64, stream=0):
         rec.allocations.append(shape)
@@ -142,10 +161,14 @@ def stub(monkeypatch):
     monkeypatch.setattr(cuda, "external_stream", FakeStream)
     monkeypatch.setattr(backend, "_FOUND_DEVICE", True)
     monkeypatch.setattr(_arrays, "_FREE", {})
+    monkeypatch.setattr(_arrays, "_RECORDED", {})
+    monkeypatch.setattr(_arrays, "_WORKSPACES", {})
     monkeypatch.setattr(_arrays, "to_host", lambda a, stream: np.zeros(a.shape, a.dtype))
     _arrays._constant.cache_clear()
+    _arrays._sink.cache_clear()
     yield rec
     _arrays._constant.cache_clear()
+    _arrays._sink.cache_clear()
 
 
 def numba_prepared(ty, array):
@@ -377,9 +400,11 @@ def test_rows_are_numba_rows(stub, shape, dtype):
 
 @needs_real_numba
 def test_repeated_calls_compile_nothing_and_reuse_work_arrays(stub):
-    """After the first call: no compiled-kernel lookup, no work-array allocation (the outputs
-    a call returns, save_mean and save_invstd, are its own)."""
+    """After the first call: no compiled-kernel lookup, no work-array allocation; the only
+    allocation is the saved (mean, invstd) that batch_norm_forward returns (batch_norm
+    discards them: none)."""
     import numbabn
+    from numbabn.cuda import _arrays
 
     x, y = _input((32, 64), "C"), _input((32, 64), "C")
     rm, rv = device_array(64, np.float32), device_array(64, np.float32)
@@ -388,7 +413,11 @@ def test_repeated_calls_compile_nothing_and_reuse_work_arrays(stub):
     for _ in range(5):
         numbabn.batch_norm(x, rm, rv, None, None, True, out=y)
     assert len(stub.compiled) == compiled == 3
-    assert stub.allocations[allocations:] == [(2, 64)] * 5  # the returned (mean, invstd) only
+    assert stub.allocations[allocations:] == []
+    for _ in range(3):
+        numbabn.batch_norm_forward(x, None, None, rm, rv, training=True, out=y)
+    assert stub.allocations[allocations:] == [(2, 64)] * 3  # the returned (mean, invstd) only
+    assert len(_arrays._RECORDED) == 1 and len(stub.launches) == 3 * 9  # one recording, replayed
 
 
 @needs_real_numba

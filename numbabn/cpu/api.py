@@ -99,6 +99,8 @@ def forward(call):
     else:
         # An empty batch, as in PyTorch: an empty output, running statistics untouched.
         save[...] = np.nan
+    if not call.saved:
+        return deliver(dest, call.out), None, None
     return deliver(dest, call.out), save[0], save[1]
 
 
@@ -255,6 +257,8 @@ def forward_with_stats(call, stats):
     if rm is not call.running_mean or rv is not call.running_var:
         _write_back(call.running_mean, rm)
         _write_back(call.running_var, rv)
+    if not call.saved:
+        return deliver(dest, call.out), None, None
     return deliver(dest, call.out), save[0], save[1]
 
 

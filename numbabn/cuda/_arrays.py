@@ -4,11 +4,13 @@ as the caller's kind of array."""
 
 import functools
 import math
+import operator
 import threading
 
 import numpy as np
 from numba import cuda
 
+from .. import _config
 from . import _launch
 
 SIMULATED = bool(cuda.config.ENABLE_CUDASIM)  # the CUDA simulator: arrays wrap NumPy ones
@@ -124,8 +126,14 @@ def _dense_order(shape, strides, size):
 def view3(a, axis, order):
     """``a`` (dense, axes in memory ``order``) viewed as a C-contiguous ``(outer, C, inner)``
     array: the axes before ``axis`` in memory order make ``outer``, those after ``inner``."""
-    shape, strides = _view3(tuple(a.shape), axis, tuple(order), a.dtype.itemsize)
+    shape, strides = view_geometry(tuple(a.shape), axis, tuple(order), a.dtype.itemsize)
     return strided(a, shape, strides)
+
+
+def view_geometry(shape, axis, order, s):
+    """``(shape, byte strides)`` of :func:`view3`'s view of a dense array of ``shape`` with
+    axes in memory ``order`` and items of ``s`` bytes."""
+    return _view3(tuple(shape), axis, tuple(order), s)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -201,14 +209,28 @@ def _constant(context, fill, n, dtype):
     return to_device(np.full(n, fill, dtype=dtype), 0)
 
 
+def sink(num_channels):
+    """A (2, C) float64 array on the current device that kernels write and nothing reads (the
+    saved mean and invstd of a call whose caller discards them): one per (device, C), shared
+    by every call, so concurrent writes leave garbage no one looks at."""
+    return _sink(_context_key(), num_channels)
+
+
+@functools.lru_cache(maxsize=64)
+def _sink(context, num_channels):
+    return empty((2, num_channels), "f8", 0)
+
+
 _FREE = {}  # (context, stream, tag, dtype) -> (array, its pointer or None) no call holds
 _FREE_LOCK = threading.Lock()
 _HELD = threading.local()  # .arrays: the (key, array) pairs the current driver call holds
 
 
 def one_call(driver):
-    """Decorate a driver (one call's launches): the work arrays it takes with :func:`scratch`
-    are its own until it returns, then go back to the free list of their stream.
+    """Decorate a driver (one call's launches; its last argument the stream): the work arrays
+    it takes with :func:`scratch` are its own until it returns, then go back to the free list
+    of their stream.  On the fast launch path the driver runs once per signature, recorded
+    (:func:`numbabn.cuda._launch.record`), and each call replays its launches.
 
     Host threads may share a stream: the launches of two calls then interleave in the stream's
     order, so arrays held per stream alone would let one call's finish read another's partials.
@@ -216,20 +238,124 @@ def one_call(driver):
     later launch on the same stream: stream order makes that reuse safe.  Uncontended, each
     call reuses the arrays of the one before (no ``cudaMalloc`` per call)."""
 
+    spec = []  # on the fast launch path: where the driver takes arrays, floats and flags
+
     @functools.wraps(driver)
     def run(*args):
-        if getattr(_HELD, "arrays", None) is not None:  # a driver inside a driver: one call
+        if _launch.recording() or getattr(_HELD, "arrays", None) is not None:  # a driver inside a driver
             return driver(*args)
+        if _launch.FAST:
+            if not spec:
+                spec.append(_Spec(args))
+            return _replayed(driver, spec[0], args)
         _HELD.arrays = []
         try:
             return driver(*args)
         finally:
             held, _HELD.arrays = _HELD.arrays, None
-            with _FREE_LOCK:
-                for key, buf in held:
-                    _FREE.setdefault(key, []).append(buf)
+            _give_back(held)
 
     return run
+
+
+_FLOATS = (float, np.float64)
+_META = operator.attrgetter("shape", "strides", "dtype")
+
+
+def _getter(index):
+    """``args -> tuple(args[i] for i in index)``, in one C call where it can."""
+    if len(index) == 1:
+        return lambda args, i=index[0]: (args[i],)
+    return operator.itemgetter(*index) if index else (lambda args: ())
+
+
+class _Spec:
+    """Where a driver takes its arrays, float scalars and flags (bools and ints: part of its
+    signature), from its first call's arguments (the stream last): a driver's checked callers
+    pass the same kinds in the same places."""
+
+    __slots__ = ("array_at", "float_at", "arrays", "floats", "flags")
+
+    def __init__(self, args):
+        kinds = ["float" if type(a) in _FLOATS else "flag" if type(a) in _launch.SCALARS else "array" for a in args[:-1]]
+        self.array_at = [i for i, k in enumerate(kinds) if k == "array"]
+        self.float_at = [i for i, k in enumerate(kinds) if k == "float"]
+        self.arrays, self.floats = _getter(self.array_at), _getter(self.float_at)
+        self.flags = _getter([i for i, k in enumerate(kinds) if k == "flag"])
+
+    @property
+    def nvalues(self):
+        """The per-call values of a replay: the arrays' pointers, then the floats."""
+        return len(self.array_at) + len(self.float_at)
+
+    def symbolic(self, args):
+        """The driver's arguments for recording: its arrays' pointers and its floats as
+        :class:`numbabn.cuda._launch.Slot` ``0, 1, ...``, in the order of the values."""
+        out = list(args)
+        for slot, i in enumerate(self.array_at):
+            a = args[i]
+            out[i] = _launch.Dev(_launch.Slot(slot), tuple(a.shape), tuple(a.strides), a.dtype)
+        for slot, i in enumerate(self.float_at, len(self.array_at)):
+            out[i] = _launch.Slot(slot)
+        return out
+
+
+_RECORDED = {}  # (driver, context, stream, tunables, arguments' signature) -> _launch.Recorded
+_WORKSPACES = {}  # (context, stream) -> free workspaces (uint8 arrays, pointers)
+
+
+def _replayed(driver, spec, args):
+    """``driver(*args)`` on the fast launch path: its recorded launches for the arguments'
+    shapes, strides, dtypes and flags (recorded on first use), made with their pointers and
+    floats, the work arrays carved from one workspace taken for the call."""
+    stream = args[-1]
+    context, stream_key = _context_key(), _scratch_stream_key(stream)
+    arrays = spec.arrays(args)
+    tunables = (_config.CUDA_THREADS, _config.CUDA_MIN_INNER, _config.CUDA_BLOCK_ELEMS, _config.CUDA_MERGE_THREADS)
+    key = (driver, context, stream_key, tunables, tuple(map(_META, arrays)), spec.flags(args))
+    recorded = _RECORDED.get(key)
+    if recorded is None:
+        if len(_RECORDED) > 4096:
+            _RECORDED.clear()
+        recorded = _RECORDED[key] = _launch.record(driver, spec.symbolic(args), spec.nvalues)
+    values = list(map(_launch.pointer, arrays))
+    values += spec.floats(args)
+    if not recorded.workspace:
+        recorded.replay(values)
+        return
+    # Lock-free: list.pop and list.append are atomic, so two threads never take one workspace.
+    free = _WORKSPACES.get((context, stream_key)) or _WORKSPACES.setdefault((context, stream_key), [])
+    try:
+        buf = free.pop()
+    except IndexError:
+        buf = None
+    if buf is None or buf[0].shape[0] < recorded.workspace:
+        a = cuda.device_array(recorded.workspace, dtype=np.uint8, stream=stream)
+        buf = (a, _launch.pointer(a))
+    try:
+        base = buf[1]
+        values += [base + offset for offset in recorded.offsets]
+        recorded.replay(values)
+    finally:
+        free.append(buf)
+
+
+def _take(pool, n, dtype, stream):
+    """A free work array ``(array, pointer)`` of at least ``n`` values from ``pool``
+    (allocated when none is free)."""
+    with _FREE_LOCK:
+        free = _FREE.get(pool)
+        buf = free.pop() if free else None
+    if buf is None or buf[0].shape[0] < n:
+        a = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
+        buf = (a, _launch.pointer(a) if _launch.FAST else None)
+    return buf
+
+
+def _give_back(held):
+    with _FREE_LOCK:
+        for pool, buf in held:
+            _FREE.setdefault(pool, []).append(buf)
 
 
 def scratch(tag, shape, dtype, stream):
@@ -237,28 +363,17 @@ def scratch(tag, shape, dtype, stream):
     driver: one no other call holds, reused from earlier calls on the same stream and device
     when one is free and large enough (saving a ``cudaMalloc`` and the device-wide
     synchronization of numba's deferred ``cudaFree``)."""
+    dtype = np.dtype(dtype)
+    if _launch.recording():
+        return _launch.Dev(_launch.scratch_slot(shape, dtype), shape, _launch.c_strides(shape, dtype.itemsize), dtype)
     held = getattr(_HELD, "arrays", None)
     if held is None:
         raise RuntimeError("scratch() is for drivers decorated with _arrays.one_call")
     n = math.prod(shape)
-    dtype = np.dtype(dtype)
-    key = (_context_key(), _scratch_stream_key(stream), tag, dtype)
-    with _FREE_LOCK:
-        free = _FREE.get(key)
-        buf = free.pop() if free else None
-    if buf is None or buf[0].shape[0] < n:
-        a = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
-        buf = (a, _launch.pointer(a) if _launch.FAST else None, {})
-    held.append((key, buf))
-    a, ptr, views = buf
-    if ptr is not None:  # the fast launch path: the kernels' view, no numba array made, one per shape
-        view = views.get(shape)
-        if view is None:
-            if len(views) > 64:
-                views.clear()
-            view = views[shape] = _launch.Dev(ptr, shape, _launch.c_strides(shape, dtype.itemsize), dtype)
-        return view
-    return a[:n].reshape(shape)
+    pool = (_context_key(), _scratch_stream_key(stream), tag, dtype)
+    buf = _take(pool, n, dtype, stream)
+    held.append((pool, buf))
+    return buf[0][:n].reshape(shape)
 
 
 def _scratch_stream_key(stream):

@@ -16,7 +16,9 @@ takes numba's path (see :func:`numbabn.cuda._arrays.launch`).  Nothing here sync
 
 import functools
 import math
+import operator
 import os
+import threading
 
 import numpy as np
 from numba import cuda, types
@@ -121,8 +123,8 @@ def c_strides(shape, itemsize):
 
 # -- numba types, compiled kernels, configurations, streams: each made once ---------------------
 
-_SCALARS = {float: types.float64, int: types.int64, bool: types.boolean}
-_SCALARS.update({np.float64: types.float64, np.int64: types.int64, np.bool_: types.boolean})
+SCALARS = {float: types.float64, int: types.int64, bool: types.boolean}
+SCALARS.update({np.float64: types.float64, np.int64: types.int64, np.bool_: types.boolean})
 
 
 def argtypes_of(key):
@@ -134,7 +136,7 @@ def argtypes_of(key):
             dtype, ndim, layout = k
             out.append(types.Array(numpy_support.from_dtype(dtype), ndim, layout))
         else:
-            out.append(_SCALARS[k])
+            out.append(SCALARS[k])
     return tuple(out)
 
 
@@ -190,14 +192,19 @@ _KERNELS = {}  # (dispatcher, launch key, context) -> cuda.core Kernel
 def launch(dispatcher, grid, block, stream, *args):
     """Launch ``dispatcher`` (a ``numba.cuda.jit`` kernel) on ``grid`` x ``block`` on
     ``stream``.  Arguments: :class:`Dev` or numba device arrays, Python floats (float64),
-    ints (int64) and bools."""
+    ints (int64) and bools.  While a call is recorded (:func:`record`), the launch is
+    appended to the recording instead."""
     packed = []
     key = [dispatcher]
     for a in args:
         t = type(a)
-        if t in _SCALARS:
+        if t in SCALARS:
             packed.append(a)
             key.append(t)
+            continue
+        if t is Slot:  # a recorded call's float argument
+            packed.append(a)
+            key.append(float)
             continue
         if t is not Dev:
             a = describe(a)
@@ -210,7 +217,102 @@ def launch(dispatcher, grid, block, stream, *args):
     kernel = _KERNELS.get(key)
     if kernel is None:
         kernel = _KERNELS[key] = compiled(dispatcher, argtypes_of(key[1:-1]))
+    recording = getattr(_RECORDING, "launches", None)
+    if recording is not None:
+        recording.append((core_stream(stream), launch_config(grid, block), kernel, packed))
+        return
     driver_launch(core_stream(stream), launch_config(grid, block), kernel, *packed)
+
+
+# -- recorded calls -----------------------------------------------------------------------------
+# A driver's launches depend on its arguments' shapes, strides and dtypes, its flags, the stream,
+# the context and the tunables, never on their data: recorded once per such signature, a call is
+# replayed with only its pointers and float scalars filled in.
+
+
+class Slot:
+    """A value that each replay of a recorded call supplies: value ``index`` of the replay (an
+    argument's pointer or float, a work array's pointer).  Drivers pass it on to launches;
+    reading it (``bool``, ``float``, a comparison) raises, as a recording holds for every call
+    of its signature."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+    def _refuse(self, *_):
+        raise TypeError("a GPU driver read a per-call value (a pointer or a float argument) while being recorded")
+
+    __bool__ = __float__ = __int__ = __index__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+
+
+_RECORDING = threading.local()  # .launches, .scratch, .nvalues: the call this thread records
+
+
+def recording():
+    """Whether this thread is recording a call (:func:`record`)."""
+    return getattr(_RECORDING, "launches", None) is not None
+
+
+def scratch_slot(shape, dtype):
+    """The pointer :class:`Slot` of a work array of the call being recorded: each replay
+    carves it from the call's workspace."""
+    scratch = _RECORDING.scratch
+    scratch.append(max(1, math.prod(shape)) * dtype.itemsize)
+    return Slot(_RECORDING.nvalues + len(scratch) - 1)
+
+
+#: Work arrays start at multiples of this many bytes in a call's workspace.
+ALIGN = 256
+
+
+class Recorded:
+    """A recorded call: ``launches``, each ``(stream, config, kernel, pack)`` with
+    ``pack(values)`` its packed arguments; ``workspace``, the bytes of work arrays it takes,
+    at byte ``offsets`` of one workspace; ``consts``, the values no replay changes.  A
+    replay's values are the call's pointers and floats, then its work arrays' pointers, then
+    ``consts``."""
+
+    __slots__ = ("launches", "workspace", "offsets", "consts")
+
+    def __init__(self, launches, scratch, nvalues):
+        self.offsets, end = [], 0
+        for nbytes in scratch:
+            self.offsets.append(end)
+            end += -(-nbytes // ALIGN) * ALIGN
+        self.workspace = end
+        ndyn = nvalues + len(scratch)
+        self.consts, self.launches = [], []
+        for stream, config, kernel, packed in launches:
+            index = []
+            for v in packed:
+                if type(v) is Slot:
+                    index.append(v.index)
+                else:
+                    index.append(ndyn + len(self.consts))
+                    self.consts.append(v)
+            pack = operator.itemgetter(*index) if len(index) > 1 else (lambda values, i=index[0]: (values[i],))
+            self.launches.append((stream, config, kernel, pack))
+
+    def replay(self, values):
+        """Make the launches with ``values`` (the call's, then its work arrays' pointers)."""
+        values += self.consts
+        for stream, config, kernel, pack in self.launches:
+            driver_launch(stream, config, kernel, *pack(values))
+
+
+def record(driver, args, nvalues):
+    """The :class:`Recorded` launches of ``driver(*args)``, a driver's arguments with
+    :class:`Slot` pointers and floats ``0 .. nvalues - 1``: the driver runs, its launches and
+    work arrays are recorded, nothing is launched."""
+    _RECORDING.launches, _RECORDING.scratch, _RECORDING.nvalues = [], [], nvalues
+    try:
+        if driver(*args) is not None:
+            raise TypeError(f"GPU driver {driver.__name__} returned a value: a recorded call only launches")
+        return Recorded(_RECORDING.launches, _RECORDING.scratch, nvalues)
+    finally:
+        _RECORDING.launches = _RECORDING.scratch = None
 
 
 # -- compiled kernels on disk -------------------------------------------------------------------

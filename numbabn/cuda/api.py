@@ -32,30 +32,41 @@ _PER_CHANNEL_DTYPES = {
 
 
 class Input:
-    """A checked GPU input: the caller's array, its numba view, dtype, axis, memory order and
-    stream, and the per-channel and like-input checks of its call."""
+    """A checked GPU input: the caller's array, its numba view, dtype, axis, memory order,
+    ``(outer, C, inner)`` view and stream, and the per-channel and like-input checks of its
+    call.  The layout checks depend on the shape, strides, dtype and axis alone: made once per
+    such signature (small calls spend their time in Python)."""
+
+    __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "stream", "order", "view_shape")
 
     def __init__(self, input, axis, stream, name="input"):
         self.original = input
-        x = _layout.check_input(_arrays.as_numba(input), name, DTYPES)
-        self.axis = _layout.norm_axis(axis, x.ndim)
+        self.x = x = _arrays.as_numba(input)
+        key = (x.shape, x.strides, x.dtype, axis)
+        layout = _LAYOUTS.get(key) if type(axis) is int else None
+        if layout is None:
+            layout = _layout_of(x, axis, name)
+            if len(_LAYOUTS) > 4096:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+        self.axis, self.order, self.view_shape = layout
         self.num_channels = x.shape[self.axis]
         self.dtype = x.dtype
         self.shape = x.shape
         self.stream = _arrays.stream_of(stream, input)
-        self.order = _arrays.dense_order(x)
-        if self.order is None:
-            raise ValueError(
-                f"{name} must be a dense GPU array (C-, F-contiguous or a permutation such as channels-last), "
-                f"got strides {x.strides} for shape {x.shape}; copy it first (e.g. .copy() or .contiguous())"
-            )
-        self.x = x
 
     def per_channel(self, a, name, *, writable=False, save=False):
         """A per-channel GPU array: shape (C,), the input's dtype (float16 inputs also take
         float32 ones, as cuDNN does; saved statistics may be float64), contiguous."""
         if a is None:
             return None
+        if (
+            getattr(a, "__cuda_ndarray__", False) is True
+            and (a.dtype is self.dtype or (save and a.dtype is _F64))
+            and a.shape == (self.num_channels,)
+            and a.strides == (a.dtype.itemsize,)
+        ):
+            return a  # fast path: a numba array that passes every check below
         a = _device_array(a, name)
         _layout.check_channels(a, self.num_channels, _PER_CHANNEL_DTYPES[self.dtype, save], name)
         if a.strides[0] != a.dtype.itemsize and self.num_channels > 1:
@@ -64,17 +75,27 @@ class Input:
 
     def like_input(self, a, name, *, writable=False):
         """``a`` (a GPU array of the input's shape and dtype) with the input's memory order."""
-        a = _layout.check_like(self.x, _device_array(a, name), name)
+        x = self.x
+        if (
+            getattr(a, "__cuda_ndarray__", False) is True
+            and a.dtype is x.dtype
+            and a.shape == x.shape
+            and a.strides == x.strides
+        ):
+            return a  # fast path: the input's own layout
+        a = _layout.check_like(x, _device_array(a, name), name)
         order = _arrays.dense_order(a)
         if order is None or _significant(order, a.shape) != _significant(self.order, a.shape):
             raise ValueError(
-                f"{name} must have the same memory layout as input on the GPU (strides {self.x.strides}), "
+                f"{name} must have the same memory layout as input on the GPU (strides {x.strides}), "
                 f"got strides {a.strides}"
             )
         return a
 
     def view(self, a):
-        return _arrays.view3(a, self.axis, self.order)
+        """The C-contiguous ``(outer, C, inner)`` view of ``a`` (dense, the input's layout)."""
+        shape, strides = self.view_shape
+        return _arrays.strided(a, shape, strides)
 
     def new_like_input(self):
         return _arrays.empty_like(self.x, self.order, self.stream)
@@ -96,17 +117,20 @@ def forward(call):
     b = inp.constant(0.0) if call.bias is None else call.bias
     running_mean, running_var = call.running_mean, call.running_var
     st = inp.stream
+    y = out if out is not None else inp.hand_back(dest)
     if call.training and inp.x.size == 0:
         save = _arrays.to_device(np.full((2, inp.num_channels), np.nan), st)
-    elif call.training:
-        save = _arrays.empty((2, inp.num_channels), "f8", st)
-        rm = _arrays.constant(0.0, 0, inp.dtype) if running_mean is None else running_mean
-        rv = _arrays.constant(0.0, 0, inp.dtype) if running_var is None else running_var
-        _fwd.forward_train(x3, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
     else:
-        save = _arrays.empty((2, inp.num_channels), "f8", st)
-        _fwd.forward_eval(x3, w, b, running_mean, running_var, call.eps, y3, save, st)
-    y = out if out is not None else inp.hand_back(dest)
+        # A call that is not saved writes its mean and invstd where nothing reads them.
+        save = _arrays.empty((2, inp.num_channels), "f8", st) if call.saved else _arrays.sink(inp.num_channels)
+        if call.training:
+            rm = _arrays.constant(0.0, 0, inp.dtype) if running_mean is None else running_mean
+            rv = _arrays.constant(0.0, 0, inp.dtype) if running_var is None else running_var
+            _fwd.forward_train(x3, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
+        else:
+            _fwd.forward_eval(x3, w, b, running_mean, running_var, call.eps, y3, save, st)
+        if not call.saved:
+            return y, None, None
     mean, invstd = _arrays.rows(save)
     return y, inp.hand_back(mean), inp.hand_back(invstd)
 
@@ -251,6 +275,24 @@ def backward_with_sums(call, sums, n):
     _bwd.backward_with_sums(g3, x3, w, mean, invstd, call.training, sums, float(n), gi3, grads, gwb, st)
     gw, gb = _arrays.rows(gwb)
     return gi, inp.hand_back(gw), inp.hand_back(gb), inp.hand_back(_arrays.rows(grads)[2])
+
+
+_LAYOUTS = {}  # (shape, strides, dtype, axis) of a checked input -> (axis, order, view geometry)
+_F64 = np.dtype(np.float64)
+
+
+def _layout_of(x, axis, name):
+    """Check a GPU input's dtype, ndim, axis and density: ``(axis, memory order, (shape,
+    strides) of its (outer, C, inner) view)``."""
+    _layout.check_input(x, name, DTYPES)
+    axis = _layout.norm_axis(axis, x.ndim)
+    order = _arrays.dense_order(x)
+    if order is None:
+        raise ValueError(
+            f"{name} must be a dense GPU array (C-, F-contiguous or a permutation such as channels-last), "
+            f"got strides {x.strides} for shape {x.shape}; copy it first (e.g. .copy() or .contiguous())"
+        )
+    return axis, order, _arrays.view_geometry(x.shape, axis, order, x.dtype.itemsize)
 
 
 def _significant(order, shape):

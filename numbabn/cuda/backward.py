@@ -200,7 +200,7 @@ def backward_with_sums(g3, x3, weight, mean, invstd, training, sums, n, gi3, gra
     step = sums.strides[1] * num_channels
     part = _arrays.strided(sums, (3, 1, num_channels), (step, step, sums.strides[1]))
     coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
-    args = (part, 1, float(n), weight, mean, invstd, training, coef, grads, gwb)
+    args = (part, 1, n, weight, mean, invstd, training, coef, grads, gwb)
     _arrays.launch(grad_channels, *per_channel_blocks(num_channels), stream, *args)
     grad_apply(g3, x3, coef, gi3, stream)
 
