@@ -124,9 +124,7 @@ class BackwardCall:
         return self.inp.backend.backward(self)
 
 
-def forward_call(
-    inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False, saved=True
-):
+def forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False, saved=True):
     """Check a forward call's arguments against its checked input ``inp``; ``part``: ``inp``
     is one process's part of a global batch, whose count the caller checks once the parts'
     statistics are exchanged (SyncBatchNorm), not the part's own; ``saved``: whether the

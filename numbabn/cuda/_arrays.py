@@ -269,6 +269,10 @@ def _getter(index):
     return operator.itemgetter(*index) if index else (lambda args: ())
 
 
+def _kind(t):
+    return "float" if t in _FLOATS else "flag" if t in _launch.SCALARS else "array"
+
+
 class _Spec:
     """Where a driver takes its arrays, float scalars and flags (bools and ints: part of its
     signature), from its first call's arguments (the stream last): a driver's checked callers
@@ -277,7 +281,7 @@ class _Spec:
     __slots__ = ("array_at", "float_at", "arrays", "floats", "flags")
 
     def __init__(self, args):
-        kinds = ["float" if type(a) in _FLOATS else "flag" if type(a) in _launch.SCALARS else "array" for a in args[:-1]]
+        kinds = [_kind(type(a)) for a in args[:-1]]
         self.array_at = [i for i, k in enumerate(kinds) if k == "array"]
         self.float_at = [i for i, k in enumerate(kinds) if k == "float"]
         self.arrays, self.floats = _getter(self.array_at), _getter(self.float_at)
