@@ -62,6 +62,13 @@ def signatures(dt):
                 (arr(f8, 3), i8, arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1), f8, f8, arr(coef, 2), arr(f8, 2)),
             ),
             (F.eval_channels, (arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1), f8, arr(coef, 2), arr(f8, 2))),
+        ]
+        # The one-launch training forwards: data, partials, weight, bias, running stats, momentum,
+        # eps, coefficients, saved statistics, output.
+        train = (arr(f8, 3), arr(p, 1), arr(p, 1), arr(p, 1), arr(p, 1), f8, f8, arr(coef, 2), arr(f8, 2))
+        out += [
+            (F.train_strided, (arr(dt, 3), *train, arr(dt, 3))),
+            (F.train_minor, (arr(dt, 3), *train, arr(dt, 3))),
             (
                 B.grad_channels,
                 (
@@ -81,7 +88,7 @@ def signatures(dt):
     return out
 
 
-ELEMENTWISE = ("normalize_rows", "normalize_columns", "apply_rows", "apply_columns")
+ELEMENTWISE = ("normalize_rows", "normalize_columns", "apply_rows", "apply_columns", "train_strided", "train_minor")
 REDUCTIONS = ("partials_strided", "partials_minor", "grad_partials_strided", "grad_partials_minor")
 MIN_LOADS = 4
 

@@ -109,6 +109,42 @@ def test_float16_storage_float32_arithmetic(rng, shape, axis):
     assert_close(host(gw), egw, np.float32, scale=x.size // c)
 
 
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("threads", [8, 64])
+@pytest.mark.parametrize("running", [True, False], ids=["running", "no-running"])
+def test_one_launch_training_forward_has_the_bits_of_three(rng, monkeypatch, shape, axis, dtype, threads, running):
+    """Arrays whose every channel one reduction block covers (a large CUDA_BLOCK_ELEMS here)
+    run the training forward in one launch (statistics, finish and normalize in the block);
+    output, saved statistics and running statistics have the bits of the three launches
+    (CUDA_FUSE_ELEMS = 0).  (4, 3, 2, 3) has short rows of several columns per channel: three
+    launches either way."""
+    from numbabn.cuda import _arrays
+
+    monkeypatch.setattr(_config, "CUDA_THREADS", threads)
+    monkeypatch.setattr(_config, "CUDA_BLOCK_ELEMS", 4096)
+    names, real = [], _arrays.launch
+    monkeypatch.setattr(_arrays, "launch", lambda kernel, *a: (names.append(kernel.__name__), real(kernel, *a)))
+    x = make_input(rng, shape, axis, dtype)
+    pdtype = np.float32 if dtype == np.float16 else dtype
+    w, b, rm, rv = (a.astype(pdtype) for a in make_params(rng, shape[axis], pdtype))
+    results = {}
+    for fuse in (1 << 18, 0):
+        monkeypatch.setattr(_config, "CUDA_FUSE_ELEMS", fuse)
+        names.clear()
+        drm, drv = (dev(rm), dev(rv)) if running else (None, None)
+        out = numbabn.batch_norm_forward(dev(x), dev(w), dev(b), drm, drv, training=True, momentum=0.3, axis=axis)
+        results[fuse] = [host(a) for a in (*out, *((drm, drv) if running else ()))]
+        results[fuse, "names"] = list(names)
+    one = shape != (4, 3, 2, 3)
+    assert results[1 << 18, "names"] == (
+        [f"train_{'strided' if len(shape) == 3 else 'minor'}"] if one else results[0, "names"]
+    )
+    assert len(results[0, "names"]) == 3
+    for a, e in zip(results[1 << 18], results[0], strict=True):
+        assert_bitwise(a, e)
+
+
 def test_stability_large_mean_float32(rng):
     """|mean| / std = 1e4 in float32: exact statistics, where E[x^2] - E[x]^2 is garbage."""
     x = (1e4 + rng.standard_normal((40, 3, 9))).astype(np.float32)

@@ -304,26 +304,41 @@ def _input(shape, order, dtype=np.float32):
 
 @needs_real_numba
 @pytest.mark.parametrize("shape,axis,order", DRIVER_CASES)
-def test_forward_backward_launches(stub, shape, axis, order):
+def test_forward_backward_launches(stub, monkeypatch, shape, axis, order):
     """Each stage's kernels, geometry (from ``_plan``), stream, and arguments as numba would
-    prepare them; the input's memory is what the kernels read."""
+    prepare them; the input's memory is what the kernels read.  These arrays are small: a
+    training forward is one launch, or three with CUDA_FUSE_ELEMS = 0."""
     import numbabn
+    from numbabn import _config
     from numbabn.cuda import _arrays, _plan
 
     x, y, g = _input(shape, order), _input(shape, order), _input(shape, order)
     c = shape[axis]
     rm, rv, w = device_array(c, np.float32), device_array(c, np.float32), device_array(c, np.float32)
-    _, mean, invstd = numbabn.batch_norm_forward(x, w, None, rm, rv, training=True, axis=axis, out=y, stream=5)
     x3 = _arrays.view3(x, axis % len(shape), _arrays.dense_order(x))
     p = _plan.plan(*x3.shape)
     strided, egrid, eblock = _plan.elementwise(*x3.shape)
     fam = "strided" if p.strided else "minor"
-    assert stub.names == [f"partials_{fam}", "finish_channels", "normalize_rows" if strided else "normalize_columns"]
+    xptr = x.device_ctypes_pointer.value
+    three = [f"partials_{fam}", "finish_channels", "normalize_rows" if strided else "normalize_columns"]
+    numbabn.batch_norm_forward(x, w, None, rm, rv, training=True, axis=axis, out=y, stream=5)
+    if _plan.one_block(p, x3.size):
+        assert stub.names == [f"train_{fam}"]
+        (one,) = stub.launches
+        assert one.grid[:2] == p.grid and one.block[:2] == (p.bx, p.by) and one.stream == 5
+        arrays = check_against_numba(one)
+        assert arrays[0][0] == xptr and arrays[-1][0] == y.device_ctypes_pointer.value
+    else:  # short rows of several columns per channel (the F-ordered NCHW)
+        assert p.q > 1 and stub.names == three
+
+    stub.launches.clear()
+    monkeypatch.setattr(_config, "CUDA_FUSE_ELEMS", 0)
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, None, rm, rv, training=True, axis=axis, out=y, stream=5)
+    assert stub.names == three
     red, fin, norm = stub.launches
     assert red.grid[:2] == p.grid and red.block[:2] == (p.bx, p.by)
     assert fin.grid[0] == c and norm.grid[:2] == egrid and norm.block[:2] == eblock
     assert {launch.stream for launch in stub.launches} == {5}
-    xptr = x.device_ctypes_pointer.value
     for launch in stub.launches:
         arrays = check_against_numba(launch)
         if launch is red or launch is norm:
@@ -412,12 +427,12 @@ def test_repeated_calls_compile_nothing_and_reuse_work_arrays(stub):
     compiled, allocations = len(stub.compiled), len(stub.allocations)
     for _ in range(5):
         numbabn.batch_norm(x, rm, rv, None, None, True, out=y)
-    assert len(stub.compiled) == compiled == 3
+    assert len(stub.compiled) == compiled == 1  # the one-launch training forward
     assert stub.allocations[allocations:] == []
     for _ in range(3):
         numbabn.batch_norm_forward(x, None, None, rm, rv, training=True, out=y)
     assert stub.allocations[allocations:] == [(2, 64)] * 3  # the returned (mean, invstd) only
-    assert len(_arrays._RECORDED) == 1 and len(stub.launches) == 3 * 9  # one recording, replayed
+    assert len(_arrays._RECORDED) == 1 and len(stub.launches) == 9  # one recording, replayed
 
 
 @needs_real_numba
@@ -437,7 +452,14 @@ def test_numba_mode_is_read_from_the_environment():
 
 ALL_KERNELS = {
     "stats": ("partials_strided", "partials_minor", "channel_stats", "merge_channels", "copy_cast"),
-    "forward": ("finish_channels", "eval_channels", "normalize_rows", "normalize_columns"),
+    "forward": (
+        "finish_channels",
+        "eval_channels",
+        "normalize_rows",
+        "normalize_columns",
+        "train_strided",
+        "train_minor",
+    ),
     "backward": (
         "grad_partials_strided",
         "grad_partials_minor",

@@ -79,6 +79,8 @@ def stream_of(stream, original):
     or a raw ``cudaStream_t`` int), else the current stream of ``original``'s library, else
     numba's default stream."""
     if stream is None:
+        if getattr(original, "__cuda_ndarray__", False) is True:  # numba's own
+            return cuda.default_stream()
         k = kind(original)
         if k == "torch":
             import torch
@@ -315,7 +317,13 @@ def _replayed(driver, spec, args):
     stream = args[-1]
     context, stream_key = _context_key(), _scratch_stream_key(stream)
     arrays = spec.arrays(args)
-    tunables = (_config.CUDA_THREADS, _config.CUDA_MIN_INNER, _config.CUDA_BLOCK_ELEMS, _config.CUDA_MERGE_THREADS)
+    tunables = (
+        _config.CUDA_THREADS,
+        _config.CUDA_MIN_INNER,
+        _config.CUDA_BLOCK_ELEMS,
+        _config.CUDA_MERGE_THREADS,
+        _config.CUDA_FUSE_ELEMS,
+    )
     key = (driver, context, stream_key, tunables, tuple(map(_META, arrays)), spec.flags(args))
     recorded = _RECORDED.get(key)
     if recorded is None:

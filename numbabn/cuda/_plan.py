@@ -74,6 +74,14 @@ def _plan(outer, num_channels, inner, threads, min_inner, block_elems):
     return Plan(strided, bx, by, width, q, rows, nsplit, (cols, nsplit))
 
 
+def one_block(p, size):
+    """Whether a training forward of ``size`` elements with reduction plan ``p`` runs in one
+    launch (``forward.train_strided``, ``forward.train_minor``): every channel reduced by one
+    block (no split; channel-minor arrays with one column per channel) and at most
+    ``CUDA_FUSE_ELEMS`` elements, where the launches cost more than the work."""
+    return p.nsplit == 1 and (p.strided or p.q == 1) and size <= _config.CUDA_FUSE_ELEMS
+
+
 def elementwise(outer, num_channels, inner):
     """``(strided, grid, block)`` of the elementwise kernels: threads along rows of ``inner`` values
     (strided; rows are the ``outer * C`` (outer, channel) pairs) or across the ``C * inner``

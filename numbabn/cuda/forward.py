@@ -13,8 +13,8 @@ from numba import cuda, float64
 from .._math import finish_channel as _finish_channel
 from .._math import fold, invstd_of
 from . import _arrays, _launch
-from ._plan import coef_dtype, columns, elementwise, launch_1d, per_channel_blocks
-from .stats import channel_partials, partials
+from ._plan import CHUNK, coef_dtype, columns, elementwise, launch_1d, one_block, per_channel_blocks, plan
+from .stats import block_partial, channel_partials, chunk_pair, partials
 
 finish_channel = _arrays.shared(_finish_channel)
 
@@ -100,13 +100,83 @@ def normalize(x3, coef, y3, stream):
         _arrays.launch(normalize_columns, grid, block, stream, columns(x3), x3.shape[2], coef, columns(y3))
 
 
+@cuda.jit
+def train_strided(x3, part, weight, bias, running_mean, running_var, momentum, eps, coef, save, y3):
+    """The training forward in one launch, on an array whose every channel one block reduces
+    (``_plan.one_block``): block ``c`` computes channel ``c``'s statistics as
+    :func:`stats.partials_strided` does, finishes it as :func:`finish_channels` does, then
+    normalizes it as :func:`normalize_rows` does: the three launches' arithmetic, and bits."""
+    c = cuda.blockIdx.x
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    outer, inner = x3.shape[0], x3.shape[2]
+    # While loops: a range with a step inside another loop divides for its trip count.
+    n, mean, m2 = 0.0, 0.0, 0.0
+    i = tx
+    while i < inner:
+        o = ty
+        while o < outer:
+            n, mean, m2 = chunk_pair(x3, c, i, o, outer, by, n, mean, m2)
+            o += 2 * by * CHUNK
+        i += bx
+    block_partial(n, mean, m2, 0, ty * bx + tx, 1, bx * by, True, part, 0, c)
+    if tx == 0 and ty == 0:  # the thread that wrote the channel's partial
+        n, mean, m2 = part[0, 0, c], part[1, 0, c], part[2, 0, c]
+        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    cuda.syncthreads()
+    a = coef[0, c]
+    b = coef[1, c]
+    o = ty
+    while o < outer:
+        i = tx
+        while i < inner:
+            y3[o, c, i] = x3[o, c, i] * a + b
+            i += bx
+        o += by
+
+
+@cuda.jit
+def train_minor(x2, part, weight, bias, running_mean, running_var, momentum, eps, coef, save, y2):
+    """The training forward in one launch, on a channel-minor ``(outer, C, 1)`` array (one
+    column per channel: ``(N, C)``, channels-last) whose every column one block reduces
+    (``_plan.one_block``): thread column ``j`` computes channel ``j``'s statistics with its
+    block as :func:`stats.partials_minor` does, finishes it as :func:`finish_channels` does,
+    then the block normalizes its columns as :func:`normalize_columns` does: the three
+    launches' arithmetic, and bits."""
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    j = cuda.blockIdx.x * bx + tx
+    outer, width = x2.shape[0], x2.shape[1]
+    n, mean, m2 = 0.0, 0.0, 0.0
+    if j < width:
+        for o in range(ty, outer, 2 * by * CHUNK):
+            n, mean, m2 = chunk_pair(x2, j, 0, o, outer, by, n, mean, m2)
+    block_partial(n, mean, m2, tx, ty, bx, by, True, part, 0, j if j < width else -1)
+    if ty == 0 and j < width:  # the thread that wrote the column's partial
+        n, mean, m2 = part[0, 0, j], part[1, 0, j], part[2, 0, j]
+        finish_channel(j, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    cuda.syncthreads()
+    if j < width:
+        a = coef[0, j]
+        b = coef[1, j]
+        for o in range(ty, outer, by):
+            y2[o, j, 0] = x2[o, j, 0] * a + b
+
+
 @_arrays.one_call
 def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save, stream):
     """Driver, training: batch statistics, EMA update, normalize ``x3`` into ``y3``; ``save``
     (2, C) float64 receives the mean and invstd used."""
-    num_channels = x3.shape[1]
-    part, q = partials(x3, stream)
+    outer, num_channels, inner = x3.shape
     coef = _arrays.scratch("coef", (2, num_channels), coef_dtype(x3.dtype), stream)
+    p = plan(outer, num_channels, inner)
+    if one_block(p, x3.size):
+        part = _arrays.scratch("part", (3, 1, p.width), "f8", stream)
+        args = (part, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        if p.strided:
+            _arrays.launch(train_strided, p.grid, (p.bx, p.by), stream, x3, *args, y3)
+        else:
+            _arrays.launch(train_minor, p.grid, (p.bx, p.by), stream, x3, *args, y3)
+        return
+    part, q = partials(x3, stream)
     args = (part, q, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     _arrays.launch(finish_channels, *per_channel_blocks(num_channels), stream, *args)
     normalize(x3, coef, y3, stream)
@@ -141,4 +211,4 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save, stream):
     normalize(x3, coef, y3, stream)
 
 
-_launch.cache_on_disk(finish_channels, eval_channels, normalize_rows, normalize_columns)
+_launch.cache_on_disk(finish_channels, eval_channels, normalize_rows, normalize_columns, train_strided, train_minor)
