@@ -133,7 +133,7 @@ def stub(monkeypatch):
         rec.compiled.append((dispatcher.py_func.__name__, argtypes))
         return SimpleNamespace(name=dispatcher.py_func.__name__, argtypes=argtypes)
 
-    def driver_launch(stream, config, kernel, *args):
+    def driver_launch(stream, config, kernel, args):
         rec.raw.append((stream, config, kernel, args))
 
     def fake_device_array(shape, dtype=np.float64, stream=0):
@@ -163,6 +163,7 @@ def stub(monkeypatch):
     monkeypatch.setattr(_arrays, "_FREE", {})
     monkeypatch.setattr(_arrays, "_RECORDED", {})
     monkeypatch.setattr(_arrays, "_WORKSPACES", {})
+    monkeypatch.setattr(_arrays, "_DEFAULT_STREAM", [])
     monkeypatch.setattr(_arrays, "to_host", lambda a, stream: np.zeros(a.shape, a.dtype))
     _arrays._constant.cache_clear()
     _arrays._sink.cache_clear()

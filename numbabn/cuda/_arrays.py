@@ -80,7 +80,7 @@ def stream_of(stream, original):
     numba's default stream."""
     if stream is None:
         if getattr(original, "__cuda_ndarray__", False) is True:  # numba's own
-            return cuda.default_stream()
+            return default_stream()
         k = kind(original)
         if k == "torch":
             import torch
@@ -91,7 +91,7 @@ def stream_of(stream, original):
 
             stream = cupy.cuda.get_current_stream().ptr
         else:
-            return cuda.default_stream()
+            return default_stream()
     if type(stream).__module__.startswith("numba"):  # numba's own (or the simulator's)
         return stream
     for attr in ("cuda_stream", "ptr"):  # PyTorch, CuPy
@@ -102,7 +102,21 @@ def stream_of(stream, original):
         raise TypeError(
             f"stream must be a numba, CuPy or PyTorch stream or a cudaStream_t int, got {type(stream).__name__}"
         )
-    return cuda.default_stream() if int(stream) == 0 else cuda.external_stream(int(stream))
+    return default_stream() if int(stream) == 0 else cuda.external_stream(int(stream))
+
+
+_DEFAULT_STREAM = []
+
+
+def default_stream():
+    """numba's default stream, made once: a numba stream of handle 0 names the default stream
+    of whichever context and thread launches on it (numba makes a new object per
+    ``cuda.default_stream()``)."""
+    if SIMULATED:
+        return cuda.default_stream()
+    if not _DEFAULT_STREAM:
+        _DEFAULT_STREAM.append(cuda.default_stream())
+    return _DEFAULT_STREAM[0]
 
 
 def dense_order(a):
@@ -244,12 +258,14 @@ def one_call(driver):
 
     @functools.wraps(driver)
     def run(*args):
-        if _launch.recording() or getattr(_HELD, "arrays", None) is not None:  # a driver inside a driver
-            return driver(*args)
         if _launch.FAST:
+            if _launch.recording():  # a driver inside a driver: part of the recording
+                return driver(*args)
             if not spec:
                 spec.append(_Spec(args))
             return _replayed(driver, spec[0], args)
+        if getattr(_HELD, "arrays", None) is not None:  # a driver inside a driver: one call
+            return driver(*args)
         _HELD.arrays = []
         try:
             return driver(*args)
@@ -307,6 +323,10 @@ class _Spec:
 
 
 _RECORDED = {}  # (driver, context, stream, tunables, arguments' signature) -> _launch.Recorded
+#: The tunables that shape the launches (read at each call: tests patch them).
+_TUNABLES = operator.attrgetter(
+    "CUDA_THREADS", "CUDA_MIN_INNER", "CUDA_BLOCK_ELEMS", "CUDA_MERGE_THREADS", "CUDA_FUSE_ELEMS"
+)
 _WORKSPACES = {}  # (context, stream) -> free workspaces (uint8 arrays, pointers)
 
 
@@ -317,14 +337,7 @@ def _replayed(driver, spec, args):
     stream = args[-1]
     context, stream_key = _context_key(), _scratch_stream_key(stream)
     arrays = spec.arrays(args)
-    tunables = (
-        _config.CUDA_THREADS,
-        _config.CUDA_MIN_INNER,
-        _config.CUDA_BLOCK_ELEMS,
-        _config.CUDA_MERGE_THREADS,
-        _config.CUDA_FUSE_ELEMS,
-    )
-    key = (driver, context, stream_key, tunables, tuple(map(_META, arrays)), spec.flags(args))
+    key = (driver, context, stream_key, _TUNABLES(_config), tuple(map(_META, arrays)), spec.flags(args))
     recorded = _RECORDED.get(key)
     if recorded is None:
         if len(_RECORDED) > 4096:
@@ -336,7 +349,8 @@ def _replayed(driver, spec, args):
         recorded.replay(values)
         return
     # Lock-free: list.pop and list.append are atomic, so two threads never take one workspace.
-    free = _WORKSPACES.get((context, stream_key)) or _WORKSPACES.setdefault((context, stream_key), [])
+    where = (context, stream_key)
+    free = _WORKSPACES.get(where) or _WORKSPACES.setdefault(where, [])
     try:
         buf = free.pop()
     except IndexError:
@@ -345,8 +359,7 @@ def _replayed(driver, spec, args):
         a = cuda.device_array(recorded.workspace, dtype=np.uint8, stream=stream)
         buf = (a, _launch.pointer(a))
     try:
-        base = buf[1]
-        values += [base + offset for offset in recorded.offsets]
+        values += map(buf[1].__add__, recorded.offsets)
         recorded.replay(values)
     finally:
         free.append(buf)

@@ -179,11 +179,17 @@ def core_stream(stream):
     return s
 
 
-def driver_launch(stream, config, kernel, *args):
-    """The one call into CUDA: ``cuda.core.launch`` (numba-cuda's own launch primitive)."""
-    from cuda.core import launch as core_launch
+def driver_launch(stream, config, kernel, args):
+    """The one call into CUDA: ``cuda.core.launch`` (numba-cuda's own launch primitive) of
+    ``kernel`` with the packed arguments ``args``."""
+    _core_launch()(stream, config, kernel, *args)
 
-    core_launch(stream, config, kernel, *args)
+
+@functools.cache
+def _core_launch():
+    from cuda.core import launch
+
+    return launch
 
 
 _KERNELS = {}  # (dispatcher, launch key, context) -> cuda.core Kernel
@@ -221,7 +227,7 @@ def launch(dispatcher, grid, block, stream, *args):
     if recording is not None:
         recording.append((core_stream(stream), launch_config(grid, block), kernel, packed))
         return
-    driver_launch(core_stream(stream), launch_config(grid, block), kernel, *packed)
+    driver_launch(core_stream(stream), launch_config(grid, block), kernel, tuple(packed))
 
 
 # -- recorded calls -----------------------------------------------------------------------------
@@ -247,12 +253,16 @@ class Slot:
     __bool__ = __float__ = __int__ = __index__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
 
 
-_RECORDING = threading.local()  # .launches, .scratch, .nvalues: the call this thread records
+class _Recording(threading.local):
+    launches = scratch = nvalues = None  # the call this thread records: see record()
+
+
+_RECORDING = _Recording()
 
 
 def recording():
     """Whether this thread is recording a call (:func:`record`)."""
-    return getattr(_RECORDING, "launches", None) is not None
+    return _RECORDING.launches is not None
 
 
 def scratch_slot(shape, dtype):
@@ -299,7 +309,7 @@ class Recorded:
         """Make the launches with ``values`` (the call's, then its work arrays' pointers)."""
         values += self.consts
         for stream, config, kernel, pack in self.launches:
-            driver_launch(stream, config, kernel, *pack(values))
+            driver_launch(stream, config, kernel, pack(values))
 
 
 def record(driver, args, nvalues):
