@@ -13,7 +13,8 @@ A backend is a module with the same names (``numbabn.cpu.api`` for NumPy arrays,
     A :class:`ForwardCall` to ``(output, save_mean, save_invstd)``; the last two may be None
     when ``call.saved`` is False (the caller discards them).
 ``backward(call)``
-    A :class:`BackwardCall` to ``(grad_input, grad_weight, grad_bias, abs_grad_sum)``.
+    A :class:`BackwardCall` to ``(grad_input, grad_weight, grad_bias, abs_grad_sum)``; the
+    last may be None when ``call.abs_sum`` is False (the caller discards it).
 ``batch_stats(inp)``
     An ``Input`` to ``(count, mean, m2)`` (:func:`numbabn.welford`).
 ``scaled(a, factor)``
@@ -108,9 +109,9 @@ class ForwardCall:
 class BackwardCall:
     """A checked backward call."""
 
-    __slots__ = ("inp", "grad_output", "weight", "save_mean", "save_invstd", "training", "out")
+    __slots__ = ("inp", "grad_output", "weight", "save_mean", "save_invstd", "training", "out", "abs_sum")
 
-    def __init__(self, inp, grad_output, weight, save_mean, save_invstd, training, out):
+    def __init__(self, inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum=True):
         self.inp = inp
         self.grad_output = grad_output
         self.weight = weight
@@ -118,9 +119,11 @@ class BackwardCall:
         self.save_invstd = save_invstd
         self.training = training
         self.out = out
+        self.abs_sum = abs_sum  # whether the caller takes abs_grad_sum
 
     def run(self):
-        """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` from the input's backend."""
+        """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` from the input's backend
+        (the last None where the backend skips it for a call without ``abs_sum``)."""
         return self.inp.backend.backward(self)
 
 
@@ -156,8 +159,9 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
 
 
-def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out):
-    """Check a backward call's arguments against its checked input ``inp``."""
+def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out, *, abs_sum=True):
+    """Check a backward call's arguments against its checked input ``inp``; ``abs_sum``:
+    whether the caller takes the per-channel ``sum |grad_output|``."""
     grad_output = inp.like_input(grad_output, "grad_output")
     training = _layout.check_flag(training, "training")
     weight = inp.per_channel(weight, "weight")
@@ -166,4 +170,4 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
     if save_mean is None or save_invstd is None:
         raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
     out = None if out is None else inp.like_input(out, "out", writable=True)
-    return BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out)
+    return BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum)

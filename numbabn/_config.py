@@ -76,7 +76,8 @@ CUDA_MIN_INNER = 32
 #: ``nsplit`` splits are taken ``CUDA_MERGE_THREADS`` at a time, then merged along a tree.
 CUDA_MERGE_THREADS = 32
 
-#: Training forwards of at most this many elements, each channel of which one reduction block
-#: covers, run in one launch (statistics, finalize and normalize in that block) instead of
-#: three: on such arrays the launches cost more host and device time than the work.
+#: Training forwards and backwards of at most this many elements, each channel of which one
+#: reduction block covers, run in one launch (the reduction, the per-channel step and the
+#: elementwise pass in that block) instead of three: on such arrays the launches cost more host
+#: and device time than the work.
 CUDA_FUSE_ELEMS = 1 << 18

@@ -103,7 +103,8 @@ def grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads):
     """Channel ``c``'s ``(grad_weight, grad_bias, sum |g|)`` into ``grads[:, c]`` and the
     coefficients of ``grad_input = g * A + x * B + D`` into ``coef[:, c]``:
     ``A = weight * invstd``, ``B = -A * invstd * grad_weight / n``,
-    ``D = -A * grad_bias / n - B * mean`` (``B = D = 0`` in eval)."""
+    ``D = -A * grad_bias / n - B * mean`` (``B = D = 0`` in eval).  Returns ``(grad_weight,
+    grad_bias)``, for callers that store them again without reading ``grads`` back."""
     grad_weight = sgx * invstd[c]
     grads[0, c] = grad_weight
     grads[1, c] = sg
@@ -116,3 +117,4 @@ def grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads):
         b = -a * invstd[c] * grad_weight / n
         coef[1, c] = b
         coef[2, c] = -a * sg / n - b * mean[c]
+    return grad_weight, sg

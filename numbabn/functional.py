@@ -73,8 +73,9 @@ def batch_norm(
     the lazy second pass; ``out`` is refused (see the Dask page of the docs).
     """
     inp = _call.check_input(input, axis, stream)
-    args = (weight, bias, running_mean, running_var, training, momentum, eps, out)
-    return _call.forward_call(inp, *args, saved=False).run()[0]
+    return _call.forward_call(
+        inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=False
+    ).run()[0]
 
 
 def batch_norm_forward(
@@ -155,4 +156,5 @@ def batch_norm_backward(
         grad_input  = g * weight * invstd                                            # eval
     """
     inp = _call.check_input(input, axis, stream)
-    return _call.backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out).run()[:3]
+    call = _call.backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum=False)
+    return call.run()[:3]

@@ -7,6 +7,8 @@ Then reads the PTX's loops (a label and a later branch back to it):
 
 - the elementwise kernels have no integer division or remainder in any loop (one per
   element made the normalize 3.9x a copy's time on an H200);
+- the one-launch kernels (a reduction, then an elementwise pass in the same block) have
+  none in their innermost loops;
 - the data reductions' innermost loops that read global memory have a basic block issuing at
   least ``MIN_LOADS`` global loads, so that many are in flight before any is used (loads
   each behind its own branch went one at a time: the statistics took 2.4x a copy's time).
@@ -69,6 +71,14 @@ def signatures(dt):
         out += [
             (F.train_strided, (arr(dt, 3), *train, arr(dt, 3))),
             (F.train_minor, (arr(dt, 3), *train, arr(dt, 3))),
+        ]
+        # The one-launch backwards: grad_output, input, partials, n, weight, mean, invstd,
+        # training, coefficients, gradients (float64 and output dtype), grad_input.
+        grads = (arr(f8, 2), arr(types.float32 if dt == types.float16 else dt, 2))
+        back = (arr(f8, 3), f8, arr(p, 1), arr(f8, 1), arr(f8, 1), types.boolean, arr(coef, 2), *grads)
+        out += [
+            (B.backward_strided, (arr(dt, 3), arr(dt, 3), *back, arr(dt, 3))),
+            (B.backward_minor, (arr(dt, 3), arr(dt, 3), *back, arr(dt, 3))),
             (
                 B.grad_channels,
                 (
@@ -88,7 +98,10 @@ def signatures(dt):
     return out
 
 
-ELEMENTWISE = ("normalize_rows", "normalize_columns", "apply_rows", "apply_columns", "train_strided", "train_minor")
+#: One-launch kernels: a reduction, then an elementwise pass; their innermost loops (the
+#: elementwise one among them) have no integer division.
+FUSED = ("train_strided", "train_minor", "backward_strided", "backward_minor")
+ELEMENTWISE = ("normalize_rows", "normalize_columns", "apply_rows", "apply_columns")
 REDUCTIONS = ("partials_strided", "partials_minor", "grad_partials_strided", "grad_partials_minor")
 MIN_LOADS = 4
 
@@ -126,8 +139,10 @@ def blocks(lines):
         yield block
 
 
-def integer_divisions_in_loops(ptx):
+def integer_divisions_in_loops(ptx, innermost=False):
     lines, found = loops(ptx)
+    if innermost:
+        found = [(a, b) for a, b in found if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in found)]
     return [lines[n].split()[0] for a, b in found for n in range(a, b + 1) if _INT_DIVISION.search(lines[n])]
 
 
@@ -151,6 +166,10 @@ def check_ptx(name, ptx):
         divisions = integer_divisions_in_loops(ptx)
         if divisions:
             return f"integer division in a loop: {', '.join(divisions)}"
+    if name in FUSED:
+        divisions = integer_divisions_in_loops(ptx, innermost=True)
+        if divisions:
+            return f"integer division in an innermost loop: {', '.join(divisions)}"
     if name in REDUCTIONS:
         loads = loads_in_flight(ptx)
         if loads is None or loads < MIN_LOADS:
@@ -182,6 +201,8 @@ def main(argv=()):
                 print(f"     {name} {dt} PTX: {loads_in_flight(ptx)} global loads issued together in the inner loop")
             elif name in ELEMENTWISE:
                 print(f"     {name} {dt} PTX: no integer division in loops")
+            elif name in FUSED:
+                print(f"     {name} {dt} PTX: no integer division in innermost loops")
     return 1 if failures else 0
 
 

@@ -110,15 +110,17 @@ def test_float16_storage_float32_arithmetic(rng, shape, axis):
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("threads", [8, 64])
-@pytest.mark.parametrize("running", [True, False], ids=["running", "no-running"])
-def test_one_launch_training_forward_has_the_bits_of_three(rng, monkeypatch, shape, axis, dtype, threads, running):
+@pytest.mark.parametrize(
+    "dtype,threads,running",
+    [(np.float64, 8, True), (np.float32, 64, False), (np.float16, 64, True)],
+    ids=["float64-8-running", "float32-64", "float16-64-running"],
+)
+def test_one_launch_forward_and_backward_have_the_bits_of_three(rng, monkeypatch, shape, axis, dtype, threads, running):
     """Arrays whose every channel one reduction block covers (a large CUDA_BLOCK_ELEMS here)
-    run the training forward in one launch (statistics, finish and normalize in the block);
-    output, saved statistics and running statistics have the bits of the three launches
-    (CUDA_FUSE_ELEMS = 0).  (4, 3, 2, 3) has short rows of several columns per channel: three
-    launches either way."""
+    run the training forward and the backward (training and eval) in one launch each (the
+    reduction, the per-channel step and the elementwise pass in the block); outputs, saved and
+    running statistics and gradients have the bits of the three launches (CUDA_FUSE_ELEMS =
+    0).  (4, 3, 2, 3) has short rows of several columns per channel: three launches either way."""
     from numbabn.cuda import _arrays
 
     monkeypatch.setattr(_config, "CUDA_THREADS", threads)
@@ -126,6 +128,8 @@ def test_one_launch_training_forward_has_the_bits_of_three(rng, monkeypatch, sha
     names, real = [], _arrays.launch
     monkeypatch.setattr(_arrays, "launch", lambda kernel, *a: (names.append(kernel.__name__), real(kernel, *a)))
     x = make_input(rng, shape, axis, dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    g.flat[0] = -0.0  # a channel whose sums may be -0.0: the merge's sign of a zero
     pdtype = np.float32 if dtype == np.float16 else dtype
     w, b, rm, rv = (a.astype(pdtype) for a in make_params(rng, shape[axis], pdtype))
     results = {}
@@ -133,14 +137,20 @@ def test_one_launch_training_forward_has_the_bits_of_three(rng, monkeypatch, sha
         monkeypatch.setattr(_config, "CUDA_FUSE_ELEMS", fuse)
         names.clear()
         drm, drv = (dev(rm), dev(rv)) if running else (None, None)
-        out = numbabn.batch_norm_forward(dev(x), dev(w), dev(b), drm, drv, training=True, momentum=0.3, axis=axis)
-        results[fuse] = [host(a) for a in (*out, *((drm, drv) if running else ()))]
+        y, mean, invstd = numbabn.batch_norm_forward(
+            dev(x), dev(w), dev(b), drm, drv, training=True, momentum=0.3, axis=axis
+        )
+        results[fuse] = [host(a) for a in (y, mean, invstd, *((drm, drv) if running else ()))]
+        for training in (True, False):
+            grads = numbabn.batch_norm_backward(dev(g), dev(x), dev(w), mean, invstd, training=training, axis=axis)
+            results[fuse] += [host(a) for a in grads]
         results[fuse, "names"] = list(names)
-    one = shape != (4, 3, 2, 3)
-    assert results[1 << 18, "names"] == (
-        [f"train_{'strided' if len(shape) == 3 else 'minor'}"] if one else results[0, "names"]
-    )
-    assert len(results[0, "names"]) == 3
+    family = "strided" if len(shape) == 3 else "minor"
+    if shape != (4, 3, 2, 3):
+        assert results[1 << 18, "names"] == [f"train_{family}", f"backward_{family}", f"backward_{family}"]
+    else:
+        assert results[1 << 18, "names"] == results[0, "names"]
+    assert len(results[0, "names"]) == 9
     for a, e in zip(results[1 << 18], results[0], strict=True):
         assert_bitwise(a, e)
 
@@ -380,8 +390,8 @@ def test_kernels_compile_for_a_real_gpu():
     script = os.path.join(os.path.dirname(__file__), "_ptx_check.py")
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    # 15 kernels x 3 dtypes, plus float16 data with float32 per-channel arrays (3 kernels).
-    assert run.stdout.count("ok ") == 3 * 15 + 3, run.stdout
+    # 19 kernels x 3 dtypes, plus float16 data with float32 per-channel arrays (7 kernels).
+    assert run.stdout.count("ok ") == 3 * 19 + 7, run.stdout
 
 
 def test_gpu_check_command_runs(capsys):

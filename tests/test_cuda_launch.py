@@ -514,7 +514,8 @@ def test_cache_can_be_turned_off():
 
 def stub_timing(n=2000):
     """Microseconds of Python per call with the stub driver: the whole training forward call
-    on (32, 64) float32 (``numbabn.batch_norm`` with running stats and ``out=``), its driver
+    on (32, 64) float32 (``numbabn.batch_norm`` with running stats and ``out=``), the eval
+    forward and the backward (``out=``; the gradients of weight and bias returned), its driver
     alone (``cuda.forward.forward_train`` on prepared views), and one launch through the
     layer."""
     import numbabn
@@ -529,9 +530,11 @@ def stub_timing(n=2000):
     save = device_array((2, 64))
     a, d = device_array(64), device_array(64, np.float32)
     stream = FakeStream(0)
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, b, rm, rv, training=True)
     rows = {
         "training forward, whole call": lambda: numbabn.batch_norm(x, rm, rv, w, b, True, out=y),
         "eval forward, whole call": lambda: numbabn.batch_norm(x, rm, rv, w, b, False, out=y),
+        "backward, whole call": lambda: numbabn.batch_norm_backward(y, x, w, mean, invstd, out=x),
         "training forward, driver only": lambda: F.forward_train(x3, w, b, rm, rv, 0.1, 1e-5, y3, save, stream),
         "one launch (3 arguments)": lambda: _arrays.launch(S.copy_cast, 1, 128, stream, a, 2.0, d),
     }

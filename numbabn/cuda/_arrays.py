@@ -208,6 +208,16 @@ def rows(a):
     ]
 
 
+def row(a, i):
+    """Row ``i`` of a C-contiguous 2-D numba array, as :func:`rows` makes it."""
+    if SIMULATED or a.size == 0:
+        return a[i]
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    step = a.strides[0]
+    return DeviceNDArray((a.shape[1],), (a.strides[1],), a.dtype, a.stream, a.gpu_data.view(i * step, i * step + step))
+
+
 def empty(shape, dtype, stream):
     """A new C-contiguous numba array."""
     return cuda.device_array(shape, dtype=dtype, stream=stream)
@@ -225,16 +235,17 @@ def _constant(context, fill, n, dtype):
     return to_device(np.full(n, fill, dtype=dtype), 0)
 
 
-def sink(num_channels):
-    """A (2, C) float64 array on the current device that kernels write and nothing reads (the
-    saved mean and invstd of a call whose caller discards them): one per (device, C), shared
-    by every call, so concurrent writes leave garbage no one looks at."""
-    return _sink(_context_key(), num_channels)
+def sink(rows, num_channels):
+    """A (rows, C) float64 array on the current device that kernels write and nothing reads,
+    not even the kernel that wrote it (the saved statistics or float64 gradients of a call
+    whose caller discards them): one per (device, shape), shared by every call, so concurrent
+    writes leave garbage no one reads."""
+    return _sink(_context_key(), rows, num_channels)
 
 
 @functools.lru_cache(maxsize=64)
-def _sink(context, num_channels):
-    return empty((2, num_channels), "f8", 0)
+def _sink(context, rows, num_channels):
+    return empty((rows, num_channels), "f8", 0)
 
 
 _FREE = {}  # (context, stream, tag, dtype) -> (array, its pointer or None) no call holds

@@ -64,19 +64,28 @@ def layout_of(shape, strides, itemsize):
 class Dev:
     """A device array as a kernel receives it: ``abi`` is its argument scalars, ``sig`` what
     selects its compiled kernel.  Has the ``shape``, ``strides``, ``dtype``, ``size`` and
-    ``ndim`` the drivers read; owns nothing (the memory's owner must outlive the launch)."""
+    ``ndim`` the drivers read; owns nothing (the memory's owner must outlive the launch).
+    Made per call (a replayed call reads only the pointer, shape, strides and dtype): what
+    derives from those is looked up when read."""
 
-    __slots__ = ("ptr", "shape", "strides", "dtype", "size", "ndim", "sig", "head", "dims")
+    __slots__ = ("ptr", "shape", "strides", "dtype")
 
     def __init__(self, ptr, shape, strides, dtype):
         self.ptr = ptr
         self.shape = shape
         self.strides = strides
         self.dtype = dtype
-        meta = _META.get((shape, strides, dtype))
-        if meta is None:
-            meta = _meta(shape, strides, dtype)
-        self.size, self.ndim, self.sig, self.head, self.dims = meta
+
+    @property
+    def _derived(self):
+        meta = _META.get((self.shape, self.strides, self.dtype))
+        return _meta(self.shape, self.strides, self.dtype) if meta is None else meta
+
+    size = property(lambda self: self._derived[0], doc="The number of elements.")
+    ndim = property(lambda self: self._derived[1], doc="The number of axes.")
+    sig = property(lambda self: self._derived[2], doc="``(dtype, ndim, layout)``: what selects a kernel.")
+    head = property(lambda self: self._derived[3], doc="``(meminfo, parent, nitems, itemsize)``.")
+    dims = property(lambda self: self._derived[4], doc="``shape + strides``.")
 
     @property
     def abi(self):
@@ -214,10 +223,11 @@ def launch(dispatcher, grid, block, stream, *args):
             continue
         if t is not Dev:
             a = describe(a)
-        packed += a.head
+        _, _, sig, head, dims = a._derived
+        packed += head
         packed.append(a.ptr)
-        packed += a.dims
-        key.append(a.sig)
+        packed += dims
+        key.append(sig)
     key.append(context_key())
     key = tuple(key)
     kernel = _KERNELS.get(key)

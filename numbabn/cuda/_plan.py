@@ -75,10 +75,11 @@ def _plan(outer, num_channels, inner, threads, min_inner, block_elems):
 
 
 def one_block(p, size):
-    """Whether a training forward of ``size`` elements with reduction plan ``p`` runs in one
-    launch (``forward.train_strided``, ``forward.train_minor``): every channel reduced by one
-    block (no split; channel-minor arrays with one column per channel) and at most
-    ``CUDA_FUSE_ELEMS`` elements, where the launches cost more than the work."""
+    """Whether a training forward or a backward of ``size`` elements with reduction plan ``p``
+    runs in one launch (``forward.train_strided``/``train_minor``,
+    ``backward.backward_strided``/``backward_minor``): every channel reduced by one block (no
+    split; channel-minor arrays with one column per channel) and at most ``CUDA_FUSE_ELEMS``
+    elements, where the launches cost more than the work."""
     return p.nsplit == 1 and (p.strided or p.q == 1) and size <= _config.CUDA_FUSE_ELEMS
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import _layout
 from .._device import is_device
-from . import _arrays
+from . import _arrays, _launch
 from . import backward as _bwd
 from . import forward as _fwd
 from . import stats as _stats
@@ -95,6 +95,8 @@ class Input:
     def view(self, a):
         """The C-contiguous ``(outer, C, inner)`` view of ``a`` (dense, the input's layout)."""
         shape, strides = self.view_shape
+        if _launch.FAST:
+            return _launch.Dev(_launch.pointer(a), shape, strides, self.dtype)
         return _arrays.strided(a, shape, strides)
 
     def new_like_input(self):
@@ -122,7 +124,7 @@ def forward(call):
         save = _arrays.to_device(np.full((2, inp.num_channels), np.nan), st)
     else:
         # A call that is not saved writes its mean and invstd where nothing reads them.
-        save = _arrays.empty((2, inp.num_channels), "f8", st) if call.saved else _arrays.sink(inp.num_channels)
+        save = _arrays.empty((2, inp.num_channels), "f8", st) if call.saved else _arrays.sink(2, inp.num_channels)
         if call.training:
             rm = _arrays.constant(0.0, 0, inp.dtype) if running_mean is None else running_mean
             rv = _arrays.constant(0.0, 0, inp.dtype) if running_var is None else running_var
@@ -148,12 +150,14 @@ def backward(call):
     gi = out if out is not None else inp.hand_back(dest)
     if inp.x.size == 0:
         return (gi, *(inp.hand_back(a) for a in _empty_grads(inp.num_channels, invstd, gdtype, st)))
-    grads = _arrays.empty((3, inp.num_channels), "f8", st)
+    # The float64 gradients go where nothing reads them when the caller discards abs_grad_sum.
+    grads = _arrays.empty((3, inp.num_channels), "f8", st) if call.abs_sum else _arrays.sink(3, inp.num_channels)
     gwb = _arrays.empty((2, inp.num_channels), gdtype, st)
     g3, x3, gi3 = inp.view(call.grad_output), inp.view(inp.x), inp.view(dest)
     _bwd.backward(g3, x3, w, mean, invstd, call.training, gi3, grads, gwb, st)
     gw, gb = _arrays.rows(gwb)
-    return gi, inp.hand_back(gw), inp.hand_back(gb), inp.hand_back(_arrays.rows(grads)[2])
+    abs_sum = inp.hand_back(_arrays.row(grads, 2)) if call.abs_sum else None
+    return gi, inp.hand_back(gw), inp.hand_back(gb), abs_sum
 
 
 def _empty_grads(num_channels, invstd, gdtype, stream):
@@ -274,7 +278,7 @@ def backward_with_sums(call, sums, n):
     g3, x3, gi3 = inp.view(call.grad_output), inp.view(inp.x), inp.view(dest)
     _bwd.backward_with_sums(g3, x3, w, mean, invstd, call.training, sums, float(n), gi3, grads, gwb, st)
     gw, gb = _arrays.rows(gwb)
-    return gi, inp.hand_back(gw), inp.hand_back(gb), inp.hand_back(_arrays.rows(grads)[2])
+    return gi, inp.hand_back(gw), inp.hand_back(gb), inp.hand_back(_arrays.row(grads, 2))
 
 
 _LAYOUTS = {}  # (shape, strides, dtype, axis) of a checked input -> (axis, order, view geometry)

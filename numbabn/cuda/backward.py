@@ -13,7 +13,7 @@ from numba import cuda, float64
 
 from .._math import grad_coef as _grad_coef
 from . import _arrays, _launch
-from ._plan import CHUNK, coef_dtype, columns, elementwise, per_channel_blocks, plan
+from ._plan import CHUNK, coef_dtype, columns, elementwise, one_block, per_channel_blocks, plan
 from .forward import first_row
 from .stats import block_partial, channel_partials, rows_of_split
 
@@ -95,9 +95,75 @@ def grad_channels(part, q, n, weight, mean, invstd, training, coef, grads, gwb):
     c = cuda.blockIdx.x
     sg, sgx, sa = channel_partials(part, q, c, False)
     if cuda.threadIdx.x == 0:
-        grad_coef(c, sg, sgx, sa, n, weight, mean, invstd, training, coef, grads)
-        gwb[0, c] = grads[0, c]
-        gwb[1, c] = grads[1, c]
+        # gwb from the values, not read back from grads (a shared sink when the caller
+        # discards the float64 gradients).
+        gwb[0, c], gwb[1, c] = grad_coef(c, sg, sgx, sa, n, weight, mean, invstd, training, coef, grads)
+
+
+@cuda.jit
+def backward_strided(g3, x3, part, n, weight, mean, invstd, training, coef, grads, gwb, gi3):
+    """The backward in one launch, on an array whose every channel one block reduces
+    (``_plan.one_block``): block ``c`` sums channel ``c`` as :func:`grad_partials_strided`
+    does, makes its coefficients and gradients as :func:`grad_channels` does, then applies
+    them to the channel as :func:`apply_rows` does: the three launches' arithmetic, and bits."""
+    c = cuda.blockIdx.x
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    outer, inner = x3.shape[0], x3.shape[2]
+    sg, sgx, sa = 0.0, 0.0, 0.0
+    for i in range(tx, inner, bx):
+        a, b, d = column_sums(g3, x3, c, i, mean[c], ty, outer, by)
+        sg, sgx, sa = sg + a, sgx + b, sa + d
+    block_partial(sg, sgx, sa, 0, ty * bx + tx, 1, bx * by, False, part, 0, c)
+    if tx == 0 and ty == 0:  # the thread that wrote the channel's partial
+        channel_coef(part, c, n, weight, mean, invstd, training, coef, grads, gwb)
+    cuda.syncthreads()
+    a, b, d = coef[0, c], coef[1, c], coef[2, c]
+    plain = b == 0 and d == 0  # eval: grad_input does not read x, so a NaN there stays out
+    o = ty
+    while o < outer:  # while loops: a range with a step inside a loop divides for its trip count
+        i = tx
+        while i < inner:
+            if plain:
+                gi3[o, c, i] = g3[o, c, i] * a
+            else:
+                gi3[o, c, i] = g3[o, c, i] * a + x3[o, c, i] * b + d
+            i += bx
+        o += by
+
+
+@cuda.jit
+def backward_minor(g2, x2, part, n, weight, mean, invstd, training, coef, grads, gwb, gi2):
+    """The backward in one launch, on a channel-minor ``(outer, C, 1)`` array (one column
+    per channel) whose every column one block reduces (``_plan.one_block``): column ``j``'s
+    sums as :func:`grad_partials_minor` makes them, its coefficients and gradients as
+    :func:`grad_channels` makes them, applied as :func:`apply_columns` does: the three
+    launches' arithmetic, and bits."""
+    tx, ty, bx, by = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x, cuda.blockDim.y
+    j = cuda.blockIdx.x * bx + tx
+    outer, width = x2.shape[0], x2.shape[1]
+    sg, sgx, sa = 0.0, 0.0, 0.0
+    if j < width:
+        sg, sgx, sa = column_sums(g2, x2, j, 0, mean[j], ty, outer, by)
+    block_partial(sg, sgx, sa, tx, ty, bx, by, False, part, 0, j if j < width else -1)
+    if ty == 0 and j < width:  # the thread that wrote the column's partial
+        channel_coef(part, j, n, weight, mean, invstd, training, coef, grads, gwb)
+    cuda.syncthreads()
+    if j < width:
+        a, b, d = coef[0, j], coef[1, j], coef[2, j]
+        if b == 0 and d == 0:  # eval: grad_input does not read x, so a NaN there stays out
+            for o in range(ty, outer, by):
+                gi2[o, j, 0] = g2[o, j, 0] * a
+        else:
+            for o in range(ty, outer, by):
+                gi2[o, j, 0] = g2[o, j, 0] * a + x2[o, j, 0] * b + d
+
+
+@cuda.jit(device=True)
+def channel_coef(part, c, n, weight, mean, invstd, training, coef, grads, gwb):
+    """:func:`grad_channels`' work for channel ``c`` whose one partial is ``part[:, 0, c]``:
+    its merge adds that partial to zeros (``0.0 + v``, which turns a -0.0 into 0.0)."""
+    sg, sgx, sa = 0.0 + part[0, 0, c], 0.0 + part[1, 0, c], 0.0 + part[2, 0, c]
+    gwb[0, c], gwb[1, c] = grad_coef(c, sg, sgx, sa, n, weight, mean, invstd, training, coef, grads)
 
 
 @cuda.jit
@@ -173,8 +239,15 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads, gwb, stream):
     ``gwb`` (2, C) the first two in the output dtype, ``gi3`` the input gradient (formulas
     of ``cpu.backward.backward``)."""
     outer, num_channels, inner = x3.shape
-    part, q = grad_partials(g3, x3, mean, stream)
     coef = _arrays.scratch("coef", (3, num_channels), coef_dtype(x3.dtype), stream)
+    p = plan(outer, num_channels, inner)
+    if one_block(p, x3.size):
+        part = _arrays.scratch("part", (3, 1, p.width), "f8", stream)
+        args = (part, float(outer * inner), weight, mean, invstd, training, coef, grads, gwb)
+        kernel = backward_strided if p.strided else backward_minor
+        _arrays.launch(kernel, p.grid, (p.bx, p.by), stream, g3, x3, *args, gi3)
+        return
+    part, q = grad_partials(g3, x3, mean, stream)
     args = (part, q, float(outer * inner), weight, mean, invstd, training, coef, grads, gwb)
     _arrays.launch(grad_channels, *per_channel_blocks(num_channels), stream, *args)
     grad_apply(g3, x3, coef, gi3, stream)
@@ -205,4 +278,13 @@ def backward_with_sums(g3, x3, weight, mean, invstd, training, sums, n, gi3, gra
     grad_apply(g3, x3, coef, gi3, stream)
 
 
-_launch.cache_on_disk(grad_partials_strided, grad_partials_minor, grad_sums, grad_channels, apply_rows, apply_columns)
+_launch.cache_on_disk(
+    grad_partials_strided,
+    grad_partials_minor,
+    grad_sums,
+    grad_channels,
+    apply_rows,
+    apply_columns,
+    backward_strided,
+    backward_minor,
+)
