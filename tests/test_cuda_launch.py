@@ -437,6 +437,52 @@ def test_repeated_calls_compile_nothing_and_reuse_work_arrays(stub):
 
 
 @needs_real_numba
+def test_calls_in_flight_at_once_take_different_workspaces(stub, monkeypatch):
+    """A call started while another holds its workspace (host threads on one stream) takes
+    another; both go back to the stream's free list."""
+    import numbabn
+    from numbabn.cuda import _arrays, _launch
+
+    x, y = _input((32, 64), "C"), _input((32, 64), "C")
+    rm, rv = device_array(64, np.float32), device_array(64, np.float32)
+    numbabn.batch_norm(x, rm, rv, None, None, True, out=y)  # recorded, one workspace made
+    seen, real = [], _launch.driver_launch
+
+    def launch(stream, config, kernel, args):
+        seen.append(args)
+        if len(seen) == 1:  # a second call while the first is between taking and returning
+            numbabn.batch_norm(x, rm, rv, None, None, True, out=y)
+        real(stream, config, kernel, args)
+
+    monkeypatch.setattr(_launch, "driver_launch", launch)
+    numbabn.batch_norm(x, rm, rv, None, None, True, out=y)
+    part = 11 + 4  # train_minor's arguments: x (3-D, 11 values), then part, whose data is its 5th
+    assert len(seen) == 2 and seen[0][part] != seen[1][part]
+    (free,) = _arrays._WORKSPACES.values()
+    assert len(free) == 2
+
+
+@needs_real_numba
+def test_a_recorded_driver_cannot_read_a_per_call_value(stub):
+    """Pointers and float arguments are placeholders while a driver is recorded: a driver
+    that branched on one would be wrong for the next call, so reading one raises."""
+    from numbabn.cuda import _arrays, _launch
+
+    slot = _launch.Slot(0)
+    for read in (bool, float, int, lambda v: v < 1.0):
+        with pytest.raises(TypeError, match="per-call value"):
+            read(slot)
+
+    @_arrays.one_call
+    def branches(x3, eps, stream):
+        if eps > 0.5:
+            pass
+
+    with pytest.raises(TypeError, match="per-call value"):
+        branches(_launch.Dev(1 << 24, (2, 3, 1), (24, 8, 8), np.dtype("f8")), 0.1, 0)
+
+
+@needs_real_numba
 def test_numba_mode_is_read_from_the_environment():
     code = "from numbabn.cuda import _launch; print(_launch.MODE, _launch.FAST)"
     for mode, want in (("numba", "numba False"), ("fast", "fast True"), ("", "fast True")):
