@@ -10,7 +10,6 @@ from . import _call
 from ._device import host_only, host_stream, is_device
 from ._math import chan_merge
 
-
 _F64 = np.dtype(np.float64)
 
 

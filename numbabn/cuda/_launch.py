@@ -9,6 +9,10 @@ as a double, an int64 as an 8-byte integer, a boolean as one byte.  :class:`Dev`
 array held as those scalars (no numba object, no allocation), which the drivers' internal
 views and work arrays are on this path; the caller's numba arrays are converted at launch.
 
+A driver's launches are recorded once per signature (:func:`record`) and replayed with only
+their pointers and float arguments filled in (:class:`Recorded`); ``_arrays.one_call`` makes
+the recording and the replays.
+
 Used on a real GPU unless ``NUMBABN_CUDA_LAUNCH=numba`` (read at import) asks for numba's
 own ``kernel[grid, block, stream](...)``, kept for comparison; the CUDA simulator always
 takes numba's path (see :func:`numbabn.cuda._arrays.launch`).  Nothing here synchronizes.
@@ -233,7 +237,7 @@ def launch(dispatcher, grid, block, stream, *args):
     kernel = _KERNELS.get(key)
     if kernel is None:
         kernel = _KERNELS[key] = compiled(dispatcher, argtypes_of(key[1:-1]))
-    recording = getattr(_RECORDING, "launches", None)
+    recording = _RECORDING.launches
     if recording is not None:
         recording.append((core_stream(stream), launch_config(grid, block), kernel, packed))
         return
