@@ -463,6 +463,32 @@ def test_calls_in_flight_at_once_take_different_workspaces(stub, monkeypatch):
 
 
 @needs_real_numba
+def test_a_recording_per_stream_and_tunables_and_the_values_of_each_call(stub, monkeypatch):
+    """A replay launches on its own call's stream with its own call's pointers and floats; a
+    new stream or new tunables make a new recording (the tunables fix the geometry)."""
+    import numbabn
+    from numbabn import _config
+    from numbabn.cuda import _arrays
+
+    x, y = _input((32, 64), "C"), _input((32, 64), "C")
+    x2, y2 = _input((32, 64), "C"), _input((32, 64), "C")
+    rm, rv = device_array(64, np.float32), device_array(64, np.float32)
+    numbabn.batch_norm(x, rm, rv, None, None, True, momentum=0.1, out=y, stream=3)
+    numbabn.batch_norm(x2, rm, rv, None, None, True, momentum=0.25, out=y2, stream=4)
+    first, second = stub.launches
+    assert (first.stream, second.stream) == (3, 4) and len(_arrays._RECORDED) == 2
+    for launch, a, b, momentum in ((first, x, y, 0.1), (second, x2, y2, 0.25)):
+        arrays = check_against_numba(launch)
+        assert arrays[0][0] == a.device_ctypes_pointer.value and arrays[-1][0] == b.device_ctypes_pointer.value
+        assert momentum in launch.packed
+    numbabn.batch_norm(x2, rm, rv, None, None, True, out=y2, stream=4)
+    assert len(_arrays._RECORDED) == 2  # replayed
+    monkeypatch.setattr(_config, "CUDA_THREADS", 128)
+    numbabn.batch_norm(x2, rm, rv, None, None, True, out=y2, stream=4)
+    assert len(_arrays._RECORDED) == 3 and stub.launches[-1].block[:2] == (32, 4)
+
+
+@needs_real_numba
 def test_a_recorded_driver_cannot_read_a_per_call_value(stub):
     """Pointers and float arguments are placeholders while a driver is recorded: a driver
     that branched on one would be wrong for the next call, so reading one raises."""
