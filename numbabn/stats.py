@@ -45,7 +45,7 @@ class Stats(NamedTuple):
         GPU statistics are copied to the host."""
         mean, m2 = _host_array(self.mean), _host_array(self.m2)
         c = mean.shape[0]
-        out = np.empty(2 * c + 1)  # filled in place: np.concatenate of a list took twice as long
+        out = np.empty(2 * c + 1)  # filled in place: faster than np.concatenate of a list
         out[0] = self.count
         out[1 : 1 + c] = mean
         out[1 + c :] = m2

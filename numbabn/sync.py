@@ -147,17 +147,17 @@ class SyncBatchNorm(BatchNorm):
                 f"(an mpi4py communicator such as MPI.COMM_WORLD, or a wrapper), or be None; got {type(comm).__name__}"
             )
 
+    def _syncing(self):
+        """Whether a forward now is synchronized: training mode with a communicator."""
+        return self.comm is not None and self.training
+
     def _syncs(self):
-        """Whether a forward now is synchronized: training mode with a communicator (checked
-        here: ``comm`` may have been assigned since the constructor)."""
-        if self.comm is None or not self.training:
+        """:meth:`_syncing`, with the communicator checked (it may have been assigned since
+        the constructor): once per step, in :meth:`forward`."""
+        if not self._syncing():
             return False
         self._check_comm()
         return True
-
-    def _syncing(self):
-        """:meth:`_syncs` inside a step, whose ``comm`` :meth:`forward` checked."""
-        return self.comm is not None and self.training
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x):
@@ -263,12 +263,12 @@ class SyncBatchNorm(BatchNorm):
         size = comm.Get_size()
         headers = np.empty((size, 4))
         comm.Allgather(header, headers)
-        # Every rank sent this rank's header, none failed: the bytes compare (numpy's any and
-        # all on this tiny array took 3 us).
+        # Every rank sent this rank's header and none failed, compared as bytes (numpy's
+        # any/all on so small an array cost about as much as the exchange).
         if header[3] or headers.tobytes() != header.tobytes() * size:
             return _checked(step, self._allgather(step, payload), error)  # raises
         payload = np.ascontiguousarray(payload, dtype=np.float64)
-        parts = np.empty((headers.shape[0], *payload.shape))
+        parts = np.empty((size, *payload.shape))
         comm.Allgather(payload, parts)
         return parts
 

@@ -99,9 +99,14 @@ def forward(call):
     else:
         # An empty batch, as in PyTorch: an empty output, running statistics untouched.
         save[...] = np.nan
-    if not call.saved:
-        return deliver(dest, call.out), None, None
-    return deliver(dest, call.out), save[0], save[1]
+    return _forward_result(call, dest, save)
+
+
+def _forward_result(call, dest, save):
+    """What a forward returns: the output (in ``out`` when given), then the saved mean and
+    invstd, or None for a call that is not ``saved``."""
+    y = deliver(dest, call.out)
+    return (y, save[0], save[1]) if call.saved else (y, None, None)
 
 
 def backward(call):
@@ -257,9 +262,7 @@ def forward_with_stats(call, stats):
     if rm is not call.running_mean or rv is not call.running_var:
         _write_back(call.running_mean, rm)
         _write_back(call.running_var, rv)
-    if not call.saved:
-        return deliver(dest, call.out), None, None
-    return deliver(dest, call.out), save[0], save[1]
+    return _forward_result(call, dest, save)
 
 
 def backward_with_sums(call, sums, n):

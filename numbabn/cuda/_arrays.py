@@ -142,7 +142,7 @@ def _dense_order(shape, strides, size):
 def view3(a, axis, order):
     """``a`` (dense, axes in memory ``order``) viewed as a C-contiguous ``(outer, C, inner)``
     array: the axes before ``axis`` in memory order make ``outer``, those after ``inner``."""
-    shape, strides = view_geometry(tuple(a.shape), axis, tuple(order), a.dtype.itemsize)
+    shape, strides = view_geometry(a.shape, axis, order, a.dtype.itemsize)
     return strided(a, shape, strides)
 
 
@@ -192,24 +192,14 @@ def empty_like(a, order, stream):
 
 
 def rows(a):
-    """The rows ``a[0], a[1], ...`` of a C-contiguous 2-D numba array, made directly on its
-    memory: numba's ``a[i]`` indexes a dummy array and checks the context first, tens of
-    microseconds of host time per row (the saved mean and invstd every call returns)."""
-    if SIMULATED or a.size == 0:
-        return [a[i] for i in range(a.shape[0])]
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-
-    n, step = a.shape[1], a.strides[0]
-    shape, strides = (n,), (a.strides[1],)
-    data = a.gpu_data
-    return [
-        DeviceNDArray(shape, strides, a.dtype, a.stream, data.view(i * step, i * step + step))
-        for i in range(a.shape[0])
-    ]
+    """The rows ``a[0], a[1], ...`` of a C-contiguous 2-D numba array (:func:`row`)."""
+    return [row(a, i) for i in range(a.shape[0])]
 
 
 def row(a, i):
-    """Row ``i`` of a C-contiguous 2-D numba array, as :func:`rows` makes it."""
+    """Row ``i`` of a C-contiguous 2-D numba array, made directly on its memory: numba's
+    ``a[i]`` indexes a dummy array and checks the context first, tens of microseconds of host
+    time per row (the saved mean and invstd every call returns)."""
     if SIMULATED or a.size == 0:
         return a[i]
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
@@ -248,7 +238,7 @@ def _sink(context, rows, num_channels):
     return empty((rows, num_channels), "f8", 0)
 
 
-_FREE = {}  # (context, stream, tag, dtype) -> (array, its pointer or None) no call holds
+_FREE = {}  # (context, stream, tag, dtype) -> work arrays no call holds (numba's launch path)
 _FREE_LOCK = threading.Lock()
 _HELD = threading.local()  # .arrays: the (key, array) pairs the current driver call holds
 
@@ -291,13 +281,6 @@ _FLOATS = (float, np.float64)
 _META = operator.attrgetter("shape", "strides", "dtype")
 
 
-def _getter(index):
-    """``args -> tuple(args[i] for i in index)``, in one C call where it can."""
-    if len(index) == 1:
-        return lambda args, i=index[0]: (args[i],)
-    return operator.itemgetter(*index) if index else (lambda args: ())
-
-
 def _kind(t):
     return "float" if t in _FLOATS else "flag" if t in _launch.SCALARS else "array"
 
@@ -313,8 +296,8 @@ class _Spec:
         kinds = [_kind(type(a)) for a in args[:-1]]
         self.array_at = [i for i, k in enumerate(kinds) if k == "array"]
         self.float_at = [i for i, k in enumerate(kinds) if k == "float"]
-        self.arrays, self.floats = _getter(self.array_at), _getter(self.float_at)
-        self.flags = _getter([i for i, k in enumerate(kinds) if k == "flag"])
+        self.arrays, self.floats = _launch.getter(self.array_at), _launch.getter(self.float_at)
+        self.flags = _launch.getter([i for i, k in enumerate(kinds) if k == "flag"])
 
     @property
     def nvalues(self):
@@ -377,21 +360,19 @@ def _replayed(driver, spec, args):
 
 
 def _take(pool, n, dtype, stream):
-    """A free work array ``(array, pointer)`` of at least ``n`` values from ``pool``
-    (allocated when none is free)."""
+    """A free work array of at least ``n`` values from ``pool`` (allocated when none is free)."""
     with _FREE_LOCK:
         free = _FREE.get(pool)
-        buf = free.pop() if free else None
-    if buf is None or buf[0].shape[0] < n:
+        a = free.pop() if free else None
+    if a is None or a.shape[0] < n:
         a = cuda.device_array(max(n, 1), dtype=dtype, stream=stream)
-        buf = (a, _launch.pointer(a) if _launch.FAST else None)
-    return buf
+    return a
 
 
 def _give_back(held):
     with _FREE_LOCK:
-        for pool, buf in held:
-            _FREE.setdefault(pool, []).append(buf)
+        for pool, a in held:
+            _FREE.setdefault(pool, []).append(a)
 
 
 def scratch(tag, shape, dtype, stream):
@@ -407,9 +388,9 @@ def scratch(tag, shape, dtype, stream):
         raise RuntimeError("scratch() is for drivers decorated with _arrays.one_call")
     n = math.prod(shape)
     pool = (_context_key(), _scratch_stream_key(stream), tag, dtype)
-    buf = _take(pool, n, dtype, stream)
-    held.append((pool, buf))
-    return buf[0][:n].reshape(shape)
+    a = _take(pool, n, dtype, stream)
+    held.append((pool, a))
+    return a[:n].reshape(shape)
 
 
 def _scratch_stream_key(stream):

@@ -316,14 +316,20 @@ class Recorded:
                 else:
                     index.append(ndyn + len(self.consts))
                     self.consts.append(v)
-            pack = operator.itemgetter(*index) if len(index) > 1 else (lambda values, i=index[0]: (values[i],))
-            self.launches.append((stream, config, kernel, pack))
+            self.launches.append((stream, config, kernel, getter(index)))
 
     def replay(self, values):
         """Make the launches with ``values`` (the call's, then its work arrays' pointers)."""
         values += self.consts
         for stream, config, kernel, pack in self.launches:
             driver_launch(stream, config, kernel, pack(values))
+
+
+def getter(index):
+    """``values -> tuple(values[i] for i in index)``, in one C call where it can."""
+    if len(index) == 1:
+        return lambda values, i=index[0]: (values[i],)
+    return operator.itemgetter(*index) if index else (lambda values: ())
 
 
 def record(driver, args, nvalues):

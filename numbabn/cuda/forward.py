@@ -171,10 +171,8 @@ def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3
     if one_block(p, x3.size):
         part = _arrays.scratch("part", (3, 1, p.width), "f8", stream)
         args = (part, weight, bias, running_mean, running_var, momentum, eps, coef, save)
-        if p.strided:
-            _arrays.launch(train_strided, p.grid, (p.bx, p.by), stream, x3, *args, y3)
-        else:
-            _arrays.launch(train_minor, p.grid, (p.bx, p.by), stream, x3, *args, y3)
+        kernel = train_strided if p.strided else train_minor
+        _arrays.launch(kernel, p.grid, (p.bx, p.by), stream, x3, *args, y3)
         return
     part, q = partials(x3, stream)
     args = (part, q, weight, bias, running_mean, running_var, momentum, eps, coef, save)
