@@ -23,9 +23,10 @@ A backend is a module with the same names (``numbabn.cpu.api`` for NumPy arrays,
     ``"cpu"`` or ``"cuda"``: where the backend's arrays live.
 
 The host and GPU backends also have the stages of a training step whose statistics are
-merged elsewhere (SyncBatchNorm's processes): ``part_stats(inp)`` (a host ``(count, mean,
-m2)``), ``forward_with_stats(call, stats)`` (``stats`` a host (3, C) float64 array),
-``part_sums(call)`` (a host (3, C) array) and ``backward_with_sums(call, sums, n)``.
+merged elsewhere (SyncBatchNorm's processes): ``part_stats(inp)`` (a host float64 array
+``[count, mean, m2]``, the layout of :meth:`numbabn.Stats.to_array`),
+``forward_with_stats(call, stats)`` (``stats`` a host (3, C) float64 array), ``part_sums(call)``
+(a host (3, C) array) and ``backward_with_sums(call, sums, n)``.
 
 Backends receive checked calls only: they never validate arguments again.
 """

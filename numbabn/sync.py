@@ -14,7 +14,6 @@ import numpy as np
 
 from .cpu.stats import merge_parts as _merge_parts
 from .layer import _DEFAULT_MOMENTUM, BatchNorm
-from .stats import Stats
 
 
 class SyncBatchNorm(BatchNorm):
@@ -186,7 +185,7 @@ class SyncBatchNorm(BatchNorm):
                 f"{type(inp.x).__name__} (compute a Dask array's part first)"
             )
         # The part's statistics on the host (a GPU part's copied on the input's stream).
-        parts = self._exchange("forward", Stats(*backend.part_stats(inp)).to_array())
+        parts = self._exchange("forward", backend.part_stats(inp))
         stats = np.empty((3, inp.num_channels))
         count = int(_merge_parts(parts, stats))
         if count == 1:
@@ -218,7 +217,7 @@ class SyncBatchNorm(BatchNorm):
             return super()._run_backward(call)
         backend = call.inp.backend
         parts = self._exchange("backward", backend.part_sums(call))  # host arrays
-        total = parts[0].copy()
+        total = parts[0]  # the exchange's own array: summed in place
         for p in parts[1:]:  # in rank order, the same on every rank
             total += p
         return (*backend.backward_with_sums(call, total, n), n)

@@ -367,6 +367,7 @@ def test_sync_stages_launches(stub, shape, axis, order):
     on given statistics (their (3, C) upload as one partial per channel, then normalize),
     the gradient sums alone, the backward on given sums over the global count; all on the
     caller's stream, arguments as numba would prepare them."""
+    import numbabn
     from numbabn import _call
     from numbabn.cuda import _arrays, _plan
     from numbabn.cuda import api as gpu
@@ -378,7 +379,9 @@ def test_sync_stages_launches(stub, shape, axis, order):
     x3 = _arrays.view3(x, axis % len(shape), _arrays.dense_order(x))
     fam = "strided" if _plan.plan(*x3.shape).strided else "minor"
     strided = _plan.elementwise(*x3.shape)[0]
-    count, mean, m2 = gpu.part_stats(inp)
+    payload = gpu.part_stats(inp)
+    assert type(payload) is np.ndarray and payload.shape == (2 * c + 1,)
+    count, mean, m2 = numbabn.Stats.from_array(payload)
     assert stub.names == [f"partials_{fam}", "channel_stats"] and mean.shape == (c,)
     stub.launches.clear()
     call = _call.forward_call(inp, w, None, rm, rv, True, 0.1, 1e-5, y, part=True)

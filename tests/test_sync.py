@@ -261,6 +261,21 @@ def test_one_rank_is_bitwise_batchnorm(rng):
         assert comm.calls == [4]
 
 
+@pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.tag)
+def test_payload_is_welford_to_array(lay, rng):
+    """A rank's forward payload is ``Stats.to_array()`` of its part's ``welford``, bit for
+    bit, an empty part's included (count 0)."""
+    from numbabn import _call
+    from numbabn.cpu import api as host
+
+    x = rng.normal(3.0, 2.0, lay.shape).astype(np.float32)
+    batch_axis = 1 if lay.axis % x.ndim == 0 else 0
+    for part in (x, x.take([], axis=batch_axis)):
+        payload = host.part_stats(_call.check_input(part, lay.axis, None))
+        assert payload.dtype == np.float64 and payload.shape == (2 * x.shape[lay.axis] + 1,)
+        np.testing.assert_array_equal(payload, numbabn.welford(part, axis=lay.axis).to_array())
+
+
 def test_every_part_empty(rng):
     """A global batch of no values: empty outputs, running statistics untouched, the batch
     counted (as BatchNorm on an empty batch)."""

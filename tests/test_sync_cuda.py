@@ -192,8 +192,10 @@ def test_stages_on_one_part_match_the_plain_calls(rng):
         [dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))],
     )
     inp = _call.check_input(dev(x), 1, None)
-    count, mean, m2 = gpu.part_stats(inp)
-    assert type(mean) is np.ndarray and count == 72
+    payload = gpu.part_stats(inp)
+    assert type(payload) is np.ndarray and payload.dtype == np.float64 and payload.shape == (7,)
+    count, mean, m2 = numbabn.Stats.from_array(payload)
+    assert count == 72
     staged = gpu.forward_with_stats(
         _call.forward_call(inp, weight, bias, *running[0], True, 0.1, 1e-5, None),
         np.stack([np.full(mean.shape, float(count)), mean, m2]),

@@ -142,9 +142,15 @@ def _backward(call, driver, *sums):
 
 def batch_stats(inp):
     """``(count, mean, m2)`` of a checked :class:`Input`, mean and m2 float64 ``(C,)``."""
+    stats = _welford(inp)
+    return _layout.values_per_channel(inp.shape, inp.axis), stats[1], stats[2]
+
+
+def _welford(inp):
+    """The (3, C) float64 statistics of a checked :class:`Input`, rows count, mean and M2."""
     stats = np.empty((3, inp.num_channels))
     _stats.welford(inp.x.size >= PARALLEL_MIN, inp.view3(inp.x), stats)
-    return _layout.values_per_channel(inp.shape, inp.axis), stats[1], stats[2]
+    return stats
 
 
 def scaled(a, factor):
@@ -229,9 +235,9 @@ def grad_apply(g, x, axis, coef, out=None, parallel=None):
 
 
 def part_stats(inp):
-    """``(count, mean, m2)`` of one process's part of a global batch (SyncBatchNorm's
-    payload): :func:`batch_stats`."""
-    return batch_stats(inp)
+    """The statistics of one process's part of a global batch as SyncBatchNorm sends them:
+    one float64 array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
+    return _layout.stats_payload(_layout.values_per_channel(inp.shape, inp.axis), _welford(inp))
 
 
 def part_sums(call):

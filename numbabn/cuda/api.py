@@ -208,15 +208,14 @@ def merge(parts, stream):
 
 
 def part_stats(inp):
-    """:func:`welford` with ``mean`` and ``m2`` copied to the host (float64 NumPy arrays) on
-    the input's stream: one rank's payload."""
+    """:func:`welford` copied to the host on the input's stream, as SyncBatchNorm sends it:
+    one float64 NumPy array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
     count = _layout.values_per_channel(inp.shape, inp.axis)
     if inp.x.size == 0:
-        return count, np.zeros(inp.num_channels), np.zeros(inp.num_channels)
+        return _layout.stats_payload(count, np.zeros((3, inp.num_channels)))
     stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
     _stats.welford(inp.view(inp.x), stats, inp.stream)
-    stats = _arrays.to_host(stats, inp.stream)
-    return count, stats[1], stats[2]
+    return _layout.stats_payload(count, _arrays.to_host(stats, inp.stream))
 
 
 def forward_with_stats(call, stats):
