@@ -6,7 +6,11 @@ communicator), beside the same payloads as pickled objects (``allgather``, what 
 communicators send); "1 rank" is SyncBatchNorm with a communicator of one rank, its own
 work without any waiting; "BatchNorm, exchanging" is BatchNorm's step with the same two
 exchanges made inside it, what any collective step costs on the machine (each exchange
-waits for the slower rank), without SyncBatchNorm's own work.
+waits for the slower rank), without SyncBatchNorm's own work; "two-pass, exchanging" is
+that step as any synchronized batch norm must make it, each exchange between a reduction
+pass and an elementwise pass (statistics, exchange, normalize; gradient sums, exchange,
+apply: the host stages that Dask runs per chunk), so that no pass can revisit a channel's
+slice while it is cached, as BatchNorm's fused passes do.
 
     NUMBA_NUM_THREADS=1 mpiexec -n 2 python tools/bench_sync.py
 
@@ -25,6 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 import numbabn
+from numbabn.cpu import api as host
 
 COMM = MPI.COMM_WORLD
 
@@ -75,6 +80,23 @@ def bench(shape, axis, rounds, budget):
         layer(x)
         layer.backward(g)
 
+    w, b = bn.weight, bn.bias
+    rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+    n = x.size // channels
+    ax = axis % x.ndim  # the stages take a non-negative axis
+
+    def two_pass():
+        # the four passes of a synchronized step, the exchanges between them (the count and
+        # the sums are this rank's: the data-independent cost is the same)
+        s = numbabn.welford(x, axis=axis)
+        exchange(stats, stats_parts)
+        coef, save = host.finish(s.count, s.mean, s.m2, w, b, rm, rv, 0.1, 1e-5, x.dtype)
+        host.apply(x, ax, coef)
+        sums = host.grad_reduce(g, x, ax, save[0])
+        exchange(sums, sums_parts)
+        coef, _ = host.grad_coefs(sums, n, w, save[0], save[1], True, x.dtype)
+        host.grad_apply(g, x, ax, coef)
+
     fns = {
         "batchnorm": lambda: step(bn),
         "sync": lambda: step(sync),
@@ -87,6 +109,7 @@ def bench(shape, axis, rounds, budget):
             bn.backward(g),
             exchange(sums, sums_parts),
         ),
+        "two-pass, exchanging": two_pass,
         "allgather fwd": lambda: exchange(stats, stats_parts),
         "allgather bwd": lambda: exchange(sums, sums_parts),
         # the same payloads as pickled objects (mpi4py's allgather), as other communicators send them
@@ -130,6 +153,8 @@ def main():
             "sync / (bn + exchanges)",
             "BatchNorm, exchanging",
             "sync / bn exchanging",
+            "two-pass, exchanging",
+            "sync / two-pass exchanging",
         )
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join("---" for _ in header) + "|")
@@ -152,13 +177,16 @@ def main():
                         t["sync"][k] / (t["batchnorm"][k] + exchange),
                         t["batchnorm, exchanging"][k] * 1e6,
                         t["sync"][k] / t["batchnorm, exchanging"][k],
+                        t["two-pass, exchanging"][k] * 1e6,
+                        t["sync"][k] / t["two-pass, exchanging"][k],
                     )
                 )
-            (bm, om, sm, fm, gm, pf, pg, rm, em, qm), (bb, ob, sb, fb, gb, pfb, pgb, rb, eb, qb) = cells
+            (bm, om, sm, fm, gm, pf, pg, rm, em, qm, tm, um), (bb, ob, sb, fb, gb, pfb, pgb, rb, eb, qb, tb, ub) = cells
             print(
                 f"| {name} | {bm:.0f} ({bb:.0f}) us | {om:.0f} ({ob:.0f}) us | {sm:.0f} ({sb:.0f}) us | "
                 f"{fm:.0f} + {gm:.0f} ({fb:.0f} + {gb:.0f}) us | {pf:.0f} + {pg:.0f} ({pfb:.0f} + {pgb:.0f}) us | "
-                f"{rm:.2f} ({rb:.2f}) | {em:.0f} ({eb:.0f}) us | {qm:.2f} ({qb:.2f}) |",
+                f"{rm:.2f} ({rb:.2f}) | {em:.0f} ({eb:.0f}) us | {qm:.2f} ({qb:.2f}) | "
+                f"{tm:.0f} ({tb:.0f}) us | {um:.2f} ({ub:.2f}) |",
                 flush=True,
             )
     if COMM.rank == 0 and args.out:
