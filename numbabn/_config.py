@@ -13,6 +13,12 @@ BLOCK = 4096
 #: channel tile); fewer, larger tasks mean fewer partials to merge.
 TASK_ELEMS = 1 << 16
 
+#: Target elements per parallel task of a channel-minor reduction, and the fewest tasks of
+#: one past ``PARALLEL_MIN``.  Each task writes a (3, C) float64 partial that a serial loop
+#: merges: smaller tasks cost more in partials than they gain in balance.
+MINOR_TASK_ELEMS = 1 << 17
+MINOR_MIN_TASKS = 4
+
 #: Most row ranges a channel's reduction is split into.  Bounds the partials, (3, splits, C)
 #: float64, to a few KB per channel however large the array.
 MAX_SPLITS = 64

@@ -14,7 +14,19 @@ Nothing here depends on the thread count, so neither do the results.
 
 import numpy as np
 
-from .._config import FUSE_BYTES, FUSE_CHANNELS, MAX_SPLITS, MIN_INNER, MINOR_ROWS, TASK_ELEMS, TILE, WIDEN_TO
+from .._config import (
+    FUSE_BYTES,
+    FUSE_CHANNELS,
+    MAX_SPLITS,
+    MIN_INNER,
+    MINOR_MIN_TASKS,
+    MINOR_ROWS,
+    MINOR_TASK_ELEMS,
+    PARALLEL_MIN,
+    TASK_ELEMS,
+    TILE,
+    WIDEN_TO,
+)
 from .._jit import leaf, stage
 
 
@@ -49,7 +61,13 @@ def plan(outer, num_channels, inner):
         ct = max(1, TILE // max(inner, 1))
     ntiles = (num_channels + ct - 1) // ct
     per_tile = outer * min(ct, num_channels) * inner
-    nsplit = min(max(1, (per_tile + TASK_ELEMS - 1) // TASK_ELEMS), MAX_SPLITS, max(outer, 1))
+    if strided:
+        nsplit = (per_tile + TASK_ELEMS - 1) // TASK_ELEMS
+    else:
+        nsplit = (per_tile + MINOR_TASK_ELEMS - 1) // MINOR_TASK_ELEMS
+        if outer * num_channels * inner >= PARALLEL_MIN:
+            nsplit = max(nsplit, (MINOR_MIN_TASKS + ntiles - 1) // ntiles)
+    nsplit = min(max(1, nsplit), MAX_SPLITS, max(outer, 1))
     return strided, k, ct, ntiles, nsplit
 
 
