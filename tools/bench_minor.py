@@ -20,6 +20,7 @@ descheduling by other jobs does not inflate: per-core work, comparable on a busy
 import argparse
 import importlib
 import os
+import random
 import sys
 import time
 
@@ -81,7 +82,8 @@ def contenders(shape, dtype, torch, base=None):
 
 def interleaved(fns, budget, batch=0.004, stat="median", clock=time.perf_counter):
     """Seconds per call of each of ``fns``: rounds of one ~``batch``-second batch of calls of
-    each in turn (as numbabn.bench.timing), summarised by ``stat`` over the rounds."""
+    each, in an order shuffled each round (as numbabn.bench.timing), summarised by ``stat``
+    over the rounds."""
     counts = {}
     for k, f in fns.items():
         f()
@@ -90,9 +92,11 @@ def interleaved(fns, budget, batch=0.004, stat="median", clock=time.perf_counter
         counts[k] = max(1, int(batch / max(clock() - t, 1e-6)))
     rounds = max(9, int(budget / (batch * len(fns))))
     times = {k: [] for k in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(rounds):
-        for k, f in fns.items():
-            n = counts[k]
+        shuffle(order)
+        for k in order:
+            f, n = fns[k], counts[k]
             t = clock()
             for _ in range(n):
                 f()

@@ -1,6 +1,7 @@
 """Timing on shared, noisy machines: contenders timed in interleaved rounds, with equal
 thread counts, and a progress bar for people at a terminal."""
 
+import random
 import statistics
 import sys
 import time
@@ -18,9 +19,12 @@ def interleaved(fns, budget=0.6, batch=0.01, min_rounds=3, max_rounds=100, sync=
     """Median seconds per call of each of ``fns`` (dict name -> callable).
 
     Each callable is calibrated to a batch of about ``batch`` seconds of back-to-back calls;
-    rounds then time one batch of each callable in turn, so drifts of a shared machine hit
-    every contender alike.  Batches also dilute the OpenMP spin-wait that one library's
-    threads leave behind for the next library's first call.
+    rounds then time one batch of each callable, so drifts of a shared machine hit every
+    contender alike, in an order shuffled each round (seeded, the same every run): what one
+    batch leaves behind (its output in the cache or freed to the allocator, its library's
+    spinning OpenMP threads) falls on every contender alike, not always on the one timed
+    after it.  In a fixed order, the first of two copies of one (16 MB) training forward
+    measured 1.2x the second.  Batches also dilute that spin-wait.
 
     Parameters
     ----------
@@ -44,9 +48,11 @@ def interleaved(fns, budget=0.6, batch=0.01, min_rounds=3, max_rounds=100, sync=
         counts[k] = max(1, int(batch / one))
     rounds = int(min(max_rounds, max(min_rounds, budget / (batch * len(fns)))))
     times = {k: [] for k in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for r in range(rounds):
-        for k, f in fns.items():
-            n, s = counts[k], sync.get(k, nothing)
+        shuffle(order)
+        for k in order:
+            f, n, s = fns[k], counts[k], sync.get(k, nothing)
             t = time.perf_counter()
             for _ in range(n):
                 f()
