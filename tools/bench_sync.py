@@ -15,13 +15,15 @@ slice while it is cached, as BatchNorm's fused passes do.
     NUMBA_NUM_THREADS=1 mpiexec -n 2 python tools/bench_sync.py
 
 Every rank runs the same calls in lockstep (a SyncBatchNorm step is collective); timings
-are medians over interleaved rounds, each round a batch of back-to-back calls between
-barriers, and rank 0 prints the slowest rank's median and, in parentheses, best round.  A step's exchange should cost no
-more than the two exchanges: ``sync <= 1.2 x (batchnorm + exchanges)``.
+are medians over interleaved rounds (in shuffled order), each round a batch of back-to-back
+calls between barriers, and rank 0 prints the slowest rank's median and, in parentheses,
+best round.  A step's exchange should cost no more than the two exchanges:
+``sync <= 1.2 x (batchnorm + exchanges)``.
 """
 
 import argparse
 import pickle
+import random
 import statistics
 import time
 
@@ -123,9 +125,13 @@ def bench(shape, axis, rounds, budget):
         one = timed(fn, 3)
         calls[name] = max(1, int(COMM.allreduce(budget / rounds / one, op=MPI.MIN)))
     times = {name: [] for name in fns}
+    # In an order shuffled each round, the same on every rank (the steps are collective), so
+    # what one batch leaves behind does not always fall on the same contender.
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, calls[name]))
+        shuffle(order)
+        for name in order:
+            times[name].append(timed(fns[name], calls[name]))
     # The slowest rank's median and best round: on a busy machine a descheduled rank makes
     # the others wait inside each collective step, which the best round mostly escapes.
     return {
