@@ -59,6 +59,10 @@ FUSE_CHANNELS = 16
 #: launch (about 2 us with the OpenMP layer here) costs more than it saves.
 PARALLEL_MIN = 1 << 17
 
+#: The same for the channel-strided kernels (NCHW), whose tasks are whole channels or row
+#: ranges of one, with no per-task buffers: they gain from two threads from half the size.
+PARALLEL_MIN_STRIDED = 1 << 16
+
 # -- CUDA kernels (numbabn.cuda) ---------------------------------------------------------------
 # Read at launch time, so tests under the CUDA simulator can patch them small (tiny arrays
 # then span many blocks).  They set the launch geometry, which fixes the reduction order:

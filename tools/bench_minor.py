@@ -29,9 +29,9 @@ import numpy as np
 
 import numbabn
 from numbabn import _layout
-from numbabn._config import PARALLEL_MIN
 from numbabn.cpu import forward as fwd
 from numbabn.cpu import stats as cst
+from numbabn.cpu.api import parallel_for
 
 SHAPES = ["32x64", "64x1024", "256x1024", "1024x512", "8192x256", "4096x1024", "64x56x56x64"]
 
@@ -48,7 +48,7 @@ def contenders(shape, dtype, torch, base=None):
     rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
     y = np.empty_like(x)
     x3, y3 = _layout.view3(x, axis % x.ndim, y)
-    par = x.size >= PARALLEL_MIN
+    par = parallel_for(x.size, x3.shape[2])
     stats = np.empty((3, c))
     cst.welford(par, x3, stats)
     w, b = np.ones(c, dtype), np.zeros(c, dtype)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from .. import _layout
-from .._config import PARALLEL_MIN
+from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
 from . import backward as _bwd
 from . import forward as _fwd
@@ -32,7 +32,7 @@ class Input:
     worked out once: small calls spend their time in Python.
     """
 
-    __slots__ = ("x", "axis", "num_channels", "dtype", "shape", "shape3", "c_order")
+    __slots__ = ("x", "axis", "num_channels", "dtype", "shape", "shape3", "c_order", "parallel")
 
     def __init__(self, x, axis, stream, name="input"):
         if stream is not None:
@@ -49,7 +49,10 @@ class Input:
         self.shape = shape = x.shape
         self.num_channels = shape[axis]
         self.dtype = x.dtype
-        self.shape3 = _layout.shape3(shape, axis) if c_order else _layout.shape3(shape[::-1], x.ndim - 1 - axis)
+        self.shape3 = shape3 = (
+            _layout.shape3(shape, axis) if c_order else _layout.shape3(shape[::-1], x.ndim - 1 - axis)
+        )
+        self.parallel = parallel_for(x.size, shape3[2])
 
     def per_channel(self, a, name, *, writable=False, save=False):
         """A per-channel NumPy array of shape ``(C,)`` and the input's dtype (``save``:
@@ -88,11 +91,9 @@ def forward(call):
     save = np.empty((2, inp.num_channels))
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     if not call.training:
-        _fwd.forward_eval(x.size >= PARALLEL_MIN, inp.view3(x), w, b, rm, rv, call.eps, inp.view3(dest), save)
+        _fwd.forward_eval(inp.parallel, inp.view3(x), w, b, rm, rv, call.eps, inp.view3(dest), save)
     elif x.size:
-        _fwd.forward_train(
-            x.size >= PARALLEL_MIN, inp.view3(x), w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save
-        )
+        _fwd.forward_train(inp.parallel, inp.view3(x), w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save)
         if rm is not call.running_mean or rv is not call.running_var:
             _write_back(call.running_mean, rm)
             _write_back(call.running_var, rv)
@@ -125,7 +126,7 @@ def _backward(call, driver, *sums):
     grad_input = _layout.output_for(x, call.out, g)
     grads = np.empty((3, num_channels))
     driver(
-        x.size >= PARALLEL_MIN,
+        inp.parallel,
         inp.view3(g),
         inp.view3(x),
         per_channel_array(call.weight, 1.0, num_channels, dtype),
@@ -149,7 +150,7 @@ def batch_stats(inp):
 def _welford(inp):
     """The (3, C) float64 statistics of a checked :class:`Input`, rows count, mean and M2."""
     stats = np.empty((3, inp.num_channels))
-    _stats.welford(inp.x.size >= PARALLEL_MIN, inp.view3(inp.x), stats)
+    _stats.welford(inp.parallel, inp.view3(inp.x), stats)
     return stats
 
 
@@ -196,7 +197,7 @@ def apply(x, axis, coef, out=None, parallel=None):
     x = _layout.contiguous(x)
     dest = _layout.output_for(x, out)
     x3, y3 = _layout.view3(x, axis, dest)
-    _fwd.apply(_parallel(parallel, x), x3, coef, y3)
+    _fwd.apply(_parallel(parallel, x3), x3, coef, y3)
     return deliver(dest, out)
 
 
@@ -207,7 +208,7 @@ def grad_reduce(g, x, axis, mean, parallel=None):
     g = _same_order(g, x)
     sums = np.empty((3, x.shape[axis]))
     g3, x3 = _layout.view3(g, axis, x)
-    _bwd.grad_reduce(_parallel(parallel, x), g3, x3, _saved(mean), sums)
+    _bwd.grad_reduce(_parallel(parallel, x3), g3, x3, _saved(mean), sums)
     return sums
 
 
@@ -230,7 +231,7 @@ def grad_apply(g, x, axis, coef, out=None, parallel=None):
     g = _same_order(g, x)
     dest = _layout.output_for(x, out, g)
     g3, x3, gi3 = _layout.view3(g, axis, x, dest)
-    _bwd.grad_apply(_parallel(parallel, x), g3, x3, coef, gi3)
+    _bwd.grad_apply(_parallel(parallel, x3), g3, x3, coef, gi3)
     return deliver(dest, out)
 
 
@@ -247,7 +248,7 @@ def part_sums(call):
     x = inp.x
     g = _same_order(call.grad_output, x)
     sums = np.empty((3, inp.num_channels))
-    _bwd.grad_reduce(x.size >= PARALLEL_MIN, inp.view3(g), inp.view3(x), _saved(call.save_mean), sums)
+    _bwd.grad_reduce(inp.parallel, inp.view3(g), inp.view3(x), _saved(call.save_mean), sums)
     return sums
 
 
@@ -262,9 +263,7 @@ def forward_with_stats(call, stats):
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     save = np.empty((2, inp.num_channels))
-    _fwd.forward_stats(
-        x.size >= PARALLEL_MIN, inp.view3(x), stats, w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save
-    )
+    _fwd.forward_stats(inp.parallel, inp.view3(x), stats, w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save)
     if rm is not call.running_mean or rv is not call.running_var:
         _write_back(call.running_mean, rm)
         _write_back(call.running_var, rv)
@@ -278,8 +277,15 @@ def backward_with_sums(call, sums, n):
     return _backward(call, _bwd.backward_sums, np.ascontiguousarray(sums, dtype=np.float64), float(n))
 
 
-def _parallel(parallel, x):
-    return x.size >= PARALLEL_MIN if parallel is None else parallel
+def parallel_for(size, inner):
+    """Whether an array of ``size`` elements viewed as ``(outer, C, inner)`` runs the parallel
+    twins of the drivers: past ``PARALLEL_MIN``, or ``PARALLEL_MIN_STRIDED`` for the
+    channel-strided kernels (the shape alone decides, never the thread count)."""
+    return size >= (PARALLEL_MIN_STRIDED if inner >= MIN_INNER else PARALLEL_MIN)
+
+
+def _parallel(parallel, x3):
+    return parallel_for(x3.size, x3.shape[2]) if parallel is None else parallel
 
 
 def _same_order(g, x):
