@@ -60,6 +60,38 @@ def test_bitwise_identical_for_any_thread_count(layout, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", [(8, 32, 16, 16), (64, 8, 128)], ids=["fused", "row-ranges"])
+def test_strided_between_the_thresholds_bitwise_for_any_thread_count(shape, dtype, rng):
+    """Channel-strided arrays past PARALLEL_MIN_STRIDED but below PARALLEL_MIN run the
+    parallel twins, and give the same bits for any thread count."""
+    from numbabn import _call, _config
+
+    size = int(np.prod(shape))
+    assert _config.PARALLEL_MIN_STRIDED <= size < PARALLEL_MIN
+    x = make_input(rng, shape, 1, dtype, loc=100.0)
+    assert _call.check_input(x, 1, None).parallel
+    g = rng.standard_normal(shape).astype(dtype)
+    params = make_params(rng, shape[1], dtype)
+    results = [_with_threads(n, _all_results, x, 1, params, g) for n in THREADS]
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert_bitwise(a, b, err_msg=f"result {i}")
+
+
+def test_parallel_twins_by_layout():
+    """The parallel twins start at PARALLEL_MIN_STRIDED elements for channel-strided arrays and
+    at PARALLEL_MIN for channel-minor ones, whatever the thread count."""
+    from numbabn import _call, _config
+
+    def parallel(shape, axis=1):
+        return _call.check_input(np.zeros(shape, np.float32), axis, None).parallel
+
+    strided, minor = _config.PARALLEL_MIN_STRIDED, PARALLEL_MIN
+    assert not parallel((strided // 256 - 1, 1, 256)) and parallel((strided // 256, 1, 256))
+    assert not parallel((minor // 64 - 1, 64)) and parallel((minor // 64, 64))
+    assert not parallel((strided // 64, 64)) and not parallel((1, strided // 64, 64), axis=-1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_merge_partials_identical_for_any_thread_count(dtype, rng):
     """Statistics of chunks merged with merge_stats do not depend on the thread count either."""
     layout = by_tag("big-NCHW")[0]

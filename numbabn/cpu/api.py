@@ -28,8 +28,9 @@ class Input:
     (non-negative) and the per-channel and like-input checks of its call.
 
     ``x`` is C- or F-contiguous (a strided input is copied here, once for the forward and
-    backward of a layer's step) and ``shape3`` is its ``(outer, C, inner)`` view's shape,
-    worked out once: small calls spend their time in Python.
+    backward of a layer's step), ``shape3`` is its ``(outer, C, inner)`` view's shape and
+    ``parallel`` whether its drivers run their parallel twins (:func:`parallel_for`), worked
+    out once: small calls spend their time in Python.
     """
 
     __slots__ = ("x", "axis", "num_channels", "dtype", "shape", "shape3", "c_order", "parallel")
