@@ -13,9 +13,9 @@ BLOCK = 4096
 #: channel tile); fewer, larger tasks mean fewer partials to merge.
 TASK_ELEMS = 1 << 16
 
-#: Target elements per parallel task of a channel-minor reduction, and the fewest tasks of
-#: one past ``PARALLEL_MIN``.  Each task writes a (3, C) float64 partial that a serial loop
-#: merges: smaller tasks cost more in partials than they gain in balance.
+#: Target elements per parallel task of a channel-minor reduction, whose tasks have a fixed
+#: cost (a (3, C) float64 partial that a serial loop merges, the first block's shift): but an
+#: array keeps up to ``MINOR_MIN_TASKS`` tasks of ``TASK_ELEMS``, so its cores stay busy.
 MINOR_TASK_ELEMS = 1 << 17
 MINOR_MIN_TASKS = 4
 
@@ -55,8 +55,8 @@ SHIFT_CANCEL = 16.0
 FUSE_BYTES = 1 << 20
 FUSE_CHANNELS = 16
 
-#: Arrays with fewer elements run the serial twin of each kernel: below this a parallel
-#: launch (about 2 us with the OpenMP layer here) costs more than it saves.
+#: Channel-minor arrays with fewer elements run the serial twin of each kernel: below this a
+#: parallel launch (about 2 us with the OpenMP layer here) costs more than it saves.
 PARALLEL_MIN = 1 << 17
 
 #: The same for the channel-strided kernels (NCHW), whose tasks are whole channels or row

@@ -231,7 +231,8 @@ def _dtype(a, dtypes, name):
 def stats_payload(count, stats):
     """``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`'s layout) of the
     (3, C) C-contiguous float64 ``stats``, rows count, mean and M2, without a copy: ``stats``
-    flattened from the last column of the count row on."""
+    flattened from the last column of the count row on, that is memory shared with ``stats``,
+    whose ``stats[0, -1]`` becomes ``count``."""
     num_channels = stats.shape[1]
     if num_channels == 0:
         return np.array([float(count)])

@@ -236,9 +236,10 @@ class SyncBatchNorm(BatchNorm):
             raise  # not reached: the exchange raised
 
     def _exchange(self, step, payload, error=None):
-        """Every rank's payload of this step, stacked in rank order (float64), after checking
-        that all ranks made the same step with the same channels and dtype: otherwise (or
-        when a rank sent a :class:`_Failure`) every rank raises the same error."""
+        """Every rank's payload of this step, stacked in rank order in a new float64 array
+        (the caller's own: the backward sums into it), after checking that all ranks made the
+        same step with the same channels and dtype: otherwise (or when a rank sent a
+        :class:`_Failure`) every rank raises the same error."""
         self._exchanged = True
         if _buffered(self.comm):
             return self._exchange_buffers(step, payload, error)

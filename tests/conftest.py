@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from numbabn import _config  # noqa: E402
+from numbabn.cpu.api import parallel_for  # noqa: E402
 
 # Hypothesis profiles: "dev" (random examples, a fresh set each run), "ci" (derandomized: the
 # same examples every run, chosen from the test's source, so a CI failure reproduces), loaded
@@ -143,7 +144,7 @@ LAYOUTS = SMALL_LAYOUTS + BIG_LAYOUTS
 
 # The grid must keep covering what the kernels distinguish.
 assert all(lay.size >= PARALLEL_MIN for lay in BIG_LAYOUTS)
-assert all(lay.size < PARALLEL_MIN for lay in SMALL_LAYOUTS)
+assert not any(parallel_for(lay.size, lay.inner) for lay in SMALL_LAYOUTS)  # the serial twins
 assert all(lay.size < 3 * PARALLEL_MIN for lay in BIG_LAYOUTS)
 assert {lay.inner for lay in LAYOUTS} >= {MIN_INNER - 1, MIN_INNER, MIN_INNER + 1}
 assert any(lay.inner > BLOCK for lay in SMALL_LAYOUTS) and any(lay.inner > BLOCK for lay in BIG_LAYOUTS)

@@ -206,6 +206,23 @@ def test_interleaved_syncs_every_batch():
     assert calls[-1] == "s" and calls[0] == "a"
 
 
+def test_interleaved_shuffles_the_order_each_round_the_same_every_run():
+    """Every contender runs once per round, in an order shuffled each round (so none always
+    follows the same one) and seeded (the same every run)."""
+
+    def run():
+        log = []
+        fns = {k: (lambda k=k: log.append(k)) for k in "abcd"}
+        timing.interleaved(fns, budget=0.0, batch=1e-12, min_rounds=12, max_rounds=12)  # one call a batch
+        rounds = [log[i : i + 4] for i in range(2 * 4, len(log), 4)]  # after warm-up, calibration
+        return rounds
+
+    first, second = run(), run()
+    assert first == second and len(first) == 12
+    assert all(sorted(r) == list("abcd") for r in first)
+    assert len({tuple(r) for r in first}) > 1
+
+
 ASV = pathlib.Path(__file__).resolve().parents[1] / "asv_bench"
 
 

@@ -60,7 +60,9 @@ def test_bitwise_identical_for_any_thread_count(layout, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("shape", [(8, 32, 16, 16), (64, 8, 128)], ids=["fused", "row-ranges"])
+@pytest.mark.parametrize(
+    "shape", [(8, 32, 16, 16), (64, 8, 128), (48, 1, 2048)], ids=["fused", "whole-channels", "row-ranges"]
+)
 def test_strided_between_the_thresholds_bitwise_for_any_thread_count(shape, dtype, rng):
     """Channel-strided arrays past PARALLEL_MIN_STRIDED but below PARALLEL_MIN run the
     parallel twins, and give the same bits for any thread count."""
@@ -79,7 +81,7 @@ def test_strided_between_the_thresholds_bitwise_for_any_thread_count(shape, dtyp
 
 def test_parallel_twins_by_layout():
     """The parallel twins start at PARALLEL_MIN_STRIDED elements for channel-strided arrays and
-    at PARALLEL_MIN for channel-minor ones, whatever the thread count."""
+    at PARALLEL_MIN for channel-minor ones."""
     from numbabn import _call, _config
 
     def parallel(shape, axis=1):

@@ -273,7 +273,16 @@ def test_payload_is_welford_to_array(lay, rng):
     for part in (x, x.take([], axis=batch_axis)):
         payload = host.part_stats(_call.check_input(part, lay.axis, None))
         assert payload.dtype == np.float64 and payload.shape == (2 * x.shape[lay.axis] + 1,)
+        assert payload.base is not None and payload.flags.c_contiguous  # a view: nothing copied
         np.testing.assert_array_equal(payload, numbabn.welford(part, axis=lay.axis).to_array())
+
+
+def test_payload_of_no_channels():
+    """Without channels the payload is the count alone, as ``Stats.to_array`` gives it."""
+    from numbabn import _layout
+
+    payload = _layout.stats_payload(6, np.empty((3, 0)))
+    np.testing.assert_array_equal(payload, numbabn.Stats(6, np.zeros(0), np.zeros(0)).to_array())
 
 
 def test_every_part_empty(rng):

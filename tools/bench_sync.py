@@ -9,8 +9,9 @@ exchanges made inside it, what any collective step costs on the machine (each ex
 waits for the slower rank), without SyncBatchNorm's own work; "two-pass, exchanging" is
 that step as any synchronized batch norm must make it, each exchange between a reduction
 pass and an elementwise pass (statistics, exchange, normalize; gradient sums, exchange,
-apply: the host stages that Dask runs per chunk), so that no pass can revisit a channel's
-slice while it is cached, as BatchNorm's fused passes do.
+apply: ``numbabn.welford`` and the host stages of ``numbabn.cpu.api``, the kernels picked by
+size and layout), so that no pass can revisit a channel's slice while it is cached, as
+BatchNorm's fused passes do.
 
     NUMBA_NUM_THREADS=1 mpiexec -n 2 python tools/bench_sync.py
 

@@ -8,9 +8,9 @@ from numba import prange
 
 _OPTIONS = {"fastmath": {"reassoc", "contract"}, "error_model": "numpy", "cache": True}
 
-#: Below this many elements the copy runs on one thread, as numbabn's kernels do: there,
-#: starting the threads costs more than the copy (up to 30x a 256 KB copy on a busy 2-core
-#: machine).
+#: Below this many elements the copy runs on one thread, as numbabn's channel-minor kernels
+#: do (its channel-strided ones start their threads from half this size): there, starting
+#: the threads costs more than the copy (up to 30x a 256 KB copy on a busy 2-core machine).
 SERIAL_BELOW = 1 << 17
 
 

@@ -22,7 +22,6 @@ from .._config import (
     MINOR_MIN_TASKS,
     MINOR_ROWS,
     MINOR_TASK_ELEMS,
-    PARALLEL_MIN,
     TASK_ELEMS,
     TILE,
     WIDEN_TO,
@@ -61,12 +60,9 @@ def plan(outer, num_channels, inner):
         ct = max(1, TILE // max(inner, 1))
     ntiles = (num_channels + ct - 1) // ct
     per_tile = outer * min(ct, num_channels) * inner
-    if strided:
-        nsplit = (per_tile + TASK_ELEMS - 1) // TASK_ELEMS
-    else:
-        nsplit = (per_tile + MINOR_TASK_ELEMS - 1) // MINOR_TASK_ELEMS
-        if outer * num_channels * inner >= PARALLEL_MIN:
-            nsplit = max(nsplit, (MINOR_MIN_TASKS + ntiles - 1) // ntiles)
+    nsplit = (per_tile + TASK_ELEMS - 1) // TASK_ELEMS
+    if not strided:  # larger tasks, but up to MINOR_MIN_TASKS of TASK_ELEMS for the cores
+        nsplit = max((per_tile + MINOR_TASK_ELEMS - 1) // MINOR_TASK_ELEMS, min(nsplit, MINOR_MIN_TASKS))
     nsplit = min(max(1, nsplit), MAX_SPLITS, max(outer, 1))
     return strided, k, ct, ntiles, nsplit
 

@@ -162,8 +162,9 @@ def scaled(a, factor):
 
 # -- stages for statistics merged elsewhere (Dask chunks, SyncBatchNorm's processes) --------
 # A training forward is welford -> merge -> finish -> apply; a backward is grad_reduce ->
-# sum -> grad_coefs -> grad_apply.  ``parallel=None`` picks the kernels by size, as the
-# whole-array drivers do; Dask's tasks pass False (Dask supplies the parallelism).
+# sum -> grad_coefs -> grad_apply.  ``parallel=None`` picks the kernels by size and layout
+# (parallel_for), as the whole-array drivers do; Dask's tasks pass False (Dask supplies the
+# parallelism).
 
 
 def finish(count, mean, m2, weight, bias, running_mean, running_var, momentum, eps, dtype):
