@@ -20,7 +20,6 @@ descheduling by other jobs does not inflate: per-core work, comparable on a busy
 import argparse
 import importlib
 import os
-import random
 import sys
 import time
 
@@ -29,6 +28,7 @@ import numpy as np
 
 import numbabn
 from numbabn import _layout
+from numbabn.bench.timing import interleaved
 from numbabn.cpu import forward as fwd
 from numbabn.cpu import stats as cst
 from numbabn.cpu.api import parallel_for
@@ -80,31 +80,6 @@ def contenders(shape, dtype, torch, base=None):
     return fns
 
 
-def interleaved(fns, budget, batch=0.004, stat="median", clock=time.perf_counter):
-    """Seconds per call of each of ``fns``: rounds of one ~``batch``-second batch of calls of
-    each, in an order shuffled each round (as numbabn.bench.timing), summarised by ``stat``
-    over the rounds."""
-    counts = {}
-    for k, f in fns.items():
-        f()
-        t = clock()
-        f()
-        counts[k] = max(1, int(batch / max(clock() - t, 1e-6)))
-    rounds = max(9, int(budget / (batch * len(fns))))
-    times = {k: [] for k in fns}
-    order, shuffle = list(fns), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for k in order:
-            f, n = fns[k], counts[k]
-            t = clock()
-            for _ in range(n):
-                f()
-            times[k].append((clock() - t) / n)
-    q = 0.5 if stat == "median" else 0.1
-    return {k: float(np.quantile(v, q)) for k, v in times.items()}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=SHAPES)
@@ -135,7 +110,15 @@ def main():
     for s in a.shapes:
         shape = parse(s)
         fns = contenders(shape, np.dtype(a.dtype), torch, base)
-        t = interleaved(fns, a.budget, stat=a.stat, clock=clock)
+        t = interleaved(
+            fns,
+            a.budget,
+            batch=0.004,
+            min_rounds=9,
+            max_rounds=10**6,
+            quantile=0.5 if a.stat == "median" else 0.1,
+            clock=clock,
+        )
         mb = np.prod(shape) * np.dtype(a.dtype).itemsize / 1e6
         row = " ".join(f"{t[k] * 1e6:11.2f}" if k in t else f"{'-':>11}" for k in cols)
         ratio = t["torch_train"] / t["train"] if "torch_train" in t else float("nan")
