@@ -44,7 +44,7 @@ class Twin:
     """A driver compiled twice: ``serial`` for small arrays and ``parallel`` for large ones.
 
     Both come from the same Python function, so they compute the same thing; which one runs
-    depends on the array's size alone, never on the thread count.
+    depends on the array's shape alone (its size and layout), never on the thread count.
     """
 
     def __init__(self, fn):

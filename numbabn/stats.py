@@ -44,6 +44,10 @@ class Stats(NamedTuple):
         ``2 C + 1``: the payload to send between processes (:meth:`from_array` reads it).
         GPU statistics are copied to the host."""
         mean, m2 = _host_array(self.mean), _host_array(self.m2)
+        if mean.ndim != 1 or m2.shape != mean.shape:
+            raise ValueError(
+                f"mean and m2 must be 1-d arrays of one shape (C,), got shapes {mean.shape} and {m2.shape}"
+            )
         c = mean.shape[0]
         out = np.empty(2 * c + 1)  # filled in place: faster than np.concatenate of a list
         out[0] = self.count

@@ -108,6 +108,7 @@ class SyncBatchNorm(BatchNorm):
             device=device,
         )
         self.comm = comm
+        self._wire = None  # the _Wire of self.comm, made on first use
         self._check_comm()
         # Values per channel of the last forward's global batch when that forward was
         # synchronized (its backward then is too), else None.
@@ -137,22 +138,29 @@ class SyncBatchNorm(BatchNorm):
         return new.train(bn.training)
 
     def _check_comm(self):
+        """The :class:`_Wire` of ``self.comm`` (None without one), made and checked when the
+        communicator is new: it may have been assigned since the constructor."""
         comm = self.comm
+        wire = self._wire
+        if wire is not None and wire.comm is comm:
+            return wire
         if comm is None:
-            return
+            return None
         if not callable(getattr(comm, "allgather", None)):
             raise TypeError(
                 "comm must have an allgather(obj) -> list method returning every rank's obj in rank order "
                 f"(an mpi4py communicator such as MPI.COMM_WORLD, or a wrapper), or be None; got {type(comm).__name__}"
             )
+        self._wire = _Wire(comm, self.num_features, self.dtype)
+        return self._wire
 
     def _syncing(self):
         """Whether a forward now is synchronized: training mode with a communicator."""
         return self.comm is not None and self.training
 
     def _syncs(self):
-        """:meth:`_syncing`, with the communicator checked (it may have been assigned since
-        the constructor): once per step, in :meth:`forward`."""
+        """:meth:`_syncing`, with the communicator checked: once per step, in
+        :meth:`forward`."""
         if not self._syncing():
             return False
         self._check_comm()
@@ -241,8 +249,9 @@ class SyncBatchNorm(BatchNorm):
         same step with the same channels and dtype: otherwise (or when a rank sent a
         :class:`_Failure`) every rank raises the same error."""
         self._exchanged = True
-        if _buffered(self.comm):
-            return self._exchange_buffers(step, payload, error)
+        wire = self._check_comm()
+        if wire.size:
+            return self._exchange_buffers(wire, step, payload, error)
         return _checked(step, self._allgather(step, payload), error)
 
     def _allgather(self, step, payload):
@@ -253,29 +262,28 @@ class SyncBatchNorm(BatchNorm):
             raise TypeError(f"comm.allgather must return the list of every rank's object, got {kind}")
         return gathered
 
-    def _exchange_buffers(self, step, payload, error):
+    def _exchange_buffers(self, wire, step, payload, error):
         """:meth:`_exchange` through mpi4py's buffer ``Allgather``: a header of four float64
         (step, C, dtype, failed) from every rank, then, when they all agree and none failed,
         the payloads as one float64 array; otherwise every rank (each sees every header)
         makes the object exchange, whose checks raise the same error everywhere."""
-        comm = self.comm
-        header = _header(step, self.num_features, self.dtype.char, isinstance(payload, _Failure))
-        size = comm.Get_size()
-        headers = np.empty((size, 4))
-        comm.Allgather(header, headers)
+        failed = type(payload) is _Failure
+        header = _header(step, self.num_features, self.dtype.char, True) if failed else wire.header[step]
+        wire.comm.Allgather(header, wire.headers)
         # Every rank sent this rank's header and none failed, compared as bytes (numpy's
         # any/all on so small an array cost about as much as the exchange).
-        if header[3] or headers.tobytes() != header.tobytes() * size:
+        if failed or wire.headers.tobytes() != wire.agreed[step]:
             return _checked(step, self._allgather(step, payload), error)  # raises
         payload = np.ascontiguousarray(payload, dtype=np.float64)
-        parts = np.empty((size, *payload.shape))
-        comm.Allgather(payload, parts)
+        parts = np.empty((wire.size, *payload.shape))
+        wire.comm.Allgather(payload, parts)
         return parts
 
     # -- pickling ---------------------------------------------------------------------------
     def __getstate__(self):
         state = super().__getstate__()
         state["comm"] = None  # a communicator belongs to its processes
+        state["_wire"] = None
         state["_sync_count"] = None
         state["_exchanged"] = False
         return state
@@ -316,27 +324,31 @@ def _checked(step, gathered, error):
     raise AssertionError("unreachable: the loop above found a failure or a disagreement")
 
 
-def _buffered(comm):
-    """Whether ``comm`` has mpi4py's buffer interface (``Allgather`` and ``Get_size``), the
-    fast path of an exchange; other communicators exchange pickled objects."""
-    return callable(getattr(comm, "Allgather", None)) and callable(getattr(comm, "Get_size", None))
+class _Wire:
+    """What a layer's exchanges over one communicator reuse, made when the layer first
+    exchanges over it: ``size`` is 0 for a communicator of pickled objects; for one with
+    mpi4py's buffer interface (``Allgather`` and ``Get_size``), the fast path, its size, the
+    layer's headers per step, the headers' receive buffer and the bytes it holds when every
+    rank agrees."""
+
+    __slots__ = ("comm", "size", "header", "headers", "agreed")
+
+    def __init__(self, comm, num_features, dtype):
+        self.comm = comm
+        buffered = callable(getattr(comm, "Allgather", None)) and callable(getattr(comm, "Get_size", None))
+        self.size = size = comm.Get_size() if buffered else 0
+        self.header = {step: _header(step, num_features, dtype.char, False) for step in _STEPS}
+        self.headers = np.empty((size, 4))
+        self.agreed = {step: h.tobytes() * size for step, h in self.header.items()}
 
 
 #: The steps' codes in a buffer exchange's header.
 _STEPS = {"forward": 0.0, "backward": 1.0}
-_HEADERS = {}
 
 
 def _header(step, num_features, char, failed):
-    """A buffer exchange's header ``[step, C, dtype, failed]`` (float64), made once per
-    value and only read (sent) after."""
-    key = (step, num_features, char, failed)
-    header = _HEADERS.get(key)
-    if header is None:
-        if len(_HEADERS) > 256:
-            _HEADERS.clear()
-        header = _HEADERS[key] = np.array([_STEPS[step], num_features, ord(char), failed], dtype=np.float64)
-    return header
+    """A buffer exchange's header ``[step, C, dtype, failed]`` (float64)."""
+    return np.array([_STEPS[step], num_features, ord(char), failed], dtype=np.float64)
 
 
 class _Failure(NamedTuple):

@@ -94,6 +94,16 @@ def test_stats_from_array_refuses_bad_payloads(bad, match):
         numbabn.Stats.from_array(bad)
 
 
+@pytest.mark.parametrize(
+    "mean, m2",
+    [(np.zeros(3), np.ones(1)), (np.zeros(3), np.float64(1.0)), (np.zeros((1, 3)), np.zeros((1, 3)))],
+    ids=["shapes differ", "0-d m2", "2-d"],
+)
+def test_stats_to_array_refuses_mismatched_fields(mean, m2):
+    with pytest.raises(ValueError, match=r"mean and m2 must be 1-d arrays of one shape \(C,\), got shapes"):
+        numbabn.Stats(4, mean, m2).to_array()
+
+
 def test_strided_grad_output_with_fortran_input_is_copied_once(rng, monkeypatch):
     x = np.asfortranarray(rng.normal(size=(6, 3, 8)))
     g = rng.normal(size=(6, 3, 16))[:, :, ::2]  # neither C- nor F-contiguous

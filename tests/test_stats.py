@@ -88,13 +88,20 @@ def test_merge_of_split_equals_whole(layout, dtype, rng):
     _check_stats(merged, x, layout.axis)
 
 
+#: Empty batches: no rows, rows of zero width (channel-minor, one tile and two), no rows
+#: channels-last.
+EMPTY = [((0, 3, 4), 1), ((2, 3, 0), 1), ((2, 4096, 0), 1), ((3, 0, 3), -1)]
+
+
 @pytest.mark.parametrize("dtype", dtype_params())
-def test_welford_of_empty_batch_is_merge_identity(dtype, rng):
-    empty = numbabn.welford(np.empty((0, 3, 4), dtype))
+@pytest.mark.parametrize(("shape", "axis"), EMPTY, ids=str)
+def test_welford_of_empty_batch_is_merge_identity(dtype, shape, axis, rng):
+    num_channels = shape[axis]
+    empty = numbabn.welford(np.empty(shape, dtype), axis=axis)
     assert empty.count == 0
-    assert empty.mean.shape == empty.m2.shape == (3,)
+    assert empty.mean.shape == empty.m2.shape == (num_channels,)
     np.testing.assert_array_equal(empty.m2, 0.0)
-    x = make_input(rng, (5, 3, 4), 1, dtype)
+    x = make_input(rng, (5, num_channels, 4), 1, dtype)
     s = numbabn.welford(x)
     for merged in (numbabn.merge_stats(empty, s), numbabn.merge_stats(s, empty), numbabn.merge_stats(s, empty, empty)):
         assert merged.count == s.count

@@ -502,6 +502,25 @@ def test_ranks_in_different_steps(rng, buffers):
     assert all(layer.num_batches_tracked == 1 and layer.grad_weight is None for layer in layers)
 
 
+def test_comm_reassigned_between_steps(rng):
+    """A communicator assigned between steps serves from the next step on: an object one,
+    then one with buffer methods (nothing of the first one's is reused), then None (a plain
+    BatchNorm, exchanging nothing)."""
+    lay = LAYOUTS[1]
+    comm, layers, ref = make_layers(2, lay, np.float32, rng)
+    step_and_compare(layers, ref, lay, (2, 4), np.float32, rng)
+    buffered = ThreadComm(2, buffers=True)
+    for r, layer in enumerate(layers):
+        layer.comm = buffered.rank(r)
+    step_and_compare(layers, ref, lay, (3, 1), np.float32, rng)
+    assert comm.calls == [2, 2] and buffered.buffer_calls == [4, 4] and buffered.calls == [0, 0]
+    x = rng.normal(size=lay.shape).astype(np.float32)
+    for layer in layers:
+        layer.comm = None
+        np.testing.assert_array_equal(layer(x), ref(x))
+    assert buffered.buffer_calls == [4, 4]
+
+
 def test_pickle_drops_comm(rng):
     comm = ThreadComm(1).rank(0)
     layer = SyncBatchNorm(3, comm=comm)

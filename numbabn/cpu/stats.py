@@ -208,7 +208,7 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     mean[:] = 0.0
     m2[:] = 0.0
     n = 0.0
-    if r1 <= r0:
+    if r1 <= r0 or width == 0:  # no values (rows of zero width when inner == 0)
         return n
     # The first block's shift: each channel's mean over its first (up to) four rows, so a
     # lone outlier there moves it by a quarter only.
