@@ -1,14 +1,15 @@
 """SyncBatchNorm over torch.distributed (gloo, two processes on the loopback interface)
 against PyTorch's batch norm of the global batch.
 
-Each rank wraps ``torch.distributed.all_gather_object`` as numbabn's ``comm``, trains a
+Each rank wraps ``torch.distributed.all_gather_object`` as numbabn's ``comm`` (or, with
+mpi4py's buffer methods, ``all_gather_single``), trains a
 SyncBatchNorm on its part of each global batch and compares its part of the outputs and
 gradients, and the global ``grad_weight``, ``grad_bias`` and running statistics, with
 ``torch.nn.BatchNorm2d`` (autograd) on the whole batch.  ``torch.nn.SyncBatchNorm`` itself
 computes the same thing but runs on GPU tensors only (CPU tensors raise "SyncBatchNorm
 expected input tensor to be on GPU"), so the CPU reference is the global batch's batch norm.
 
-This file is also the ranks' script: ``python test_sync_torch.py RANK WORLD PORT``.
+This file is also the ranks' script: ``python test_sync_torch.py RANK WORLD PORT KIND``.
 """
 
 import os
@@ -32,14 +33,38 @@ class TorchComm:
         import torch.distributed as dist
 
         self.dist, self.group = dist, group
+        self.calls = 0
 
     def allgather(self, obj):
+        self.calls += 1
         out = [None] * self.dist.get_world_size(self.group)
         self.dist.all_gather_object(out, obj, group=self.group)
         return out
 
 
-def rank_main(rank, world, port):
+class TorchBufferComm(TorchComm):
+    """:class:`TorchComm` with mpi4py's buffer methods, as the data-parallel page shows it:
+    SyncBatchNorm then exchanges float64 tensors, no pickled objects."""
+
+    def __init__(self, group=None):
+        super().__init__(group)
+        self.buffer_calls = 0
+
+    def Get_size(self):  # noqa: N802 - mpi4py's name
+        return self.dist.get_world_size(self.group)
+
+    def Allgather(self, sendbuf, recvbuf):  # noqa: N802 - mpi4py's name
+        import torch
+
+        self.buffer_calls += 1
+        gather = getattr(self.dist, "all_gather_single", None) or self.dist.all_gather_into_tensor
+        gather(torch.from_numpy(recvbuf).view(-1), torch.from_numpy(sendbuf).view(-1), group=self.group)
+
+
+COMMS = {"objects": TorchComm, "buffers": TorchBufferComm}
+
+
+def rank_main(rank, world, port, kind):
     import torch
     import torch.distributed as dist
 
@@ -48,7 +73,8 @@ def rank_main(rank, world, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     rng = np.random.default_rng(0)  # the same global batches on every rank
     channels = 3
-    ours = numbabn.SyncBatchNorm(channels, comm=TorchComm())
+    comm = COMMS[kind]()
+    ours = numbabn.SyncBatchNorm(channels, comm=comm)
     ref = torch.nn.BatchNorm2d(channels)
     w = rng.uniform(0.5, 1.5, channels).astype(np.float32)
     b = rng.normal(size=channels).astype(np.float32)
@@ -81,6 +107,10 @@ def rank_main(rank, world, port):
         ref.weight.grad = ref.bias.grad = None
     if ours.num_batches_tracked != int(ref.num_batches_tracked):
         bad.append(f"rank {rank}: num_batches_tracked {ours.num_batches_tracked} != {int(ref.num_batches_tracked)}")
+    exchanges = 2 * len(STEPS)  # one per forward and per backward
+    expected = (0, 2 * exchanges) if kind == "buffers" else (exchanges, None)  # buffers: header and payload
+    if (comm.calls, getattr(comm, "buffer_calls", None)) != expected:
+        bad.append(f"rank {rank}: {comm.calls} object and {getattr(comm, 'buffer_calls', None)} buffer exchanges")
     everyone = TorchComm().allgather(ours.running_var.tobytes())
     if any(v != everyone[0] for v in everyone):
         bad.append(f"rank {rank}: running_var differs between ranks")
@@ -95,7 +125,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_sync_batchnorm_over_torch_distributed_gloo():
+@pytest.mark.parametrize("kind", list(COMMS))
+def test_sync_batchnorm_over_torch_distributed_gloo(kind):
     torch = pytest.importorskip("torch")
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("this PyTorch build has no torch.distributed with the gloo backend")
@@ -109,7 +140,7 @@ def test_sync_batchnorm_over_torch_distributed_gloo():
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, str(r), str(WORLD), port], env=env, stderr=subprocess.PIPE, text=True
+            [sys.executable, __file__, str(r), str(WORLD), port, kind], env=env, stderr=subprocess.PIPE, text=True
         )
         for r in range(WORLD)
     ]
@@ -124,4 +155,4 @@ def test_sync_batchnorm_over_torch_distributed_gloo():
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(rank_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
