@@ -157,6 +157,14 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     eps = _layout.check_eps(eps)
     if out is not None:
         out = inp.like_input(out, "out", writable=True)
+    # Buffers written in place must not overlap the call's other arrays (out may be the input:
+    # the elementwise pass runs in place safely).
+    running = (("running_mean", running_mean), ("running_var", running_var))
+    affine = (("weight", weight), ("bias", bias))
+    if training and running_mean is not None:
+        _layout.check_disjoint(running, (("input", inp.x), *affine))
+    if out is not None:
+        _layout.check_disjoint((("out", out),), (*running, *affine))
     return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
 
 

@@ -211,7 +211,7 @@ def statistics(inp, split_every=None):
     token = tokenize(x, axis, split_every)
 
     def leaf(idx):
-        return (_block_stats, (x.name, *idx), axis)
+        return (_block_stats, (x.name, *idx), axis, _declared(x, idx))
 
     roots, dsk = _tree(f"numbabn-welford-{token}", x.chunks, axis, leaf, _merge_stats, split_every)
     name = f"numbabn-welford-{token}"
@@ -231,7 +231,8 @@ def grad_sums(inp, grad_output, mean, split_every=None):
         dsk[(f"{prefix}-mean", j)] = mean[offsets[j] : offsets[j + 1]].copy()
 
     def leaf(idx):
-        return (_block_grad_sums, (grad_output.name, *idx), (x.name, *idx), axis, (f"{prefix}-mean", idx[axis]))
+        g, xb = (grad_output.name, *idx), (x.name, *idx)
+        return (_block_grad_sums, g, xb, axis, (f"{prefix}-mean", idx[axis]), _declared(x, idx))
 
     roots, tree = _tree(prefix, x.chunks, axis, leaf, _sum_parts, split_every)
     dsk.update(tree)
@@ -275,9 +276,28 @@ def _split_every(split_every):
     return int(split_every)
 
 
-def _block_stats(block, axis):
+def _declared(x, idx):
+    """What chunk ``idx`` of ``x`` must be, as its graph says: ``(index, shape, dtype)``."""
+    return idx, tuple(c[i] for c, i in zip(x.chunks, idx, strict=True)), x.dtype
+
+
+def _checked_block(block, declared, name="input"):
+    """The chunk as an ndarray, if it has the shape and dtype its array declares: a graph
+    whose chunks compute to something else (``map_blocks`` with wrong ``chunks`` or
+    ``meta``) would otherwise give statistics of other counts than the array's shape."""
+    block = np.asarray(block)
+    idx, shape, dtype = declared
+    if block.shape != shape or block.dtype != dtype:
+        raise ValueError(
+            f"{name} chunk {idx} computed to shape {block.shape} and dtype {block.dtype}, but the Dask array "
+            f"declares shape {shape} and dtype {dtype} for it (check the chunks and meta of the graph that makes it)"
+        )
+    return block
+
+
+def _block_stats(block, axis, declared):
     """``(count, mean, M2)`` of one chunk: the serial kernel (float count, float64 (C,))."""
-    x = _layout.contiguous(np.asarray(block))
+    x = _layout.contiguous(_checked_block(block, declared))
     stats = np.empty((3, x.shape[axis]))
     _stats.welford(False, _layout.view3(x, axis), stats)
     return float(_layout.values_per_channel(x.shape, axis)), stats[1], stats[2]
@@ -298,8 +318,9 @@ def _concat_stats(columns, count):
     return Stats(count, mean, m2)
 
 
-def _block_grad_sums(g, x, axis, mean):
-    return _host.grad_reduce(np.asarray(g), np.asarray(x), axis, mean, parallel=False)
+def _block_grad_sums(g, x, axis, mean, declared):
+    g, x = _checked_block(g, declared, "grad_output"), _checked_block(x, declared)
+    return _host.grad_reduce(g, x, axis, mean, parallel=False)
 
 
 def _sum_parts(parts):

@@ -109,6 +109,8 @@ class BatchNorm:
         if num_features < 1:
             raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
         try:
+            if dtype is None:  # np.dtype(None) is float64: refused, as a forgotten argument
+                raise TypeError
             dtype = np.dtype(dtype)
         except TypeError:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
@@ -131,8 +133,8 @@ class BatchNorm:
         self.num_features = int(num_features)
         self.eps = _layout.check_eps(eps)
         self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = _layout.check_flag(affine, "affine")
+        self.track_running_stats = _layout.check_flag(track_running_stats, "track_running_stats")
         self.axis = int(axis)
         self.dtype = dtype
         self.device = device
@@ -161,7 +163,7 @@ class BatchNorm:
     # -- modes ------------------------------------------------------------------------------
     def train(self, mode=True):
         """Set training mode (``mode=True``) or eval mode; returns ``self``."""
-        self.training = bool(mode)
+        self.training = _layout.check_flag(mode, "mode")
         return self
 
     def eval(self):
@@ -210,9 +212,11 @@ class BatchNorm:
         """
         inp = self._check_input(x)
         call = self._forward_call(inp)
+        # The count this call leaves, worked out first: a bad one stops it before any write.
+        tracked = self._tracked() + 1 if self.training and self.track_running_stats else None
         y, mean, invstd = self._run_forward(call)
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked += 1
+        if tracked is not None:
+            self.num_batches_tracked = tracked
         # The input is kept by reference for backward(), as PyTorch keeps it: modifying it in
         # place before backward() changes the gradients (PyTorch would raise; this cannot tell).
         self._saved = (inp, mean, invstd, call.training)
@@ -223,13 +227,25 @@ class BatchNorm:
     def _forward_call(self, inp, part=False):
         """The checked forward call of this layer's state on the checked input ``inp``
         (``part``: see :func:`numbabn._call.forward_call`)."""
-        use_batch = self.training or self.running_mean is None
-        track = self.training and self.track_running_stats
+        training = _layout.check_flag(self.training, "training")
+        use_batch = training or self.running_mean is None
+        track = training and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if track and self.momentum is None:
-            momentum = 1.0 / (self.num_batches_tracked + 1)
-        running = (None, None) if self.training and not track else (self.running_mean, self.running_var)
+            momentum = 1.0 / (self._tracked() + 1)
+        running = (None, None) if training and not track else (self.running_mean, self.running_var)
         return _call.forward_call(inp, self.weight, self.bias, *running, use_batch, momentum, self.eps, None, part=part)
+
+    def _tracked(self):
+        """``num_batches_tracked``, checked: an int >= 0 (it may have been assigned)."""
+        count = self.num_batches_tracked
+        if type(count) is int and count >= 0:
+            return count
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)):
+            raise TypeError(f"num_batches_tracked must be an int >= 0, got {type(count).__name__} {count!r}")
+        if count < 0:
+            raise ValueError(f"num_batches_tracked must be an int >= 0, got {count!r}")
+        return int(count)
 
     def _run_forward(self, call):
         """``(output, save_mean, save_invstd)`` of a checked forward call (SyncBatchNorm
@@ -341,10 +357,19 @@ class BatchNorm:
                 value = value.detach().cpu().numpy()
             elif is_device(value):
                 value = _as_numba(value).copy_to_host()
-            value = np.asarray(value)
+            if isinstance(value, np.ma.MaskedArray):
+                raise TypeError(f"{name} must not be a masked array (its mask would be ignored)")
+            try:
+                value = np.asarray(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"{name} must be an array of numbers, got {type(value).__name__} ({e})") from None
             if name == "num_batches_tracked":
                 count = value.reshape(()) if value.size == 1 else None
-                if count is None or value.dtype.kind not in "iuf" or not (count >= 0 and count == int(count)):
+                if (
+                    count is None
+                    or value.dtype.kind not in "iuf"
+                    or not (np.isfinite(count) and count >= 0 and count == int(count))
+                ):
                     raise ValueError(f"num_batches_tracked must be one integer >= 0, got {value!r}")
                 staged[name] = int(count)
                 continue
@@ -352,6 +377,7 @@ class BatchNorm:
                 raise ValueError(f"{name} must have shape ({self.num_features},), got {value.shape}")
             if value.dtype.kind not in "biuf":  # cast like PyTorch's copy_
                 raise TypeError(f"{name} must be a real-valued array, got dtype {value.dtype}")
+            self._check_destination(name)
             staged[name] = value
         for name, value in staged.items():
             if name == "num_batches_tracked":
@@ -359,6 +385,21 @@ class BatchNorm:
             else:
                 self._assign(getattr(self, name), value)
         return IncompatibleKeys(missing, unexpected)
+
+    def _check_destination(self, name):
+        """The layer's own ``name`` buffer can take a loaded value (it may have been assigned):
+        checked for every key before any is written."""
+        dest = getattr(self, name)
+        host = self.device == "cpu"
+        if (host and not isinstance(dest, np.ndarray)) or (not host and not is_device(dest)):
+            where = "a NumPy array" if host else "a GPU array"
+            raise TypeError(f"the layer's {name} must be {where} to load into, got {type(dest).__name__}")
+        if dest.shape != (self.num_features,):
+            raise ValueError(
+                f"the layer's {name} must have shape ({self.num_features},) to load into, got {dest.shape}"
+            )
+        if host and not dest.flags.writeable:
+            raise ValueError(f"the layer's {name} must be writable to load into, got a read-only array")
 
     # -- pickling ---------------------------------------------------------------------------
     def __getstate__(self):

@@ -43,14 +43,11 @@ class Stats(NamedTuple):
         """The statistics as one float64 array ``[count, mean[0..C), m2[0..C)]`` of length
         ``2 C + 1``: the payload to send between processes (:meth:`from_array` reads it).
         GPU statistics are copied to the host."""
-        mean, m2 = _host_array(self.mean), _host_array(self.m2)
-        if mean.ndim != 1 or m2.shape != mean.shape:
-            raise ValueError(
-                f"mean and m2 must be 1-d arrays of one shape (C,), got shapes {mean.shape} and {m2.shape}"
-            )
+        count, mean, m2 = _as_stats(self, "stats", device=is_device(self.mean))
+        mean, m2 = _host_array(mean), _host_array(m2)
         c = mean.shape[0]
         out = np.empty(2 * c + 1)  # filled in place: faster than np.concatenate of a list
-        out[0] = self.count
+        out[0] = count
         out[1 : 1 + c] = mean
         out[1 + c :] = m2
         return out

@@ -216,7 +216,11 @@ class SyncBatchNorm(BatchNorm):
         ``update_threshold`` are the global batch's.  See :meth:`BatchNorm.backward`."""
         if self._saved is None or not self._sync_count:  # 0: every part was empty, nothing to exchange
             return super().backward(grad_output)
-        self._check_comm()
+        if self._check_comm() is None:
+            raise RuntimeError(
+                "backward of a synchronized forward exchanges the gradient sums, but comm is None now: give the "
+                "layer its communicator back (every rank's backward is a collective call)"
+            )
         return self._collective("backward", super().backward, grad_output)
 
     def _run_backward(self, call):
@@ -257,9 +261,16 @@ class SyncBatchNorm(BatchNorm):
     def _allgather(self, step, payload):
         # dtype.str ("<f4"), not dtype.name: the name is a Python-level property, ~5 us a call.
         gathered = self.comm.allgather((step, self.num_features, self.dtype.str, payload))
-        if not isinstance(gathered, (list, tuple)) or not gathered:
+        if not (
+            isinstance(gathered, (list, tuple))
+            and gathered
+            and all(isinstance(e, (tuple, list)) and len(e) == 4 for e in gathered)
+        ):
             kind = type(gathered).__name__
-            raise TypeError(f"comm.allgather must return the list of every rank's object, got {kind}")
+            raise TypeError(
+                f"comm.allgather must return the list of every rank's object (this rank's among them), got {kind}"
+                + (f" of {len(gathered)} items" if isinstance(gathered, (list, tuple)) else "")
+            )
         return gathered
 
     def _exchange_buffers(self, wire, step, payload, error):

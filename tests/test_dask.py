@@ -207,6 +207,30 @@ def test_training_updates_running_stats_only_after_the_statistics(rng):
     assert_bitwise(rv, before[1])
 
 
+@pytest.mark.parametrize(
+    ("fn", "shown"),
+    [(lambda b: b[:1], "shape (1, 3, 4)"), (lambda b: b.astype(np.float64), "dtype float64")],
+    ids=["fewer rows", "other dtype"],
+)
+def test_chunks_that_compute_to_other_than_declared_are_refused(fn, shown, rng):
+    """A graph whose chunks compute to another shape or dtype than the array declares (a
+    ``map_blocks`` with a wrong ``meta``) raises in the statistics and gradient passes,
+    before the running statistics or gradients move."""
+    x = make_input(rng, (6, 3, 4), 1, np.float32)
+    _, _, rm, rv = make_params(rng, 3, np.float32)
+    before = rm.copy(), rv.copy()
+    dx = da.from_array(x, chunks=(2, 3, 4)).map_blocks(fn, dtype=x.dtype, meta=np.empty((0, 0, 0), x.dtype))
+    for call in (
+        lambda: numbabn.batch_norm(dx, rm, rv, training=True),
+        lambda: numbabn.welford(dx),
+        lambda: numbabn.batch_norm_backward(dx, da.from_array(x, chunks=(2, 3, 4)), None, np.zeros(3), np.ones(3)),
+    ):
+        with pytest.raises(ValueError, match=r"chunk \(\d, 0, 0\) computed to .*" + re.escape(shown) + ".*declares"):
+            call()
+    assert_bitwise(rm, before[0])
+    assert_bitwise(rv, before[1])
+
+
 def test_training_empty_batch(rng):
     x = np.zeros((0, 3, 4), np.float32)
     _, _, rm, rv = make_params(rng, 3, np.float32)

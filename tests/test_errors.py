@@ -319,6 +319,48 @@ def test_in_place_call_with_bad_argument_leaves_input(call, rng):
     s.assert_unchanged()
 
 
+@pytest.mark.parametrize("call", FORWARD)
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        (lambda s: dict(running_var=s.running_mean), ("running_mean and running_var", "running_mean is written")),
+        (lambda s: dict(running_mean=s.x[0, :, 0]), ("running_mean and input", "running_mean is written")),
+        (lambda s: dict(weight=s.running_var), ("running_var and weight", "running_var is written")),
+        (lambda s: dict(bias=s.out.reshape(-1)[:C]), ("out and bias", "out is written")),
+        (lambda s: dict(running_mean=s.out[1, :, 1]), ("out and running_mean", "out is written")),
+    ],
+    ids=[
+        "running stats one array",
+        "running_mean in the input",
+        "weight is running_var",
+        "bias in out",
+        "running_mean in out",
+    ],
+)
+def test_buffers_written_in_place_must_not_overlap_other_arguments(call, override, names, rng):
+    """A buffer written in place (running statistics in training, ``out``) that shares memory
+    with another argument is refused before anything is written; ``out`` may be the input."""
+    s = State(rng)
+    pair, written = names
+    with _raises(ValueError, pair, "must not share memory", written, "got overlapping arrays"):
+        call(s.kwargs(**override(s)))
+    s.assert_unchanged()
+
+
+def test_overlap_checks_allow_what_is_safe(rng):
+    """Running statistics packed in one array, the same array for both in eval, and ``out``
+    as the input itself are fine."""
+    s = State(rng)
+    packed = np.stack([s.running_mean, s.running_var])
+    y = numbabn.batch_norm(s.x, packed[0], packed[1], s.weight, s.bias, training=True)
+    y_ref = numbabn.batch_norm(s.x, s.running_mean.copy(), s.running_var.copy(), s.weight, s.bias, training=True)
+    assert_bitwise(y, y_ref)
+    both = s.running_var.copy()
+    numbabn.batch_norm(s.x, both, both, training=False)
+    x = s.x.copy()
+    assert numbabn.batch_norm(x, s.running_mean.copy(), s.running_var.copy(), training=True, out=x) is x
+
+
 # -- backward ----------------------------------------------------------------------------------------
 def _bwd(s, **override):
     _, mean, invstd = numbabn.batch_norm_forward(s.x.copy(), s.weight)
@@ -505,12 +547,59 @@ def test_layer_backward_wrong_shape(rng):
         ({"num_features": 3, "momentum": -0.1}, ValueError, ("momentum", "got -0.1")),
         ({"num_features": 3, "eps": -1.0}, ValueError, ("eps", "got -1.0")),
         ({"num_features": 3, "axis": 1.5}, TypeError, ("axis", "got float")),
+        ({"num_features": 3, "dtype": None}, TypeError, ("dtype", "got None")),
+        ({"num_features": 3, "affine": "no"}, TypeError, ("affine", "must be a bool", "got str 'no'")),
+        ({"num_features": 3, "track_running_stats": 2}, TypeError, ("track_running_stats", "got int 2")),
     ],
     ids=lambda v: repr(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]!r}" for k in v),
 )
 def test_layer_constructor_errors(kwargs, exc, parts):
     with _raises(exc, *parts):
         numbabn.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["eval", None, 0.0, 2], ids=repr)
+def test_layer_train_mode_must_be_a_bool(mode, rng):
+    bn = _layer(rng)
+    with _raises(TypeError, "mode must be a bool", f"{mode!r}"):
+        bn.train(mode)
+    assert bn.training is True
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    ("count", "exc", "shown"),
+    [
+        (None, TypeError, "NoneType None"),
+        ("3", TypeError, "str '3'"),
+        (2.5, TypeError, "float 2.5"),
+        (True, TypeError, "bool True"),
+        (-1, ValueError, "got -1"),
+    ],
+    ids=repr,
+)
+def test_layer_bad_num_batches_tracked_stops_the_call_before_any_write(count, exc, shown, momentum, rng):
+    """An assigned ``num_batches_tracked`` that is not an int >= 0 raises before the running
+    statistics move (the count is worked out first; with ``momentum=None`` it sets the
+    momentum)."""
+    bn = _layer(rng, momentum=momentum)
+    bn.num_batches_tracked = count
+    snap = _snapshot(bn)
+    with _raises(exc, "num_batches_tracked must be an int >= 0", shown):
+        bn(make_input(rng, SHAPE, 1, np.float32))
+    _assert_layer_unchanged(bn, snap)
+    bn.num_batches_tracked = np.int64(2)  # numpy integers count
+    bn(make_input(rng, SHAPE, 1, np.float32))
+    assert bn.num_batches_tracked == 3 and type(bn.num_batches_tracked) is int
+
+
+def test_layer_training_attribute_must_be_a_bool(rng):
+    bn = _layer(rng)
+    bn.training = ""
+    snap = _snapshot(bn)
+    with _raises(TypeError, "training must be a bool", "got str ''"):
+        bn(make_input(rng, SHAPE, 1, np.float32))
+    _assert_layer_unchanged(bn, snap)
 
 
 # -- load_state_dict -------------------------------------------------------------------------------
@@ -553,6 +642,48 @@ def test_load_state_dict_bad_num_batches_tracked(value, rng):
     state = {k: v + 1 for k, v in _state(bn).items()}
     state["num_batches_tracked"] = value
     with _raises(ValueError, "num_batches_tracked", repr(value)):
+        bn.load_state_dict(state)
+    _assert_layer_unchanged(bn, snap)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "exc", "parts"),
+    [
+        ("num_batches_tracked", np.array(np.inf), ValueError, ("one integer >= 0", "inf")),
+        ("running_var", np.ma.masked_array(np.ones(C), mask=[True] + [False] * (C - 1)), TypeError, ("masked",)),
+        ("running_var", [1.0, [2.0, 3.0]] + [0.0] * (C - 2), TypeError, ("an array of numbers", "got list")),
+    ],
+    ids=["inf count", "masked", "ragged"],
+)
+def test_load_state_dict_bad_values_name_their_key(key, value, exc, parts, rng):
+    bn = _layer(rng)
+    snap = _snapshot(bn)
+    state = {k: v + 1 for k, v in _state(bn).items()}
+    state[key] = value
+    with _raises(exc, key, *parts):
+        bn.load_state_dict(state)
+    _assert_layer_unchanged(bn, snap)
+
+
+@pytest.mark.parametrize(
+    ("buffer", "exc", "shown"),
+    [
+        (np.ones(C + 2, np.float32), ValueError, f"shape ({C},) to load into, got ({C + 2},)"),
+        (np.ones(C, np.float32), ValueError, "writable to load into, got a read-only array"),
+        ([1.0] * C, TypeError, "a NumPy array to load into, got list"),
+    ],
+    ids=["wrong shape", "read-only", "list"],
+)
+def test_load_state_dict_into_a_bad_buffer_loads_nothing(buffer, exc, shown, rng):
+    """The layer's own buffer was replaced by one that cannot take the value: nothing is
+    loaded, the keys before it in the dict included."""
+    bn = _layer(rng)
+    if isinstance(buffer, np.ndarray) and buffer.shape == (C,):
+        buffer.flags.writeable = False
+    bn.running_var = buffer
+    snap = {k: v for k, v in _snapshot(bn).items() if k != "running_var"}
+    state = {k: v + 1 for k, v in _state(_layer(rng)).items()}
+    with _raises(exc, "the layer's running_var must", shown):
         bn.load_state_dict(state)
     _assert_layer_unchanged(bn, snap)
 

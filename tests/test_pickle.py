@@ -95,13 +95,20 @@ def test_stats_from_array_refuses_bad_payloads(bad, match):
 
 
 @pytest.mark.parametrize(
-    "mean, m2",
-    [(np.zeros(3), np.ones(1)), (np.zeros(3), np.float64(1.0)), (np.zeros((1, 3)), np.zeros((1, 3)))],
-    ids=["shapes differ", "0-d m2", "2-d"],
+    "count, mean, m2, match",
+    [
+        (4, np.zeros(3), np.ones(1), r"stats.mean and .m2 must both have shape \(C,\), got \(3,\) and \(1,\)"),
+        (4, np.zeros(3), np.float64(1.0), r"must both have shape \(C,\), got \(3,\) and \(\)"),
+        (4, np.zeros((1, 3)), np.zeros((1, 3)), r"must both have shape \(C,\), got \(1, 3\)"),
+        (-1, np.zeros(3), np.zeros(3), "stats.count must be an integer >= 0, got -1"),
+        (1.5, np.zeros(3), np.zeros(3), "stats.count must be an integer >= 0, got 1.5"),
+        (float("nan"), np.zeros(3), np.zeros(3), "stats.count must be an integer >= 0, got nan"),
+    ],
+    ids=["shapes differ", "0-d m2", "2-d", "negative count", "fractional count", "nan count"],
 )
-def test_stats_to_array_refuses_mismatched_fields(mean, m2):
-    with pytest.raises(ValueError, match=r"mean and m2 must be 1-d arrays of one shape \(C,\), got shapes"):
-        numbabn.Stats(4, mean, m2).to_array()
+def test_stats_to_array_refuses_malformed_stats(count, mean, m2, match):
+    with pytest.raises(ValueError, match=match):
+        numbabn.Stats(count, mean, m2).to_array()
 
 
 def test_strided_grad_output_with_fortran_input_is_copied_once(rng, monkeypatch):

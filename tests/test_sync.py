@@ -426,15 +426,34 @@ def test_bad_comm():
     assert layer.num_batches_tracked == 0
 
 
-def test_bad_allgather_result():
+@pytest.mark.parametrize(
+    "result",
+    [lambda obj: None, lambda obj: [], lambda obj: obj, lambda obj: [obj[3]], lambda obj: (obj, obj[:2])],
+    ids=["None", "empty", "the object itself", "payloads alone", "a truncated object"],
+)
+def test_bad_allgather_result(result):
     class Comm:
         def allgather(self, obj):
-            return None
+            return result(obj)
 
     layer = SyncBatchNorm(3, comm=Comm())
-    with pytest.raises(TypeError, match="comm.allgather must return the list"):
+    before = state(layer)
+    with pytest.raises(TypeError, match="comm.allgather must return the list of every rank's object"):
         layer(np.ones((4, 3), np.float32))
-    assert layer.num_batches_tracked == 0
+    assert state(layer) == before and layer.num_batches_tracked == 0
+
+
+def test_backward_needs_the_comm_of_its_synchronized_forward(rng):
+    comm, (layer,), _ = make_layers(1, 3, np.float32, rng)
+    x = rng.normal(size=(4, 3)).astype(np.float32)
+    layer(x)
+    layer.comm = None
+    with pytest.raises(RuntimeError, match="comm is None now"):
+        layer.backward(x)
+    assert layer.grad_weight is None and layer.update_threshold is None
+    layer.comm = comm.rank(0)
+    layer.backward(x)  # the saved forward still stands
+    assert layer.grad_weight is not None
 
 
 def assert_same_error(results, kind, *fragments):
