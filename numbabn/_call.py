@@ -7,8 +7,8 @@ A backend is a module with the same names (``numbabn.cpu.api`` for NumPy arrays,
 ``Input(x, axis, stream, name)``
     Checks the input array (dtype, ndim, axis, layout, stream) and checks the arrays that
     come with it: ``per_channel(a, name, writable=..., save=...)`` and
-    ``like_input(a, name, writable=...)``.  Exposes ``x``, ``axis``, ``num_channels``,
-    ``dtype``, ``shape`` and ``backend``.
+    ``like_input(a, name, writable=...)``.  Exposes ``original`` (the array as given),
+    ``x`` (the backend's), ``axis``, ``num_channels``, ``dtype``, ``shape`` and ``backend``.
 ``forward(call)``
     A :class:`ForwardCall` to ``(output, save_mean, save_invstd)``; the last two may be None
     when ``call.saved`` is False (the caller discards them).
@@ -128,6 +128,9 @@ class BackwardCall:
         return self.inp.backend.backward(self)
 
 
+_OUT_INPUT = (frozenset(("out", "input")),)
+
+
 def forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False, saved=True):
     """Check a forward call's arguments against its checked input ``inp``; ``part``: ``inp``
     is one process's part of a global batch, whose count the caller checks once the parts'
@@ -157,14 +160,17 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     eps = _layout.check_eps(eps)
     if out is not None:
         out = inp.like_input(out, "out", writable=True)
-    # Buffers written in place must not overlap the call's other arrays (out may be the input:
-    # the elementwise pass runs in place safely).
-    running = (("running_mean", running_mean), ("running_var", running_var))
-    affine = (("weight", weight), ("bias", bias))
-    if training and running_mean is not None:
-        _layout.check_disjoint(running, (("input", inp.x), *affine))
-    if out is not None:
-        _layout.check_disjoint((("out", out),), (*running, *affine))
+    # Buffers written in place must not overlap the call's other arrays, except out and the
+    # input, which the backend copies around (out may be the input: the elementwise pass runs
+    # in place safely).
+    written = (("out", out),) if out is not None else ()
+    if training:
+        written += (("running_mean", running_mean), ("running_var", running_var))
+    if written:
+        read = (("weight", weight), ("bias", bias), ("input", inp.original))
+        if not training:
+            read += (("running_mean", running_mean), ("running_var", running_var))
+        _layout.check_disjoint(written, read, _OUT_INPUT)
     return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
 
 
@@ -178,5 +184,10 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
     save_invstd = inp.per_channel(save_invstd, "save_invstd", save=True)
     if save_mean is None or save_invstd is None:
         raise ValueError("save_mean and save_invstd are required (as returned by batch_norm_forward), got None")
-    out = None if out is None else inp.like_input(out, "out", writable=True)
+    if out is not None:
+        out = inp.like_input(out, "out", writable=True)
+        # grad_output and the input may overlap out: the backend copies around them.
+        _layout.check_disjoint(
+            (("out", out),), (("weight", weight), ("save_mean", save_mean), ("save_invstd", save_invstd))
+        )
     return BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum)

@@ -13,6 +13,9 @@ from ._device import host_only
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# NumPy >= 1.25 has it in ``numpy.exceptions`` only, older ones at the top level.
+_TOO_HARD = getattr(np, "exceptions", np).TooHardError
+
 
 def as_input(x, name="input"):
     """Return ``x`` as a floating ndarray with ``ndim >= 2`` or raise.  Array-likes (lists,
@@ -37,7 +40,7 @@ def check_input(x, name, dtypes):
 
 
 def _names(dtypes):
-    names = [str(d) for d in dtypes]
+    names = [np.dtype(d).name for d in dtypes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
@@ -196,29 +199,81 @@ def same_view(a, x):
     return c == x.flags.c_contiguous and (c or a.flags.f_contiguous)
 
 
-def check_disjoint(written, read):
+def check_disjoint(written, read, allowed=()):
     """Raise ``ValueError`` when an array written in place (``written``: ``(name, array)``
-    pairs) shares memory with another of the call's arrays (``written`` or ``read``);
-    entries that are not NumPy arrays (None, GPU or Dask arrays) are skipped.  Only arrays
-    with a common owner of their memory (``base``, which NumPy sets to the owner for views
-    of views) can overlap, so the common case is a set of owners without repeats, and only
-    arrays sharing an owner are compared (``np.may_share_memory`` costs 0.3 us: small calls
-    spend their time in Python)."""
-    arrays = (*written, *read)
-    owners = set()
-    count = 0
-    for _, a in arrays:
-        if type(a) is np.ndarray:
-            owners.add(id(a if a.base is None else a.base))
-            count += 1
-    if len(owners) == count:
+    pairs) overlaps itself or shares memory with another of the call's arrays (``written`` or
+    ``read``), except the pairs of names in ``allowed`` (each a ``frozenset``: arrays the
+    backend copies around); entries that are not NumPy arrays (None, GPU or Dask arrays) are
+    skipped.
+
+    Arrays whose memory NumPy says they own, or views of such an owner, can only overlap
+    arrays of the same owner: a call whose arrays have distinct owners (the common case)
+    costs one pass over them.  Any other pair (views of a buffer, ``np.frombuffer``,
+    ``as_strided``, PyTorch's ``.numpy()``, the same owner) is compared by its bounds and,
+    where they overlap, exactly.
+    """
+    arrays = [(name, a, _owner(a)) for name, a in (*written, *read) if type(a) is np.ndarray]
+    for name, a, _ in arrays[: len(written)]:
+        if _overlaps_itself(a):
+            raise ValueError(
+                f"{name} must not overlap itself ({name} is written in place), got a view with shape "
+                f"{a.shape} and strides {a.strides} whose elements share memory"
+            )
+    owners = {id(owner) for _, _, owner in arrays if owner is not None}
+    if len(owners) == len(arrays):
         return
-    for i, (name, a) in enumerate(written):
-        for other, b in arrays[i + 1 :]:
-            if type(a) is np.ndarray and type(b) is np.ndarray and np.may_share_memory(a, b):
+    written = {id(a) for _, a in written}
+    for i, (name, a, owner) in enumerate(arrays):
+        for other, b, other_owner in arrays[i + 1 :]:
+            if (
+                (id(a) in written or id(b) in written)
+                and frozenset((name, other)) not in allowed
+                and _share(a, owner, b, other_owner)
+            ):
+                if id(a) not in written:
+                    name, other = other, name
                 raise ValueError(
                     f"{name} and {other} must not share memory ({name} is written in place), got overlapping arrays"
                 )
+
+
+def _owner(a):
+    """The ndarray that owns ``a``'s memory, by NumPy's own account (``a`` itself or its
+    ``base``), or None where NumPy cannot say (memory from a buffer, ``as_strided``, another
+    library)."""
+    base = a.base
+    if base is None:
+        return a if a.flags.owndata else None
+    if type(base) is np.ndarray and base.base is None and base.flags.owndata:
+        return base
+    return None
+
+
+def _share(a, owner_a, b, owner_b):
+    """Whether ``a`` and ``b`` share memory: never for distinct owners; else the bounds, and
+    where they overlap the exact answer (an answer too costly to find counts as shared)."""
+    if owner_a is not None and owner_b is not None and owner_a is not owner_b:
+        return False
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return np.shares_memory(a, b, max_work=1 << 16)
+    except _TOO_HARD:
+        return True
+
+
+def _overlaps_itself(a):
+    """Whether two elements of ``a`` share memory (a zero stride, or strides that interleave):
+    contiguous arrays never do; otherwise each stride, smallest first, must step past the
+    extent of the axes below it, or the array is taken to overlap itself."""
+    if a.size <= 1 or a.flags.c_contiguous or a.flags.f_contiguous:
+        return False
+    extent = a.itemsize
+    for stride, length in sorted((abs(s), n) for s, n in zip(a.strides, a.shape, strict=True) if n > 1):
+        if stride < extent:
+            return True
+        extent += stride * (length - 1)
+    return False
 
 
 def _ndarray(a, name):
@@ -233,6 +288,11 @@ def _plain(a, name):
     subclasses such as ``np.memmap``); masked arrays and ragged sequences are refused."""
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} must not be a masked array (its mask would be ignored), got {type(a).__name__}")
+    if getattr(a, "requires_grad", False) is True:
+        raise TypeError(
+            f"{name} must be an array without autograd history, got a {type(a).__name__} that requires grad; "
+            f"pass {name}.detach() (numbabn computes gradients with backward, not autograd)"
+        )
     try:
         return np.asarray(a)
     except (TypeError, ValueError) as e:

@@ -743,3 +743,56 @@ def test_load_state_dict_not_a_mapping(rng):
     with _raises(TypeError, "state_dict", "got list"):
         bn.load_state_dict([("weight", np.ones(C))])
     _assert_layer_unchanged(bn, snap)
+
+
+def test_backward_out_must_not_overlap_what_it_reads(rng):
+    """The probe's case: ``out`` over the memory of the backward's ``weight`` is refused,
+    as the forward refuses it; ``out`` over the input or ``grad_output`` is allowed."""
+    s = State(rng)
+    buf = np.zeros(s.x.size, s.x.dtype)
+    weight = buf[:C]
+    weight[:] = s.weight
+    _, mean, invstd = numbabn.batch_norm_forward(s.x.copy(), s.weight)
+    with _raises(ValueError, "out and weight must not share memory", "out is written"):
+        numbabn.batch_norm_backward(s.g, s.x, weight, mean, invstd, out=buf.reshape(SHAPE))
+    assert_bitwise(weight, s.weight)
+    for name in ("save_mean", "save_invstd"):
+        saved = {"save_mean": mean.copy(), "save_invstd": invstd.copy()}
+        out = np.zeros(SHAPE, np.float64).astype(s.x.dtype)
+        saved[name] = out.reshape(-1)[:C].astype(np.float64)  # a copy: no overlap
+        numbabn.batch_norm_backward(s.g, s.x, s.weight, out=out, **saved)
+        f64 = np.zeros(s.x.size, np.float64)
+        saved[name] = f64[:C]
+        with _raises(ValueError, f"out and {name} must not share memory"):
+            numbabn.batch_norm_backward(s.g, s.x, s.weight, out=f64.view(s.x.dtype)[: s.x.size].reshape(SHAPE), **saved)
+    s.assert_unchanged()
+
+
+@pytest.mark.parametrize("where", ["out", "running_mean", "running_var"])
+def test_written_arrays_that_overlap_themselves_are_refused(where, rng):
+    """A writable view whose elements share memory (a zero stride) would receive several
+    results in one place."""
+    from numpy.lib.stride_tricks import as_strided
+
+    s = State(rng)
+    one = np.zeros(1, s.x.dtype)
+    shape = SHAPE if where == "out" else (C,)
+    with _raises(ValueError, f"{where} must not overlap itself", "got a view with shape", "strides"):
+        numbabn.batch_norm(**s.kwargs(**{where: as_strided(one, shape, (0,) * len(shape))}))
+    assert not one.any()
+    s.assert_unchanged()
+
+
+def test_input_that_requires_grad_names_the_fix(rng):
+    import torch
+
+    t = torch.zeros(SHAPE, requires_grad=True)
+    with _raises(TypeError, "input must be an array without autograd history", "requires grad", "input.detach()"):
+        numbabn.batch_norm_forward(t)
+
+
+def test_dtype_names_in_messages(rng):
+    s = State(rng)
+    _, mean, invstd = numbabn.batch_norm_forward(s.x.copy(), s.weight)
+    with _raises(TypeError, "save_mean must have dtype float32 or float64", "got float16"):
+        numbabn.batch_norm_backward(s.g, s.x, s.weight, mean.astype(np.float16), invstd)

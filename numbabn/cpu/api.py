@@ -28,17 +28,18 @@ class Input:
     (non-negative) and the per-channel and like-input checks of its call.
 
     ``x`` is C- or F-contiguous (a strided input is copied here, once for the forward and
-    backward of a layer's step), ``shape3`` is its ``(outer, C, inner)`` view's shape and
+    backward of a layer's step; ``original`` is the array as given, whose memory the alias
+    checks compare), ``shape3`` is its ``(outer, C, inner)`` view's shape and
     ``parallel`` whether its drivers run their parallel twins (:func:`parallel_for`), worked
     out once: small calls spend their time in Python.
     """
 
-    __slots__ = ("x", "axis", "num_channels", "dtype", "shape", "shape3", "c_order", "parallel")
+    __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "shape3", "c_order", "parallel")
 
     def __init__(self, x, axis, stream, name="input"):
         if stream is not None:
             host_stream(stream)
-        x = _layout.as_input(x, name)
+        self.original = x = _layout.as_input(x, name)
         self.axis = axis = _layout.norm_axis(axis, x.ndim)
         flags = x.flags
         c_order = flags.c_contiguous
