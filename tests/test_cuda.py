@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_bitwise, assert_close, make_input, make_params
+from conftest import assert_bitwise, assert_close, channel_shape, make_input, make_params, reduce_axes
 from numba import cuda
 from reference import backward as ref_backward
 from reference import forward as ref_forward
@@ -176,6 +176,26 @@ def test_welford_and_merge_on_device(rng, shape, axis):
         assert s.count == cpu.count
         np.testing.assert_allclose(host(s.mean), cpu.mean, rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(host(s.m2), cpu.m2, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's float64 squares
+@pytest.mark.parametrize("block_elems", [16, 4096], ids=["split", "one-block"])
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
+def test_float64_values_whose_squares_overflow(rng, monkeypatch, shape, axis, block_elems):
+    """Values around 1e160, as on the CPU (``test_functional``): a finite mean, ``m2 = inf``,
+    outputs ``bias``, zero ``grad_input`` and ``grad_weight``; nothing NaN.  ``one-block``
+    covers every channel with one reduction block, so the one-launch kernels run."""
+    monkeypatch.setattr(_config, "CUDA_BLOCK_ELEMS", block_elems)
+    x = 1e160 * make_input(rng, shape, axis, np.float64)
+    w, b, _, _ = make_params(rng, shape[axis], np.float64)
+    s = numbabn.welford(dev(x), axis=axis)
+    np.testing.assert_allclose(host(s.mean), np.mean(x, axis=reduce_axes(x.ndim, axis)), rtol=1e-13, atol=1e-147)
+    assert (host(s.m2) == np.inf).all()
+    y, mean, invstd = numbabn.batch_norm_forward(dev(x), dev(w), dev(b), axis=axis)
+    np.testing.assert_array_equal(host(y), np.broadcast_to(b.reshape(channel_shape(x.ndim, axis)), x.shape))
+    assert (host(invstd) == 0.0).all() and np.isfinite(host(mean)).all()
+    gi, gw, _ = numbabn.batch_norm_backward(dev(rng.standard_normal(x.shape)), dev(x), dev(w), mean, invstd, axis=axis)
+    assert (host(gi) == 0.0).all() and (host(gw) == 0.0).all()
 
 
 def test_deterministic_run_to_run(rng):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import reference
 from conftest import (
+    PARALLEL_MIN,
     STATS_RTOL,
     Layout,
     assert_bitwise,
@@ -746,3 +747,47 @@ def test_float32_values_whose_squares_overflow_float32(layout, rng):
     y = numbabn.batch_norm(x, None, None, training=True, axis=layout.axis)
     assert np.isfinite(y).all()
     assert_close(y, reference.forward(x, None, None, None, None, True, 0.1, 1e-5, layout.axis)[0], np.float32)
+
+
+#: Every kernel family, serial and parallel sizes, for float64 values whose squares overflow:
+#: (layout, memory order).  F-ordered arrays are seen with their axes reversed: (6, 5, 4) and
+#: (4, 8, 4097) have short channel-minor rows, (70, 3, 5) long channel-strided ones.
+OVERFLOW_CASES = [
+    *((lay, "C") for lay in by_tag("rows-over-block", "fused", "NCHW", "NC", "NC-many-rows", "NHWC-many-rows")),
+    *((lay, "C") for lay in by_tag("big-NCHW", "big-fused-NCHW", "big-NC", "big-NHWC", "big-NC-super-rows")),
+    (Layout((-(-PARALLEL_MIN // 128) + 1, 8, 4, 4), 1, "big-NCHW-short-rows"), "C"),
+    (Layout((6, 5, 4), 1, "F"), "F"),
+    (Layout((70, 3, 5), 1, "F-long-rows"), "F"),
+    (Layout((4, 8, -(-PARALLEL_MIN // 32) + 1), 1, "big-F"), "F"),
+]
+
+
+@pytest.mark.parametrize(
+    "layout,order", [pytest.param(lay, order, id=f"{lay.id}-{order}") for lay, order in OVERFLOW_CASES]
+)
+def test_float64_values_whose_squares_overflow(layout, order, rng):
+    """Values around 1e160 (squares beyond float64's range), as NumPy and PyTorch compute them
+    on every layout: a finite mean, ``m2 = var = inf``, ``invstd = 0``, outputs ``bias``
+    (``0 * weight + bias``), zero ``grad_input`` and ``grad_weight``; nothing NaN."""
+    x = 1e160 * make_input(rng, layout.shape, layout.axis, np.float64)
+    x = np.asfortranarray(x) if order == "F" else x
+    w, b, rm, rv = make_params(rng, layout.channels, np.float64)
+    red, cs = reduce_axes(x.ndim, layout.axis), channel_shape(x.ndim, layout.axis)
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.var(x, axis=red)).all()  # NumPy's variance overflows too
+
+    s = numbabn.welford(x, axis=layout.axis)
+    np.testing.assert_allclose(s.mean, np.mean(x, axis=red), rtol=STATS_RTOL, atol=STATS_RTOL * 1e160)
+    assert (s.m2 == np.inf).all()
+
+    y, mean, invstd = numbabn.batch_norm_forward(x, w, b, rm, rv, axis=layout.axis)
+    np.testing.assert_array_equal(y, np.broadcast_to(b.reshape(cs), x.shape))
+    np.testing.assert_array_equal(mean, s.mean)
+    assert (invstd == 0.0).all() and np.isfinite(rm).all() and (rv == np.inf).all()
+    y_eval = numbabn.batch_norm(x, rm, rv, w, b, training=False, axis=layout.axis)
+    np.testing.assert_array_equal(y_eval, np.broadcast_to(b.reshape(cs), x.shape))
+
+    g = rng.standard_normal(x.shape)
+    gi, gw, gb = numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=layout.axis)
+    assert (gi == 0.0).all() and (gw == 0.0).all()
+    np.testing.assert_allclose(gb, g.sum(axis=red), rtol=1e-12, atol=1e-12 * np.abs(g).sum())

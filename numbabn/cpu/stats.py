@@ -189,9 +189,11 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     of each channel being the previous block's mean (in the first block, the mean of the
     channel's first values); then ``mean = shift + sum(d) / n`` and ``M2 = sum(d ** 2) - sum(d) ** 2 / n``, exact
     to float64 rounding while the shift is within a few standard deviations of the block's
-    mean.  A block where it is not (see ``SHIFT_CANCEL``: a trend or an outlier) is summed again
-    in two sweeps, mean then centred squares.  Every channel of the tile has the same count,
-    so the Chan merge of a block runs as one vectorized loop over channels."""
+    mean.  A block where it is not (see ``SHIFT_CANCEL``: a trend or an outlier), or where
+    ``sum(d ** 2)`` overflowed (deviations beyond about 1e154), is summed again in two sweeps,
+    mean then centred squares: the latter gives a finite mean and ``M2 = inf``, as the
+    channel-strided kernels do.  Every channel of the tile has the same count, so the Chan
+    merge of a block runs as one vectorized loop over channels."""
     width = nc * inner
     rb = max(MINOR_ROWS, BLOCK // max(width, 1))
     # One allocation (they cost ~0.1 us each); with inner == 1 the per-channel arrays are the
@@ -236,7 +238,8 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
         for c in range(nc):
             s = bmean[c] * inv
             t = s * bmean[c]
-            far |= t > keep * bm2[c]
+            # Overflowed squares would give M2 = inf - inf = NaN; the two sweeps give inf.
+            far |= (t > keep * bm2[c]) | (bm2[c] == np.inf)
             bmean[c] = centre[c] + s
             bm2[c] -= t
         if far:
