@@ -51,7 +51,7 @@ class Input:
     ``ndim >= 2``, with known chunk sizes; its feature axis (non-negative) and the
     per-channel and like-input checks of its call."""
 
-    __slots__ = ("x", "axis", "num_channels", "dtype", "shape")
+    __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape")
 
     def __init__(self, x, axis, stream, name="input"):
         host_stream(stream, "a Dask input")
@@ -62,7 +62,7 @@ class Input:
             raise ValueError(
                 f"{name} must have known chunk sizes, got shape {x.shape}; call {name}.compute_chunk_sizes() first"
             )
-        self.x = x
+        self.original = self.x = x
         self.shape = x.shape
         self.num_channels = x.shape[self.axis]
         self.dtype = x.dtype
@@ -130,7 +130,7 @@ def forward(call):
         coef, save = _host.finish(count, mean, m2, call.weight, call.bias, *running, call.momentum, call.eps, inp.dtype)
     else:
         coef, save = _host.eval_coef(call.running_mean, call.running_var, call.weight, call.bias, call.eps, inp.dtype)
-    return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, inp.x), save[0], save[1]
+    return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input")), save[0], save[1]
 
 
 def backward(call):
@@ -143,7 +143,8 @@ def backward(call):
     (sums,) = dask.compute(grad_sums(inp, call.grad_output, mean))
     n = _layout.values_per_channel(inp.shape, inp.axis)
     coef, grads = _host.grad_coefs(sums, n, call.weight, mean, invstd, call.training, inp.dtype)
-    gi = _map_channels(_grad_apply_block, "numbabn-batch-norm-backward", inp, coef, call.grad_output, inp.x)
+    arrays = (call.grad_output, "grad_output"), (inp.x, "input")
+    gi = _map_channels(_grad_apply_block, "numbabn-batch-norm-backward", inp, coef, *arrays)
     return gi, grads[0].astype(inp.dtype), grads[1].astype(inp.dtype), grads[2]
 
 
@@ -338,35 +339,44 @@ def _concat_sums(columns):
 
 
 def _map_channels(fn, token, inp, coef, *arrays):
-    """``fn(*blocks, coef_block, axis)`` over the blocks of ``arrays`` (chunked as the input),
-    ``coef_block`` the columns of the (k, C) NumPy ``coef`` for the block's channels.  The
-    coefficients travel inside each task (they are small) rather than as a Dask array of
-    their own, which the blockwise map joined to every chunk: a 1 GB array normalized and
-    stored in 32 MB chunks went from 207-214 to 180-185 ms."""
+    """``fn(*blocks, coef_block, axis)`` over the blocks of ``arrays``, ``(array, name)``
+    pairs chunked as the input and of its dtype, each block checked against its declared
+    shape and dtype, ``coef_block`` the columns of the (k, C) NumPy ``coef`` for the block's
+    channels.  The coefficients travel inside each task (they are small) rather than as a
+    Dask array of their own, which the blockwise map joined to every chunk: a 1 GB array
+    normalized and stored in 32 MB chunks went from 207-214 to 180-185 ms."""
     x = inp.x
-    name = f"{token}-{tokenize(fn.__name__, coef, inp.axis, *(a.name for a in arrays))}"
+    names = tuple(n for _, n in arrays)
+    name = f"{token}-{tokenize(fn.__name__, coef, inp.axis, *(a.name for a, _ in arrays))}"
     meta = np.empty((0,) * x.ndim, dtype=inp.dtype)
-    return da.map_blocks(_WithCoef(fn, coef, inp.axis), *arrays, name=name, dtype=inp.dtype, meta=meta)
+    block_fn = _WithCoef(fn, coef, inp.axis, names, inp.dtype)
+    return da.map_blocks(block_fn, *(a for a, _ in arrays), name=name, dtype=inp.dtype, meta=meta)
 
 
 class _WithCoef:
     """A block function of :func:`_map_channels`: ``fn`` with the block's columns of ``coef``
-    (found from Dask's ``block_info``)."""
+    (found from Dask's ``block_info``), its blocks (of the arrays ``names``) checked first."""
 
-    def __init__(self, fn, coef, axis):
-        self.fn, self.coef, self.axis = fn, coef, axis
+    def __init__(self, fn, coef, axis, names, dtype):
+        self.fn, self.coef, self.axis, self.names, self.dtype = fn, coef, axis, names, dtype
 
     def __call__(self, *blocks, block_info=None):
-        lo, hi = block_info[0]["array-location"][self.axis]
+        info = block_info[0]
+        location = info["array-location"]
+        # A lazy map reads its chunks when computed, after the call's checks: a chunk that
+        # computes to another shape or dtype raises here, not as a wrong output.
+        declared = (tuple(info["chunk-location"]), tuple(hi - lo for lo, hi in location), self.dtype)
+        blocks = [_checked_block(b, declared, n) for b, n in zip(blocks, self.names, strict=True)]
+        lo, hi = location[self.axis]
         return self.fn(*blocks, self.coef[:, lo:hi], self.axis)
 
 
 def _apply_block(x, coef, axis):
-    return _host.apply(np.asarray(x), axis, np.ascontiguousarray(coef), parallel=False)
+    return _host.apply(x, axis, np.ascontiguousarray(coef), parallel=False)
 
 
 def _grad_apply_block(g, x, coef, axis):
-    return _host.grad_apply(np.asarray(g), np.asarray(x), axis, np.ascontiguousarray(coef), parallel=False)
+    return _host.grad_apply(g, x, axis, np.ascontiguousarray(coef), parallel=False)
 
 
 Input.backend = sys.modules[__name__]

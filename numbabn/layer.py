@@ -328,10 +328,11 @@ class BatchNorm:
 
     def load_state_dict(self, state_dict, strict=True):
         """Load a state dict, PyTorch's rules: with ``strict`` every key must match; shapes
-        must match; real values (bool, int or float) are cast to the layer's dtype.  A missing
-        ``num_batches_tracked`` (older PyTorch checkpoints) is allowed.  Values may be NumPy
-        arrays, PyTorch tensors (CPU or CUDA), GPU arrays or anything ``numpy.asarray`` takes,
-        whatever the layer's device.  Nothing changes unless all checks pass.
+        must match; real values (bool, int or float, bfloat16 tensors too) are cast to the
+        layer's dtype.  A missing ``num_batches_tracked`` (older PyTorch checkpoints) is
+        allowed.  Values may be NumPy arrays, PyTorch tensors (CPU or CUDA), GPU arrays or
+        anything ``numpy.asarray`` takes, whatever the layer's device.  Nothing changes
+        unless all checks pass.
 
         Returns
         -------
@@ -354,7 +355,7 @@ class BatchNorm:
                 continue
             value = state_dict[name]
             if hasattr(value, "detach"):  # a PyTorch tensor or parameter
-                value = value.detach().cpu().numpy()
+                value = _torch_numpy(value, name)
             elif is_device(value):
                 value = _as_numba(value).copy_to_host()
             if isinstance(value, np.ma.MaskedArray):
@@ -378,7 +379,8 @@ class BatchNorm:
             if value.dtype.kind not in "biuf":  # cast like PyTorch's copy_
                 raise TypeError(f"{name} must be a real-valued array, got dtype {value.dtype}")
             self._check_destination(name)
-            staged[name] = value
+            # A copy: a value may be another of the layer's own buffers, written before it is read.
+            staged[name] = np.array(value, dtype=self.dtype)
         for name, value in staged.items():
             if name == "num_batches_tracked":
                 self.num_batches_tracked = value
@@ -431,6 +433,25 @@ class BatchNorm:
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
             + (", device='cuda')" if self.device == "cuda" else ")")
         )
+
+
+def _torch_numpy(tensor, name):
+    """The values of the PyTorch tensor ``tensor`` (state-dict key ``name``) as a NumPy array,
+    found by duck typing (numbabn does not import torch): floating tensors narrower than
+    float32 (bfloat16, float16, float8, which NumPy lacks or the layer never holds) are
+    widened with ``.float()`` first, exactly; anything else that does not convert is a
+    TypeError naming the key."""
+    try:
+        t = tensor.detach().cpu()
+        if t.is_floating_point() and t.element_size() < 4:
+            t = t.float()
+        return t.numpy()
+    except Exception as e:  # noqa: BLE001 - torch raises TypeError, RuntimeError or NotImplementedError
+        dtype, device = getattr(tensor, "dtype", "?"), getattr(tensor, "device", "?")
+        raise TypeError(
+            f"{name} must be a tensor that converts to a NumPy array (dense, of a real dtype, on the CPU or a GPU), "
+            f"got {type(tensor).__name__} of dtype {dtype} on device {device} ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _as_numba(a):

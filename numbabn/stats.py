@@ -29,11 +29,15 @@ class Stats(NamedTuple):
     def var(self, ddof=0):
         """Per-channel variance ``m2 / (count - ddof)``: ``ddof=0`` is the biased variance
         batch norm normalizes with, ``ddof=1`` the unbiased one ``running_var`` tracks.
-        NaN where ``count <= ddof``."""
-        d = self.count - ddof
+        NaN where ``count <= ddof``.  Host statistics give float64 (integer fields are
+        converted); complex ones are refused."""
+        m2 = self.m2
+        if not is_device(m2):  # float64, so that NaN exists and integer fields divide exactly
+            m2 = _real(m2, "stats.m2")
+        d = _count(self.count, "stats") - ddof
         if d <= 0:
-            return np.full_like(self.m2, np.nan)
-        return self.m2 / d
+            return np.full_like(m2, np.nan)
+        return m2 / d
 
     def std(self, ddof=0):
         """Per-channel standard deviation, ``sqrt(var(ddof))``."""
@@ -150,10 +154,7 @@ def _as_stats(s, name, device=False):
         count, mean, m2 = s
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a Stats (count, mean, m2), got {type(s).__name__}") from None
-    if isinstance(count, bool) or not isinstance(count, numbers.Real) or not (math.isfinite(count) and count >= 0):
-        raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
-    if int(count) != count:
-        raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
+    count = _count(count, name)
     if device:
         for part, a in (("mean", mean), ("m2", m2)):
             if not is_device(a):
@@ -163,17 +164,38 @@ def _as_stats(s, name, device=False):
                 )
         if mean.ndim != 1 or m2.shape != mean.shape:
             raise ValueError(f"{name}.mean and .m2 must both have shape (C,), got {mean.shape} and {m2.shape}")
-        return Stats(int(count), mean, m2)
+        return Stats(count, mean, m2)
     host_only(f"{name}.mean", mean)
     host_only(f"{name}.m2", m2)
-    try:
-        mean = np.asarray(mean, dtype=np.float64)
-        m2 = np.asarray(m2, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name}.mean and .m2 must be arrays of numbers ({e})") from None
+    mean, m2 = _real(mean, f"{name}.mean"), _real(m2, f"{name}.m2")
     if mean.ndim != 1 or m2.shape != mean.shape:
         raise ValueError(f"{name}.mean and .m2 must both have shape (C,), got {mean.shape} and {m2.shape}")
-    return Stats(int(count), mean, m2)
+    return Stats(count, mean, m2)
+
+
+def _count(count, name):
+    """``name.count`` as an int, checked: an integer >= 0 (a complex one is a TypeError)."""
+    if isinstance(count, numbers.Complex) and not isinstance(count, numbers.Real):
+        raise TypeError(f"{name}.count must be an integer >= 0, got complex {count!r}")
+    if isinstance(count, bool) or not isinstance(count, numbers.Real) or not (math.isfinite(count) and count >= 0):
+        raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
+    if int(count) != count:
+        raise ValueError(f"{name}.count must be an integer >= 0, got {count!r}")
+    return int(count)
+
+
+def _real(a, name):
+    """The host field ``name`` as a float64 array: complex values are refused, not cast with a
+    warning that drops their imaginary part."""
+    try:
+        arr = np.asarray(a)
+        if arr.dtype.kind != "c":
+            return arr.astype(np.float64, copy=False)
+    except (TypeError, ValueError, OverflowError) as e:
+        owner, field = name.rsplit(".", 1)
+        kind = type(a).__name__
+        raise TypeError(f"{owner}.mean and .m2 must be arrays of numbers, got a {kind} {field} ({e})") from None
+    raise TypeError(f"{name} must be real (float64 statistics), got {arr.dtype}")
 
 
 def _host_array(a):

@@ -38,11 +38,13 @@ class SyncBatchNorm(BatchNorm):
     Notes
     -----
     Training forward: each rank computes its part's statistics ``(count, mean, M2)``
-    (:func:`numbabn.welford`), sends ``("forward", C, dtype, Stats.to_array())`` in one
-    ``allgather``, and merges the received parts left to right in rank order with Chan's
-    formula (that of :func:`numbabn.merge_stats`), as one array's blocks are merged.  The
-    global ``count``, ``mean`` and ``M2`` give the normalization and the running-statistics
-    update (unbiased variance ``M2 / (count - 1)`` of the global batch)::
+    (:func:`numbabn.welford`), sends ``("forward", C, dtype, axis, momentum,
+    num_batches_tracked, Stats.to_array())`` in one ``allgather`` (``num_batches_tracked``
+    only with ``momentum=None``, else None), and merges the received parts left to right in
+    rank order with Chan's formula (that of :func:`numbabn.merge_stats`), as one array's
+    blocks are merged.  The global ``count``, ``mean`` and ``M2`` give the normalization and
+    the running-statistics update (unbiased variance ``M2 / (count - 1)`` of the global
+    batch)::
 
         n = na + nb;  d = mean_b - mean_a
         mean = mean_a + d * nb / n
@@ -56,17 +58,20 @@ class SyncBatchNorm(BatchNorm):
 
     A ``comm`` that also has mpi4py's buffer methods ``Allgather(sendbuf, recvbuf)`` and
     ``Get_size()`` (every mpi4py communicator) exchanges float64 buffers instead of pickled
-    objects: first a header of four numbers per rank (step, ``C``, dtype, whether the rank's
-    checks failed), then, when every header agrees and none failed, the payloads; otherwise
-    every rank makes the object exchange, whose checks raise the errors below.
+    objects: first a header of seven numbers per rank (step, ``C``, dtype, ``axis``,
+    ``momentum``, ``num_batches_tracked`` with ``momentum=None``, whether the rank's checks
+    failed), then, when every header agrees and none failed, the payloads; otherwise every
+    rank makes the object exchange, whose checks raise the errors below.
 
     Ranks may hold different batch sizes, empty ones included (an empty part gives an empty
     output).  The global batch needs more than one value per channel; otherwise, and when
-    any rank's step fails its checks (a bad input, ranks disagreeing on ``num_features`` or
-    ``dtype``), every rank raises the same error and no rank changes its state.  Eval mode
-    exchanges nothing.  Every rank must make the same training calls in the same order
-    (each is a collective operation): a rank that skips one, or is in eval mode while the
-    others train, leaves the others waiting in ``allgather``.
+    any rank's step fails its checks (a bad input, ranks disagreeing on ``num_features``,
+    ``dtype``, ``axis`` or ``momentum``, or with ``momentum=None`` on
+    ``num_batches_tracked``, which weighs the update), every rank raises the same error and
+    no rank changes its state.  Eval mode exchanges nothing.  Every rank must make the same
+    training calls in the same order (each is a collective operation): a rank that skips
+    one, or is in eval mode while the others train, leaves the others waiting in
+    ``allgather``.
 
     ``comm`` is not pickled (nor deep-copied): an unpickled layer has ``comm=None`` until it
     is given one again (``layer.comm = MPI.COMM_WORLD``).
@@ -151,7 +156,7 @@ class SyncBatchNorm(BatchNorm):
                 "comm must have an allgather(obj) -> list method returning every rank's obj in rank order "
                 f"(an mpi4py communicator such as MPI.COMM_WORLD, or a wrapper), or be None; got {type(comm).__name__}"
             )
-        self._wire = _Wire(comm, self.num_features, self.dtype)
+        self._wire = _Wire(comm)
         return self._wire
 
     def _syncing(self):
@@ -192,8 +197,11 @@ class SyncBatchNorm(BatchNorm):
                 f"SyncBatchNorm's synchronized training takes NumPy arrays (GPU arrays on device 'cuda'), got "
                 f"{type(inp.x).__name__} (compute a Dask array's part first)"
             )
+        # With momentum=None the update weighs the batch by 1 / num_batches_tracked: the
+        # ranks' counts must agree, as their running statistics would drift apart otherwise.
+        tracked = self._tracked() if self.momentum is None and self.track_running_stats else None
         # The part's statistics on the host (a GPU part's copied on the input's stream).
-        parts = self._exchange("forward", backend.part_stats(inp))
+        parts = self._exchange("forward", backend.part_stats(inp), tracked=tracked)
         stats = np.empty((3, inp.num_channels))
         count = int(_merge_parts(parts, stats))
         if count == 1:
@@ -247,24 +255,26 @@ class SyncBatchNorm(BatchNorm):
             self._exchange(step, _Failure(type(error).__name__, str(error)), error)
             raise  # not reached: the exchange raised
 
-    def _exchange(self, step, payload, error=None):
+    def _exchange(self, step, payload, error=None, tracked=None):
         """Every rank's payload of this step, stacked in rank order in a new float64 array
         (the caller's own: the backward sums into it), after checking that all ranks made the
-        same step with the same channels and dtype: otherwise (or when a rank sent a
+        same step with the same channels, dtype, axis, momentum and ``tracked`` (a cumulative
+        forward's ``num_batches_tracked``, else None): otherwise (or when a rank sent a
         :class:`_Failure`) every rank raises the same error."""
         self._exchanged = True
         wire = self._check_comm()
         if wire.size:
-            return self._exchange_buffers(wire, step, payload, error)
-        return _checked(step, self._allgather(step, payload), error)
+            return self._exchange_buffers(wire, step, payload, error, tracked)
+        return _checked(step, self._allgather(step, payload, tracked), error)
 
-    def _allgather(self, step, payload):
+    def _allgather(self, step, payload, tracked):
         # dtype.str ("<f4"), not dtype.name: the name is a Python-level property, ~5 us a call.
-        gathered = self.comm.allgather((step, self.num_features, self.dtype.str, payload))
+        sent = (step, self.num_features, self.dtype.str, self.axis, self.momentum, tracked, payload)
+        gathered = self.comm.allgather(sent)
         if not (
             isinstance(gathered, (list, tuple))
             and gathered
-            and all(isinstance(e, (tuple, list)) and len(e) == 4 for e in gathered)
+            and all(isinstance(e, (tuple, list)) and len(e) == len(sent) for e in gathered)
         ):
             kind = type(gathered).__name__
             raise TypeError(
@@ -273,18 +283,23 @@ class SyncBatchNorm(BatchNorm):
             )
         return gathered
 
-    def _exchange_buffers(self, wire, step, payload, error):
-        """:meth:`_exchange` through mpi4py's buffer ``Allgather``: a header of four float64
-        (step, C, dtype, failed) from every rank, then, when they all agree and none failed,
-        the payloads as one float64 array; otherwise every rank (each sees every header)
-        makes the object exchange, whose checks raise the same error everywhere."""
+    def _exchange_buffers(self, wire, step, payload, error, tracked):
+        """:meth:`_exchange` through mpi4py's buffer ``Allgather``: a header of seven float64
+        (step, C, dtype, axis, momentum, tracked, failed) from every rank, then, when they all
+        agree and none failed, the payloads as one float64 array; otherwise every rank (each
+        sees every header) makes the object exchange, whose checks raise the same error
+        everywhere."""
         failed = type(payload) is _Failure
-        header = _header(step, self.num_features, self.dtype.char, True) if failed else wire.header[step]
+        settings = (self.num_features, self.dtype.char, self.axis, self.momentum)
+        header = wire.header(step, settings, -1.0 if tracked is None else tracked)
+        if failed:
+            header = header.copy()
+            header[-1] = 1.0
         wire.comm.Allgather(header, wire.headers)
         # Every rank sent this rank's header and none failed, compared as bytes (numpy's
         # any/all on so small an array cost about as much as the exchange).
         if failed or wire.headers.tobytes() != wire.agreed[step]:
-            return _checked(step, self._allgather(step, payload), error)  # raises
+            return _checked(step, self._allgather(step, payload, tracked), error)  # raises
         payload = np.ascontiguousarray(payload, dtype=np.float64)
         parts = np.empty((wire.size, *payload.shape))
         wire.comm.Allgather(payload, parts)
@@ -305,16 +320,16 @@ class SyncBatchNorm(BatchNorm):
 
 
 def _checked(step, gathered, error):
-    """The payloads of ``gathered``, every rank's ``(step, C, dtype.str, payload)``,
-    stacked in rank order, or the error that every rank raises: a rank's failure (a
-    :class:`_Failure` payload), or ranks that disagree on the step, C or dtype."""
-    first = gathered[0]
+    """The payloads of ``gathered``, every rank's ``(step, C, dtype.str, axis, momentum,
+    tracked, payload)``, stacked in rank order, or the error that every rank raises: a rank's
+    failure (a :class:`_Failure` payload), or ranks that disagree on anything but the payload."""
+    agreed = list(gathered[0][:-1])  # a list: a comm may deliver the tuples as lists
     for e in gathered:  # the common case in one loop: every rank sent the same step's payload
-        if type(e[3]) is _Failure or e[0] != first[0] or e[1] != first[1] or e[2] != first[2]:
+        if type(e[-1]) is _Failure or list(e[:-1]) != agreed:
             break
     else:
-        return np.array([e[3] for e in gathered], dtype=np.float64)
-    failed = [(r, e[3]) for r, e in enumerate(gathered) if isinstance(e[3], _Failure)]
+        return np.array([e[-1] for e in gathered], dtype=np.float64)
+    failed = [(r, e[-1]) for r, e in enumerate(gathered) if isinstance(e[-1], _Failure)]
     if failed:
         rank, failure = failed[0]
         others = f" (and ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
@@ -323,14 +338,15 @@ def _checked(step, gathered, error):
             f"SyncBatchNorm {step} failed on rank {rank} of {len(gathered)}{others}, so on every rank, "
             f"nothing changed: {failure.kind}: {failure.message}"
         ) from error
-    for what, k, exc in (("steps", 0, RuntimeError), ("num_features", 1, ValueError), ("dtypes", 2, TypeError)):
+    for k, (what, exc) in enumerate(_AGREED):
         values = [e[k] for e in gathered]
         if any(v != values[0] for v in values):
-            if k == 2:
+            if what == "dtypes":
                 values = [np.dtype(v).name for v in values]
+            why = " (momentum=None weighs each batch by 1 / num_batches_tracked)" if k == _TRACKED else ""
             raise exc(
-                f"SyncBatchNorm ranks disagree on their {what}, so every rank stops, nothing changed: "
-                f"{values} (in rank order)"
+                f"SyncBatchNorm ranks disagree on their {what}{why}, which must be the same on every rank, so "
+                f"every rank stops, nothing changed: got {values} (in rank order)"
             )
     raise AssertionError("unreachable: the loop above found a failure or a disagreement")
 
@@ -339,27 +355,60 @@ class _Wire:
     """What a layer's exchanges over one communicator reuse, made when the layer first
     exchanges over it: ``size`` is 0 for a communicator of pickled objects; for one with
     mpi4py's buffer interface (``Allgather`` and ``Get_size``), the fast path, its size, the
-    layer's headers per step, the headers' receive buffer and the bytes it holds when every
-    rank agrees."""
+    headers' receive buffer, and per step the layer's header and the bytes the receive buffer
+    holds when every rank agrees (remade when the layer's settings change)."""
 
-    __slots__ = ("comm", "size", "header", "headers", "agreed")
+    __slots__ = ("comm", "size", "headers", "settings", "sent", "agreed")
 
-    def __init__(self, comm, num_features, dtype):
+    def __init__(self, comm):
         self.comm = comm
         buffered = callable(getattr(comm, "Allgather", None)) and callable(getattr(comm, "Get_size", None))
         self.size = size = comm.Get_size() if buffered else 0
-        self.header = {step: _header(step, num_features, dtype.char, False) for step in _STEPS}
-        self.headers = np.empty((size, 4))
-        self.agreed = {step: h.tobytes() * size for step, h in self.header.items()}
+        self.headers = np.empty((size, _HEADER_SIZE))
+        self.settings = None
+        self.sent = self.agreed = None
+
+    def header(self, step, settings, tracked):
+        """This rank's header of ``step`` for the layer's ``settings`` ``(C, dtype.char,
+        axis, momentum)`` and ``tracked`` (-1 for none), with ``agreed[step]`` its bytes
+        repeated for every rank."""
+        if settings != self.settings:
+            self.settings = settings
+            self.sent = {s: _header(s, *settings) for s in _STEPS}
+            self.agreed = {s: h.tobytes() * self.size for s, h in self.sent.items()}
+        header = self.sent[step]
+        if header[_TRACKED] != tracked:  # a cumulative layer's count: changes every forward
+            header[_TRACKED] = tracked
+            self.agreed[step] = header.tobytes() * self.size
+        return header
 
 
 #: The steps' codes in a buffer exchange's header.
 _STEPS = {"forward": 0.0, "backward": 1.0}
 
+#: What the ranks must agree on, in the order of the exchange's fields (the payload last),
+#: each with the exception a disagreement raises.
+_AGREED = (
+    ("steps", RuntimeError),
+    ("num_features", ValueError),
+    ("dtypes", TypeError),
+    ("axis", ValueError),
+    ("momentum", ValueError),
+    ("num_batches_tracked", ValueError),
+)
 
-def _header(step, num_features, char, failed):
-    """A buffer exchange's header ``[step, C, dtype, failed]`` (float64)."""
-    return np.array([_STEPS[step], num_features, ord(char), failed], dtype=np.float64)
+#: Where ``num_batches_tracked`` is in the fields and in a buffer exchange's header.
+_TRACKED = 5
+
+#: A buffer exchange's header: the fields of :data:`_AGREED`, then whether the rank failed.
+_HEADER_SIZE = len(_AGREED) + 1
+
+
+def _header(step, num_features, char, axis, momentum):
+    """A buffer exchange's header ``[step, C, dtype, axis, momentum, tracked, failed]``
+    (float64; momentum -1 for None, tracked -1 until :meth:`_Wire.header` sets it)."""
+    m = -1.0 if momentum is None else momentum
+    return np.array([_STEPS[step], num_features, ord(char), axis, m, -1.0, 0.0], dtype=np.float64)
 
 
 class _Failure(NamedTuple):

@@ -5,8 +5,9 @@ Every rank draws the same global batches from a shared seed, trains a SyncBatchN
 own part (uneven parts, one rank's part empty) and a plain BatchNorm on the whole batch,
 and compares its part of the outputs and gradients, the global gradients and the running
 statistics; the ranks then compare their running statistics and global gradients bit for
-bit.  The errors (a global batch of one value, ranks disagreeing on channels or dtype, a
-bad input or grad_output on one rank) must be the same on every rank.  ``MPI.COMM_WORLD``
+bit.  The errors (a global batch of one value, ranks disagreeing on channels, dtype, axis or,
+with ``momentum=None``, ``num_batches_tracked``, a bad input or grad_output on one rank)
+must be the same on every rank.  ``MPI.COMM_WORLD``
 has mpi4py's buffer methods, so this runs SyncBatchNorm's buffer exchange.
 Exits 1 (every rank) on any mismatch, printing what differed.
 """
@@ -114,6 +115,24 @@ def run_errors():
     odd_dtype = SyncBatchNorm(4, dtype=np.float64 if RANK == SIZE - 1 else np.float32, comm=COMM)
     x = np.ones((2, 4), odd_dtype.dtype)
     same_error_everywhere(lambda: odd_dtype(x), "TypeError", "dtypes", "disagreeing dtypes")
+    # The last rank's layer normalizes along another axis of inputs with as many channels.
+    odd_axis = SyncBatchNorm(3, axis=-1 if RANK == SIZE - 1 else 1, comm=COMM)
+    x = np.arange(2 * 3 * 4 * 3, dtype=np.float32).reshape(2, 3, 4, 3)
+    same_error_everywhere(lambda: odd_axis(x), "ValueError", "axis", "disagreeing axes")
+    check(odd_axis.num_batches_tracked == 0 and not odd_axis.running_mean.any(), "disagreeing axes: state changed")
+    # With momentum=None the running statistics weigh each batch by its count: counts must agree.
+    cumulative = SyncBatchNorm(4, momentum=None, comm=COMM)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) + RANK
+    cumulative(x)
+    cumulative.num_batches_tracked += RANK == SIZE - 1
+    before = cumulative.state_dict()
+    same_error_everywhere(lambda: cumulative(x), "ValueError", "num_batches_tracked", "disagreeing counts")
+    after = cumulative.state_dict()
+    check(all(np.array_equal(before[k], after[k]) for k in before), "disagreeing counts: state changed")
+    cumulative.num_batches_tracked = 1
+    cumulative(x)
+    everyone = COMM.allgather(cumulative.running_var.tobytes())
+    check(all(bits == everyone[0] for bits in everyone), "cumulative counts agreeing again: state differs")
     bad = np.ones((2, 5 if RANK == 0 else 4), np.float32)
     same_error_everywhere(lambda: layer(bad), "ValueError", "forward failed on rank 0", "a bad input on rank 0")
     layer(np.arange(8, dtype=np.float32).reshape(2, 4) + RANK)

@@ -231,6 +231,64 @@ def test_chunks_that_compute_to_other_than_declared_are_refused(fn, shown, rng):
     assert_bitwise(rv, before[1])
 
 
+LIES = [
+    pytest.param(lambda b: (b * 10).astype("i4"), "dtype int32", id="int32"),
+    pytest.param(lambda b: b[1:], "shape (7, 5, 6)", id="fewer rows"),
+]
+
+
+@pytest.mark.parametrize(("fn", "shown"), LIES)
+def test_eval_chunks_that_compute_to_other_than_declared_raise(fn, shown, rng):
+    """Eval mode reads nothing at call time, so its lazy output checks each chunk when it is
+    computed, as the statistics pass does: no truncated int32 values, no (35, 5, 6) output for
+    a declared (40, 5, 6); the running statistics are left as they were."""
+    x = make_input(rng, (40, 5, 6), 1, np.float32)
+    w, b, rm, rv = make_params(rng, 5, np.float32)
+    before = rm.copy(), rv.copy()
+    dx = da.from_array(x, chunks=(8, 5, 6)).map_blocks(fn, dtype="f4")
+    assert dx.dtype == np.float32 and dx.shape == (40, 5, 6)
+    layer = numbabn.BatchNorm(5).eval()
+    for y in (numbabn.batch_norm(dx, rm, rv, w, b, training=False), layer(dx)):
+        with pytest.raises(
+            ValueError, match=r"input chunk \(\d, 0, 0\) computed to .*" + re.escape(shown) + ".*declares"
+        ):
+            y.compute()
+    assert_bitwise(rm, before[0])
+    assert_bitwise(rv, before[1])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("lying", ["input", "grad_output"])
+@pytest.mark.parametrize(("fn", "shown"), LIES)
+def test_lazy_maps_check_chunks_when_computed(fn, shown, lying, training, rng):
+    """A chunk read again by a lazy map (the output's normalization, grad_input) may compute
+    to something else than when the statistics and gradient sums were taken (a store changed
+    under the graph): the maps check it too, naming the argument."""
+    x = make_input(rng, (40, 5, 6), 1, np.float32)
+    g = make_input(rng, x.shape, 1, np.float32)
+    lie = []
+
+    def read(block):
+        return fn(block) if lie else block
+
+    meta = np.empty((0, 0, 0), np.float32)
+    dx, dg = (da.from_array(a, chunks=(8, 5, 6)) for a in (x, g))
+    if lying == "input":
+        dx = dx.map_blocks(read, dtype=x.dtype, meta=meta)
+    else:
+        dg = dg.map_blocks(read, dtype=x.dtype, meta=meta)
+    layer = numbabn.BatchNorm(5).train(training)
+    y = layer(dx)
+    gi = layer.backward(dg)
+    lie.append(True)
+    lazy = [gi] if lying == "grad_output" else [y, gi]
+    for a in lazy:
+        with pytest.raises(
+            ValueError, match=re.escape(lying) + r" chunk \(\d, 0, 0\) computed to .*" + re.escape(shown)
+        ):
+            a.compute()
+
+
 def test_training_empty_batch(rng):
     x = np.zeros((0, 3, 4), np.float32)
     _, _, rm, rv = make_params(rng, 3, np.float32)

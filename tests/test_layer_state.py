@@ -169,3 +169,15 @@ def test_gpu_merge_with_a_list_part_is_a_type_error(rng):
     host = numbabn.welford(x)
     with pytest.raises(TypeError, match=r"stats\[1\]"):
         numbabn.merge_stats(gpu, numbabn.Stats(host.count, list(host.mean), list(host.m2)))
+
+
+def test_load_state_dict_of_the_layers_own_buffers_swapped(rng):
+    """Values that are the layer's own buffers are read before any is written: swapping the
+    running statistics through ``load_state_dict`` swaps them."""
+    bn = numbabn.BatchNorm(4)
+    bn.running_mean[:] = rng.normal(size=4)
+    bn.running_var[:] = rng.uniform(1, 2, size=4)
+    mean, var = bn.running_mean.copy(), bn.running_var.copy()
+    bn.load_state_dict({"running_mean": bn.running_var, "running_var": bn.running_mean}, strict=False)
+    np.testing.assert_array_equal(bn.running_mean, var)
+    np.testing.assert_array_equal(bn.running_var, mean)

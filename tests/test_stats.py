@@ -1,6 +1,7 @@
 """``welford`` and ``merge_stats``: mergeable per-channel statistics (count, mean, M2)."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -161,6 +162,49 @@ def test_stats_var_ddof():
     np.testing.assert_allclose(s.std(ddof=1), [np.sqrt(2.0), 1.0])
     assert np.isnan(Stats(1, np.array([1.0]), np.array([0.0])).var(ddof=1)).all()
     assert np.isnan(Stats(0, np.zeros(2), np.zeros(2)).var()).all()
+
+
+@pytest.mark.parametrize(
+    "m2", [np.zeros(4, np.int64), np.zeros(4, np.int32), np.zeros(4, bool)], ids=["int64", "int32", "bool"]
+)
+def test_stats_var_of_integer_fields_is_float64(m2):
+    """Integer fields give a float64 variance, NaN where ``count - ddof <= 0`` as NumPy's
+    (not the integer minimum that a NaN cast to int64 is)."""
+    s = Stats(1, np.zeros(4, np.int64), m2)
+    for v in (s.var(ddof=1), s.var(ddof=2), s.std(ddof=1)):
+        assert v.dtype == np.float64 and np.isnan(v).all()
+    v = Stats(3, np.zeros(2, np.int64), np.array([4, 6])).var()
+    assert v.dtype == np.float64
+    np.testing.assert_array_equal(v, [4 / 3, 2.0])
+    assert Stats(3, np.zeros(2, np.float32), np.ones(2, np.float32)).var(ddof=1).dtype == np.float64
+
+
+@pytest.mark.parametrize("field", ["mean", "m2"])
+def test_complex_fields_are_refused(field):
+    """Complex statistics are a TypeError naming the field, not a ComplexWarning and a
+    dropped imaginary part."""
+    fields = {"mean": np.zeros(3), "m2": np.ones(3)}
+    fields[field] = fields[field] + 1j
+    bad = Stats(4, **fields)
+    good = Stats(2, np.zeros(3), np.ones(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match=rf"stats\[1\]\.{field} must be real.*got complex128"):
+            numbabn.merge_stats(good, bad)
+        with pytest.raises(TypeError, match=rf"stats\[0\]\.{field} must be real.*got complex128"):
+            numbabn.merge_stats(Stats(4, *(list(a) for a in fields.values())))
+        with pytest.raises(TypeError, match=rf"stats\.{field} must be real.*got complex128"):
+            bad.to_array()
+        if field == "m2":
+            with pytest.raises(TypeError, match=r"stats\.m2 must be real.*got complex128"):
+                bad.var()
+
+
+def test_complex_count_is_refused():
+    with pytest.raises(TypeError, match=r"stats\[0\]\.count must be an integer >= 0, got complex"):
+        numbabn.merge_stats(Stats(2 + 0j, np.zeros(3), np.ones(3)))
+    with pytest.raises(TypeError, match=r"stats\.count must be an integer >= 0, got complex"):
+        Stats(2 + 0j, np.zeros(3), np.ones(3)).var()
 
 
 @pytest.mark.parametrize("dtype", dtype_params())

@@ -428,7 +428,7 @@ def test_bad_comm():
 
 @pytest.mark.parametrize(
     "result",
-    [lambda obj: None, lambda obj: [], lambda obj: obj, lambda obj: [obj[3]], lambda obj: (obj, obj[:2])],
+    [lambda obj: None, lambda obj: [], lambda obj: obj, lambda obj: [obj[-1]], lambda obj: (obj, obj[:2])],
     ids=["None", "empty", "the object itself", "payloads alone", "a truncated object"],
 )
 def test_bad_allgather_result(result):
@@ -483,6 +483,64 @@ def test_ranks_disagree_on_dtype(rng, buffers):
     results = run_ranks(2, lambda r: layers[r](rng.normal(size=(4, 3)).astype(dtypes[r])))
     assert_same_error(results, TypeError, "dtypes", "['float32', 'float64']")
     assert all(layer.num_batches_tracked == 0 for layer in layers)
+
+
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_ranks_disagree_on_axis(rng, buffers):
+    """Layers built with another feature axis on one rank, whose input has the same number
+    of channels there: the same ValueError on every rank, nothing changed."""
+    comm = ThreadComm(2, buffers)
+    axes = [1, -1]
+    layers = [SyncBatchNorm(3, axis=axes[r], comm=comm.rank(r)) for r in range(2)]
+    before = [state(layer) for layer in layers]
+    x = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    results = run_ranks(2, lambda r: layers[r](x))
+    assert_same_error(results, ValueError, "axis", "[1, -1]")
+    assert [state(layer) for layer in layers] == before
+
+
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+@pytest.mark.parametrize(("momenta", "shown"), [((0.1, 0.2), "[0.1, 0.2]"), ((None, 0.1), "[None, 0.1]")])
+def test_ranks_disagree_on_momentum(rng, buffers, momenta, shown):
+    """Ranks updating their running statistics with different momenta would drift apart:
+    the same ValueError on every rank, nothing changed."""
+    comm = ThreadComm(2, buffers)
+    layers = [SyncBatchNorm(3, momentum=momenta[r], comm=comm.rank(r)) for r in range(2)]
+    before = [state(layer) for layer in layers]
+    results = run_ranks(2, lambda r: layers[r](rng.normal(size=(4, 3)).astype(np.float32)))
+    assert_same_error(results, ValueError, "momentum", shown)
+    assert [state(layer) for layer in layers] == before
+
+
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_cumulative_ranks_disagree_on_num_batches_tracked(rng, buffers):
+    """With momentum=None the update's weight is 1 / num_batches_tracked, so ranks counting
+    differently would end with different running statistics: the same ValueError on every
+    rank, nothing changed, and the ranks go on once their counts agree."""
+    _, layers, _ = make_layers(2, 4, np.float32, rng, buffers, momentum=None)
+    x = rng.normal(3.0, 2.0, (5, 4)).astype(np.float32)
+    unwrap(run_ranks(2, lambda r: layers[r](x)))
+    layers[1].num_batches_tracked = 3
+    before = [state(layer) for layer in layers]
+    results = run_ranks(2, lambda r: layers[r](x))
+    assert_same_error(results, ValueError, "num_batches_tracked", "[1, 3]")
+    assert [state(layer) for layer in layers] == before
+    layers[1].num_batches_tracked = 1
+    unwrap(run_ranks(2, lambda r: layers[r](x)))
+    assert [layer.num_batches_tracked for layer in layers] == [2, 2]
+    assert layers[0].running_var.tobytes() == layers[1].running_var.tobytes()
+
+
+@pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])
+def test_num_batches_tracked_may_differ_with_a_momentum(rng, buffers):
+    """With a momentum the count does not enter the update (as in PyTorch): ranks whose
+    counts differ train together and keep the same running statistics."""
+    _, layers, _ = make_layers(2, 4, np.float32, rng, buffers)
+    layers[1].num_batches_tracked = 5
+    x = rng.normal(3.0, 2.0, (5, 4)).astype(np.float32)
+    unwrap(run_ranks(2, lambda r: layers[r](x)))
+    assert [layer.num_batches_tracked for layer in layers] == [1, 6]
+    assert layers[0].running_var.tobytes() == layers[1].running_var.tobytes()
 
 
 @pytest.mark.parametrize("buffers", [False, True], ids=["objects", "buffers"])

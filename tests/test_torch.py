@@ -204,6 +204,46 @@ def test_load_torch_tensors_and_cast(rng):
     assert bn.num_batches_tracked == 3
 
 
+LOW_PRECISION = [torch.bfloat16, torch.float16] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else [])
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("tdtype", LOW_PRECISION, ids=str)
+def test_load_low_precision_torch_state_dict(tdtype, dtype, rng):
+    """A module's state dict in bfloat16, float16 (or float8) loads as PyTorch loads it into
+    a module of the layer's dtype: every value converted exactly (NumPy has no bfloat16)."""
+    state = _trained_torch_module(rng, 4, np.float32).to(tdtype).state_dict()
+    assert state["running_var"].dtype == tdtype
+    bn = numbabn.BatchNorm(4, dtype=dtype)
+    bn.load_state_dict(state)
+    ref = torch.nn.BatchNorm2d(4, dtype=TORCH_DTYPE[np.dtype(dtype)])
+    ref.load_state_dict(state)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert getattr(bn, name).dtype == dtype
+        np.testing.assert_array_equal(getattr(bn, name), getattr(ref, name).detach().numpy(), err_msg=name)
+    assert bn.num_batches_tracked == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "shown"),
+    [(lambda: torch.ones(4, device="meta"), "device meta"), (lambda: torch.ones(4).to_sparse(), "Sparse")],
+    ids=["meta", "sparse"],
+)
+@pytest.mark.parametrize("name", ["weight", "running_var"])
+def test_unconvertible_torch_tensor_names_its_key(make, shown, name, rng):
+    """A tensor that does not convert to a NumPy array is a TypeError naming its key, what was
+    expected and what it got, and nothing is loaded."""
+    bn = numbabn.BatchNorm(4)
+    bn.load_state_dict(_trained_torch_module(rng, 4, np.float32).state_dict())
+    before = bn.state_dict()
+    state = _trained_torch_module(rng, 4, np.float32).state_dict()
+    state[name] = make()
+    with pytest.raises(TypeError, match=rf"^{name} must be a tensor that converts to a NumPy array.*{shown}"):
+        bn.load_state_dict(state)
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
 def test_load_state_dict_without_num_batches_tracked(rng):
     """Older PyTorch checkpoints lack ``num_batches_tracked``; it is allowed and kept."""
     tmod = _trained_torch_module(rng, 4, np.float32)
