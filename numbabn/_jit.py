@@ -1,7 +1,10 @@
 """How numbabn compiles: the jit options and the serial/parallel twins of each driver."""
 
+import ctypes
 import hashlib
+import importlib.metadata
 import os
+import sys
 import threading
 import types
 
@@ -29,15 +32,80 @@ leaf = numba.njit(**OPTIONS)
 #: once, and with OpenMP they would oversubscribe the cores; parallel drivers hold this lock.
 _PARALLEL_LOCK = threading.Lock()
 
+#: True in a forked process whose parallel regions would be unsafe (see
+#: :func:`_after_fork_in_child`): its drivers run their serial twins, which give the same bits.
+_SERIAL_ONLY = False
 
-def _new_lock_in_child():
-    # A fork while another thread held the lock would leave the child's copy locked forever.
-    global _PARALLEL_LOCK
+#: Threads that have run a numbabn parallel region, and whether the thread pool can be handed
+#: to a child: see :func:`_before_fork`.
+_LAUNCHERS = set()
+_POOL_SHARED = False
+
+
+def _before_fork():
+    # No parallel region runs while a process forks: a child copied from a thread pool in the
+    # middle of one can hang in its own.  TBB shuts its pool down for a fork, which it cannot
+    # while other live threads have joined it, and a child copied from a live pool may hang.
+    global _POOL_SHARED
+    _PARALLEL_LOCK.acquire()
+    alive = {t.ident for t in threading.enumerate()}
+    _POOL_SHARED = bool((_LAUNCHERS - {threading.get_ident()}) & alive)
+
+
+def _after_fork_in_parent():
+    _PARALLEL_LOCK.release()
+
+
+def _after_fork_in_child():
+    # GNU OpenMP kills a forked child in its first parallel region; TBB is safe unless its pool
+    # was shared with other threads at the fork.
+    global _PARALLEL_LOCK, _SERIAL_ONLY
     _PARALLEL_LOCK = threading.Lock()
+    layer = threading_layer()
+    _SERIAL_ONLY = _SERIAL_ONLY or layer == "omp" or (layer == "tbb" and _POOL_SHARED)
+    _LAUNCHERS.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
+
+def threading_layer():
+    """The threading layer numba's parallel regions run on (``"tbb"``, ``"omp"`` or
+    ``"workqueue"``), or None before the first parallel region of the process."""
+    from numba.np.ufunc import parallel
+
+    return numba.threading_layer() if parallel._is_initialized else None
+
+
+#: The TBB runtime's file name in the ``tbb`` package, by platform.
+_TBB_LIBRARY = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
+
+
+def _load_tbb():
+    """Load the TBB runtime of the ``tbb`` package (a numbabn dependency) so numba can start
+    its TBB threading layer, which survives ``fork()``: pip puts the library in the
+    environment's ``lib/``, off the dynamic loader's path, where numba's own loading misses
+    it and falls back to GNU OpenMP.  Numba's choice stays numba's: its priority (TBB first)
+    and ``NUMBA_THREADING_LAYER`` apply as ever, and nothing happens once a parallel region
+    has run."""
+    name = _TBB_LIBRARY.get(sys.platform)
+    if name is None or threading_layer() is not None:
+        return
+    try:
+        files = importlib.metadata.files("tbb") or ()
+    except importlib.metadata.PackageNotFoundError:
+        return
+    for f in files:
+        if f.name == name:
+            try:
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+            except OSError:  # a broken install: numba then picks another layer, as without tbb
+                pass
+            return
+
+
+_load_tbb()
 
 
 class Twin:
@@ -54,9 +122,10 @@ class Twin:
         self.parallel = numba.njit(parallel=True, **OPTIONS)(_clone(fn, "parallel"))
 
     def __call__(self, parallel, *args):
-        if not parallel:
+        if not parallel or _SERIAL_ONLY:
             return self.serial(*args)
         with _PARALLEL_LOCK:
+            _LAUNCHERS.add(threading.get_ident())
             return self.parallel(*args)
 
 
