@@ -83,12 +83,12 @@ _TBB_LIBRARY = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "
 
 
 def _load_tbb():
-    """Load the TBB runtime of the ``tbb`` package (a numbabn dependency) so numba can start
-    its TBB threading layer, which survives ``fork()``: pip puts the library in the
-    environment's ``lib/``, off the dynamic loader's path, where numba's own loading misses
-    it and falls back to GNU OpenMP.  Numba's choice stays numba's: its priority (TBB first)
-    and ``NUMBA_THREADING_LAYER`` apply as ever, and nothing happens once a parallel region
-    has run."""
+    """Where the ``tbb`` package is installed, load its TBB runtime so numba can start its TBB
+    threading layer, which survives ``fork()``: pip puts the library in the environment's
+    ``lib/``, off the dynamic loader's path, where numba's own loading misses it and falls
+    back to GNU OpenMP.  Numba's choice stays numba's: its priority (TBB first) and
+    ``NUMBA_THREADING_LAYER`` apply as ever, and nothing happens once a parallel region has
+    run."""
     name = _TBB_LIBRARY.get(sys.platform)
     if name is None or threading_layer() is not None:
         return

@@ -212,16 +212,35 @@ def check_disjoint(written, read, allowed=()):
     ``as_strided``, PyTorch's ``.numpy()``, the same owner) is compared by its bounds and,
     where they overlap, exactly.
     """
-    arrays = [(name, a, _owner(a)) for name, a in (*written, *read) if type(a) is np.ndarray]
-    for name, a, _ in arrays[: len(written)]:
-        if _overlaps_itself(a):
-            raise ValueError(
-                f"{name} must not overlap itself ({name} is written in place), got a view with shape "
-                f"{a.shape} and strides {a.strides} whose elements share memory"
-            )
-    owners = {id(owner) for _, _, owner in arrays if owner is not None}
-    if len(owners) == len(arrays):
+    owners = set()
+    count = 0
+    distinct = True
+    for name, a in written:
+        if type(a) is np.ndarray:
+            flags = a.flags
+            if not (flags.c_contiguous or flags.f_contiguous) and _overlaps_itself(a):
+                raise ValueError(
+                    f"{name} must not overlap itself ({name} is written in place), got a view with shape "
+                    f"{a.shape} and strides {a.strides} whose elements share memory"
+                )
+            owner = _owner(a, flags)
+            distinct = distinct and owner is not None
+            owners.add(id(owner))
+            count += 1
+    for _, a in read:
+        if distinct and type(a) is np.ndarray:
+            owner = _owner(a, a.flags)
+            distinct = owner is not None
+            owners.add(id(owner))
+            count += 1
+    if distinct and len(owners) == count:
         return
+    _find_overlap(written, read, allowed)
+
+
+def _find_overlap(written, read, allowed):
+    """The slow half of :func:`check_disjoint`: compare the pairs one by one."""
+    arrays = [(name, a, _owner(a, a.flags)) for name, a in (*written, *read) if type(a) is np.ndarray]
     written = {id(a) for _, a in written}
     for i, (name, a, owner) in enumerate(arrays):
         for other, b, other_owner in arrays[i + 1 :]:
@@ -237,13 +256,13 @@ def check_disjoint(written, read, allowed=()):
                 )
 
 
-def _owner(a):
+def _owner(a, flags):
     """The ndarray that owns ``a``'s memory, by NumPy's own account (``a`` itself or its
     ``base``), or None where NumPy cannot say (memory from a buffer, ``as_strided``, another
-    library)."""
+    library); ``flags`` are ``a``'s."""
     base = a.base
     if base is None:
-        return a if a.flags.owndata else None
+        return a if flags.owndata else None
     if type(base) is np.ndarray and base.base is None and base.flags.owndata:
         return base
     return None
@@ -263,10 +282,10 @@ def _share(a, owner_a, b, owner_b):
 
 
 def _overlaps_itself(a):
-    """Whether two elements of ``a`` share memory (a zero stride, or strides that interleave):
-    contiguous arrays never do; otherwise each stride, smallest first, must step past the
-    extent of the axes below it, or the array is taken to overlap itself."""
-    if a.size <= 1 or a.flags.c_contiguous or a.flags.f_contiguous:
+    """Whether two elements of a non-contiguous ``a`` share memory (a zero stride, or strides
+    that interleave): each stride, smallest first, must step past the extent of the axes below
+    it, or the array is taken to overlap itself."""
+    if a.size <= 1:
         return False
     extent = a.itemsize
     for stride, length in sorted((abs(s), n) for s, n in zip(a.strides, a.shape, strict=True) if n > 1):
