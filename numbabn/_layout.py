@@ -1,4 +1,4 @@
-"""Argument checks and the canonical ``(outer, C, inner)`` view: the one place for both.
+"""Argument checks and the canonical ``(outer, C, inner)`` shape: the one place for both.
 
 Every check runs before any kernel or buffer is touched, and every message names the
 argument, what was expected and what was received.
@@ -138,29 +138,6 @@ def check_training_count(shape, axis):
         )
 
 
-def view3(a, axis, *others):
-    """View ``a`` as a C-contiguous ``(outer, C, inner)`` array without copying.
-
-    A C-contiguous array is reshaped directly; an F-contiguous one is reshaped through its
-    transpose (the feature axis becomes ``ndim - 1 - axis``).  Returns ``None`` when neither
-    applies, so the caller copies.  With ``others`` (arrays of ``a``'s shape and memory
-    order), returns the tuple of all the views: the shape is worked out once.
-    """
-    flags = a.flags
-    if flags.c_contiguous:
-        shape = a.shape
-    elif flags.f_contiguous:
-        shape = a.shape[::-1]
-        axis = a.ndim - 1 - axis
-        a, others = a.T, [b.T for b in others]
-    else:
-        return None
-    shape = shape3(shape, axis)
-    if not others:
-        return a.reshape(shape)
-    return (a.reshape(shape), *[b.reshape(shape) for b in others])
-
-
 def shape3(shape, axis):
     """``(outer, C, inner)`` of a C-ordered ``shape`` with the features on ``axis`` (without
     ``math.prod`` for the common 2-d and axis-1 shapes: small calls spend their time in
@@ -182,7 +159,7 @@ def contiguous(x):
 
 def output_for(x, out, *others):
     """The array results are written to: ``out`` itself when it is viewed as ``x`` is (same
-    memory order, see :func:`view3`) and overlaps none of ``x``, ``*others`` unless it *is*
+    memory order) and overlaps none of ``x``, ``*others`` unless it *is*
     one of them (elementwise passes run in place safely); otherwise a new array in ``x``'s
     order, which the caller copies into ``out`` at the end."""
     if out is not None and same_view(out, x):

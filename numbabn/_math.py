@@ -37,8 +37,9 @@ def chan_merge_channels(na, mean_a, m2_a, nb, mean_b, m2_b):
     if nb == 0:
         return na
     if na == 0:
-        mean_a[:] = mean_b
-        m2_a[:] = m2_b
+        for c in range(mean_a.shape[0]):
+            mean_a[c] = mean_b[c]
+            m2_a[c] = m2_b[c]
         return nb
     n = na + nb
     f = nb / n

@@ -300,7 +300,8 @@ def _block_stats(block, axis, declared):
     """``(count, mean, M2)`` of one chunk: the serial kernel (float count, float64 (C,))."""
     x = _layout.contiguous(_checked_block(block, declared))
     stats = np.empty((3, x.shape[axis]))
-    _stats.welford(False, _layout.view3(x, axis), stats)
+    lay, (xv,) = _host.views(x, axis, x)
+    _stats.welford(False, lay, xv, stats)
     return float(_layout.values_per_channel(x.shape, axis)), stats[1], stats[2]
 
 

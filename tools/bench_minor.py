@@ -27,11 +27,10 @@ import numba
 import numpy as np
 
 import numbabn
-from numbabn import _layout
 from numbabn.bench.timing import interleaved
 from numbabn.cpu import forward as fwd
 from numbabn.cpu import stats as cst
-from numbabn.cpu.api import parallel_for
+from numbabn.cpu.api import parallel_for, views
 
 SHAPES = ["32x64", "64x1024", "256x1024", "1024x512", "8192x256", "4096x1024", "64x56x56x64"]
 
@@ -47,10 +46,10 @@ def contenders(shape, dtype, torch, base=None):
     c = shape[axis]
     rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
     y = np.empty_like(x)
-    x3, y3 = _layout.view3(x, axis % x.ndim, y)
-    par = parallel_for(x.size, x3.shape[2])
+    lay, (x3, y3) = views(x, axis % x.ndim, x, y)
+    par = parallel_for(x.size, lay.inner)
     stats = np.empty((3, c))
-    cst.welford(par, x3, stats)
+    cst.welford(par, lay, x3, stats)
     w, b = np.ones(c, dtype), np.zeros(c, dtype)
     coef, save = np.empty((2, c)), np.empty((2, c))
     fwd.finish_channels(stats, w, b, rm.copy(), rv.copy(), 0.1, 1e-5, coef, save)
@@ -60,10 +59,10 @@ def contenders(shape, dtype, torch, base=None):
         "eval": lambda: numbabn.batch_norm(x, rm, rv, training=False, axis=axis),
         "copy": lambda: np.copyto(y, x),
         "welford": lambda: numbabn.welford(x, axis=axis),
-        "k_train": lambda: fwd.forward_train(par, x3, w, b, e, e, 0.1, 1e-5, y3, save),
-        "k_stats": lambda: cst.welford(par, x3, stats),
+        "k_train": lambda: fwd.forward_train(par, lay, x3, w, b, e, e, 0.1, 1e-5, y3, save),
+        "k_stats": lambda: cst.welford(par, lay, x3, stats),
         "k_finish": lambda: fwd.finish_channels(stats, w, b, e, e, 0.1, 1e-5, coef, save),
-        "k_norm": lambda: fwd.apply(par, x3, coef, y3),
+        "k_norm": lambda: fwd.apply(par, lay, x3, coef, y3),
     }
     if base is not None:
         fns["base_train"] = lambda: base.batch_norm(x, rm, rv, training=True, axis=axis)

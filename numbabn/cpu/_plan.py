@@ -12,6 +12,8 @@ A task writes its partial into slot ``[split, channel]``; partials are merged in
 Nothing here depends on the thread count, so neither do the results.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .._config import (
@@ -29,7 +31,58 @@ from .._config import (
 from .._jit import leaf, stage
 
 
-@leaf
+class Layout(NamedTuple):
+    """How the kernels see an ``(outer, C, inner)`` array, from its shape and item size alone
+    (see :func:`layout`): which kernel family, and the view its kernels take."""
+
+    #: Channel-strided kernels (``inner >= MIN_INNER``); else channel-minor.
+    strided: bool
+    #: The kernels' view: ``(outer, C, inner)`` (strided) or ``(outer // k, k * C * inner)``,
+    #: super-rows of ``k`` rows (channel-minor, see :func:`widen`).
+    view: tuple
+    num_channels: int
+    inner: int
+    #: Channel-strided passes that take one whole channel per task (:func:`fuse_channels`):
+    #: the forward's, whose slice is ``x``, and the backward's, ``g`` and ``x``.
+    fused_forward: bool
+    fused_backward: bool
+
+
+def layout(shape3, itemsize):
+    """The :class:`Layout` of an ``(outer, C, inner)`` array of ``itemsize``-byte elements,
+    worked out once per shape (a dict lookup: small calls spend their time in Python)."""
+    key = (shape3, itemsize)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        outer, num_channels, inner = shape3
+        if inner >= MIN_INNER:
+            view = shape3
+        else:
+            k = widen(outer, num_channels * inner)
+            view = (outer // k, k * num_channels * inner)
+        lay = Layout(
+            inner >= MIN_INNER,
+            view,
+            num_channels,
+            inner,
+            fuse_channels(outer, num_channels, inner, itemsize),
+            fuse_channels(outer, num_channels, inner, 2 * itemsize),
+        )
+        bounded_put(_LAYOUTS, key, lay)
+    return lay
+
+
+_LAYOUTS = {}
+
+
+def bounded_put(cache, key, value, limit=4096):
+    """``cache[key] = value``, emptying ``cache`` first when it holds ``limit`` entries (a
+    process that sees ever new shapes keeps a bounded cache)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
 def widen(outer, width):
     """Rows per super-row for channel-minor kernels: the largest ``k`` dividing ``outer`` with
     ``k * width <= WIDEN_TO`` that leaves at least ``MINOR_ROWS`` super-rows.  ``k``
@@ -43,35 +96,27 @@ def widen(outer, width):
     return k
 
 
+def fuse_channels(outer, num_channels, inner, itemsize):
+    """Whether a channel-strided pass can take one whole channel per task and revisit its
+    slice in L2: enough channels to keep every core busy, slices that fit in L2."""
+    return inner >= MIN_INNER and num_channels >= FUSE_CHANNELS and outer * inner * itemsize <= FUSE_BYTES
+
+
 @leaf
 def plan(outer, num_channels, inner):
-    """Return ``(strided, k, ct, ntiles, nsplit)`` for a reduction over ``(outer, C, inner)``:
-    the super-row factor (channel-minor only, see :func:`widen`; the kernels then see
-    ``(outer // k, k * C, inner)``), channels per tile, tiles per row, and row ranges per
-    channel."""
+    """Return ``(ct, ntiles, nsplit)`` for a reduction over the kernels' view of a layout
+    (:class:`Layout`), ``(outer, C, inner)`` with ``outer`` and ``C`` counted in super-rows
+    and pseudo-channels for the channel-minor kernels: channels per tile (1 for the
+    channel-strided kernels), tiles per row, and row ranges per channel."""
     strided = inner >= MIN_INNER
-    if strided:
-        k = 1
-        ct = 1
-    else:
-        k = widen(outer, num_channels * inner)
-        outer //= k
-        num_channels *= k
-        ct = max(1, TILE // max(inner, 1))
+    ct = 1 if strided else max(1, TILE // max(inner, 1))
     ntiles = (num_channels + ct - 1) // ct
     per_tile = outer * min(ct, num_channels) * inner
     nsplit = (per_tile + TASK_ELEMS - 1) // TASK_ELEMS
     if not strided:  # larger tasks, but up to MINOR_MIN_TASKS of TASK_ELEMS for the cores
         nsplit = max((per_tile + MINOR_TASK_ELEMS - 1) // MINOR_TASK_ELEMS, min(nsplit, MINOR_MIN_TASKS))
     nsplit = min(max(1, nsplit), MAX_SPLITS, max(outer, 1))
-    return strided, k, ct, ntiles, nsplit
-
-
-@leaf
-def fuse_channels(outer, num_channels, inner, itemsize):
-    """Whether a channel-strided pass can take one whole channel per task and revisit its
-    slice in L2: enough channels to keep every core busy, slices that fit in L2."""
-    return inner >= MIN_INNER and num_channels >= FUSE_CHANNELS and outer * inner * itemsize <= FUSE_BYTES
+    return ct, ntiles, nsplit
 
 
 @stage
@@ -94,7 +139,8 @@ def minor_task(task, nsplit, ntiles, ct, outer, num_channels):
 def sum_inner(acc, inner, out):
     """``out[c] = sum(acc[c * inner : (c + 1) * inner])``."""
     if inner == 1:
-        out[:] = acc
+        for c in range(out.shape[0]):
+            out[c] = acc[c]
     else:
         for c in range(out.shape[0]):
             s = 0.0
@@ -108,7 +154,8 @@ def repeat_inner(values, inner, out):
     """``out[c * inner + i] = values[c]`` (no integer division per element: it cost more
     than both sweeps of a block)."""
     if inner == 1:
-        out[:] = values
+        for c in range(values.shape[0]):
+            out[c] = values[c]
     else:
         for c in range(values.shape[0]):
             for i in range(inner):
@@ -122,6 +169,6 @@ def expand(values, inner, k):
     width = values.shape[0] * inner
     out = np.empty(k * width)
     repeat_inner(values, inner, out[:width])
-    for m in range(1, k):
-        out[m * width : (m + 1) * width] = out[:width]
+    for j in range(width, k * width):
+        out[j] = out[j - width]
     return out

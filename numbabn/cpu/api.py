@@ -13,6 +13,7 @@ import numpy as np
 from .. import _layout
 from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
+from . import _plan
 from . import backward as _bwd
 from . import forward as _fwd
 from . import stats as _stats
@@ -29,12 +30,13 @@ class Input:
 
     ``x`` is C- or F-contiguous (a strided input is copied here, once for the forward and
     backward of a layer's step; ``original`` is the array as given, whose memory the alias
-    checks compare), ``shape3`` is its ``(outer, C, inner)`` view's shape and
-    ``parallel`` whether its drivers run their parallel twins (:func:`parallel_for`), worked
-    out once: small calls spend their time in Python.
+    checks compare), ``layout`` how the kernels see it (:class:`numbabn.cpu._plan.Layout`:
+    which kernel family, and :meth:`view`'s shape) and ``parallel`` whether its drivers run
+    their parallel twins (:func:`parallel_for`), worked out once: small calls spend their
+    time in Python.
     """
 
-    __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "shape3", "c_order", "parallel")
+    __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "layout", "c_order", "parallel")
 
     def __init__(self, x, axis, stream, name="input"):
         if stream is not None:
@@ -51,9 +53,8 @@ class Input:
         self.shape = shape = x.shape
         self.num_channels = shape[axis]
         self.dtype = x.dtype
-        self.shape3 = shape3 = (
-            _layout.shape3(shape, axis) if c_order else _layout.shape3(shape[::-1], x.ndim - 1 - axis)
-        )
+        shape3 = _layout.shape3(shape, axis) if c_order else _layout.shape3(shape[::-1], x.ndim - 1 - axis)
+        self.layout = _plan.layout(shape3, x.itemsize)
         self.parallel = parallel_for(x.size, shape3[2])
 
     def per_channel(self, a, name, *, writable=False, save=False):
@@ -79,9 +80,9 @@ class Input:
             return a  # fast path: every check of _layout.same_kind would pass
         return _layout.same_kind(self.x, a, name, writable=writable)
 
-    def view3(self, a):
-        """The ``(outer, C, inner)`` view of ``a``, an array of ``x``'s shape and memory order."""
-        return a.reshape(self.shape3) if self.c_order else a.T.reshape(self.shape3)
+    def view(self, a):
+        """The kernels' view of ``a``, an array of ``x``'s shape and memory order."""
+        return a.reshape(self.layout.view) if self.c_order else a.T.reshape(self.layout.view)
 
 
 def forward(call):
@@ -93,9 +94,10 @@ def forward(call):
     save = np.empty((2, inp.num_channels))
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     if not call.training:
-        _fwd.forward_eval(inp.parallel, inp.view3(x), w, b, rm, rv, call.eps, inp.view3(dest), save)
+        _fwd.forward_eval(inp.parallel, inp.layout, inp.view(x), w, b, rm, rv, call.eps, inp.view(dest), save)
     elif x.size:
-        _fwd.forward_train(inp.parallel, inp.view3(x), w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save)
+        lay = inp.layout
+        _fwd.forward_train(inp.parallel, lay, inp.view(x), w, b, rm, rv, call.momentum, call.eps, inp.view(dest), save)
         if rm is not call.running_mean or rv is not call.running_var:
             _write_back(call.running_mean, rm)
             _write_back(call.running_var, rv)
@@ -129,14 +131,15 @@ def _backward(call, driver, *sums):
     grads = np.empty((3, num_channels))
     driver(
         inp.parallel,
-        inp.view3(g),
-        inp.view3(x),
+        inp.layout,
+        inp.view(g),
+        inp.view(x),
         per_channel_array(call.weight, 1.0, num_channels, dtype),
         _saved(call.save_mean),
         _saved(call.save_invstd),
         call.training,
         *sums,
-        inp.view3(grad_input),
+        inp.view(grad_input),
         grads,
     )
     affine = grads[:2].astype(dtype)  # one conversion for both
@@ -152,7 +155,7 @@ def batch_stats(inp):
 def _welford(inp):
     """The (3, C) float64 statistics of a checked :class:`Input`, rows count, mean and M2."""
     stats = np.empty((3, inp.num_channels))
-    _stats.welford(inp.parallel, inp.view3(inp.x), stats)
+    _stats.welford(inp.parallel, inp.layout, inp.view(inp.x), stats)
     return stats
 
 
@@ -199,8 +202,8 @@ def apply(x, axis, coef, out=None, parallel=None):
     given, of ``x``'s shape and dtype)."""
     x = _layout.contiguous(x)
     dest = _layout.output_for(x, out)
-    x3, y3 = _layout.view3(x, axis, dest)
-    _fwd.apply(_parallel(parallel, x3), x3, coef, y3)
+    lay, (xv, yv) = views(x, axis, x, dest)
+    _fwd.apply(_parallel(parallel, x, lay), lay, xv, coef, yv)
     return deliver(dest, out)
 
 
@@ -210,8 +213,8 @@ def grad_reduce(g, x, axis, mean, parallel=None):
     x = _layout.contiguous(x)
     g = _same_order(g, x)
     sums = np.empty((3, x.shape[axis]))
-    g3, x3 = _layout.view3(g, axis, x)
-    _bwd.grad_reduce(_parallel(parallel, x3), g3, x3, _saved(mean), sums)
+    lay, (gv, xv) = views(x, axis, g, x)
+    _bwd.grad_reduce(_parallel(parallel, x, lay), lay, gv, xv, _saved(mean), sums)
     return sums
 
 
@@ -233,8 +236,8 @@ def grad_apply(g, x, axis, coef, out=None, parallel=None):
     x = _layout.contiguous(x)
     g = _same_order(g, x)
     dest = _layout.output_for(x, out, g)
-    g3, x3, gi3 = _layout.view3(g, axis, x, dest)
-    _bwd.grad_apply(_parallel(parallel, x3), g3, x3, coef, gi3)
+    lay, (gv, xv, giv) = views(x, axis, g, x, dest)
+    _bwd.grad_apply(_parallel(parallel, x, lay), lay, gv, xv, coef, giv)
     return deliver(dest, out)
 
 
@@ -251,7 +254,7 @@ def part_sums(call):
     x = inp.x
     g = _same_order(call.grad_output, x)
     sums = np.empty((3, inp.num_channels))
-    _bwd.grad_reduce(inp.parallel, inp.view3(g), inp.view3(x), _saved(call.save_mean), sums)
+    _bwd.grad_reduce(inp.parallel, inp.layout, inp.view(g), inp.view(x), _saved(call.save_mean), sums)
     return sums
 
 
@@ -266,7 +269,8 @@ def forward_with_stats(call, stats):
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     save = np.empty((2, inp.num_channels))
-    _fwd.forward_stats(inp.parallel, inp.view3(x), stats, w, b, rm, rv, call.momentum, call.eps, inp.view3(dest), save)
+    xv, yv = inp.view(x), inp.view(dest)
+    _fwd.forward_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
     if rm is not call.running_mean or rv is not call.running_var:
         _write_back(call.running_mean, rm)
         _write_back(call.running_var, rv)
@@ -287,8 +291,20 @@ def parallel_for(size, inner):
     return size >= (PARALLEL_MIN_STRIDED if inner >= MIN_INNER else PARALLEL_MIN)
 
 
-def _parallel(parallel, x3):
-    return parallel_for(x3.size, x3.shape[2]) if parallel is None else parallel
+def _parallel(parallel, x, lay):
+    return parallel_for(x.size, lay.inner) if parallel is None else parallel
+
+
+def views(x, axis, *arrays):
+    """The :class:`numbabn.cpu._plan.Layout` of the C- or F-contiguous ``x`` with the features
+    on ``axis``, and the kernels' views of ``arrays`` (of ``x``'s shape and memory order)."""
+    if x.flags.c_contiguous:
+        shape3 = _layout.shape3(x.shape, axis)
+    else:
+        shape3 = _layout.shape3(x.shape[::-1], x.ndim - 1 - axis)
+        arrays = [a.T for a in arrays]
+    lay = _plan.layout(shape3, x.itemsize)
+    return lay, [a.reshape(lay.view) for a in arrays]
 
 
 def _same_order(g, x):

@@ -13,10 +13,9 @@ bitwise identical for any number of threads.
 import numpy as np
 from numba import prange
 
-from .._config import MIN_INNER
 from .._jit import leaf, stage, twin
 from .._math import grad_coef
-from ._plan import expand, fuse_channels, minor_task, plan, rows, sum_inner, widen
+from ._plan import expand, minor_task, plan, rows, sum_inner
 
 
 @leaf
@@ -50,20 +49,6 @@ def apply_row(gr, xr, a, b, d, out):
             out[k] = gr[k] * a + xr[k] * b + d
 
 
-@stage
-def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
-    """Channel-strided backward, one task per channel: reduce, then apply while the
-    channel's ``g`` and ``x`` slices are still in L2, so DRAM sees them once."""
-    outer, num_channels, inner = x3.shape
-    n = float(outer * inner)
-    coef = np.empty((3, num_channels))
-    for c in prange(num_channels):
-        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], 0, outer)
-        grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads)
-        for o in range(outer):
-            apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
-
-
 @leaf
 def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx, acc_ga):
     """``acc_g[j] += sum(g)``, ``acc_gx[j] += sum(g * (x - centre[j]))``,
@@ -95,44 +80,57 @@ def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx, acc_ga):
 
 
 @stage
-def grad_sums(g3, x3, mean, sums):
+def sums_strided(g3, x3, mean, sums):
     """``sums[:, c] = (sum g, sum g * (x - mean[c]), sum |g|)`` over every element of
-    channel ``c``."""
+    channel ``c`` of the channel-strided ``g3`` and ``x3``."""
     outer, num_channels, inner = x3.shape
-    strided, k, ct, ntiles, nsplit = plan(outer, num_channels, inner)
-    part = np.empty((3, nsplit, k * num_channels))
-    if strided:
-        for task in prange(nsplit * num_channels):
-            split = task // num_channels
-            c = task % num_channels
-            r0, r1 = rows(split, nsplit, outer)
-            sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], r0, r1)
-            part[0, split, c] = sg
-            part[1, split, c] = sgx
-            part[2, split, c] = sag
-    else:
-        # Super-rows of k rows: k * C pseudo-channels, folded into C below.
-        rows_k, chans_k = outer // k, k * num_channels
-        centre = mean if k * inner == 1 else expand(mean, inner, k)  # (N, C): the rows already
-        g2 = g3.reshape(rows_k, chans_k * inner)
-        x2 = x3.reshape(rows_k, chans_k * inner)
-        for task in prange(nsplit * ntiles):
-            split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, rows_k, chans_k)
-            j0 = c0 * inner
-            width = nc * inner
-            acc = np.zeros(3 * width)  # one allocation: small calls pay ~0.05 us for each
-            acc_g = acc[:width]
-            acc_gx = acc[width : 2 * width]
-            acc_ga = acc[2 * width :]
-            grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga)
-            sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
-            sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
-            sum_inner(acc_ga, inner, part[2, split, c0 : c0 + nc])
-    for c in prange(num_channels):
+    nsplit = plan(outer, num_channels, inner)[2]
+    part = np.empty((3, nsplit, num_channels))
+    for task in prange(nsplit * num_channels):
+        split = task // num_channels
+        c = task % num_channels
+        r0, r1 = rows(split, nsplit, outer)
+        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], r0, r1)
+        part[0, split, c] = sg
+        part[1, split, c] = sgx
+        part[2, split, c] = sag
+    add_partials(part, 1, sums)
+
+
+@stage
+def sums_minor(g2, x2, inner, mean, sums):
+    """The same on channel-minor views ``g2`` and ``x2`` (outer // k, k * C * inner)."""
+    num_channels = mean.shape[0]
+    k = x2.shape[1] // (num_channels * inner) if num_channels * inner > 0 else 1  # rows per super-row
+    rows_k, chans_k = x2.shape[0], k * num_channels
+    ct, ntiles, nsplit = plan(rows_k, chans_k, inner)
+    part = np.empty((3, nsplit, chans_k))
+    centre = mean if k * inner == 1 else expand(mean, inner, k)  # (N, C): the rows already
+    for task in prange(nsplit * ntiles):
+        split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, rows_k, chans_k)
+        j0 = c0 * inner
+        width = nc * inner
+        acc = np.zeros(3 * width)  # one allocation: small calls pay for each
+        acc_g = acc[:width]
+        acc_gx = acc[width : 2 * width]
+        acc_ga = acc[2 * width :]
+        grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga)
+        sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
+        sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
+        sum_inner(acc_ga, inner, part[2, split, c0 : c0 + nc])
+    add_partials(part, k, sums)
+
+
+@leaf
+def add_partials(part, k, sums):
+    """``sums[:, c]`` = the partials ``part`` (3, nsplit, k * C) of channel ``c`` added split
+    by split, the ``k`` pseudo-channels of a super-row in turn (an order fixed by the shape)."""
+    num_channels = sums.shape[1]
+    for c in range(num_channels):
         sg = 0.0
         sgx = 0.0
         sag = 0.0
-        for split in range(nsplit):
+        for split in range(part.shape[1]):
             for m in range(k):
                 sg += part[0, split, m * num_channels + c]
                 sgx += part[1, split, m * num_channels + c]
@@ -143,53 +141,68 @@ def grad_sums(g3, x3, mean, sums):
 
 
 @stage
-def apply_grad(g3, x3, coef, gi3):
+def apply_strided(g3, x3, coef, gi3):
     """``grad_input[o, c, i] = g * coef[0, c] + x * coef[1, c] + coef[2, c]``."""
     outer, num_channels, inner = x3.shape
-    if inner >= MIN_INNER:
-        for r in prange(outer * num_channels):
-            o = r // num_channels
-            c = r % num_channels
-            apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
+    for r in prange(outer * num_channels):
+        o = r // num_channels
+        c = r % num_channels
+        apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
+
+
+@stage
+def apply_minor(g2, x2, inner, coef, gi2):
+    """The same on channel-minor views (outer // k, k * C * inner)."""
+    num_channels = coef.shape[1]
+    width = x2.shape[1]
+    k = width // (num_channels * inner) if num_channels * inner > 0 else 1
+    if k * inner == 1:  # (N, C): the coefficients are the rows already
+        a = coef[0]
+        b = coef[1]
+        d = coef[2]
     else:
-        k = widen(outer, num_channels * inner)
-        width = k * num_channels * inner
-        if k * inner == 1:  # (N, C): the coefficients are the rows already
-            a = coef[0]
-            b = coef[1]
-            d = coef[2]
-        else:
-            a = expand(coef[0], inner, k)
-            b = expand(coef[1], inner, k)
-            d = expand(coef[2], inner, k)
-        g2 = g3.reshape(outer // k, width)
-        x2 = x3.reshape(outer // k, width)
-        gi2 = gi3.reshape(outer // k, width)
-        depends_on_x = False  # False in eval (as in apply_row): x is then not read
-        for c in range(num_channels):
-            if coef[1, c] != 0.0 or coef[2, c] != 0.0:
-                depends_on_x = True
-        if depends_on_x:
-            for o in prange(outer // k):
-                for j in range(width):
-                    gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
-        else:
-            for o in prange(outer // k):
-                for j in range(width):
-                    gi2[o, j] = g2[o, j] * a[j]
+        a = expand(coef[0], inner, k)
+        b = expand(coef[1], inner, k)
+        d = expand(coef[2], inner, k)
+    depends_on_x = False  # False in eval (as in apply_row): x is then not read
+    for c in range(num_channels):
+        if coef[1, c] != 0.0 or coef[2, c] != 0.0:
+            depends_on_x = True
+    if depends_on_x:
+        for o in prange(x2.shape[0]):
+            for j in range(width):
+                gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
+    else:
+        for o in prange(x2.shape[0]):
+            for j in range(width):
+                gi2[o, j] = g2[o, j] * a[j]
 
 
 @leaf
 def grad_coefs(sums, n, weight, mean, invstd, training, coef, grads):
     """:func:`numbabn._math.grad_coef` of every channel from the reduction ``sums`` (3, C)
-    over ``n`` values per channel: ``grads`` (3, C) and the ``coef`` (3, C) of
-    :func:`apply_grad` (the drivers' one coefficient loop)."""
+    over ``n`` values per channel: ``grads`` (3, C) and the ``coef`` (3, C) of the
+    elementwise pass (the drivers' one coefficient loop)."""
     for c in range(sums.shape[1]):
         grad_coef(c, sums[0, c], sums[1, c], sums[2, c], n, weight, mean, invstd, training, coef, grads)
 
 
 @twin
-def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
+def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
+    """Driver, channel-strided backward, one task per channel: reduce, then apply while the
+    channel's ``g`` and ``x`` slices are still in L2, so DRAM sees them once."""
+    outer, num_channels, inner = x3.shape
+    n = float(outer * inner)
+    coef = np.empty((3, num_channels))
+    for c in prange(num_channels):
+        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], 0, outer)
+        grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads)
+        for o in range(outer):
+            apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
+
+
+@twin
+def backward_strided(g3, x3, weight, mean, invstd, training, gi3, grads):
     """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
     ``gi3`` the input gradient.  Training (batch statistics, ``n`` values per channel)::
 
@@ -198,35 +211,85 @@ def backward(g3, x3, weight, mean, invstd, training, gi3, grads):
     eval (running statistics): ``grad_input = g * weight * invstd``.
     """
     outer, num_channels, inner = x3.shape
-    if fuse_channels(outer, num_channels, inner, 2 * x3.itemsize):
-        backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads)
-        return
     sums = np.empty((3, num_channels))
-    grad_sums(g3, x3, mean, sums)
+    sums_strided(g3, x3, mean, sums)
     coef = np.empty((3, num_channels))
     grad_coefs(sums, float(outer * inner), weight, mean, invstd, training, coef, grads)
-    apply_grad(g3, x3, coef, gi3)
+    apply_strided(g3, x3, coef, gi3)
 
 
 @twin
-def backward_sums(g3, x3, weight, mean, invstd, training, sums, n, gi3, grads):
-    """Driver, :func:`backward` with the reduction ``sums`` (3, C) over ``n`` values per
-    channel made elsewhere (SyncBatchNorm's parts, added): coefficients, then the
-    elementwise pass."""
-    coef = np.empty((3, x3.shape[1]))
+def backward_minor(g2, x2, inner, weight, mean, invstd, training, gi2, grads):
+    """Driver, the same on channel-minor views (:class:`numbabn.cpu._plan.Layout`)."""
+    num_channels = mean.shape[0]
+    sums = np.empty((3, num_channels))
+    sums_minor(g2, x2, inner, mean, sums)
+    coef = np.empty((3, num_channels))
+    n = float(x2.shape[0] * x2.shape[1] // num_channels) if num_channels > 0 else 0.0
     grad_coefs(sums, n, weight, mean, invstd, training, coef, grads)
-    apply_grad(g3, x3, coef, gi3)
+    apply_minor(g2, x2, inner, coef, gi2)
 
 
 @twin
-def grad_reduce(g3, x3, mean, sums):
+def reduce_strided(g3, x3, mean, sums):
     """Driver, the reduction pass alone: ``sums`` (3, C) float64 receives ``(sum g,
     sum g * (x - mean), sum |g|)`` per channel, to be summed with other parts' (Dask chunks,
     processes) before :func:`grad_coefs`."""
-    grad_sums(g3, x3, mean, sums)
+    sums_strided(g3, x3, mean, sums)
 
 
 @twin
-def grad_apply(g3, x3, coef, gi3):
+def reduce_minor(g2, x2, inner, mean, sums):
+    """Driver, the same on channel-minor views."""
+    sums_minor(g2, x2, inner, mean, sums)
+
+
+@twin
+def grad_apply_strided(g3, x3, coef, gi3):
     """Driver, the elementwise pass alone: ``grad_input = g * coef[0] + x * coef[1] + coef[2]``."""
-    apply_grad(g3, x3, coef, gi3)
+    apply_strided(g3, x3, coef, gi3)
+
+
+@twin
+def grad_apply_minor(g2, x2, inner, coef, gi2):
+    """Driver, the same on channel-minor views."""
+    apply_minor(g2, x2, inner, coef, gi2)
+
+
+# -- the drivers of each stage, by layout ---------------------------------------------------
+# Each compiled driver holds one layout's kernels only, so a call compiles its own path.
+
+
+def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
+    """Backward of ``g`` and ``x``, the kernels' views of :class:`Layout` ``lay``: ``gi``
+    receives the input gradient, ``grads`` (3, C) ``(grad_weight, grad_bias, sum |g|)``."""
+    if lay.fused_backward:
+        backward_fused(parallel, g, x, weight, mean, invstd, training, gi, grads)
+    elif lay.strided:
+        backward_strided(parallel, g, x, weight, mean, invstd, training, gi, grads)
+    else:
+        backward_minor(parallel, g, x, lay.inner, weight, mean, invstd, training, gi, grads)
+
+
+def backward_sums(parallel, lay, g, x, weight, mean, invstd, training, sums, n, gi, grads):
+    """:func:`backward` with the reduction ``sums`` (3, C) over ``n`` values per channel made
+    elsewhere (SyncBatchNorm's parts, added): coefficients, then the elementwise pass."""
+    coef = np.empty((3, lay.num_channels))
+    grad_coefs(sums, n, weight, mean, invstd, training, coef, grads)
+    grad_apply(parallel, lay, g, x, coef, gi)
+
+
+def grad_reduce(parallel, lay, g, x, mean, sums):
+    """The reduction pass alone into ``sums`` (3, C) (:func:`reduce_strided`)."""
+    if lay.strided:
+        reduce_strided(parallel, g, x, mean, sums)
+    else:
+        reduce_minor(parallel, g, x, lay.inner, mean, sums)
+
+
+def grad_apply(parallel, lay, g, x, coef, gi):
+    """The elementwise pass alone: ``gi = g * coef[0] + x * coef[1] + coef[2]``."""
+    if lay.strided:
+        grad_apply_strided(parallel, g, x, coef, gi)
+    else:
+        grad_apply_minor(parallel, g, x, lay.inner, coef, gi)

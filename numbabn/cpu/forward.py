@@ -16,11 +16,10 @@ where it matters; docs/performance_notes.rst has the figures.
 import numpy as np
 from numba import prange
 
-from .._config import MIN_INNER
 from .._jit import leaf, stage, twin
 from .._math import finish_channel, fold, invstd_of
-from ._plan import expand, fuse_channels, widen
-from .stats import channel_stats, strided_rows
+from ._plan import expand
+from .stats import stats_minor, stats_strided, strided_rows
 
 
 @stage
@@ -31,46 +30,59 @@ def affine_row(xr, a, b, out):
 
 
 @stage
-def normalize(x3, coef, y3):
+def normalize_strided(x3, coef, y3):
     """``y[o, c, i] = x[o, c, i] * coef[0, c] + coef[1, c]`` (elementwise: any schedule
     gives the same bits)."""
     outer, num_channels, inner = x3.shape
-    if inner >= MIN_INNER:
-        for r in prange(outer * num_channels):
-            o = r // num_channels
-            c = r % num_channels
-            affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
+    for r in prange(outer * num_channels):
+        o = r // num_channels
+        c = r % num_channels
+        affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
+
+
+@stage
+def normalize_minor(x2, inner, coef, y2):
+    """The same on a channel-minor view ``x2`` (outer // k, k * C * inner): each row is ``k``
+    rows of ``C * inner`` values."""
+    num_channels = coef.shape[1]
+    width = x2.shape[1]
+    k = width // (num_channels * inner) if num_channels * inner > 0 else 1
+    if k * inner == 1:  # (N, C): the coefficients are the rows already
+        a = coef[0]
+        b = coef[1]
     else:
-        k = widen(outer, num_channels * inner)
-        width = k * num_channels * inner
-        if k * inner == 1:  # (N, C): the coefficients are the rows already
-            a = coef[0]
-            b = coef[1]
-        else:
-            a = expand(coef[0], inner, k)
-            b = expand(coef[1], inner, k)
-        x2 = x3.reshape(outer // k, width)
-        y2 = y3.reshape(outer // k, width)
-        for o in prange(outer // k):
-            for j in range(width):
-                y2[o, j] = x2[o, j] * a[j] + b[j]
+        a = expand(coef[0], inner, k)
+        b = expand(coef[1], inner, k)
+    for o in prange(x2.shape[0]):
+        for j in range(width):
+            y2[o, j] = x2[o, j] * a[j] + b[j]
 
 
 @leaf
 def finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save):
     """:func:`numbabn._math.finish_channel` of every channel (``stats`` (3, C): count, mean,
-    M2).  A compiled function of its own: inlined into the driver, the same loop took
-    1.3 us instead of 0.7 us for 64 channels."""
+    M2).  A compiled function of its own: inlined into the driver, the same loop ran slower."""
     for c in range(stats.shape[1]):
         finish_channel(
             c, stats[0, c], stats[1, c], stats[2, c], weight, bias, running_mean, running_var, momentum, eps, coef, save
         )
 
 
-@stage
+@leaf
+def eval_coefs(weight, bias, mean, var, eps, coef, save):
+    """The fold coefficients ``coef`` (2, C) and saved ``(mean, invstd)`` of normalizing with
+    the given (running) ``mean`` and ``var``."""
+    for c in range(coef.shape[1]):
+        invstd = invstd_of(np.float64(var[c]), eps)
+        coef[0, c], coef[1, c] = fold(np.float64(mean[c]), invstd, weight[c], bias[c])
+        save[0, c] = mean[c]
+        save[1, c] = invstd
+
+
+@twin
 def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
-    """Channel-strided training forward, one task per channel: statistics, finalize, then
-    normalize the channel's rows while they are still in L2, so DRAM sees ``x`` once."""
+    """Driver, channel-strided training forward, one task per channel: statistics, finalize,
+    then normalize the channel's rows while they are still in L2, so DRAM sees ``x`` once."""
     outer, num_channels, inner = x3.shape
     coef = np.empty((2, num_channels))
     for c in prange(num_channels):
@@ -81,45 +93,91 @@ def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, 
 
 
 @twin
-def forward_train(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
-    """Driver, training: batch statistics, EMA update, normalize ``x3`` into ``y3``;
-    ``save`` (2, C) float64 receives the mean and invstd used."""
-    outer, num_channels, inner = x3.shape
-    if fuse_channels(outer, num_channels, inner, x3.itemsize):
-        train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save)
-        return
+def train_strided(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
+    """Driver, channel-strided training forward: batch statistics, EMA update, normalize
+    ``x3`` into ``y3``; ``save`` (2, C) float64 receives the mean and invstd used."""
+    num_channels = x3.shape[1]
     stats = np.empty((3, num_channels))
-    channel_stats(x3, stats)
+    stats_strided(x3, stats)
     coef = np.empty((2, num_channels))
     finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
-    normalize(x3, coef, y3)
+    normalize_strided(x3, coef, y3)
 
 
 @twin
-def forward_eval(x3, weight, bias, mean, var, eps, y3, save):
+def train_minor(x2, inner, weight, bias, running_mean, running_var, momentum, eps, y2, save):
+    """Driver, the same on a channel-minor view (:class:`numbabn.cpu._plan.Layout`)."""
+    num_channels = save.shape[1]
+    stats = np.empty((3, num_channels))
+    stats_minor(x2, num_channels, inner, stats)
+    coef = np.empty((2, num_channels))
+    finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    normalize_minor(x2, inner, coef, y2)
+
+
+@twin
+def eval_strided(x3, weight, bias, mean, var, eps, y3, save):
     """Driver, eval: normalize ``x3`` into ``y3`` with the given (running) ``mean``, ``var``;
     ``save`` (2, C) float64 receives the mean and invstd used."""
-    num_channels = x3.shape[1]
-    coef = np.empty((2, num_channels))
-    for c in range(num_channels):
-        invstd = invstd_of(np.float64(var[c]), eps)
-        coef[0, c], coef[1, c] = fold(np.float64(mean[c]), invstd, weight[c], bias[c])
-        save[0, c] = mean[c]
-        save[1, c] = invstd
-    normalize(x3, coef, y3)
-
-
-@twin
-def forward_stats(x3, stats, weight, bias, running_mean, running_var, momentum, eps, y3, save):
-    """Driver, training with statistics ``stats`` (3, C) merged elsewhere (SyncBatchNorm's
-    global batch): finalize and EMA update as :func:`forward_train`, then normalize."""
     coef = np.empty((2, x3.shape[1]))
-    finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
-    normalize(x3, coef, y3)
+    eval_coefs(weight, bias, mean, var, eps, coef, save)
+    normalize_strided(x3, coef, y3)
 
 
 @twin
-def apply(x3, coef, y3):
+def eval_minor(x2, inner, weight, bias, mean, var, eps, y2, save):
+    """Driver, the same on a channel-minor view."""
+    coef = np.empty((2, save.shape[1]))
+    eval_coefs(weight, bias, mean, var, eps, coef, save)
+    normalize_minor(x2, inner, coef, y2)
+
+
+@twin
+def apply_strided(x3, coef, y3):
     """Driver: ``y = x * coef[0] + coef[1]`` with coefficients made elsewhere, from
     statistics merged over Dask chunks or processes (:func:`finish_channels`)."""
-    normalize(x3, coef, y3)
+    normalize_strided(x3, coef, y3)
+
+
+@twin
+def apply_minor(x2, inner, coef, y2):
+    """Driver, the same on a channel-minor view."""
+    normalize_minor(x2, inner, coef, y2)
+
+
+# -- the drivers of each stage, by layout ---------------------------------------------------
+# Each compiled driver holds one layout's kernels only, so a call compiles its own path.
+
+
+def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, momentum, eps, y, save):
+    """Training forward of ``x``, the kernels' view of :class:`Layout` ``lay``, into ``y``."""
+    if lay.fused_forward:
+        train_fused(parallel, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
+    elif lay.strided:
+        train_strided(parallel, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
+    else:
+        train_minor(parallel, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
+
+
+def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):
+    """Eval forward of ``x`` (a view of ``lay``) into ``y``."""
+    if lay.strided:
+        eval_strided(parallel, x, weight, bias, mean, var, eps, y, save)
+    else:
+        eval_minor(parallel, x, lay.inner, weight, bias, mean, var, eps, y, save)
+
+
+def forward_stats(parallel, lay, x, stats, weight, bias, running_mean, running_var, momentum, eps, y, save):
+    """Training forward with statistics ``stats`` (3, C) merged elsewhere (SyncBatchNorm's
+    global batch): finalize and EMA update as :func:`forward_train`, then normalize."""
+    coef = np.empty((2, lay.num_channels))
+    finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    apply(parallel, lay, x, coef, y)
+
+
+def apply(parallel, lay, x, coef, y):
+    """``y = x * coef[0] + coef[1]`` per channel of ``x`` (a view of ``lay``)."""
+    if lay.strided:
+        apply_strided(parallel, x, coef, y)
+    else:
+        apply_minor(parallel, x, lay.inner, coef, y)

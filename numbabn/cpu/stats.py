@@ -172,7 +172,8 @@ def exact_block(x2, b0, b1, j0, inner, bn, acc_s, acc_q, centre, bmean, bm2):
     acc_s[:] = 0.0
     column_sums(x2, b0, b1, j0, acc_s)
     sum_inner(acc_s, inner, bmean)
-    bmean /= bn
+    for c in range(bmean.shape[0]):
+        bmean[c] /= bn
     repeat_inner(bmean, inner, centre)
     acc_q[:] = 0.0
     column_squares(x2, b0, b1, j0, centre, acc_q)
@@ -245,51 +246,39 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
         if far:
             exact_block(x2, b0, b1, j0, inner, bn, acc_s, acc_q, shift, bmean, bm2)
         n = chan_merge_channels(n, mean, m2, bn, bmean, bm2)
-        centre[:] = bmean
+        for c in range(nc):
+            centre[c] = bmean[c]
         b0 = b1
     return n
 
 
 @stage
-def partials_minor(x3, nsplit, ct, ntiles, part):
-    """Channel-minor partials: task ``(split, tile)`` reduces ``ct`` whole channels over a
-    row range (:func:`minor_rows`)."""
-    outer, num_channels, inner = x3.shape
-    x2 = x3.reshape(outer, num_channels * inner)
+def partials_minor(x2, num_channels, inner, nsplit, ct, ntiles, part):
+    """Channel-minor partials of the ``(outer, C * inner)`` view ``x2`` (``C`` counted in
+    pseudo-channels of super-rows): task ``(split, tile)`` reduces ``ct`` whole channels over
+    a row range (:func:`minor_rows`)."""
+    outer = x2.shape[0]
     for task in prange(nsplit * ntiles):
         split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, outer, num_channels)
         n = minor_rows(x2, r0, r1, c0 * inner, nc, inner, part[1, split, c0 : c0 + nc], part[2, split, c0 : c0 + nc])
         part[0, split, c0 : c0 + nc] = n
 
 
-@stage
-def channel_stats(x3, stats):
-    """Write ``stats[:, c] = (count, mean, M2)`` of every channel of ``x3``."""
-    outer, num_channels, inner = x3.shape
-    strided, k, ct, ntiles, nsplit = plan(outer, num_channels, inner)
-    if nsplit * k == 1:
-        # One partial per channel is the result (the merge below would only copy it): written
-        # in place, without the partial buffer and the merge (small calls pay for both).
-        part = stats.reshape((3, 1, num_channels))
-    else:
-        part = np.empty((3, nsplit, k * num_channels))
-    if strided:
-        partials_strided(x3, nsplit, part)
-    else:
-        partials_minor(x3.reshape(outer // k, k * num_channels, inner), nsplit, ct, ntiles, part)
-    if nsplit * k == 1:
-        return
-    # Every partial of a split has the same count, so each merge is one vectorized loop
-    # over channels; the order (split, then pseudo-channel) is fixed by the shape.
-    # (Zeroed by a loop: in a parallel driver np.zeros would be a parallel region of its own.)
-    mean = np.empty(num_channels)
-    m2 = np.empty(num_channels)
+@leaf
+def merge_partials(part, k, stats):
+    """Chan-merge the partials ``part`` (3, nsplit, k * C) into ``stats`` (3, C): split by
+    split, the ``k`` pseudo-channels of each channel in a super-row in turn (an order fixed by
+    the shape).  Every partial of a split has the same count, so each merge is one vectorized
+    loop over channels."""
+    num_channels = stats.shape[1]
+    mean = stats[1]
+    m2 = stats[2]
     for c in range(num_channels):
         mean[c] = 0.0
         m2[c] = 0.0
     n = 0.0
-    for split in range(nsplit if num_channels > 0 else 0):
-        for m in range(k):  # the k pseudo-channels of each channel in a super-row
+    for split in range(part.shape[1] if num_channels > 0 else 0):
+        for m in range(k):
             j0 = m * num_channels
             n = chan_merge_channels(
                 n,
@@ -299,9 +288,30 @@ def channel_stats(x3, stats):
                 part[1, split, j0 : j0 + num_channels],
                 part[2, split, j0 : j0 + num_channels],
             )
-    stats[0] = n
-    stats[1] = mean
-    stats[2] = m2
+    for c in range(num_channels):
+        stats[0, c] = n
+
+
+@stage
+def stats_strided(x3, stats):
+    """Write ``stats[:, c] = (count, mean, M2)`` of every channel of the channel-strided
+    ``x3`` (outer, C, inner)."""
+    outer, num_channels, inner = x3.shape
+    nsplit = plan(outer, num_channels, inner)[2]
+    part = np.empty((3, nsplit, num_channels))
+    partials_strided(x3, nsplit, part)
+    merge_partials(part, 1, stats)
+
+
+@stage
+def stats_minor(x2, num_channels, inner, stats):
+    """Write ``stats[:, c] = (count, mean, M2)`` of every channel of the channel-minor view
+    ``x2`` (outer // k, k * C * inner) of ``C = num_channels`` channels."""
+    k = x2.shape[1] // (num_channels * inner) if num_channels * inner > 0 else 1  # rows per super-row
+    ct, ntiles, nsplit = plan(x2.shape[0], k * num_channels, inner)
+    part = np.empty((3, nsplit, k * num_channels))
+    partials_minor(x2, k * num_channels, inner, nsplit, ct, ntiles, part)
+    merge_partials(part, k, stats)
 
 
 @leaf
@@ -324,6 +334,23 @@ def merge_parts(parts, stats):
 
 
 @twin
-def welford(x3, stats):
-    """Driver: per-channel ``(count, mean, M2)`` of ``x3`` into ``stats`` (3, C) float64."""
-    channel_stats(x3, stats)
+def welford_strided(x3, stats):
+    """Driver: per-channel ``(count, mean, M2)`` of the channel-strided ``x3`` into ``stats``
+    (3, C) float64."""
+    stats_strided(x3, stats)
+
+
+@twin
+def welford_minor(x2, inner, stats):
+    """Driver: per-channel ``(count, mean, M2)`` of the channel-minor view ``x2`` (see
+    :class:`numbabn.cpu._plan.Layout`) into ``stats`` (3, C) float64."""
+    stats_minor(x2, stats.shape[1], inner, stats)
+
+
+def welford(parallel, lay, x, stats):
+    """Per-channel ``(count, mean, M2)`` of ``x``, the kernels' view of a :class:`Layout`
+    ``lay``, into ``stats`` (3, C) float64: the layout's driver."""
+    if lay.strided:
+        welford_strided(parallel, x, stats)
+    else:
+        welford_minor(parallel, x, lay.inner, stats)
