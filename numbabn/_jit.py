@@ -108,6 +108,10 @@ def _load_tbb():
 _load_tbb()
 
 
+#: Every driver made by :func:`twin`, so tests can see what a call compiled.
+TWINS = []
+
+
 class Twin:
     """A driver compiled twice: ``serial`` for small arrays and ``parallel`` for large ones.
 
@@ -118,8 +122,10 @@ class Twin:
     def __init__(self, fn):
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
+        self.__module__ = fn.__module__
         self.serial = numba.njit(**OPTIONS)(_clone(fn, "serial"))
         self.parallel = numba.njit(parallel=True, **OPTIONS)(_clone(fn, "parallel"))
+        TWINS.append(self)
 
     def __call__(self, parallel, *args):
         if not parallel or _SERIAL_ONLY:

@@ -19,22 +19,29 @@ import time
 
 import numpy as np
 
+#: The cold-start cases: ``(label, shape, axis)``, float32.
+COLD_CASES = [("NCHW (32, 64, 16, 16)", (32, 64, 16, 16), 1), ("(N, C) (256, 512)", (256, 512), 1)]
 
-def cold_start():
-    """Seconds for ``import numbabn`` plus a first training forward and backward, in a fresh
-    process: with numba's on-disk cache empty (compile) and warm (load)."""
+
+def cold_start(cases=COLD_CASES):
+    """Seconds for ``import numbabn`` plus a first training forward, backward and eval forward
+    of a ``BatchNorm``, in a fresh process per case: with numba's on-disk cache empty
+    (compile) and warm (load)."""
     code = (
-        "import time; t = time.perf_counter(); import numpy as np, numbabn; "
-        "x = np.random.default_rng(0).standard_normal((8, 4, 32), dtype=np.float32); "
-        "y, m, s = numbabn.batch_norm_forward(x); numbabn.batch_norm_backward(y, x, None, m, s); "
+        "import sys, time; t = time.perf_counter(); import numpy as np, numbabn; "
+        "shape, axis = eval(sys.argv[1]), int(sys.argv[2]); "
+        "x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32); "
+        "bn = numbabn.BatchNorm(shape[axis], axis=axis); y = bn(x); bn.backward(y); bn.eval()(x); "
         "print(time.perf_counter() - t)"
     )
     out = {}
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        for label in ("cold (compile)", "warm (cached)"):
-            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            out[label] = float(res.stdout.strip())
+    for name, shape, axis in cases:
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            for label in ("cold (compile)", "warm (cached)"):
+                args = [sys.executable, "-c", code, repr(shape), str(axis)]
+                res = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+                out[f"{name}, {label}"] = float(res.stdout.strip())
     return out
 
 
@@ -46,12 +53,18 @@ def parser():
         "command",
         nargs="?",
         default="check",
-        choices=["check", "bench"],
-        help="check (default): the self-check and a quick table; bench: the full side-by-side table",
+        choices=["check", "bench", "compile"],
+        help="check (default): the self-check and a quick table; bench: the full side-by-side table; "
+        "compile: compile every CPU kernel into numba's on-disk cache (for images), then say where it is",
     )
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per shape (bench)")
     p.add_argument("--quick", action="store_true", help="bench: three 2-4 MB shapes, short budgets (CI)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="bench: input dtype")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float64"],
+        help="bench: input dtype (default float32); compile: only this dtype (default both)",
+    )
     p.add_argument("--json", action="store_true", help="bench: print the results as JSON on stdout only")
     p.add_argument(
         "--plot", metavar="FILE.png", help="bench: also sweep sizes and chart GB/s vs size (needs matplotlib)"
@@ -97,6 +110,8 @@ def main(argv=None):
     """Run the command line; returns the exit status (0 ok, 1 a failed check, 2 cannot run)."""
     p = parser()
     args = p.parse_args(argv)
+    if args.command == "compile":
+        return _compile(args)
     if args.command == "check" and args.device == "cuda":
         return _check_cuda()
     if args.floor and (args.command == "check" or args.quick or args.plot):
@@ -158,7 +173,7 @@ def _run(args):
     from . import check, report
 
     print(f"numbabn self-check (numba {numba.__version__}, {numba.get_num_threads()} threads)")
-    print("  (a first run compiles the kernels, up to a minute; numba's cache keeps them for later runs)", flush=True)
+    print("  (a first run compiles the kernels it uses; numba's cache keeps them for later runs)", flush=True)
     t = time.perf_counter()
     if not check.self_check(out=lambda line: print(line, flush=True)):
         print("self-check FAILED")
@@ -183,6 +198,7 @@ def _run(args):
         results = dask_bench.run(mb=args.dask_mb, budget=args.budget if args.budget is not None else 2.0)
         dask_bench.report(results)
         return {"dask": results, "self_check": True}
+    args.dtype = args.dtype or "float32"
     full = args.command == "bench" and not args.quick
     shapes = report.SHAPES if full else report.QUICK_SHAPES
     budget = args.budget if args.budget is not None else (0.6 if full else 0.15)
@@ -197,11 +213,37 @@ def _run(args):
         report.plot(results["sweep"], args.plot)
         print(f"wrote {args.plot}")
     if full:
-        print("\ncold start, import + first forward and backward:")
+        print("\ncold start, import + first training forward, backward and eval (in a fresh process):")
         results["cold_start_seconds"] = cold_start()
         for k, v in results["cold_start_seconds"].items():
             print(f"  {k}: {v:.2f} s")
     return results
+
+
+def _compile(args):
+    """``python -m numbabn compile``: every kernel family's serial and parallel twins, in
+    float32 and float64 (or ``--dtype`` alone when given)."""
+    from .. import _compile as comp
+
+    dtypes = (args.dtype,) if args.dtype else ("float32", "float64")
+    bar = Progress(len(comp.signatures(dtypes)))
+    t = time.perf_counter()
+    comp.compile_all(dtypes, progress=bar)
+    print(f"compiled in {time.perf_counter() - t:.1f} s; {comp.cache_note()}")
+    return 0
+
+
+class Progress:
+    """A one-line progress bar on stdout: ``[####    ] 3/12 label (1.2 s)``."""
+
+    def __init__(self, total, width=24):
+        self.total, self.width = total, width
+
+    def __call__(self, done, total, label, seconds):
+        filled = self.width * done // total
+        end = "\n" if done == total else ""
+        bar = "#" * filled + " " * (self.width - filled)
+        print(f"\r[{bar}] {done}/{total} {label} ({seconds:.1f} s)\033[K", end=end, flush=True)
 
 
 def _check_cuda():

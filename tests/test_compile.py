@@ -1,0 +1,116 @@
+"""What a first call compiles: its own (stage, layout) driver and twin, nothing else, so a
+change that makes a call compile more fails here, not for a user waiting on a first call.
+And ``python -m numbabn compile`` fills numba's cache, also where the install is read-only.
+
+Each case runs in a fresh interpreter: the drivers a process has compiled (or loaded from the
+cache) are those with signatures.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import numbabn
+
+PROBE = """
+import json, sys
+import numpy as np
+import numbabn
+from numbabn import _jit
+shape, axis, steps = json.loads(sys.argv[1])
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+bn = numbabn.BatchNorm(shape[axis], axis=axis)
+y = bn(x)
+if "backward" in steps:
+    bn.backward(y)
+if "eval" in steps:
+    bn.eval()(x)
+drivers = sorted(f"{t.__name__}.{k}" for t in _jit.TWINS for k in ("serial", "parallel") if getattr(t, k).signatures)
+print(json.dumps(drivers))
+"""
+
+
+def _compiled(shape, axis, steps):
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps([shape, axis, steps])], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "steps", "drivers"),
+    [
+        ((32, 64, 16, 16), 1, [], ["train_fused.parallel"]),
+        (
+            (32, 64, 16, 16),
+            1,
+            ["backward", "eval"],
+            ["backward_fused.parallel", "eval_strided.parallel", "train_fused.parallel"],
+        ),
+        ((2, 4, 8192), 1, ["backward"], ["backward_strided.parallel", "train_strided.parallel"]),
+        ((2, 16, 64), 1, [], ["train_fused.serial"]),
+        ((32, 16, 16, 64), -1, ["eval"], ["eval_minor.parallel", "train_minor.parallel"]),
+        ((256, 512), 1, ["backward"], ["backward_minor.parallel", "train_minor.parallel"]),
+        ((32, 64), 1, [], ["train_minor.serial"]),
+    ],
+    ids=["nchw", "nchw-step", "nchw-rows", "nchw-small", "nhwc", "nc", "nc-small"],
+)
+def test_a_first_call_compiles_its_own_path(shape, axis, steps, drivers):
+    assert _compiled(list(shape), axis, steps) == drivers
+
+
+def test_compile_command_fills_the_cache(tmp_path):
+    """``python -m numbabn compile`` into an empty cache: a later process loads every kernel
+    from it (numba's dispatchers then hold no compiled-here code)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    run = subprocess.run(
+        [sys.executable, "-m", "numbabn", "compile", "--dtype", "float32"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "12/12" not in run.stdout and "6/6" in run.stdout
+    assert f"NUMBA_CACHE_DIR={tmp_path}" in run.stdout
+    assert any(f.endswith(".nbi") for _, _, files in os.walk(tmp_path) for f in files)
+    check = """
+import numpy as np, numbabn
+from numba.core import event
+rec = event.RecordingListener()
+event.register("numba:compile", rec)
+for shape in [(32, 64), (2048, 64), (2, 16, 2048), (2, 2, 16384)]:
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    bn = numbabn.BatchNorm(shape[1]); y = bn(x); bn.backward(y); bn.eval()(x); numbabn.welford(x)
+print(sum(1 for _, e in rec.buffer if e.is_start))
+"""
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    # Loading from the cache fires no compile event for numbabn's own functions; numba may
+    # still compile a few of its internal helpers on the way.
+    assert int(out.stdout) < 5, out.stdout
+
+
+def test_cache_falls_back_when_the_install_is_read_only(tmp_path):
+    """A copy of numbabn whose source tree cannot take a ``__pycache__`` (as in a read-only
+    site-packages) caches in numba's user-wide directory instead, and a second process loads
+    from there."""
+    site = tmp_path / "site"
+    shutil.copytree(os.path.dirname(numbabn.__file__), site / "numbabn", ignore=shutil.ignore_patterns("__pycache__"))
+    for root, _, _ in os.walk(site / "numbabn"):
+        open(os.path.join(root, "__pycache__"), "w").close()  # a file: no cache directory can go there
+    home = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=str(site), XDG_CACHE_HOME=str(home), HOME=str(tmp_path))
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = (
+        "import numpy as np, numbabn; "
+        f"assert numbabn.__file__.startswith({str(site)!r}), numbabn.__file__; "
+        "x = np.ones((32, 64), np.float32); x[0] = 2; numbabn.BatchNorm(64)(x); print('ok')"
+    )
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    cached = [f for _, _, files in os.walk(home) for f in files if f.endswith(".nbi")]
+    assert cached, f"nothing cached under {home}"
