@@ -19,13 +19,11 @@ OPTIONS = {"fastmath": FASTMATH, "error_model": "numpy", "nogil": True, "cache":
 #: a driver compiled with ``parallel=True`` turns their loops into parallel regions and the
 #: serial twin runs them as ``range``; per-element helpers, so their caller's loop vectorizes;
 #: and small per-row or per-channel helpers, whose calls (arrays pass as structs of seven
-#: fields) cost more than their bodies: as a leaf, the per-channel finalize made the
-#: (256, 1024) training forward 25% slower.
+#: fields) cost more than their bodies (docs/performance_notes.rst has the figures).
 stage = numba.njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != "cache"})
 
-#: Leaves (no ``prange``, called per block, row or channel) are ordinary compiled functions.
-#: Inlining them at numba's level too multiplied the typing work: the parallel float32
-#: training forward took 21 s to compile, against 7 s as leaves.
+#: Leaves (no ``prange``, called per block, row or channel) are ordinary compiled functions:
+#: inlined at numba's level too, they multiplied the typing work of every driver.
 leaf = numba.njit(**OPTIONS)
 
 #: Numba's workqueue threading layer aborts when two Python threads launch parallel regions at
