@@ -9,6 +9,17 @@ from .layer import BatchNorm
 from .stats import Stats, merge_stats, welford
 from .sync import SyncBatchNorm
 
+
+def __getattr__(name):
+    # numbabn.dask (Dask arrays, the numbabn[dask] extra) loads on first use, so
+    # ``import numbabn`` stays free of Dask.
+    if name == "dask":
+        import importlib
+
+        return importlib.import_module(".dask", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BatchNorm",
     "Stats",

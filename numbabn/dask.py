@@ -19,9 +19,12 @@ pass, when the result is computed or stored): no lazy statistic feeds the map, s
 read, normalized and released without waiting for the others.
 """
 
+from __future__ import annotations
+
 import itertools
 import math
 import sys
+from typing import Any
 
 import dask
 import dask.array as da
@@ -156,7 +159,7 @@ def scaled(a, factor):
 # -- public ------------------------------------------------------------------------------------
 
 
-def welford(x, *, axis=1, split_every=None, compute=True):
+def welford(x: Any, *, axis: int = 1, split_every: Any = None, compute: bool = True) -> Any:
     """Per-channel count, mean and M2 of a Dask array: exact, deterministic, one pass.
 
     Parameters

@@ -5,23 +5,33 @@ backend from the input's kind (NumPy, GPU or Dask array), then runs the checked 
 Nothing is written, running statistics included, until every check has passed.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
 from . import _call
+
+#: An input: a NumPy array (or anything ``numpy.asarray`` takes), a GPU array or a
+#: ``dask.array.Array``; results come back as the same kind of array.
+Array = Any
 
 
 def batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
+    input: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
     *,
-    axis=1,
-    out=None,
-    stream=None,
-):
+    axis: int = 1,
+    out: Array | None = None,
+    stream: Any = None,
+) -> Array:
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
     Parameters
@@ -79,19 +89,19 @@ def batch_norm(
 
 
 def batch_norm_forward(
-    input,
-    weight=None,
-    bias=None,
-    running_mean=None,
-    running_var=None,
+    input: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
     *,
-    training=True,
-    momentum=0.1,
-    eps=1e-5,
-    axis=1,
-    out=None,
-    stream=None,
-):
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: Array | None = None,
+    stream: Any = None,
+) -> tuple[Array, np.ndarray, np.ndarray]:
     """Batch-norm forward that also returns what :func:`batch_norm_backward` needs.
 
     Parameters are those of :func:`batch_norm`; here ``training`` defaults to True and
@@ -112,8 +122,17 @@ def batch_norm_forward(
 
 
 def batch_norm_backward(
-    grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1, out=None, stream=None
-):
+    grad_output: Array,
+    input: Array,
+    weight: Array | None,
+    save_mean: Array,
+    save_invstd: Array,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    out: Array | None = None,
+    stream: Any = None,
+) -> tuple[Array, Array, Array]:
     """Gradients of batch normalization.
 
     Parameters

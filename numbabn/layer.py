@@ -1,7 +1,10 @@
 """``BatchNorm``: parameters, running buffers, train/eval, state dicts; each call is checked once
 (:mod:`numbabn._call`) and run by the input's backend."""
 
-from typing import NamedTuple
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -93,17 +96,17 @@ class BatchNorm:
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=_DEFAULT_MOMENTUM,
-        affine=True,
-        track_running_stats=True,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = _DEFAULT_MOMENTUM,
+        affine: bool = True,
+        track_running_stats: bool = True,
         *,
-        axis=1,
-        dtype=np.float32,
-        decay=None,
-        device="cpu",
-    ):
+        axis: int = 1,
+        dtype: Any = np.float32,
+        decay: float | None = None,
+        device: str = "cpu",
+    ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int >= 1, got {type(num_features).__name__} {num_features!r}")
         if num_features < 1:
@@ -155,29 +158,29 @@ class BatchNorm:
         self._saved = None
 
     @property
-    def decay(self):
+    def decay(self) -> float | None:
         """``1 - momentum``: the EMA rate in Keras's and Flax's spelling (None with
         ``momentum=None``)."""
         return None if self.momentum is None else 1.0 - self.momentum
 
     # -- modes ------------------------------------------------------------------------------
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> BatchNorm:
         """Set training mode (``mode=True``) or eval mode; returns ``self``."""
         self.training = _layout.check_flag(mode, "mode")
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         """Set eval mode; returns ``self``."""
         return self.train(False)
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """Zero ``running_mean`` and ``num_batches_tracked``, set ``running_var`` to one."""
         if self.track_running_stats:
             self._assign(self.running_mean, 0.0)
             self._assign(self.running_var, 1.0)
             self.num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Reset the running statistics and set ``weight`` to one and ``bias`` to zero."""
         self.reset_running_stats()
         if self.affine:
@@ -201,7 +204,7 @@ class BatchNorm:
             buffer[...] = value
 
     # -- forward / backward -----------------------------------------------------------------
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         """Normalize ``x``; in training mode also update the running statistics.
 
         As ``torch.nn.BatchNorm*d``: training (or eval without running statistics) uses the
@@ -252,7 +255,7 @@ class BatchNorm:
         exchanges statistics here)."""
         return call.run()
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: Any) -> Any:
         """Gradient of the last :meth:`forward`'s output.
 
         Parameters
@@ -314,7 +317,7 @@ class BatchNorm:
             names += ["running_mean", "running_var", "num_batches_tracked"]
         return names
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the parameters and buffers under PyTorch's keys: ``weight``, ``bias``,
         ``running_mean``, ``running_var`` and ``num_batches_tracked`` (a 0-d int64 array)."""
         out = {}
@@ -326,7 +329,7 @@ class BatchNorm:
                 out[name] = value.copy_to_host() if self.device == "cuda" else value.copy()
         return out
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
         """Load a state dict, PyTorch's rules: with ``strict`` every key must match; shapes
         must match; real values (bool, int or float, bfloat16 tensors too) are cast to the
         layer's dtype.  A missing ``num_batches_tracked`` (older PyTorch checkpoints) is

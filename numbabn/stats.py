@@ -1,8 +1,10 @@
 """Mergeable per-channel statistics: :class:`Stats`, :func:`welford`, :func:`merge_stats`."""
 
+from __future__ import annotations
+
 import math
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,7 +28,7 @@ class Stats(NamedTuple):
     mean: np.ndarray
     m2: np.ndarray
 
-    def var(self, ddof=0):
+    def var(self, ddof: int = 0) -> Any:
         """Per-channel variance ``m2 / (count - ddof)``: ``ddof=0`` is the biased variance
         batch norm normalizes with, ``ddof=1`` the unbiased one ``running_var`` tracks.
         NaN where ``count <= ddof``.  Host statistics give float64 (integer fields are
@@ -39,11 +41,11 @@ class Stats(NamedTuple):
             return np.full_like(m2, np.nan)
         return m2 / d
 
-    def std(self, ddof=0):
+    def std(self, ddof: int = 0) -> Any:
         """Per-channel standard deviation, ``sqrt(var(ddof))``."""
         return np.sqrt(self.var(ddof))
 
-    def to_array(self):
+    def to_array(self) -> np.ndarray:
         """The statistics as one float64 array ``[count, mean[0..C), m2[0..C)]`` of length
         ``2 C + 1``: the payload to send between processes (:meth:`from_array` reads it).
         GPU statistics are copied to the host."""
@@ -57,7 +59,7 @@ class Stats(NamedTuple):
         return out
 
     @classmethod
-    def from_array(cls, a):
+    def from_array(cls, a: Any) -> Stats:
         """The :class:`Stats` of an array made by :meth:`to_array`."""
         a = np.asarray(a)
         if a.ndim != 1 or a.shape[0] % 2 != 1 or a.dtype != np.float64:
@@ -72,7 +74,7 @@ class Stats(NamedTuple):
         return cls(int(count), a[1 : 1 + c].copy(), a[1 + c :].copy())
 
 
-def welford(x, *, axis=1, stream=None):
+def welford(x: Any, *, axis: int = 1, stream: Any = None) -> Stats:
     """Per-channel count, mean and M2 of ``x`` in one pass (blocked Welford / Chan).
 
     Parameters
@@ -106,7 +108,7 @@ def welford(x, *, axis=1, stream=None):
     return Stats(*inp.backend.batch_stats(inp))
 
 
-def merge_stats(*stats, stream=None):
+def merge_stats(*stats: Stats, stream: Any = None) -> Stats:
     """Merge partial statistics exactly, left to right (Chan et al.).
 
     Parameters

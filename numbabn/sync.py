@@ -8,7 +8,9 @@ single-process kernels, on the local part.  The parts are merged in rank order, 
 order on every rank, so every rank computes the same bits.
 """
 
-from typing import NamedTuple
+from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -89,18 +91,18 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=_DEFAULT_MOMENTUM,
-        affine=True,
-        track_running_stats=True,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = _DEFAULT_MOMENTUM,
+        affine: bool = True,
+        track_running_stats: bool = True,
         *,
-        axis=1,
-        dtype=np.float32,
-        decay=None,
-        device="cpu",
-        comm=None,
-    ):
+        axis: int = 1,
+        dtype: Any = np.float32,
+        decay: float | None = None,
+        device: str = "cpu",
+        comm: Any = None,
+    ) -> None:
         super().__init__(
             num_features,
             eps,
@@ -121,7 +123,7 @@ class SyncBatchNorm(BatchNorm):
         self._exchanged = False
 
     @classmethod
-    def from_batchnorm(cls, bn, comm):
+    def from_batchnorm(cls, bn: BatchNorm, comm: Any) -> SyncBatchNorm:
         """A :class:`SyncBatchNorm` with ``bn``'s settings (``eps``, ``momentum``, ``affine``,
         ``track_running_stats``, ``axis``, ``dtype``, ``device``, train/eval mode) and
         copies of its parameters and buffers, as ``torch.nn.SyncBatchNorm.
@@ -172,7 +174,7 @@ class SyncBatchNorm(BatchNorm):
         return True
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         """Normalize ``x``, this rank's part of the global batch; in training mode with a
         ``comm``, with the global batch's statistics (a collective call: every rank makes
         it).  See :meth:`BatchNorm.forward` and the class notes."""
@@ -218,7 +220,7 @@ class SyncBatchNorm(BatchNorm):
         return result
 
     # -- backward ---------------------------------------------------------------------------
-    def backward(self, grad_output):
+    def backward(self, grad_output: Any) -> Any:
         """Gradient of the last :meth:`forward`'s output on this rank's part; after a
         synchronized forward, a collective call whose ``grad_weight``, ``grad_bias`` and
         ``update_threshold`` are the global batch's.  See :meth:`BatchNorm.backward`."""

@@ -290,7 +290,7 @@ def test_python_m_numbabn_is_the_cli():
     """``python -m numbabn`` runs numbabn.bench's command line (its help, without timing)."""
     done = subprocess.run([sys.executable, "-m", "numbabn", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: python -m numbabn") and "{check,bench}" in done.stdout
+    assert done.stdout.startswith("usage: python -m numbabn") and "{check,bench,compile}" in done.stdout
 
 
 def test_default_command_is_the_check_and_a_quick_table(tiny, capsys):

@@ -137,3 +137,18 @@ def test_decay_is_keras_spelling_of_momentum(rng):
 def test_decay_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         numbabn.BatchNorm(3, **kwargs)
+
+
+def test_numbabn_dask_loads_on_first_use():
+    """``numbabn.dask`` after ``import numbabn`` alone, as the docs show it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numbabn; assert 'dask' not in sys.modules; "
+        "import dask.array as da, numpy as np; "
+        "x = da.from_array(np.arange(32.0).reshape(8, 4), chunks=4); "
+        "assert numbabn.dask.welford(x).count == 8; print('ok')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.stdout.strip() == "ok", run.stderr

@@ -123,7 +123,7 @@ def backward(call):
 
 def _backward(call, driver, *sums):
     """Run a backward ``driver`` on a checked call; ``sums``: the reduction and its count
-    that :func:`numbabn.cpu.backward.backward_sums` takes (made elsewhere)."""
+    that :func:`numbabn.cpu.backward.backward_with_sums` takes (made elsewhere)."""
     inp = call.inp
     x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
@@ -270,7 +270,7 @@ def forward_with_stats(call, stats):
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     save = np.empty((2, inp.num_channels))
     xv, yv = inp.view(x), inp.view(dest)
-    _fwd.forward_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
+    _fwd.forward_with_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
     if rm is not call.running_mean or rv is not call.running_var:
         _write_back(call.running_mean, rm)
         _write_back(call.running_var, rv)
@@ -281,7 +281,7 @@ def backward_with_sums(call, sums, n):
     """A checked backward whose reduction ``sums`` (:func:`part_sums`, added over every
     part) cover ``n`` values per channel: ``(grad_input, grad_weight, grad_bias,
     abs_grad_sum)``."""
-    return _backward(call, _bwd.backward_sums, np.ascontiguousarray(sums, dtype=np.float64), float(n))
+    return _backward(call, _bwd.backward_with_sums, np.ascontiguousarray(sums, dtype=np.float64), float(n))
 
 
 def parallel_for(size, inner):

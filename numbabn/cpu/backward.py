@@ -259,6 +259,9 @@ def grad_apply_minor(g2, x2, inner, coef, gi2):
 # -- the drivers of each stage, by layout ---------------------------------------------------
 # Each compiled driver holds one layout's kernels only, so a call compiles its own path.
 
+#: The stages the host backend runs; the GPU twins (``cuda/backward.py``) have the same names.
+DRIVERS = ("backward", "backward_with_sums", "grad_reduce", "grad_apply")
+
 
 def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
     """Backward of ``g`` and ``x``, the kernels' views of :class:`Layout` ``lay``: ``gi``
@@ -271,7 +274,7 @@ def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
         backward_minor(parallel, g, x, lay.inner, weight, mean, invstd, training, gi, grads)
 
 
-def backward_sums(parallel, lay, g, x, weight, mean, invstd, training, sums, n, gi, grads):
+def backward_with_sums(parallel, lay, g, x, weight, mean, invstd, training, sums, n, gi, grads):
     """:func:`backward` with the reduction ``sums`` (3, C) over ``n`` values per channel made
     elsewhere (SyncBatchNorm's parts, added): coefficients, then the elementwise pass."""
     coef = np.empty((3, lay.num_channels))

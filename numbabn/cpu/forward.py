@@ -148,6 +148,10 @@ def apply_minor(x2, inner, coef, y2):
 # -- the drivers of each stage, by layout ---------------------------------------------------
 # Each compiled driver holds one layout's kernels only, so a call compiles its own path.
 
+#: The stages the host backend runs; the GPU twins (``cuda/forward.py``) have the same names,
+#: but ``apply``, which only Dask's tasks run.
+DRIVERS = ("forward_train", "forward_eval", "forward_with_stats", "apply")
+
 
 def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, momentum, eps, y, save):
     """Training forward of ``x``, the kernels' view of :class:`Layout` ``lay``, into ``y``."""
@@ -167,7 +171,7 @@ def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):
         eval_minor(parallel, x, lay.inner, weight, bias, mean, var, eps, y, save)
 
 
-def forward_stats(parallel, lay, x, stats, weight, bias, running_mean, running_var, momentum, eps, y, save):
+def forward_with_stats(parallel, lay, x, stats, weight, bias, running_mean, running_var, momentum, eps, y, save):
     """Training forward with statistics ``stats`` (3, C) merged elsewhere (SyncBatchNorm's
     global batch): finalize and EMA update as :func:`forward_train`, then normalize."""
     coef = np.empty((2, lay.num_channels))

@@ -347,6 +347,10 @@ def welford_minor(x2, inner, stats):
     stats_minor(x2, stats.shape[1], inner, stats)
 
 
+#: The stages the host backend runs; the GPU twin (``cuda/stats.py``) has the same name.
+DRIVERS = ("welford",)
+
+
 def welford(parallel, lay, x, stats):
     """Per-channel ``(count, mean, M2)`` of ``x``, the kernels' view of a :class:`Layout`
     ``lay``, into ``stats`` (3, C) float64: the layout's driver."""

@@ -288,3 +288,7 @@ _launch.cache_on_disk(
     backward_strided,
     backward_minor,
 )
+
+
+#: The stages the GPU backend runs, named as their host twins (``cpu/backward.py``).
+DRIVERS = ("backward", "backward_with_sums", "grad_reduce", "grad_apply")

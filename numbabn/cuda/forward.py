@@ -210,3 +210,7 @@ def forward_eval(x3, weight, bias, mean, var, eps, y3, save, stream):
 
 
 _launch.cache_on_disk(finish_channels, eval_channels, normalize_rows, normalize_columns, train_strided, train_minor)
+
+
+#: The stages the GPU backend runs, named as their host twins (``cpu/forward.py``).
+DRIVERS = ("forward_train", "forward_eval", "forward_with_stats")

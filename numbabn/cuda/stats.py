@@ -238,3 +238,7 @@ def welford(x3, stats, stream):
 
 
 _launch.cache_on_disk(partials_strided, partials_minor, channel_stats, merge_channels, copy_cast)
+
+
+#: The stages the GPU backend runs, named as their host twins (``cpu/stats.py``).
+DRIVERS = ("welford",)
