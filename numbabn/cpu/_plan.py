@@ -29,6 +29,7 @@ from .._config import (
     WIDEN_TO,
 )
 from .._jit import leaf, stage
+from .._memo import bounded_put
 
 
 class Layout(NamedTuple):
@@ -73,14 +74,6 @@ def layout(shape3, itemsize):
 
 
 _LAYOUTS = {}
-
-
-def bounded_put(cache, key, value, limit=4096):
-    """``cache[key] = value``, emptying ``cache`` first when it holds ``limit`` entries (a
-    process that sees ever new shapes keeps a bounded cache)."""
-    if len(cache) >= limit:
-        cache.clear()
-    cache[key] = value
 
 
 def widen(outer, width):

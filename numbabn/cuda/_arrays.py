@@ -11,6 +11,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _config
+from .._memo import bounded_put
 from . import _launch
 
 SIMULATED = bool(cuda.config.ENABLE_CUDASIM)  # the CUDA simulator: arrays wrap NumPy ones
@@ -334,9 +335,7 @@ def _replayed(driver, spec, args):
     key = (driver, context, stream_key, _TUNABLES(_config), tuple(map(_META, arrays)), spec.flags(args))
     recorded = _RECORDED.get(key)
     if recorded is None:
-        if len(_RECORDED) > 4096:
-            _RECORDED.clear()
-        recorded = _RECORDED[key] = _launch.record(driver, spec.symbolic(args), spec.nvalues)
+        recorded = bounded_put(_RECORDED, key, _launch.record(driver, spec.symbolic(args), spec.nvalues))
     values = list(map(_launch.pointer, arrays))
     values += spec.floats(args)
     if not recorded.workspace:

@@ -28,6 +28,8 @@ import numpy as np
 from numba import cuda, types
 from numba.np import numpy_support
 
+from .._memo import bounded_put
+
 SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
 
 #: "fast" (this module) or "numba" (numba-cuda's own launches), from NUMBABN_CUDA_LAUNCH.
@@ -101,11 +103,11 @@ _META = {}  # (shape, strides, dtype) -> what Dev derives from them
 
 
 def _meta(shape, strides, dtype):
-    if len(_META) > 4096:
-        _META.clear()
     size = math.prod(shape)
     sig = (dtype, len(shape), layout_of(shape, strides, dtype.itemsize))
-    meta = _META[shape, strides, dtype] = (size, len(shape), sig, (0, 0, size, dtype.itemsize), shape + strides)
+    meta = bounded_put(
+        _META, (shape, strides, dtype), (size, len(shape), sig, (0, 0, size, dtype.itemsize), shape + strides)
+    )
     return meta
 
 

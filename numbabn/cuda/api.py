@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import _layout
 from .._device import is_device
+from .._memo import bounded_put
 from . import _arrays, _launch
 from . import backward as _bwd
 from . import forward as _fwd
@@ -45,10 +46,7 @@ class Input:
         key = (x.shape, x.strides, x.dtype, axis)
         layout = _LAYOUTS.get(key) if type(axis) is int else None
         if layout is None:
-            layout = _layout_of(x, axis, name)
-            if len(_LAYOUTS) > 4096:
-                _LAYOUTS.clear()
-            _LAYOUTS[key] = layout
+            layout = bounded_put(_LAYOUTS, key, _layout_of(x, axis, name))
         self.axis, self.order, self.view_shape = layout
         self.num_channels = x.shape[self.axis]
         self.dtype = x.dtype
