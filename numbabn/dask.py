@@ -215,7 +215,7 @@ def statistics(inp, split_every=None):
     token = tokenize(x, axis, split_every)
 
     def leaf(idx):
-        return (_block_stats, (x.name, *idx), axis, _declared(x, idx))
+        return (block_stats, (x.name, *idx), axis, _declared(x, idx))
 
     roots, dsk = _tree(f"numbabn-welford-{token}", x.chunks, axis, leaf, _merge_stats, split_every)
     name = f"numbabn-welford-{token}"
@@ -299,7 +299,7 @@ def _checked_block(block, declared, name="input"):
     return block
 
 
-def _block_stats(block, axis, declared):
+def block_stats(block, axis, declared):
     """``(count, mean, M2)`` of one chunk: the serial kernel (float count, float64 (C,))."""
     x = _layout.contiguous(_checked_block(block, declared))
     stats = np.empty((3, x.shape[axis]))

@@ -22,7 +22,9 @@ class _DefaultMomentum(float):
         return "0.1"
 
 
-_DEFAULT_MOMENTUM = _DefaultMomentum(0.1)
+#: BatchNorm's default momentum (PyTorch's 0.1), a value of its own so the layer can tell
+#: it from a momentum passed with ``decay``.
+DEFAULT_MOMENTUM = _DefaultMomentum(0.1)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -98,7 +100,7 @@ class BatchNorm:
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float | None = _DEFAULT_MOMENTUM,
+        momentum: float | None = DEFAULT_MOMENTUM,
         affine: bool = True,
         track_running_stats: bool = True,
         *,
@@ -123,7 +125,7 @@ class BatchNorm:
         if dtype not in dtypes:
             raise TypeError(f"dtype must be {' or '.join(map(str, dtypes))} on device {device!r}, got {dtype}")
         if decay is not None:
-            if momentum is not _DEFAULT_MOMENTUM:
+            if momentum is not DEFAULT_MOMENTUM:
                 raise ValueError(
                     f"give momentum (PyTorch's weight of the new batch) or decay (Keras/Flax: 1 - momentum), "
                     f"not both; got momentum={momentum!r} and decay={decay!r}"

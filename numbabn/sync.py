@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .cpu.stats import merge_parts as _merge_parts
-from .layer import _DEFAULT_MOMENTUM, BatchNorm
+from .layer import DEFAULT_MOMENTUM, BatchNorm
 
 
 class SyncBatchNorm(BatchNorm):
@@ -93,7 +93,7 @@ class SyncBatchNorm(BatchNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float | None = _DEFAULT_MOMENTUM,
+        momentum: float | None = DEFAULT_MOMENTUM,
         affine: bool = True,
         track_running_stats: bool = True,
         *,

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import numbabn  # noqa: E402
-from numbabn.bench.check import _median_ms  # noqa: E402
+from numbabn.bench.check import median_ms  # noqa: E402
 from numbabn.cuda import _arrays, _plan  # noqa: E402
 from numbabn.cuda import forward as F  # noqa: E402
 from numbabn.cuda import stats as S  # noqa: E402
@@ -43,7 +43,7 @@ def per_call_us(f, n=300):
 
 def event_ms(f, n=20):
     """Median CUDA-event milliseconds of ``f`` (the GPU check's own timer)."""
-    return _median_ms(cuda.event, cuda.synchronize, f, n)
+    return median_ms(cuda.event, cuda.synchronize, f, n)
 
 
 @cuda.jit

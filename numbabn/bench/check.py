@@ -132,7 +132,7 @@ def _check_gpu(cuda, shapes, out):
     return ok
 
 
-def _median_ms(event, synchronize, fn, reps):
+def median_ms(event, synchronize, fn, reps):
     """Median milliseconds of ``fn`` between two CUDA events (numba's and PyTorch's events
     share this interface)."""
     fn()  # compile, warm up
@@ -156,7 +156,7 @@ def _time_row(cuda, label, shape, axis, dtype, reps):
     w, rm, rv = (cuda.to_device(np.full(c, v, pdt)) for v in (1.0, 0.0, 1.0))
     y, gi = cuda.device_array_like(x), cuda.device_array_like(x)
     _, mean, invstd = numbabn.batch_norm_forward(x, w, None, axis=axis)
-    timed = functools.partial(_median_ms, cuda.event, cuda.synchronize, reps=reps)
+    timed = functools.partial(median_ms, cuda.event, cuda.synchronize, reps=reps)
     t = {
         "copy": timed(lambda: y.copy_to_device(x)),
         "train": timed(lambda: numbabn.batch_norm(x, rm, rv, w, None, True, axis=axis, out=y)),
@@ -196,7 +196,7 @@ def _torch_times(shape, axis, dtype, reps):
     gy = torch.randn_like(y)
 
     timed = functools.partial(
-        _median_ms, lambda: torch.cuda.Event(enable_timing=True), torch.cuda.synchronize, reps=reps
+        median_ms, lambda: torch.cuda.Event(enable_timing=True), torch.cuda.synchronize, reps=reps
     )
     with torch.no_grad():
         train = timed(lambda: torch.nn.functional.batch_norm(x, rm, rv, w, b, True))

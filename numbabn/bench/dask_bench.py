@@ -116,7 +116,7 @@ def task_overhead(budget=1.0, nchunks=2048, chunk=(4, 8, 8, 8), fresh=False):
     block = x[: chunk[0]].copy()
     reps = 200
     declared = ((0,) * block.ndim, block.shape, block.dtype)  # what the graph declares for it
-    kernel = best(lambda: [nd._block_stats(block, 1, declared) for _ in range(reps)], budget) / reps
+    kernel = best(lambda: [nd.block_stats(block, 1, declared) for _ in range(reps)], budget) / reps
     return {
         "per_chunk_us": 1e6 * total / nchunks,
         "kernel_us": 1e6 * kernel,
