@@ -37,8 +37,8 @@ TILE = 2048
 WIDEN_TO = 1024
 
 #: Channel-minor blocks span at least this many rows, so the per-block work that is O(width)
-#: (zeroing accumulators, folding, the Chan merge) stays small beside the two sweeps: with
-#: 4-row blocks, (256, 1024) float32 statistics ran 10x slower than memory speed.
+#: (zeroing accumulators, folding, the Chan merge) stays small beside the two sweeps (few-row
+#: blocks ran far below memory speed; docs/performance_notes.rst).
 MINOR_ROWS = 64
 
 #: Channel-minor blocks are summed in one sweep of ``d = x - shift`` (``shift`` a nearby mean)
@@ -56,7 +56,7 @@ FUSE_BYTES = 1 << 20
 FUSE_CHANNELS = 16
 
 #: Channel-minor arrays with fewer elements run the serial twin of each kernel: below this a
-#: parallel launch (about 2 us with the OpenMP layer here) costs more than it saves.
+#: parallel launch costs more than it saves.
 PARALLEL_MIN = 1 << 17
 
 #: The same for the channel-strided kernels (NCHW), whose tasks are whole channels or row

@@ -347,8 +347,8 @@ def _map_channels(fn, token, inp, coef, *arrays):
     pairs chunked as the input and of its dtype, each block checked against its declared
     shape and dtype, ``coef_block`` the columns of the (k, C) NumPy ``coef`` for the block's
     channels.  The coefficients travel inside each task (they are small) rather than as a
-    Dask array of their own, which the blockwise map joined to every chunk: a 1 GB array
-    normalized and stored in 32 MB chunks went from 207-214 to 180-185 ms."""
+    Dask array of their own, which the blockwise map joined to every chunk (slower, see
+    docs/performance_notes.rst)."""
     x = inp.x
     names = tuple(n for _, n in arrays)
     name = f"{token}-{tokenize(fn.__name__, coef, inp.axis, *(a.name for a, _ in arrays))}"

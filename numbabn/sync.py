@@ -270,7 +270,7 @@ class SyncBatchNorm(BatchNorm):
         return _checked(step, self._allgather(step, payload, tracked), error)
 
     def _allgather(self, step, payload, tracked):
-        # dtype.str ("<f4"), not dtype.name: the name is a Python-level property, ~5 us a call.
+        # dtype.str ("<f4"), not dtype.name: the name is a slow Python-level property.
         sent = (step, self.num_features, self.dtype.str, self.axis, self.momentum, tracked, payload)
         gathered = self.comm.allgather(sent)
         if not (

@@ -80,9 +80,9 @@ def widen(outer, width):
     """Rows per super-row for channel-minor kernels: the largest ``k`` dividing ``outer`` with
     ``k * width <= WIDEN_TO`` that leaves at least ``MINOR_ROWS`` super-rows.  ``k``
     consecutive rows of ``width`` elements are one row of ``k * width`` (``k * C``
-    pseudo-channels), so loops stay long when ``C * inner`` is small: NHWC with 64 channels
-    normalized 1.4x slower than a copy in 64-element loops.  Small arrays keep ``k = 1``:
-    their per-block work is O(width), and widening made (32, 64) statistics 2.5x slower."""
+    pseudo-channels), so loops stay long when ``C * inner`` is small (short loops ran well
+    below copy speed).  Small arrays keep ``k = 1``: their per-block work is O(width), which
+    widening multiplies."""
     k = max(1, min(outer // MINOR_ROWS, WIDEN_TO // max(width, 1)))
     while outer % k:
         k -= 1

@@ -41,9 +41,9 @@ def _require_compiler():
     """Load numba-cuda's lowering registry, which its first kernel compile imports, so a
     numba-cuda that cannot run with the installed NumPy fails here with a message that says so.
 
-    Seen on a GPU machine (2026-11): numba-cuda 0.30.4 with NumPy 2.5.2 raises
-    ``AttributeError: module 'numpy' has no attribute 'row_stack'`` (removed in NumPy 2.5)
-    from deep inside the first compile; ``numbabn[cuda]`` pins ``numpy<2.5`` for that reason.
+    numba-cuda 0.30.4 with NumPy 2.5 raises ``AttributeError: module 'numpy' has no
+    attribute 'row_stack'`` (removed in NumPy 2.5) from deep inside the first compile;
+    ``numbabn[cuda]`` pins ``numpy<2.5`` for that reason.
     """
     try:
         importlib.import_module("numba.cuda.cudaimpl")

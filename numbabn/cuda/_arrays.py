@@ -216,7 +216,7 @@ def empty(shape, dtype, stream):
 
 def constant(fill, n, dtype):
     """A length-``n`` array of ``fill`` on the current device, made once per (device, value,
-    length, dtype) and shared by later calls (an allocation costs about 26 us of host time):
+    length, dtype) and shared by later calls (a device allocation costs host time):
     the default weight (ones) and bias (zeros), and the length-0 "no running statistics"."""
     return _constant(_context_key(), fill, n, np.dtype(dtype).str)
 

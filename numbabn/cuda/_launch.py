@@ -1,7 +1,7 @@
 """numbabn's own kernel launches on a GPU: each kernel compiled once per signature by
 numba-cuda, then launched through ``cuda.core.launch`` with its arguments already flattened
 to numba's kernel ABI, skipping numba-cuda's per-launch typing and argument preparation
-(about 18 us per launch plus 15 us per array argument in numba-cuda 0.30.4).
+(their cost per launch and per array argument is in docs/performance_notes.rst).
 
 numba-cuda passes an array argument as the scalars ``(meminfo, parent, nitems, itemsize,
 data, shape..., strides...)`` (``numba.cuda.dispatcher._Kernel._prepare_args``); a float64
