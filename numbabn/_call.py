@@ -1,32 +1,10 @@
 """One checked description of each call, made once at the public boundary, and the one
 place that picks the backend.
 
-A backend is a module with the same names (``numbabn.cpu.api`` for NumPy arrays,
-``numbabn.cuda.api`` for GPU arrays, ``numbabn.dask`` for Dask arrays):
-
-``Input(x, axis, stream, name)``
-    Checks the input array (dtype, ndim, axis, layout, stream) and checks the arrays that
-    come with it: ``per_channel(a, name, writable=..., save=...)`` and
-    ``like_input(a, name, writable=...)``.  Exposes ``original`` (the array as given),
-    ``x`` (the backend's), ``axis``, ``num_channels``, ``dtype``, ``shape`` and ``backend``.
-``forward(call)``
-    A :class:`ForwardCall` to ``(output, save_mean, save_invstd)``; the last two may be None
-    when ``call.saved`` is False (the caller discards them).
-``backward(call)``
-    A :class:`BackwardCall` to ``(grad_input, grad_weight, grad_bias, abs_grad_sum)``; the
-    last may be None when ``call.abs_sum`` is False (the caller discards it).
-``batch_stats(inp)``
-    An ``Input`` to ``(count, mean, m2)`` (:func:`numbabn.welford`).
-``scaled(a, factor)``
-    ``a * factor`` as float64, on the backend's kind of array.
-``DEVICE``
-    ``"cpu"`` or ``"cuda"``: where the backend's arrays live.
-
-The host and GPU backends also have the stages of a training step whose statistics are
-merged elsewhere (SyncBatchNorm's processes): ``part_stats(inp)`` (a host float64 array
-``[count, mean, m2]``, the layout of :meth:`numbabn.Stats.to_array`),
-``forward_with_stats(call, stats)`` (``stats`` a host (3, C) float64 array), ``part_sums(call)``
-(a host (3, C) array) and ``backward_with_sums(call, sums, n)``.
+A backend is a module that satisfies :class:`numbabn._backend.Backend`
+(``numbabn.cpu.api`` for NumPy arrays, ``numbabn.cuda.api`` for GPU arrays, ``numbabn.dask``
+for Dask arrays); the host and GPU backends also satisfy
+:class:`numbabn._backend.PartBackend`, the stages SyncBatchNorm runs between its exchanges.
 
 Backends receive checked calls only: they never validate arguments again.
 """

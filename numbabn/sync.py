@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._backend import PartBackend
 from .cpu.stats import merge_parts as _merge_parts
 from .layer import DEFAULT_MOMENTUM, BatchNorm
 
@@ -194,7 +195,7 @@ class SyncBatchNorm(BatchNorm):
             return result
         inp = call.inp
         backend = inp.backend
-        if not hasattr(backend, "part_stats"):
+        if not isinstance(backend, PartBackend):
             raise TypeError(
                 f"SyncBatchNorm's synchronized training takes NumPy arrays (GPU arrays on device 'cuda'), got "
                 f"{type(inp.x).__name__} (compute a Dask array's part first)"
