@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import numbabn  # noqa: E402
-from numbabn.bench.check import median_ms  # noqa: E402
+from numbabn.bench.timing import median_ms  # noqa: E402
 from numbabn.cuda import _arrays, _plan  # noqa: E402
 from numbabn.cuda import forward as F  # noqa: E402
 from numbabn.cuda import stats as S  # noqa: E402

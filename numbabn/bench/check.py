@@ -17,6 +17,7 @@ import numbabn
 
 from . import reference
 from .cases import EPS
+from .timing import median_ms
 
 #: The self-check's cases: (shape, axis), each in float32 and float64.
 SELF_CHECK_CASES = [((16, 8), 1), ((8, 4, 100), 1), ((4, 6, 5, 5), 1), ((4, 5, 5, 6), -1)]
@@ -130,22 +131,6 @@ def _check_gpu(cuda, shapes, out):
             worst = max(errs.values())
             out(f"check {str(shape):<22} axis {axis:>2} {dtype.name:<8} worst rel. error {worst:.1e}  {verdict}")
     return ok
-
-
-def median_ms(event, synchronize, fn, reps):
-    """Median milliseconds of ``fn`` between two CUDA events (numba's and PyTorch's events
-    share this interface)."""
-    fn()  # compile, warm up
-    synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = event(), event()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return float(np.median(times))
 
 
 def _time_row(cuda, label, shape, axis, dtype, reps):

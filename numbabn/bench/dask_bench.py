@@ -30,19 +30,9 @@ import uuid
 
 import numpy as np
 
+from .timing import best
+
 LAYOUTS = {"NCHW": 1, "NHWC": -1}
-
-
-def best(fn, budget, min_runs=3):
-    """The best wall time of ``fn()`` over at least ``min_runs`` runs and ``budget`` seconds."""
-    fn()  # warm up (compile, caches, thread pools)
-    times = []
-    t_end = time.perf_counter() + budget
-    while len(times) < min_runs or time.perf_counter() < t_end:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def _shape(mb, layout, itemsize):

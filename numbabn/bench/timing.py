@@ -1,5 +1,7 @@
-"""Timing on shared, noisy machines: contenders timed in interleaved rounds, with equal
-thread counts, and a progress bar for people at a terminal."""
+"""Timing on shared, noisy machines, the one home of every benchmark path's timing loop:
+contenders timed in interleaved rounds (:func:`interleaved`), with equal thread counts, the
+best of repeated whole pipelines (:func:`best`, Dask), the median between CUDA events
+(:func:`median_ms`), and a progress bar for people at a terminal."""
 
 import random
 import statistics
@@ -123,3 +125,31 @@ class Progress:
             self.file.write("\r" + " " * 110 + "\r")
             self.file.flush()
             self.shown = False
+
+
+def best(fn, budget, min_runs=3):
+    """The best wall time of ``fn()`` over at least ``min_runs`` runs and ``budget`` seconds."""
+    fn()  # warm up (compile, caches, thread pools)
+    times = []
+    t_end = time.perf_counter() + budget
+    while len(times) < min_runs or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def median_ms(event, synchronize, fn, reps):
+    """Median milliseconds of ``fn`` between two CUDA events (numba's and PyTorch's events
+    share this interface)."""
+    fn()  # compile, warm up
+    synchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = event(), event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return float(np.median(times))
