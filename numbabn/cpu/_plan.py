@@ -155,10 +155,19 @@ def repeat_inner(values, inner, out):
                 out[c * inner + i] = values[c]
 
 
+@stage
+def super_rows(width, num_channels, inner):
+    """``k``, the rows per super-row of a channel-minor view whose rows hold ``width`` values
+    of ``num_channels`` channels of ``inner`` values (1 for rows of no values)."""
+    return width // (num_channels * inner) if num_channels * inner > 0 else 1
+
+
 @leaf
 def expand(values, inner, k):
     """Each per-channel value repeated ``inner`` times, the whole tiled ``k`` times: the
-    channel-minor kernels' (super-)row layout."""
+    channel-minor kernels' (super-)row layout (``values`` itself when that is the same)."""
+    if k * inner == 1:  # (N, C): the values are the row already
+        return values
     width = values.shape[0] * inner
     out = np.empty(k * width)
     repeat_inner(values, inner, out[:width])

@@ -15,7 +15,7 @@ from numba import prange
 
 from .._jit import leaf, stage, twin
 from .._math import grad_coef
-from ._plan import expand, minor_task, plan, rows, sum_inner
+from ._plan import expand, minor_task, plan, rows, sum_inner, super_rows
 
 
 @leaf
@@ -101,11 +101,11 @@ def sums_strided(g3, x3, mean, sums):
 def sums_minor(g2, x2, inner, mean, sums):
     """The same on channel-minor views ``g2`` and ``x2`` (outer // k, k * C * inner)."""
     num_channels = mean.shape[0]
-    k = x2.shape[1] // (num_channels * inner) if num_channels * inner > 0 else 1  # rows per super-row
+    k = super_rows(x2.shape[1], num_channels, inner)
     rows_k, chans_k = x2.shape[0], k * num_channels
     ct, ntiles, nsplit = plan(rows_k, chans_k, inner)
     part = np.empty((3, nsplit, chans_k))
-    centre = mean if k * inner == 1 else expand(mean, inner, k)  # (N, C): the rows already
+    centre = expand(mean, inner, k)
     for task in prange(nsplit * ntiles):
         split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, rows_k, chans_k)
         j0 = c0 * inner
@@ -155,15 +155,10 @@ def apply_minor(g2, x2, inner, coef, gi2):
     """The same on channel-minor views (outer // k, k * C * inner)."""
     num_channels = coef.shape[1]
     width = x2.shape[1]
-    k = width // (num_channels * inner) if num_channels * inner > 0 else 1
-    if k * inner == 1:  # (N, C): the coefficients are the rows already
-        a = coef[0]
-        b = coef[1]
-        d = coef[2]
-    else:
-        a = expand(coef[0], inner, k)
-        b = expand(coef[1], inner, k)
-        d = expand(coef[2], inner, k)
+    k = super_rows(width, num_channels, inner)
+    a = expand(coef[0], inner, k)
+    b = expand(coef[1], inner, k)
+    d = expand(coef[2], inner, k)
     depends_on_x = False  # False in eval (as in apply_row): x is then not read
     for c in range(num_channels):
         if coef[1, c] != 0.0 or coef[2, c] != 0.0:

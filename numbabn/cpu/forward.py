@@ -18,7 +18,7 @@ from numba import prange
 
 from .._jit import leaf, stage, twin
 from .._math import finish_channel, fold, invstd_of
-from ._plan import expand
+from ._plan import expand, super_rows
 from .stats import stats_minor, stats_strided, strided_rows
 
 
@@ -44,15 +44,10 @@ def normalize_strided(x3, coef, y3):
 def normalize_minor(x2, inner, coef, y2):
     """The same on a channel-minor view ``x2`` (outer // k, k * C * inner): each row is ``k``
     rows of ``C * inner`` values."""
-    num_channels = coef.shape[1]
     width = x2.shape[1]
-    k = width // (num_channels * inner) if num_channels * inner > 0 else 1
-    if k * inner == 1:  # (N, C): the coefficients are the rows already
-        a = coef[0]
-        b = coef[1]
-    else:
-        a = expand(coef[0], inner, k)
-        b = expand(coef[1], inner, k)
+    k = super_rows(width, coef.shape[1], inner)
+    a = expand(coef[0], inner, k)
+    b = expand(coef[1], inner, k)
     for o in prange(x2.shape[0]):
         for j in range(width):
             y2[o, j] = x2[o, j] * a[j] + b[j]

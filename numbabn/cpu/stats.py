@@ -13,7 +13,7 @@ from numba import prange
 from .._config import BLOCK, MINOR_ROWS, SHIFT_CANCEL
 from .._jit import leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
-from ._plan import minor_task, plan, repeat_inner, rows, sum_inner
+from ._plan import minor_task, plan, repeat_inner, rows, sum_inner, super_rows
 
 
 @stage
@@ -307,7 +307,7 @@ def stats_strided(x3, stats):
 def stats_minor(x2, num_channels, inner, stats):
     """Write ``stats[:, c] = (count, mean, M2)`` of every channel of the channel-minor view
     ``x2`` (outer // k, k * C * inner) of ``C = num_channels`` channels."""
-    k = x2.shape[1] // (num_channels * inner) if num_channels * inner > 0 else 1  # rows per super-row
+    k = super_rows(x2.shape[1], num_channels, inner)
     ct, ntiles, nsplit = plan(x2.shape[0], k * num_channels, inner)
     part = np.empty((3, nsplit, k * num_channels))
     partials_minor(x2, k * num_channels, inner, nsplit, ct, ntiles, part)
