@@ -43,8 +43,8 @@ MINOR_ROWS = 64
 
 #: Channel-minor blocks are summed in one sweep of ``d = x - shift`` (``shift`` a nearby mean)
 #: and kept when ``M2 = sum(d ** 2) - sum(d) ** 2 / n`` cancels at most this factor of
-#: ``sum(d ** 2)`` (4 bits); a block that cancels more is summed again in two sweeps, mean
-#: then centred squares.  Changes which blocks take the second path, never the precision bound.
+#: ``sum(d ** 2)`` (4 bits); a block that cancels more is swept again around the mean the
+#: first sweep found.  Changes which blocks take the second sweep, never the precision bound.
 SHIFT_CANCEL = 16.0
 
 #: Channel-strided passes take one whole channel per task, and revisit its slice while it is

@@ -251,3 +251,33 @@ def test_merge_stats_rejects_bad_parts(bad, exc, pattern, rng):
     a = numbabn.welford(make_input(rng, (4, 3), 1, np.float64))
     with pytest.raises(exc, match=pattern):
         numbabn.merge_stats(a, bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4096, 8), (512, 3, 4), (300, 40)], ids=["nc", "short-rows", "nc-40"])
+def test_channel_minor_blocks_whose_shift_cancels(shape, dtype):
+    """Blocks whose first sweep's shift is far from their mean (a trend, an outlier in the
+    first rows, a mean 1e4 standard deviations away that jumps between blocks) take the
+    second sweep: the statistics match the float64 oracle to float64 rounding; constant
+    channels have M2 exactly 0, and a NaN channel in the same tile stays NaN alone."""
+    rng = np.random.default_rng(7)
+    n = shape[0]
+    x = rng.standard_normal(shape)
+    x[:, 0] += np.linspace(0.0, 1e4, n).reshape((n,) + (1,) * (len(shape) - 2))  # a trend
+    x[:2, 1] += 1e6  # outliers where the first block's shift is taken
+    x[:, 2] = 3.25  # constant
+    if shape[1] > 3:
+        x[:, 3] += np.where(np.arange(n) % 128 < 64, 1e4, -1e4).reshape((n,) + (1,) * (len(shape) - 2))
+    x = x.astype(dtype)
+    x_nan = x.copy()
+    x_nan[5, -1] = np.nan
+    for arr in (x, x_nan):
+        st = numbabn.welford(arr, axis=1)
+        x64 = np.moveaxis(arr.astype(np.float64), 1, -1).reshape(-1, shape[1])
+        mean = x64.mean(axis=0)
+        m2 = ((x64 - mean) ** 2).sum(axis=0)
+        ok = np.isfinite(mean)
+        np.testing.assert_allclose(st.mean[ok], mean[ok], rtol=1e-13, atol=1e-13 * np.nanmax(np.abs(x64)))
+        np.testing.assert_allclose(st.m2[ok], m2[ok], rtol=1e-10, atol=1e-20)
+        assert st.m2[2] == 0.0 or arr is x_nan and shape[1] == 3  # there the NaN is channel 2's
+        assert np.array_equal(np.isnan(st.m2), ~ok) and np.array_equal(np.isnan(st.mean), ~ok)

@@ -87,54 +87,6 @@ def partials_strided(x3, nsplit, part):
 
 
 @stage
-def sum4(v0, v1, v2, v3):
-    """``(v0 + v1) + (v2 + v3)`` in float64: four rows' values of one column."""
-    return (np.float64(v0) + np.float64(v1)) + (np.float64(v2) + np.float64(v3))
-
-
-@stage
-def squares4(v0, v1, v2, v3, m):
-    """``sum((v - m) ** 2)`` over four rows' values of one column, in the order of sum4."""
-    d0 = v0 - m
-    d1 = v1 - m
-    d2 = v2 - m
-    d3 = v3 - m
-    return (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-
-
-@leaf
-def column_sums(x2, o0, o1, j0, acc):
-    """``acc[j] += sum(x2[o0:o1, j0 + j])``, four rows per sweep of ``acc``: one load and
-    store of ``acc`` per four rows, not one per row (measured faster)."""
-    o = o0
-    while o + 4 <= o1:
-        x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
-        for j in range(acc.shape[0]):
-            acc[j] += sum4(x0[j], x1[j], x2_[j], x3[j])
-        o += 4
-    for r in range(o, o1):
-        xr = x2[r, j0:]
-        for j in range(acc.shape[0]):
-            acc[j] += xr[j]
-
-
-@leaf
-def column_squares(x2, o0, o1, j0, centre, acc):
-    """``acc[j] += sum((x2[o0:o1, j0 + j] - centre[j]) ** 2)``, four rows per sweep."""
-    o = o0
-    while o + 4 <= o1:
-        x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
-        for j in range(acc.shape[0]):
-            acc[j] += squares4(x0[j], x1[j], x2_[j], x3[j], centre[j])
-        o += 4
-    for r in range(o, o1):
-        xr = x2[r, j0:]
-        for j in range(acc.shape[0]):
-            d = xr[j] - centre[j]
-            acc[j] += d * d
-
-
-@stage
 def shifted4(v0, v1, v2, v3, m):
     """``(sum(v - m), sum((v - m) ** 2))`` over four rows' values of one column, in float64."""
     d0 = np.float64(v0) - m
@@ -165,19 +117,25 @@ def shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q):
 
 
 @leaf
-def exact_block(x2, b0, b1, j0, inner, bn, acc_s, acc_q, centre, bmean, bm2):
-    """The block's exact mean (first sweep) and centred ``M2`` (second sweep) into ``bmean``
-    and ``bm2``: the fallback of :func:`minor_rows` when its shift was too far off.  With
-    ``inner == 1``, ``bmean`` may be ``acc_s`` and ``bm2`` ``acc_q``."""
+def again(x2, b0, b1, j0, inner, inv, acc_s, acc_q, shift, bmean, bm2):
+    """The second sweep of a block of :func:`minor_rows` whose first one cancelled: shifted
+    sums around ``bmean``, the first sweep's means, into ``bmean`` and ``bm2`` (with
+    ``inner == 1`` they are ``acc_s`` and ``acc_q``, and ``shift`` keeps the means)."""
+    repeat_inner(bmean, inner, shift)
     acc_s[:] = 0.0
-    column_sums(x2, b0, b1, j0, acc_s)
-    sum_inner(acc_s, inner, bmean)
-    for c in range(bmean.shape[0]):
-        bmean[c] /= bn
-    repeat_inner(bmean, inner, centre)
     acc_q[:] = 0.0
-    column_squares(x2, b0, b1, j0, centre, acc_q)
-    sum_inner(acc_q, inner, bm2)
+    shifted_sums(x2, b0, b1, j0, shift, acc_s, acc_q)
+    if inner > 1:
+        sum_inner(acc_s, inner, bmean)
+        sum_inner(acc_q, inner, bm2)
+    for c in range(bmean.shape[0]):
+        sd = bmean[c]
+        s = sd * inv
+        q = bm2[c]
+        # A constant block's rounding must not leave a negative M2; inf and NaN stay.
+        m = q if q == np.inf else q - s * sd
+        bm2[c] = 0.0 if m < 0.0 else m
+        bmean[c] = shift[c * inner] + s
 
 
 @leaf
@@ -191,10 +149,11 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     channel's first values); then ``mean = shift + sum(d) / n`` and ``M2 = sum(d ** 2) - sum(d) ** 2 / n``, exact
     to float64 rounding while the shift is within a few standard deviations of the block's
     mean.  A block where it is not (see ``SHIFT_CANCEL``: a trend or an outlier), or where
-    ``sum(d ** 2)`` overflowed (deviations beyond about 1e154), is summed again in two sweeps,
-    mean then centred squares: the latter gives a finite mean and ``M2 = inf``, as the
-    channel-strided kernels do.  Every channel of the tile has the same count, so the Chan
-    merge of a block runs as one vectorized loop over channels."""
+    ``sum(d ** 2)`` overflowed (deviations beyond about 1e154), is swept again around the mean
+    the first sweep found, which is within float64 rounding of the block's: ``sum(d)`` is then
+    about zero and nothing cancels; overflowed squares give a finite mean and ``M2 = inf``,
+    as the channel-strided kernels do.  Every channel of the tile has the same count, so the
+    Chan merge of a block runs as one vectorized loop over channels."""
     width = nc * inner
     rb = max(MINOR_ROWS, BLOCK // max(width, 1))
     # One allocation (small calls pay for each); with inner == 1 the per-channel arrays are the
@@ -239,12 +198,12 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
         for c in range(nc):
             s = bmean[c] * inv
             t = s * bmean[c]
-            # Overflowed squares would give M2 = inf - inf = NaN; the two sweeps give inf.
+            # Overflowed squares would give M2 = inf - inf = NaN; the second sweep gives inf.
             far |= (t > keep * bm2[c]) | (bm2[c] == np.inf)
             bmean[c] = centre[c] + s
             bm2[c] -= t
         if far:
-            exact_block(x2, b0, b1, j0, inner, bn, acc_s, acc_q, shift, bmean, bm2)
+            again(x2, b0, b1, j0, inner, inv, acc_s, acc_q, shift, bmean, bm2)
         n = chan_merge_channels(n, mean, m2, bn, bmean, bm2)
         for c in range(nc):
             centre[c] = bmean[c]
