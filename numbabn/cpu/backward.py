@@ -86,7 +86,8 @@ def sums_strided(g3, x3, mean, sums):
     outer, num_channels, inner = x3.shape
     nsplit = plan(outer, num_channels, inner)[2]
     part = np.empty((3, nsplit, num_channels))
-    for task in prange(nsplit * num_channels):
+    for t in prange(nsplit * num_channels):
+        task = np.int64(t)  # int64, as in the serial twin (see stats.partials_strided)
         split = task // num_channels
         c = task % num_channels
         r0, r1 = rows(split, nsplit, outer)
@@ -94,7 +95,7 @@ def sums_strided(g3, x3, mean, sums):
         part[0, split, c] = sg
         part[1, split, c] = sgx
         part[2, split, c] = sag
-    add_partials(part, 1, sums)
+    add_partials(part, np.int64(1), sums)  # not a literal: one compile for both callers
 
 
 @stage
@@ -106,7 +107,8 @@ def sums_minor(g2, x2, inner, mean, sums):
     ct, ntiles, nsplit = plan(rows_k, chans_k, inner)
     part = np.empty((3, nsplit, chans_k))
     centre = expand(mean, inner, k)
-    for task in prange(nsplit * ntiles):
+    for t in prange(nsplit * ntiles):
+        task = np.int64(t)  # int64, as in the serial twin (see stats.partials_strided)
         split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, rows_k, chans_k)
         j0 = c0 * inner
         width = nc * inner
@@ -189,8 +191,9 @@ def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
     outer, num_channels, inner = x3.shape
     n = float(outer * inner)
     coef = np.empty((3, num_channels))
-    for c in prange(num_channels):
-        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], 0, outer)
+    for cc in prange(num_channels):
+        c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
+        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], np.int64(0), outer)
         grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads)
         for o in range(outer):
             apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])

@@ -80,8 +80,9 @@ def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, 
     then normalize the channel's rows while they are still in L2, so DRAM sees ``x`` once."""
     outer, num_channels, inner = x3.shape
     coef = np.empty((2, num_channels))
-    for c in prange(num_channels):
-        n, mean, m2 = strided_rows(x3, c, 0, outer)
+    for cc in prange(num_channels):
+        c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
+        n, mean, m2 = strided_rows(x3, c, np.int64(0), outer)
         finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
             affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])

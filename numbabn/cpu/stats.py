@@ -76,7 +76,10 @@ def strided_rows(x3, c, r0, r1):
 def partials_strided(x3, nsplit, part):
     """Channel-strided partials: task ``(split, c)`` reduces rows ``o`` of channel ``c``."""
     outer, num_channels, inner = x3.shape
-    for task in prange(nsplit * num_channels):
+    for t in prange(nsplit * num_channels):
+        # int64, as in the serial twin: a parallel loop's index is unsigned, and a leaf
+        # called with it would compile a second time.
+        task = np.int64(t)
         split = task // num_channels
         c = task % num_channels
         r0, r1 = rows(split, nsplit, outer)
@@ -217,7 +220,8 @@ def partials_minor(x2, num_channels, inner, nsplit, ct, ntiles, part):
     pseudo-channels of super-rows): task ``(split, tile)`` reduces ``ct`` whole channels over
     a row range (:func:`minor_rows`)."""
     outer = x2.shape[0]
-    for task in prange(nsplit * ntiles):
+    for t in prange(nsplit * ntiles):
+        task = np.int64(t)  # int64, as in the serial twin (see partials_strided)
         split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, outer, num_channels)
         n = minor_rows(x2, r0, r1, c0 * inner, nc, inner, part[1, split, c0 : c0 + nc], part[2, split, c0 : c0 + nc])
         part[0, split, c0 : c0 + nc] = n
@@ -259,7 +263,7 @@ def stats_strided(x3, stats):
     nsplit = plan(outer, num_channels, inner)[2]
     part = np.empty((3, nsplit, num_channels))
     partials_strided(x3, nsplit, part)
-    merge_partials(part, 1, stats)
+    merge_partials(part, np.int64(1), stats)  # not a literal: one compile for both callers
 
 
 @stage
