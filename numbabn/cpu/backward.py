@@ -126,20 +126,17 @@ def sums_minor(g2, x2, inner, mean, sums):
 @leaf
 def add_partials(part, k, sums):
     """``sums[:, c]`` = the partials ``part`` (3, nsplit, k * C) of channel ``c`` added split
-    by split, the ``k`` pseudo-channels of a super-row in turn (an order fixed by the shape)."""
+    by split, the ``k`` pseudo-channels of a super-row in turn (an order fixed by the shape);
+    channels innermost, so each step is one contiguous, vectorized row."""
     num_channels = sums.shape[1]
-    for c in range(num_channels):
-        sg = 0.0
-        sgx = 0.0
-        sag = 0.0
+    for r in range(3):
+        for c in range(num_channels):
+            sums[r, c] = 0.0
         for split in range(part.shape[1]):
             for m in range(k):
-                sg += part[0, split, m * num_channels + c]
-                sgx += part[1, split, m * num_channels + c]
-                sag += part[2, split, m * num_channels + c]
-        sums[0, c] = sg
-        sums[1, c] = sgx
-        sums[2, c] = sag
+                j0 = m * num_channels
+                for c in range(num_channels):
+                    sums[r, c] += part[r, split, j0 + c]
 
 
 @stage
@@ -165,12 +162,12 @@ def apply_minor(g2, x2, inner, coef, gi2):
     for c in range(num_channels):
         if coef[1, c] != 0.0 or coef[2, c] != 0.0:
             depends_on_x = True
-    if depends_on_x:
-        for o in prange(x2.shape[0]):
+    # One parallel loop with the branch per row: each parallel loop costs its own compile.
+    for o in prange(x2.shape[0]):
+        if depends_on_x:
             for j in range(width):
                 gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
-    else:
-        for o in prange(x2.shape[0]):
+        else:
             for j in range(width):
                 gi2[o, j] = g2[o, j] * a[j]
 
