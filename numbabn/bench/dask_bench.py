@@ -222,9 +222,10 @@ def run_out_of_core(
       the statistics of the first pass, against ``copy``: ``da.to_zarr(da.from_zarr(src), dst)``
       (each to a new store, removed after the run).
 
-    Per pass: the peak resident memory of the busiest worker (sampled every 5 ms in each
-    worker) over its limit, and the bytes spilled to disk.  Also the per-task overhead on the
-    cluster (:func:`task_overhead` on ``overhead_chunks`` tiny chunks) and the load average.
+    Per pass: the peak resident memory of the busiest worker (sampled by
+    :func:`_start_sampler`'s thread in each worker) over its limit, and the bytes spilled
+    to disk.  Also the per-task overhead on the cluster (:func:`task_overhead` on
+    ``overhead_chunks`` tiny chunks) and the load average.
     """
     import logging
 
