@@ -53,9 +53,8 @@ class Input:
         self.shape = shape = x.shape
         self.num_channels = shape[axis]
         self.dtype = x.dtype
-        shape3 = _layout.shape3(shape, axis) if c_order else _layout.shape3(shape[::-1], x.ndim - 1 - axis)
-        self.layout = _plan.layout(shape3, x.itemsize)
-        self.parallel = parallel_for(x.size, shape3[2])
+        self.layout = lay = layout_of(x, axis, c_order)
+        self.parallel = parallel_for(x.size, lay.inner)
 
     def per_channel(self, a, name, *, writable=False, save=False):
         """A per-channel NumPy array of shape ``(C,)`` and the input's dtype (``save``:
@@ -295,16 +294,22 @@ def _parallel(parallel, x, lay):
     return parallel_for(x.size, lay.inner) if parallel is None else parallel
 
 
-def views(x, axis, *arrays):
-    """The :class:`numbabn.cpu._plan.Layout` of the C- or F-contiguous ``x`` with the features
-    on ``axis``, and the kernels' views of ``arrays`` (of ``x``'s shape and memory order)."""
-    if x.flags.c_contiguous:
+def layout_of(x, axis, c_order):
+    """The :class:`numbabn.cpu._plan.Layout` of ``x``, C-contiguous (``c_order``) or
+    F-contiguous (seen through its transpose), with the features on ``axis``."""
+    if c_order:
         shape3 = _layout.shape3(x.shape, axis)
     else:
         shape3 = _layout.shape3(x.shape[::-1], x.ndim - 1 - axis)
-        arrays = [a.T for a in arrays]
-    lay = _plan.layout(shape3, x.itemsize)
-    return lay, [a.reshape(lay.view) for a in arrays]
+    return _plan.layout(shape3, x.itemsize)
+
+
+def views(x, axis, *arrays):
+    """The :class:`numbabn.cpu._plan.Layout` of the C- or F-contiguous ``x`` with the features
+    on ``axis``, and the kernels' views of ``arrays`` (of ``x``'s shape and memory order)."""
+    c_order = x.flags.c_contiguous
+    lay = layout_of(x, axis, c_order)
+    return lay, [(a if c_order else a.T).reshape(lay.view) for a in arrays]
 
 
 def _same_order(g, x):
