@@ -9,6 +9,9 @@ import threading
 import types
 
 import numba
+from numba import _dispatcher
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 #: ``reassoc`` and ``contract`` let LLVM vectorize the float loops; ``nnan``/``ninf`` are never
 #: used, so NaN and Inf propagate.  ``error_model="numpy"`` drops division-by-zero checks.
@@ -25,6 +28,83 @@ stage = numba.njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != 
 #: Leaves (no ``prange``, called per block, row or channel) are ordinary compiled functions:
 #: inlined at numba's level too, they multiplied the typing work of every driver.
 leaf = numba.njit(**OPTIONS)
+
+
+def by_address(inputs, *rest):
+    """Decorator: a leaf that drivers call through its address (:func:`indirect`), not by name.
+
+    Numba copies a callee's code into every caller and optimizes and compiles it again there,
+    once per parallel region too; a big leaf called through its address compiles once.  Its
+    signature is fixed: the types of its first ``inputs`` arrays (one or two) as the driver
+    received them, so that ``leaf.address(*arrays)`` can tell them from the arrays, then the
+    numba types ``rest``.
+    """
+
+    def make(fn):
+        disp = leaf(fn)
+        disp.inputs = inputs
+        disp.rest = rest
+        memo = {}
+
+        def address(*arrays):
+            """The address of the leaf's code for input arrays like ``arrays``."""
+            key = _type_key(arrays[0]) if inputs == 1 else _type_key(arrays[0]) + _type_key(arrays[1])
+            addr = memo.get(key)
+            return _compile(disp, memo, key, arrays) if addr is None else addr
+
+        disp.address = address
+        return disp
+
+    return make
+
+
+def _flags_key(a):
+    # What numba's typeof reads from an array, where numba lacks its C fingerprint.
+    f = a.flags
+    return a.dtype, a.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned
+
+
+#: numba's own key of an argument's type (what its dispatcher matches calls by).
+_type_key = getattr(_dispatcher, "compute_fingerprint", _flags_key)
+
+
+def _compile(disp, memo, key, arrays):
+    """Compile (or load from the cache) ``disp`` for input arrays like ``arrays`` and keep its
+    code's address under ``key``."""
+    sig = tuple(numba.typeof(a) for a in arrays) + disp.rest
+    disp.compile(sig)
+    cres = disp.overloads[sig]
+    memo[key] = addr = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+    return addr
+
+
+@intrinsic
+def indirect(typingctx, fn, addr, args):
+    """``fn(*args)`` for a :func:`by_address` leaf ``fn`` whose code is at ``addr`` (int64,
+    from ``fn.address`` of the driver's input arrays): a call the driver's own compile does
+    not copy.  Each argument is cast to the leaf's fixed signature."""
+    disp = fn.dispatcher
+    argtypes = tuple(args)
+    sig = argtypes[: disp.inputs] + disp.rest
+    if len(argtypes) != len(sig) or not all(typingctx.can_convert(a, b) for a, b in zip(argtypes, sig, strict=True)):
+        raise numba.core.errors.TypingError(f"{disp.__name__}: arguments {argtypes} do not fit {sig}")
+    disp.compile(sig)
+    ret = disp.overloads[sig].signature.return_type
+
+    def codegen(context, builder, signature, llargs):
+        fnty = context.call_conv.get_function_type(ret, sig)
+        ptr = builder.inttoptr(llargs[1], fnty.as_pointer())
+        vals = [
+            context.cast(builder, builder.extract_value(llargs[2], i), a, b)
+            for i, (a, b) in enumerate(zip(argtypes, sig, strict=True))
+        ]
+        status, res = context.call_conv.call_function(builder, ptr, ret, sig, vals)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return res
+
+    return ret(fn, addr, args), codegen
+
 
 #: Numba's workqueue threading layer aborts when two Python threads launch parallel regions at
 #: once, and with OpenMP they would oversubscribe the cores; parallel drivers hold this lock.

@@ -63,6 +63,57 @@ def test_a_first_call_compiles_its_own_path(shape, axis, steps, drivers):
     assert _compiled(list(shape), axis, steps) == drivers
 
 
+LEAVES = """
+import json, sys
+import numpy as np
+import numbabn
+from numbabn import _jit
+from numbabn.cpu import backward, stats
+shape, axis = json.loads(sys.argv[1])
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+bn = numbabn.BatchNorm(shape[axis], axis=axis)
+bn.backward(bn(x))
+numbabn.welford(x, axis=axis)
+leaves = {}
+for leaf in (stats.strided_rows, stats.minor_rows, backward.strided_grad_rows, backward.grad_columns):
+    for cres in leaf.overloads.values():
+        leaves[id(cres.library)] = leaf.__name__
+
+
+def linked(library):
+    # The libraries numba links into ``library`` (its parallel regions' too), recursively.
+    for lib in library._linking_libraries:
+        yield lib
+        yield from linked(lib)
+
+
+copies = {}
+for t in _jit.TWINS:
+    for k in ("serial", "parallel"):
+        for cres in getattr(t, k).overloads.values():
+            copies[f"{t.__name__}.{k}"] = sorted({leaves[id(lib)] for lib in linked(cres.library) if id(lib) in leaves})
+print(json.dumps(copies))
+"""
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((32, 64, 16, 16), 1), ((2, 4, 8192), 1), ((256, 512), 1)])
+def test_big_leaves_compile_once(shape, axis, tmp_path):
+    """The per-block leaves (``_jit.by_address``) are called through their address: numba
+    links their code into no driver nor its parallel regions, to optimize and compile again
+    there.  An empty cache, so every library is compiled here and can be inspected."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", LEAVES, json.dumps([list(shape), axis])],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    copies = json.loads(out)
+    assert len(copies) >= 3  # the training, backward and welford drivers at least
+    assert copies == {name: [] for name in copies}
+
+
 def test_compile_command_fills_the_cache(tmp_path):
     """``python -m numbabn compile`` into an empty cache: a later process loads every kernel
     from it (numba's dispatchers then hold no compiled-here code)."""
@@ -114,3 +165,20 @@ def test_cache_falls_back_when_the_install_is_read_only(tmp_path):
         assert run.returncode == 0, run.stderr
     cached = [f for _, _, files in os.walk(home) for f in files if f.endswith(".nbi")]
     assert cached, f"nothing cached under {home}"
+
+
+def test_indirect_refuses_arguments_that_do_not_fit():
+    """A call through an address must match the leaf's fixed signature: a compile error, not a
+    call with the wrong arguments."""
+    import numba
+    import numpy as np
+
+    from numbabn import _jit
+    from numbabn.cpu import stats
+
+    @numba.njit
+    def driver(at, x3):
+        return _jit.indirect(stats.strided_rows, at, (x3, 0, 0))  # r1 missing
+
+    with pytest.raises(numba.core.errors.TypingError, match="strided_rows: arguments"):
+        driver(0, np.zeros((1, 1, 1)))

@@ -8,17 +8,21 @@ When a channel's ``g`` and ``x`` slices fit in L2 (channel-strided layouts,
 :func:`numbabn.cpu._plan.fuse_channels`) one task per channel reduces and then applies while
 they are cached: 3s from DRAM.  Sums run in float64, per task, merged in a fixed order:
 bitwise identical for any number of threads.
+
+A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
+code (``strided_grad_rows`` or ``grad_columns``) for its input arrays, which it calls through
+(:func:`numbabn._jit.by_address`).
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
 
-from .._jit import leaf, stage, twin
+from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import grad_coef
 from ._plan import expand, minor_task, plan, rows, sum_inner, super_rows
 
 
-@leaf
+@by_address(2, types.int64, types.float64, types.int64, types.int64)
 def strided_grad_rows(g3, x3, c, m, r0, r1):
     """``(sum g, sum g * (x - m), sum |g|)`` of channel ``c`` over outer rows ``[r0, r1)``."""
     inner = x3.shape[2]
@@ -49,7 +53,7 @@ def apply_row(gr, xr, a, b, d, out):
             out[k] = gr[k] * a + xr[k] * b + d
 
 
-@leaf
+@by_address(2, *(types.int64,) * 3, *(types.float64[::1],) * 4)
 def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx, acc_ga):
     """``acc_g[j] += sum(g)``, ``acc_gx[j] += sum(g * (x - centre[j]))``,
     ``acc_ga[j] += sum(|g|)`` over rows
@@ -80,7 +84,7 @@ def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx, acc_ga):
 
 
 @stage
-def sums_strided(g3, x3, mean, sums):
+def sums_strided(rows_at, g3, x3, mean, sums):
     """``sums[:, c] = (sum g, sum g * (x - mean[c]), sum |g|)`` over every element of
     channel ``c`` of the channel-strided ``g3`` and ``x3``."""
     outer, num_channels, inner = x3.shape
@@ -91,7 +95,7 @@ def sums_strided(g3, x3, mean, sums):
         split = task // num_channels
         c = task % num_channels
         r0, r1 = rows(split, nsplit, outer)
-        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], r0, r1)
+        sg, sgx, sag = indirect(strided_grad_rows, rows_at, (g3, x3, c, mean[c], r0, r1))
         part[0, split, c] = sg
         part[1, split, c] = sgx
         part[2, split, c] = sag
@@ -99,7 +103,7 @@ def sums_strided(g3, x3, mean, sums):
 
 
 @stage
-def sums_minor(g2, x2, inner, mean, sums):
+def sums_minor(rows_at, g2, x2, inner, mean, sums):
     """The same on channel-minor views ``g2`` and ``x2`` (outer // k, k * C * inner)."""
     num_channels = mean.shape[0]
     k = super_rows(x2.shape[1], num_channels, inner)
@@ -116,7 +120,7 @@ def sums_minor(g2, x2, inner, mean, sums):
         acc_g = acc[:width]
         acc_gx = acc[width : 2 * width]
         acc_ga = acc[2 * width :]
-        grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga)
+        indirect(grad_columns, rows_at, (g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga))
         sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
         sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
         sum_inner(acc_ga, inner, part[2, split, c0 : c0 + nc])
@@ -182,7 +186,7 @@ def grad_coefs(sums, n, weight, mean, invstd, training, coef, grads):
 
 
 @twin
-def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
+def backward_fused(rows_at, g3, x3, weight, mean, invstd, training, gi3, grads):
     """Driver, channel-strided backward, one task per channel: reduce, then apply while the
     channel's ``g`` and ``x`` slices are still in L2, so DRAM sees them once."""
     outer, num_channels, inner = x3.shape
@@ -190,14 +194,14 @@ def backward_fused(g3, x3, weight, mean, invstd, training, gi3, grads):
     coef = np.empty((3, num_channels))
     for cc in prange(num_channels):
         c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
-        sg, sgx, sag = strided_grad_rows(g3, x3, c, mean[c], np.int64(0), outer)
+        sg, sgx, sag = indirect(strided_grad_rows, rows_at, (g3, x3, c, mean[c], np.int64(0), outer))
         grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads)
         for o in range(outer):
             apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
 
 
 @twin
-def backward_strided(g3, x3, weight, mean, invstd, training, gi3, grads):
+def backward_strided(rows_at, g3, x3, weight, mean, invstd, training, gi3, grads):
     """Driver: ``grads`` (3, C) float64 receives ``(grad_weight, grad_bias, sum |g|)``,
     ``gi3`` the input gradient.  Training (batch statistics, ``n`` values per channel)::
 
@@ -207,18 +211,18 @@ def backward_strided(g3, x3, weight, mean, invstd, training, gi3, grads):
     """
     outer, num_channels, inner = x3.shape
     sums = np.empty((3, num_channels))
-    sums_strided(g3, x3, mean, sums)
+    sums_strided(rows_at, g3, x3, mean, sums)
     coef = np.empty((3, num_channels))
     grad_coefs(sums, float(outer * inner), weight, mean, invstd, training, coef, grads)
     apply_strided(g3, x3, coef, gi3)
 
 
 @twin
-def backward_minor(g2, x2, inner, weight, mean, invstd, training, gi2, grads):
+def backward_minor(rows_at, g2, x2, inner, weight, mean, invstd, training, gi2, grads):
     """Driver, the same on channel-minor views (:class:`numbabn.cpu._plan.Layout`)."""
     num_channels = mean.shape[0]
     sums = np.empty((3, num_channels))
-    sums_minor(g2, x2, inner, mean, sums)
+    sums_minor(rows_at, g2, x2, inner, mean, sums)
     coef = np.empty((3, num_channels))
     n = float(x2.shape[0] * x2.shape[1] // num_channels) if num_channels > 0 else 0.0
     grad_coefs(sums, n, weight, mean, invstd, training, coef, grads)
@@ -226,17 +230,17 @@ def backward_minor(g2, x2, inner, weight, mean, invstd, training, gi2, grads):
 
 
 @twin
-def reduce_strided(g3, x3, mean, sums):
+def reduce_strided(rows_at, g3, x3, mean, sums):
     """Driver, the reduction pass alone: ``sums`` (3, C) float64 receives ``(sum g,
     sum g * (x - mean), sum |g|)`` per channel, to be summed with other parts' (Dask chunks,
     processes) before :func:`grad_coefs`."""
-    sums_strided(g3, x3, mean, sums)
+    sums_strided(rows_at, g3, x3, mean, sums)
 
 
 @twin
-def reduce_minor(g2, x2, inner, mean, sums):
+def reduce_minor(rows_at, g2, x2, inner, mean, sums):
     """Driver, the same on channel-minor views."""
-    sums_minor(g2, x2, inner, mean, sums)
+    sums_minor(rows_at, g2, x2, inner, mean, sums)
 
 
 @twin
@@ -262,11 +266,11 @@ def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
     """Backward of ``g`` and ``x``, the kernels' views of :class:`Layout` ``lay``: ``gi``
     receives the input gradient, ``grads`` (3, C) ``(grad_weight, grad_bias, sum |g|)``."""
     if lay.fused_backward:
-        backward_fused(parallel, g, x, weight, mean, invstd, training, gi, grads)
+        backward_fused(parallel, strided_grad_rows.address(g, x), g, x, weight, mean, invstd, training, gi, grads)
     elif lay.strided:
-        backward_strided(parallel, g, x, weight, mean, invstd, training, gi, grads)
+        backward_strided(parallel, strided_grad_rows.address(g, x), g, x, weight, mean, invstd, training, gi, grads)
     else:
-        backward_minor(parallel, g, x, lay.inner, weight, mean, invstd, training, gi, grads)
+        backward_minor(parallel, grad_columns.address(g, x), g, x, lay.inner, weight, mean, invstd, training, gi, grads)
 
 
 def backward_with_sums(parallel, lay, g, x, weight, mean, invstd, training, sums, n, gi, grads):
@@ -280,9 +284,9 @@ def backward_with_sums(parallel, lay, g, x, weight, mean, invstd, training, sums
 def grad_reduce(parallel, lay, g, x, mean, sums):
     """The reduction pass alone into ``sums`` (3, C) (:func:`reduce_strided`)."""
     if lay.strided:
-        reduce_strided(parallel, g, x, mean, sums)
+        reduce_strided(parallel, strided_grad_rows.address(g, x), g, x, mean, sums)
     else:
-        reduce_minor(parallel, g, x, lay.inner, mean, sums)
+        reduce_minor(parallel, grad_columns.address(g, x), g, x, lay.inner, mean, sums)
 
 
 def grad_apply(parallel, lay, g, x, coef, gi):

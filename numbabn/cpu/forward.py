@@ -11,15 +11,19 @@ precision even when ``|mean| / std`` is large (``b = bias - mean * a`` would can
 Channel-minor layouts have no fused path, and outputs use plain stores: the alternatives
 (float32 arithmetic, a fused channel-minor path, non-temporal stores) were measured slower
 where it matters; docs/performance_notes.rst has the figures.
+
+A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
+code (``strided_rows`` or ``minor_rows``) for its input arrays, which it calls through
+(:func:`numbabn._jit.by_address`).
 """
 
 import numpy as np
 from numba import prange
 
-from .._jit import leaf, stage, twin
+from .._jit import indirect, leaf, stage, twin
 from .._math import finish_channel, fold, invstd_of
 from ._plan import expand, super_rows
-from .stats import stats_minor, stats_strided, strided_rows
+from .stats import minor_rows, stats_minor, stats_strided, strided_rows
 
 
 @stage
@@ -75,37 +79,37 @@ def eval_coefs(weight, bias, mean, var, eps, coef, save):
 
 
 @twin
-def train_fused(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
+def train_fused(rows_at, x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
     """Driver, channel-strided training forward, one task per channel: statistics, finalize,
     then normalize the channel's rows while they are still in L2, so DRAM sees ``x`` once."""
     outer, num_channels, inner = x3.shape
     coef = np.empty((2, num_channels))
     for cc in prange(num_channels):
         c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
-        n, mean, m2 = strided_rows(x3, c, np.int64(0), outer)
+        n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, np.int64(0), outer))
         finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
             affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 
 
 @twin
-def train_strided(x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
+def train_strided(rows_at, x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
     """Driver, channel-strided training forward: batch statistics, EMA update, normalize
     ``x3`` into ``y3``; ``save`` (2, C) float64 receives the mean and invstd used."""
     num_channels = x3.shape[1]
     stats = np.empty((3, num_channels))
-    stats_strided(x3, stats)
+    stats_strided(rows_at, x3, stats)
     coef = np.empty((2, num_channels))
     finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     normalize_strided(x3, coef, y3)
 
 
 @twin
-def train_minor(x2, inner, weight, bias, running_mean, running_var, momentum, eps, y2, save):
+def train_minor(rows_at, x2, inner, weight, bias, running_mean, running_var, momentum, eps, y2, save):
     """Driver, the same on a channel-minor view (:class:`numbabn.cpu._plan.Layout`)."""
     num_channels = save.shape[1]
     stats = np.empty((3, num_channels))
-    stats_minor(x2, num_channels, inner, stats)
+    stats_minor(rows_at, x2, num_channels, inner, stats)
     coef = np.empty((2, num_channels))
     finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     normalize_minor(x2, inner, coef, y2)
@@ -151,12 +155,13 @@ DRIVERS = ("forward_train", "forward_eval", "forward_with_stats", "apply")
 
 def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, momentum, eps, y, save):
     """Training forward of ``x``, the kernels' view of :class:`Layout` ``lay``, into ``y``."""
-    if lay.fused_forward:
-        train_fused(parallel, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
-    elif lay.strided:
-        train_strided(parallel, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
+    if lay.strided:
+        at = strided_rows.address(x)
+        driver = train_fused if lay.fused_forward else train_strided
+        driver(parallel, at, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
     else:
-        train_minor(parallel, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
+        at = minor_rows.address(x)
+        train_minor(parallel, at, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
 
 
 def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):

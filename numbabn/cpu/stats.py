@@ -5,13 +5,17 @@ and centred ``M2`` while it is still in L1/L2 (channel-strided: a sweep for the 
 one for the centred squares; channel-minor: one sweep of sums shifted by a nearby mean, see
 :func:`minor_rows`), then is Chan-merged into its task's partial.  DRAM sees ``x`` once; there
 is no unshifted ``E[x^2] - E[x]^2``.  Sums run in float64 whatever the input dtype.
+
+A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
+code (``strided_rows`` or ``minor_rows``) for its input arrays, which it calls through
+(:func:`numbabn._jit.by_address`).
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
 
 from .._config import BLOCK, MINOR_ROWS, SHIFT_CANCEL
-from .._jit import leaf, stage, twin
+from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
 from ._plan import minor_task, plan, repeat_inner, rows, sum_inner, super_rows
 
@@ -26,7 +30,12 @@ def row_block(x3, c, r0, b):
     return x3[r0 + b // nb, c, kb * BLOCK : min(inner, (kb + 1) * BLOCK)]
 
 
-@leaf
+#: The fixed argument types of the leaves called through their address (:func:`by_address`).
+I64 = types.int64
+VEC = types.float64[::1]
+
+
+@by_address(1, I64, I64, I64)
 def strided_rows(x3, c, r0, r1):
     """``(n, mean, M2)`` of channel ``c`` over outer rows ``[r0, r1)``: blocked Welford.
 
@@ -73,7 +82,7 @@ def strided_rows(x3, c, r0, r1):
 
 
 @stage
-def partials_strided(x3, nsplit, part):
+def partials_strided(rows_at, x3, nsplit, part):
     """Channel-strided partials: task ``(split, c)`` reduces rows ``o`` of channel ``c``."""
     outer, num_channels, inner = x3.shape
     for t in prange(nsplit * num_channels):
@@ -83,7 +92,7 @@ def partials_strided(x3, nsplit, part):
         split = task // num_channels
         c = task % num_channels
         r0, r1 = rows(split, nsplit, outer)
-        n, mean, m2 = strided_rows(x3, c, r0, r1)
+        n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, r0, r1))
         part[0, split, c] = n
         part[1, split, c] = mean
         part[2, split, c] = m2
@@ -141,7 +150,7 @@ def again(x2, b0, b1, j0, inner, inv, acc_s, acc_q, shift, bmean, bm2):
         bmean[c] = shift[c * inner] + s
 
 
-@leaf
+@by_address(1, I64, I64, I64, I64, I64, VEC, VEC)
 def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     """``(count, mean, M2)`` of the ``nc`` channels whose columns start at ``j0`` over rows
     ``[r0, r1)`` of the ``(outer, C * inner)`` array ``x2``, in blocks of ``rb`` rows; ``mean``
@@ -215,7 +224,7 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
 
 
 @stage
-def partials_minor(x2, num_channels, inner, nsplit, ct, ntiles, part):
+def partials_minor(rows_at, x2, num_channels, inner, nsplit, ct, ntiles, part):
     """Channel-minor partials of the ``(outer, C * inner)`` view ``x2`` (``C`` counted in
     pseudo-channels of super-rows): task ``(split, tile)`` reduces ``ct`` whole channels over
     a row range (:func:`minor_rows`)."""
@@ -223,7 +232,11 @@ def partials_minor(x2, num_channels, inner, nsplit, ct, ntiles, part):
     for t in prange(nsplit * ntiles):
         task = np.int64(t)  # int64, as in the serial twin (see partials_strided)
         split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, outer, num_channels)
-        n = minor_rows(x2, r0, r1, c0 * inner, nc, inner, part[1, split, c0 : c0 + nc], part[2, split, c0 : c0 + nc])
+        n = indirect(
+            minor_rows,
+            rows_at,
+            (x2, r0, r1, c0 * inner, nc, inner, part[1, split, c0 : c0 + nc], part[2, split, c0 : c0 + nc]),
+        )
         part[0, split, c0 : c0 + nc] = n
 
 
@@ -256,24 +269,24 @@ def merge_partials(part, k, stats):
 
 
 @stage
-def stats_strided(x3, stats):
+def stats_strided(rows_at, x3, stats):
     """Write ``stats[:, c] = (count, mean, M2)`` of every channel of the channel-strided
     ``x3`` (outer, C, inner)."""
     outer, num_channels, inner = x3.shape
     nsplit = plan(outer, num_channels, inner)[2]
     part = np.empty((3, nsplit, num_channels))
-    partials_strided(x3, nsplit, part)
+    partials_strided(rows_at, x3, nsplit, part)
     merge_partials(part, np.int64(1), stats)  # not a literal: one compile for both callers
 
 
 @stage
-def stats_minor(x2, num_channels, inner, stats):
+def stats_minor(rows_at, x2, num_channels, inner, stats):
     """Write ``stats[:, c] = (count, mean, M2)`` of every channel of the channel-minor view
     ``x2`` (outer // k, k * C * inner) of ``C = num_channels`` channels."""
     k = super_rows(x2.shape[1], num_channels, inner)
     ct, ntiles, nsplit = plan(x2.shape[0], k * num_channels, inner)
     part = np.empty((3, nsplit, k * num_channels))
-    partials_minor(x2, k * num_channels, inner, nsplit, ct, ntiles, part)
+    partials_minor(rows_at, x2, k * num_channels, inner, nsplit, ct, ntiles, part)
     merge_partials(part, k, stats)
 
 
@@ -297,17 +310,17 @@ def merge_parts(parts, stats):
 
 
 @twin
-def welford_strided(x3, stats):
+def welford_strided(rows_at, x3, stats):
     """Driver: per-channel ``(count, mean, M2)`` of the channel-strided ``x3`` into ``stats``
     (3, C) float64."""
-    stats_strided(x3, stats)
+    stats_strided(rows_at, x3, stats)
 
 
 @twin
-def welford_minor(x2, inner, stats):
+def welford_minor(rows_at, x2, inner, stats):
     """Driver: per-channel ``(count, mean, M2)`` of the channel-minor view ``x2`` (see
     :class:`numbabn.cpu._plan.Layout`) into ``stats`` (3, C) float64."""
-    stats_minor(x2, stats.shape[1], inner, stats)
+    stats_minor(rows_at, x2, stats.shape[1], inner, stats)
 
 
 #: The stages the host backend runs; the GPU twin (``cuda/stats.py``) has the same name.
@@ -318,6 +331,6 @@ def welford(parallel, lay, x, stats):
     """Per-channel ``(count, mean, M2)`` of ``x``, the kernels' view of a :class:`Layout`
     ``lay``, into ``stats`` (3, C) float64: the layout's driver."""
     if lay.strided:
-        welford_strided(parallel, x, stats)
+        welford_strided(parallel, strided_rows.address(x), x, stats)
     else:
-        welford_minor(parallel, x, lay.inner, stats)
+        welford_minor(parallel, minor_rows.address(x), x, lay.inner, stats)
