@@ -3,6 +3,7 @@
 Public names only; the documentation (docs/) has the math, the design and the API.
 """
 
+from ._fold import fold
 from ._version import __version__ as __version__
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layer import BatchNorm
@@ -27,6 +28,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
+    "fold",
     "merge_stats",
     "welford",
 ]
