@@ -7,6 +7,7 @@ from ._fold import fold
 from ._version import __version__ as __version__
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layer import BatchNorm
+from .renorm import BatchRenorm, batch_renorm_backward, batch_renorm_forward
 from .stats import Stats, merge_stats, welford
 from .sync import SyncBatchNorm
 
@@ -23,11 +24,14 @@ def __getattr__(name):
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "Stats",
     "SyncBatchNorm",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
+    "batch_renorm_backward",
+    "batch_renorm_forward",
     "fold",
     "merge_stats",
     "welford",

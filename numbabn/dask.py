@@ -115,7 +115,7 @@ def _dask_array(x, name):
         raise TypeError(f"{name} must be a Dask array of NumPy chunks, got chunks of type {type(meta).__name__}")
 
 
-# -- the backend's five names -----------------------------------------------------------------
+# -- the backend's names ------------------------------------------------------------------------
 
 
 def forward(call):
@@ -129,10 +129,20 @@ def forward(call):
         save = np.full((2, inp.num_channels), np.nan)
     elif call.training:
         count, mean, m2 = batch_stats(inp)
-        running = (call.running_mean, call.running_var)
-        coef, save = _host.finish(count, mean, m2, call.weight, call.bias, *running, call.momentum, call.eps, inp.dtype)
+        return forward_with_stats(call, (count, mean, m2))
     else:
         coef, save = _host.eval_coef(call.running_mean, call.running_var, call.weight, call.bias, call.eps, inp.dtype)
+    return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input")), save[0], save[1]
+
+
+def forward_with_stats(call, stats):
+    """:func:`forward` in training, normalized with the statistics ``stats`` (rows count,
+    mean and M2) computed already: the running statistics are updated in place now, the
+    output is a lazy map."""
+    inp = call.inp
+    running = (call.running_mean, call.running_var)
+    count, mean, m2 = stats[0], stats[1], stats[2]
+    coef, save = _host.finish(count, mean, m2, call.weight, call.bias, *running, call.momentum, call.eps, inp.dtype)
     return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input")), save[0], save[1]
 
 

@@ -96,6 +96,11 @@ class BatchNorm:
     >>> gx = bn.backward(np.ones_like(y))
     """
 
+    #: Attributes that stay host arrays on a GPU layer, and what a pickle drops (the last
+    #: forward's, for :meth:`backward`).
+    _HOST_STATE = ("update_threshold",)
+    _BACKWARD_STATE = ("_saved",)
+
     def __init__(
         self,
         num_features: int,
@@ -414,7 +419,8 @@ class BatchNorm:
         saved input (as a pickled PyTorch module keeps no autograd graph), so
         :meth:`backward` needs a new :meth:`forward` after unpickling."""
         state = dict(self.__dict__)
-        state["_saved"] = None
+        for name in self._BACKWARD_STATE:
+            state[name] = None
         if self.device == "cuda":
             for name, value in state.items():
                 if value is not None and is_device(value):
@@ -427,7 +433,7 @@ class BatchNorm:
 
             _call.cuda_backend()
             state = {
-                k: cuda.to_device(v) if isinstance(v, np.ndarray) and k != "update_threshold" else v
+                k: cuda.to_device(v) if isinstance(v, np.ndarray) and k not in self._HOST_STATE else v
                 for k, v in state.items()
             }
         self.__dict__.update(state)

@@ -256,6 +256,29 @@ def test_batchnorm_layer_on_device_matches_cpu_layer(rng):
     assert "device='cuda'" in repr(gpu)
 
 
+def test_batch_renorm_on_device_matches_cpu(rng):
+    x = make_input(rng, (6, 3, 10), 1, np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    gpu = numbabn.BatchRenorm(3, device="cuda", rmax=1.2, dmax=0.3)
+    cpu = numbabn.BatchRenorm(3, rmax=1.2, dmax=0.3)
+    state = cpu.state_dict()
+    state["weight"] = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    state["running_mean"] = rng.normal(0.0, 2.0, 3).astype(np.float32)
+    cpu.load_state_dict(state)
+    gpu.load_state_dict(state)
+    for _ in range(2):
+        assert_close(host(gpu(dev(x))), cpu(x), np.float32)
+        assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
+        assert_close(gpu.r, cpu.r, np.float64, rtol=1e-6)
+    assert np.any(cpu.d != 0)
+    assert_close(host(gpu.grad_weight), cpu.grad_weight, np.float32, scale=60)
+    assert_close(host(gpu.grad_bias), cpu.grad_bias, np.float32, scale=60)
+    for k, v in cpu.state_dict().items():
+        assert_close(gpu.state_dict()[k], v, np.float32, err_msg=k)
+    gpu.eval(), cpu.eval()
+    assert_close(host(gpu(dev(x))), cpu(x), np.float32)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

@@ -606,6 +606,34 @@ def test_zarr_round_trip_on_a_cluster(cluster, tmp_path, rng):
     assert_stats_equal(s, numbabn.welford(x))
 
 
+def test_batch_renorm_on_a_cluster(cluster, rng):
+    """BatchRenorm on a Dask array, on the cluster's worker processes: the same bits as on
+    threads, and the host layer's results to rounding (its statistics are not chunked)."""
+    _, client = cluster
+    shape, chunks = (24, 4, 6, 8), (5, 2, 6, 8)
+    x = make_input(rng, shape, 1, np.float64)
+    g = rng.standard_normal(shape)
+    w, b, rm, rv = make_params(rng, 4, np.float64)
+    state = {"weight": w, "bias": b, "running_mean": rm, "running_var": 3 * rv, "num_batches_tracked": 0}
+    layers = [numbabn.BatchRenorm(4, dtype=np.float64, rmax=1.3, dmax=0.4) for _ in range(3)]
+    for bn in layers:
+        bn.load_state_dict(state)
+    results = []
+    for bn, scheduler in zip(layers[:2], (client, "threads"), strict=True):
+        with dask.config.set(scheduler=scheduler):
+            dx = da.from_array(x, chunks=chunks)
+            y = bn(dx).compute()
+            gi = bn.backward(da.from_array(g, chunks=chunks)).compute()
+        results.append((y, gi, bn.grad_weight, bn.grad_bias, bn.running_mean, bn.running_var, bn.r, bn.d))
+    for a, b_ in zip(*results, strict=True):
+        assert_bitwise(a, b_)
+    host = layers[2]
+    expected = (host(x), host.backward(g), host.grad_weight, host.grad_bias, host.running_mean, host.running_var)
+    for a, e in zip(results[0], expected, strict=False):
+        assert_close(a, e, np.float64, rtol=1e-12)
+    assert np.any(host.r != 1) and np.any(host.d != 0)
+
+
 def test_same_bits_after_a_worker_is_killed(cluster, data, threaded, tmp_path):
     """A task kills its worker process mid-computation (the first time only, remembered in a
     file): the scheduler reruns the lost tasks on the other worker and the bits do not
