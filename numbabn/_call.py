@@ -65,7 +65,20 @@ def check_input(x, axis, stream, name="input"):
 class ForwardCall:
     """A checked forward call: the ``Input`` and every other argument, checked."""
 
-    __slots__ = ("inp", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "out", "saved")
+    __slots__ = (
+        "inp",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "out",
+        "saved",
+        "limits",
+        "factors",
+    )
 
     def __init__(self, inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=True):
         self.inp = inp
@@ -78,6 +91,11 @@ class ForwardCall:
         self.eps = eps
         self.out = out
         self.saved = saved  # whether the caller takes save_mean and save_invstd
+        # Batch Renormalization's (rmax, dmax) in training (numbabn.renorm), None for batch
+        # norm; the backend then leaves the per-channel (r, d) in ``factors``, a host (2, C)
+        # float64 array.
+        self.limits = None
+        self.factors = None
 
     def run(self):
         """``(output, save_mean, save_invstd)`` from the input's backend (the last two None

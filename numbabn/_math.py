@@ -7,6 +7,8 @@ Plain ``@njit`` functions (numbabn's ``leaf`` and ``stage``), so CPU kernels cal
 
 import math
 
+import numpy as np
+
 from ._jit import leaf as _jit
 from ._jit import stage
 
@@ -86,12 +88,33 @@ def fold(mean, invstd, weight, bias):
 
 
 @stage
+def renorm(mean, invstd, running_mean, running_var, eps, rmax, dmax):
+    """Batch Renormalization's ``(r, d)`` of a channel (docs/math.rst) from its batch
+    ``mean`` and ``invstd`` and its running statistics before their update: ``s_B / s`` is
+    ``invstd_of(running_var) / invstd``."""
+    inv_s = invstd_of(running_var, eps)
+    r = min(max(inv_s / invstd, 1.0 / rmax), rmax)
+    d = min(max((mean - running_mean) * inv_s, -dmax), dmax)
+    return r, d
+
+
+@stage
 def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save):
     """Channel ``c``'s statistics ``(n, mean, M2)`` to its fold coefficients ``coef[:, c]``,
     saved ``(mean, invstd)`` and, when running buffers are given (non-empty), their EMA
-    update: the biased variance normalizes, the unbiased one feeds ``running_var``."""
+    update: the biased variance normalizes, the unbiased one feeds ``running_var``.  A
+    ``save`` of four rows asks for Batch Renormalization (:func:`renorm`, :func:`save_rows`)."""
     invstd = invstd_of(m2 / n, eps)
-    coef[0, c], coef[1, c] = fold(mean, invstd, weight[c], bias[c])
+    w = weight[c]
+    b = bias[c]
+    if save.shape[0] > 2:
+        # Batch Renormalization: rows 2 and 3 of save bring (rmax, dmax) and take (r, d).
+        r, d = renorm(mean, invstd, running_mean[c], running_var[c], eps, save[2, c], save[3, c])
+        save[2, c] = r
+        save[3, c] = d
+        b = b + w * d
+        w = w * r
+    coef[0, c], coef[1, c] = fold(mean, invstd, w, b)
     save[0, c] = mean
     save[1, c] = invstd
     if running_mean.shape[0] > 0:
@@ -119,3 +142,15 @@ def grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads):
         coef[1, c] = b
         coef[2, c] = -a * sg / n - b * mean[c]
     return grad_weight, sg
+
+
+def save_rows(limits, num_channels):
+    """The float64 ``save`` array a forward kernel fills: (2, C) for the saved mean and
+    invstd, (4, C) with Batch Renormalization's ``limits`` ``(rmax, dmax)`` in rows 2 and 3,
+    which the kernel replaces by ``r`` and ``d`` (:func:`renorm`)."""
+    if limits is None:
+        return np.empty((2, num_channels))
+    save = np.empty((4, num_channels))
+    save[2] = limits[0]
+    save[3] = limits[1]
+    return save

@@ -8,12 +8,13 @@ step's update, per channel::
     r = clip(s_B / s, 1 / rmax, rmax),  d = clip((mean_B - running_mean) / s, -dmax, dmax)
     y = weight * ((x - mean_B) / s_B * r + d) + bias
 
-``r`` and ``d`` are constants to the gradient.  So a training step is a batch-norm step with
-the affine pair ``(weight * r, bias + weight * d)``: the backend's statistics pass, then its
-normalize pass with those statistics (:func:`numbabn.cpu.api.forward_with_stats` and its
-twins), the running statistics updated as ``BatchNorm`` updates them.  The backward is the
-batch-norm backward with weight ``weight * r``, and ``grad_weight = r * sum(g * xhat) +
-d * sum(g)``.  ``r``, ``d`` and the affine pair are computed on the host in float64.
+``r`` and ``d`` are constants to the gradient.  So a training step is a batch-norm step
+whose finalize folds ``(weight * r, bias + weight * d)`` instead of ``(weight, bias)``:
+the backends' training kernels do it per channel (:func:`numbabn._math.renorm`), between
+the statistics and the normalize pass, at no cost in memory traffic, and return ``r`` and
+``d``; the running statistics update as ``BatchNorm``'s.  The backward is the batch-norm
+backward with weight ``weight * r``, and ``grad_weight = r * sum(g * xhat) + d * sum(g)``
+(host float64 arithmetic on the per-channel results).
 """
 
 from __future__ import annotations
@@ -80,31 +81,14 @@ def _like(values, inp, like=None):
 def _forward(call, rmax, dmax):
     """``(output, save_mean, save_invstd, r, d)`` of a checked training
     :class:`numbabn._call.ForwardCall` with running statistics, renormalized."""
-    inp = call.inp
-    num_channels = inp.num_channels
-    ones, zeros = np.ones(num_channels), np.zeros(num_channels)
-    if (rmax == 1.0 and dmax == 0.0) or inp.x.size == 0:
+    num_channels = call.inp.num_channels
+    if (rmax == 1.0 and dmax == 0.0) or call.inp.x.size == 0:
         # r = 1 and d = 0 exactly (or an empty batch): batch normalization itself.
-        return (*call.run(), ones, zeros)
-    count, mean, m2 = inp.backend.batch_stats(inp)
-    mean, m2 = _host(mean), _host(m2)
-    r, d = renorm_factors(mean, m2 / count, _host(call.running_mean), _host(call.running_var), call.eps, rmax, dmax)
-    w = ones if call.weight is None else _host(call.weight)
-    b = zeros if call.bias is None else _host(call.bias)
-    stats = np.stack([np.full(num_channels, float(count)), mean, m2])
-    renormed = _call.ForwardCall(
-        inp,
-        _like(w * r, inp),
-        _like(b + w * d, inp),
-        call.running_mean,
-        call.running_var,
-        True,
-        call.momentum,
-        call.eps,
-        call.out,
-        call.saved,
-    )
-    return (*inp.backend.forward_with_stats(renormed, stats), r, d)
+        return (*call.run(), np.ones(num_channels), np.zeros(num_channels))
+    call.limits = (rmax, dmax)
+    y, mean, invstd = call.run()
+    r, d = call.factors
+    return y, mean, invstd, r, d
 
 
 def _backward(call, r, d):

@@ -13,6 +13,7 @@ import numpy as np
 from .. import _layout
 from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
+from .._math import save_rows
 from . import _plan
 from . import backward as _bwd
 from . import forward as _fwd
@@ -90,7 +91,7 @@ def forward(call):
     x, dtype = inp.x, inp.dtype
     dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
-    save = np.empty((2, inp.num_channels))
+    save = save_rows(call.limits, inp.num_channels)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     if not call.training:
         _fwd.forward_eval(inp.parallel, inp.layout, inp.view(x), w, b, rm, rv, call.eps, inp.view(dest), save)
@@ -108,7 +109,10 @@ def forward(call):
 
 def _forward_result(call, dest, save):
     """What a forward returns: the output (in ``out`` when given), then the saved mean and
-    invstd, or None for a call that is not ``saved``."""
+    invstd, or None for a call that is not ``saved``; Batch Renormalization's ``r`` and
+    ``d`` go to ``call.factors``."""
+    if call.limits is not None:
+        call.factors = save[2:]
     y = deliver(dest, call.out)
     return (y, save[0], save[1]) if call.saved else (y, None, None)
 
@@ -170,18 +174,19 @@ def scaled(a, factor):
 # parallelism).
 
 
-def finish(count, mean, m2, weight, bias, running_mean, running_var, momentum, eps, dtype):
+def finish(count, mean, m2, weight, bias, running_mean, running_var, momentum, eps, dtype, limits=None):
     """Merged statistics ``(count, mean, m2)`` of every channel to the fold coefficients
     ``coef`` (2, C) of :func:`apply` and the saved ``(mean, invstd)`` (2, C), both float64,
     with the EMA update of ``running_mean`` and ``running_var`` (in place, when given) that a
-    training forward on those statistics makes."""
+    training forward on those statistics makes; with Batch Renormalization's ``limits``,
+    ``save`` has four rows, the last two ``r`` and ``d`` (:func:`numbabn._math.save_rows`)."""
     num_channels = mean.shape[0]
     stats = np.empty((3, num_channels))
     stats[0] = count
     stats[1] = mean
     stats[2] = m2
     rm, rv = _buffers(running_mean, running_var, dtype)
-    coef, save = np.empty((2, num_channels)), np.empty((2, num_channels))
+    coef, save = np.empty((2, num_channels)), save_rows(limits, num_channels)
     w, b = _affine(weight, bias, num_channels, dtype)
     _fwd.finish_channels(stats, w, b, rm, rv, momentum, eps, coef, save)
     _write_back(running_mean, rm)
@@ -267,7 +272,7 @@ def forward_with_stats(call, stats):
     dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
-    save = np.empty((2, inp.num_channels))
+    save = save_rows(call.limits, inp.num_channels)
     xv, yv = inp.view(x), inp.view(dest)
     _fwd.forward_with_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
     if rm is not call.running_mean or rv is not call.running_var:

@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import _layout
 from .._device import is_device
+from .._math import save_rows
 from .._memo import bounded_put
 from . import _arrays, _launch
 from . import backward as _bwd
@@ -122,7 +123,12 @@ def forward(call):
         save = _arrays.to_device(np.full((2, inp.num_channels), np.nan), st)
     else:
         # A call that is not saved writes its mean and invstd where nothing reads them.
-        save = _arrays.empty((2, inp.num_channels), "f8", st) if call.saved else _arrays.sink(2, inp.num_channels)
+        if call.limits is not None:
+            save = _arrays.to_device(save_rows(call.limits, inp.num_channels), st)
+        elif call.saved:
+            save = _arrays.empty((2, inp.num_channels), "f8", st)
+        else:
+            save = _arrays.sink(2, inp.num_channels)
         if call.training:
             rm = _arrays.constant(0.0, 0, inp.dtype) if running_mean is None else running_mean
             rv = _arrays.constant(0.0, 0, inp.dtype) if running_var is None else running_var
@@ -130,9 +136,18 @@ def forward(call):
         else:
             _fwd.forward_eval(x3, w, b, running_mean, running_var, call.eps, y3, save, st)
         if not call.saved:
+            _factors(call, save, st)
             return y, None, None
-    mean, invstd = _arrays.rows(save)
+    _factors(call, save, st)
+    mean, invstd = _arrays.rows(save)[:2]
     return y, inp.hand_back(mean), inp.hand_back(invstd)
+
+
+def _factors(call, save, stream):
+    """Batch Renormalization's ``r`` and ``d`` (rows 2 and 3 of ``save``) to ``call.factors``
+    on the host."""
+    if call.limits is not None:
+        call.factors = _arrays.to_host(save, stream)[2:]
 
 
 def backward(call):
@@ -227,7 +242,7 @@ def forward_with_stats(call, stats):
     inp, out = call.inp, call.out
     st, num_channels = inp.stream, inp.num_channels
     dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
-    save = _arrays.empty((2, num_channels), "f8", st)
+    save = _arrays.to_device(save_rows(call.limits, num_channels), st)
     if num_channels:
         stats = _arrays.to_device(np.ascontiguousarray(stats, dtype=np.float64), st)
         w = inp.constant(1.0) if call.weight is None else call.weight
@@ -237,7 +252,8 @@ def forward_with_stats(call, stats):
         x3, y3 = inp.view(inp.x), inp.view(dest)
         _fwd.forward_with_stats(x3, stats, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
     y = out if out is not None else inp.hand_back(dest)
-    mean, invstd = _arrays.rows(save)
+    _factors(call, save, st)
+    mean, invstd = _arrays.rows(save)[:2]
     return y, inp.hand_back(mean), inp.hand_back(invstd)
 
 
