@@ -77,7 +77,8 @@ class ForwardCall:
         "out",
         "saved",
         "limits",
-        "factors",
+        "m2",
+        "extra",
     )
 
     def __init__(self, inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=True):
@@ -91,11 +92,13 @@ class ForwardCall:
         self.eps = eps
         self.out = out
         self.saved = saved  # whether the caller takes save_mean and save_invstd
-        # Batch Renormalization's (rmax, dmax) in training (numbabn.renorm), None for batch
-        # norm; the backend then leaves the per-channel (r, d) in ``factors``, a host (2, C)
-        # float64 array.
+        # Training extras: Batch Renormalization's (rmax, dmax) (numbabn.renorm), None for
+        # batch norm, and whether the caller wants each channel's M2 (ghost batches merge
+        # them).  The backend then leaves the rows of ``_math.save_rows`` past the mean and
+        # invstd (M2, then r and d) in ``extra``, a host float64 array.
         self.limits = None
-        self.factors = None
+        self.m2 = False
+        self.extra = None
 
     def run(self):
         """``(output, save_mean, save_invstd)`` from the input's backend (the last two None

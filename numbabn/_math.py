@@ -102,18 +102,22 @@ def renorm(mean, invstd, running_mean, running_var, eps, rmax, dmax):
 def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save):
     """Channel ``c``'s statistics ``(n, mean, M2)`` to its fold coefficients ``coef[:, c]``,
     saved ``(mean, invstd)`` and, when running buffers are given (non-empty), their EMA
-    update: the biased variance normalizes, the unbiased one feeds ``running_var``.  A
-    ``save`` of four rows asks for Batch Renormalization (:func:`renorm`, :func:`save_rows`)."""
+    update: the biased variance normalizes, the unbiased one feeds ``running_var``.  More
+    rows of ``save`` ask for ``M2`` and Batch Renormalization's ``(r, d)``
+    (:func:`save_rows`)."""
     invstd = invstd_of(m2 / n, eps)
     w = weight[c]
     b = bias[c]
-    if save.shape[0] > 2:
-        # Batch Renormalization: rows 2 and 3 of save bring (rmax, dmax) and take (r, d).
-        r, d = renorm(mean, invstd, running_mean[c], running_var[c], eps, save[2, c], save[3, c])
-        save[2, c] = r
-        save[3, c] = d
+    rows = save.shape[0]
+    if rows >= 4:
+        # Batch Renormalization: the last two rows bring (rmax, dmax) and take (r, d).
+        r, d = renorm(mean, invstd, running_mean[c], running_var[c], eps, save[rows - 2, c], save[rows - 1, c])
+        save[rows - 2, c] = r
+        save[rows - 1, c] = d
         b = b + w * d
         w = w * r
+    if rows % 2 == 1:
+        save[2, c] = m2  # asked for by ghost batches, which merge their statistics
     coef[0, c], coef[1, c] = fold(mean, invstd, w, b)
     save[0, c] = mean
     save[1, c] = invstd
@@ -144,13 +148,14 @@ def grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads):
     return grad_weight, sg
 
 
-def save_rows(limits, num_channels):
-    """The float64 ``save`` array a forward kernel fills: (2, C) for the saved mean and
-    invstd, (4, C) with Batch Renormalization's ``limits`` ``(rmax, dmax)`` in rows 2 and 3,
-    which the kernel replaces by ``r`` and ``d`` (:func:`renorm`)."""
-    if limits is None:
-        return np.empty((2, num_channels))
-    save = np.empty((4, num_channels))
-    save[2] = limits[0]
-    save[3] = limits[1]
+def save_rows(limits, num_channels, m2=False):
+    """The float64 ``save`` array a training kernel fills (:func:`finish_channel`): rows
+    ``mean`` and ``invstd``; then ``M2`` when ``m2``; then, with Batch Renormalization's
+    ``limits`` ``(rmax, dmax)``, two rows holding ``rmax`` and ``dmax``, which the kernel
+    replaces by ``r`` and ``d`` (:func:`renorm`).  So 2, 3, 4 or 5 rows."""
+    rows = 2 + bool(m2) + (0 if limits is None else 2)
+    save = np.empty((rows, num_channels))
+    if limits is not None:
+        save[rows - 2] = limits[0]
+        save[rows - 1] = limits[1]
     return save

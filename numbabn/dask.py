@@ -142,10 +142,10 @@ def forward_with_stats(call, stats):
     inp = call.inp
     running = (call.running_mean, call.running_var)
     count, mean, m2 = stats[0], stats[1], stats[2]
-    settings = (call.momentum, call.eps, inp.dtype, call.limits)
+    settings = (call.momentum, call.eps, inp.dtype, call.limits, call.m2)
     coef, save = _host.finish(count, mean, m2, call.weight, call.bias, *running, *settings)
-    if call.limits is not None:
-        call.factors = save[2:]
+    if save.shape[0] > 2:
+        call.extra = save[2:]
     return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input")), save[0], save[1]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _call
+from . import _call, _ghost, _layout
 
 #: An input: a NumPy array (or anything ``numpy.asarray`` takes), a GPU array or a
 #: ``dask.array.Array``; results come back as the same kind of array.
@@ -31,6 +31,7 @@ def batch_norm(
     axis: int = 1,
     out: Array | None = None,
     stream: Any = None,
+    virtual_batch_size: int | None = None,
 ) -> Array:
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
@@ -60,6 +61,11 @@ def batch_norm(
         GPU inputs only: the CUDA stream to run on (a numba, CuPy or PyTorch stream, or a
         ``cudaStream_t`` int); default the input library's current stream.  Nothing
         synchronizes the host.
+    virtual_batch_size : int >= 1, optional
+        Ghost batches in training: axis 0 cut into consecutive batches of this many samples
+        (the last holds the remainder), each normalized with its own statistics; the running
+        statistics take one update from the whole batch's (the ghosts' merged).  NumPy and
+        GPU arrays; the feature axis must not be 0.  Ignored in eval.
 
     Returns
     -------
@@ -82,10 +88,12 @@ def batch_norm(
     during the call (one pass) and the running statistics updated then; the normalization is
     the lazy second pass; ``out`` is refused (see the Dask page of the docs).
     """
+    virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    return _call.forward_call(
-        inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=False
-    ).run()[0]
+    call = _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=False)
+    if call.training and _ghost.applies(inp, virtual_batch_size):
+        return _ghost.forward(call, virtual_batch_size)[0]
+    return call.run()[0]
 
 
 def batch_norm_forward(
@@ -101,11 +109,15 @@ def batch_norm_forward(
     axis: int = 1,
     out: Array | None = None,
     stream: Any = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, np.ndarray, np.ndarray]:
     """Batch-norm forward that also returns what :func:`batch_norm_backward` needs.
 
     Parameters are those of :func:`batch_norm`; here ``training`` defaults to True and
-    without running statistics eval mode is an error, as there.
+    without running statistics eval mode is an error, as there.  With ghost batches
+    (``virtual_batch_size`` below the batch size, in training) ``save_mean`` and
+    ``save_invstd`` are float64 host arrays of shape ``(G, C)``, a row per ghost batch, for
+    :func:`batch_norm_backward` with the same ``virtual_batch_size``.
 
     Returns
     -------
@@ -117,8 +129,12 @@ def batch_norm_forward(
         loses nothing when ``|mean| / std`` is large.  NumPy arrays for a Dask input too
         (the output is lazy).
     """
+    virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    return _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out).run()
+    call = _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out)
+    if call.training and _ghost.applies(inp, virtual_batch_size):
+        return _ghost.forward(call, virtual_batch_size)[:3]
+    return call.run()
 
 
 def batch_norm_backward(
@@ -132,6 +148,7 @@ def batch_norm_backward(
     axis: int = 1,
     out: Array | None = None,
     stream: Any = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """Gradients of batch normalization.
 
@@ -154,6 +171,10 @@ def batch_norm_backward(
     out : ndarray, optional
         Receives ``grad_input`` (same shape and dtype as ``input``; may be ``grad_output``
         itself).  Saves allocating (and the OS zero-filling) a new array per call.
+    virtual_batch_size : int >= 1, optional
+        The forward's (training): each ghost batch's own backward, ``grad_weight`` and
+        ``grad_bias`` summed over the ghosts in order; ``save_mean`` and ``save_invstd``
+        then have shape ``(G, C)``.
 
     Returns
     -------
@@ -174,6 +195,9 @@ def batch_norm_backward(
         grad_input  = weight * invstd / n * (n * g - grad_bias - xhat * grad_weight)  # training
         grad_input  = g * weight * invstd                                            # eval
     """
+    virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
+    if _layout.check_flag(training, "training") and _ghost.applies(inp, virtual_batch_size):
+        return _ghost.backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_size, out=out)[:3]
     call = _call.backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum=False)
     return call.run()[:3]

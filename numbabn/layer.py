@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _call, _layout
+from . import _call, _ghost, _layout
 from ._device import is_device
 
 
@@ -64,6 +64,12 @@ class BatchNorm:
         Where parameters and buffers live: NumPy arrays, or numba device arrays on the
         current GPU (inputs are then GPU arrays: numba, CuPy or PyTorch CUDA; outputs are
         of the input's kind).  :meth:`state_dict` always returns host arrays.
+    virtual_batch_size : int >= 1, optional
+        Ghost batches in training (Keras's and TabNet's name): axis 0 cut into consecutive
+        batches of this many samples (the last holds the remainder), each normalized with
+        its own statistics; the running statistics take one update per call from the whole
+        batch's, the ghosts' merged.  NumPy and GPU inputs; the feature axis must not be 0.
+        Eval ignores it.
 
     Attributes
     ----------
@@ -99,7 +105,7 @@ class BatchNorm:
     #: Attributes that stay host arrays on a GPU layer, and what a pickle drops (the last
     #: forward's, for :meth:`backward`).
     _HOST_STATE = ("update_threshold",)
-    _BACKWARD_STATE = ("_saved",)
+    _BACKWARD_STATE = ("_saved", "_ghosts")
 
     def __init__(
         self,
@@ -113,6 +119,7 @@ class BatchNorm:
         dtype: Any = np.float32,
         decay: float | None = None,
         device: str = "cpu",
+        virtual_batch_size: int | None = None,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int >= 1, got {type(num_features).__name__} {num_features!r}")
@@ -140,12 +147,14 @@ class BatchNorm:
             momentum = _layout.check_momentum(momentum)
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
         self.num_features = int(num_features)
         self.eps = _layout.check_eps(eps)
         self.momentum = momentum
         self.affine = _layout.check_flag(affine, "affine")
         self.track_running_stats = _layout.check_flag(track_running_stats, "track_running_stats")
         self.axis = int(axis)
+        self.virtual_batch_size = virtual_batch_size
         self.dtype = dtype
         self.device = device
         if device == "cuda":
@@ -163,6 +172,7 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._saved = None
+        self._ghosts = None
 
     @property
     def decay(self) -> float | None:
@@ -259,8 +269,21 @@ class BatchNorm:
 
     def _run_forward(self, call):
         """``(output, save_mean, save_invstd)`` of a checked forward call (SyncBatchNorm
-        exchanges statistics here)."""
-        return call.run()
+        exchanges statistics here); as ghost batches when :attr:`virtual_batch_size` asks."""
+        ghosts = self._ghost_size(call)
+        self._ghosts = None
+        if ghosts is None:
+            return call.run()
+        y, mean, invstd, _ = _ghost.forward(call, ghosts)
+        self._ghosts = (ghosts, None)
+        return y, mean, invstd
+
+    def _ghost_size(self, call):
+        """The ghost batch size a training call runs with, or None (see :mod:`numbabn._ghost`)."""
+        if not call.training or self.virtual_batch_size is None:
+            return None
+        size = _ghost.check_size(self.virtual_batch_size, self.axis)
+        return size if _ghost.applies(call.inp, size) else None
 
     def backward(self, grad_output: Any) -> Any:
         """Gradient of the last :meth:`forward`'s output.
@@ -285,8 +308,15 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
         inp, mean, invstd, use_batch = self._saved
-        call = _call.backward_call(inp, grad_output, self.weight, mean, invstd, use_batch, None)
-        grad_input, grad_weight, grad_bias, abs_grad_sum, n = self._run_backward(call)
+        if self._ghosts is not None:
+            size, factors = self._ghosts
+            grad_input, grad_weight, grad_bias, abs_grad_sum = _ghost.backward(
+                inp, grad_output, self.weight, mean, invstd, size, factors
+            )
+            n = _layout.values_per_channel(inp.shape, inp.axis)
+        else:
+            call = _call.backward_call(inp, grad_output, self.weight, mean, invstd, use_batch, None)
+            grad_input, grad_weight, grad_bias, abs_grad_sum, n = self._run_backward(call)
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
         self.update_threshold = inp.backend.scaled(abs_grad_sum, 1.0 / n if n else np.nan)
@@ -442,6 +472,7 @@ class BatchNorm:
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
+            + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else "")
             + (", device='cuda')" if self.device == "cuda" else ")")
         )
 

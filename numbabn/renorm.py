@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _call, _layout
-from ._device import is_device
+from . import _call, _ghost, _layout
 from .layer import DEFAULT_MOMENTUM, BatchNorm
 
 Array = Any
@@ -46,48 +45,24 @@ def _limit(value, name, low):
     return value
 
 
-def renorm_factors(mean, var, running_mean, running_var, eps, rmax, dmax):
-    """Per-channel ``(r, d)``, float64, from the batch's ``mean`` and biased ``var`` and the
-    running statistics before the step's update (all float64 host arrays)."""
-    s = np.sqrt(running_var + eps)
-    r = np.clip(np.sqrt(var + eps) / s, 1.0 / rmax, rmax)
-    d = np.clip((mean - running_mean) / s, -dmax, dmax)
-    return r, d
-
-
-def _host(a):
-    """A per-channel array (host or GPU) as a float64 NumPy array."""
-    if is_device(a):
-        from .cuda._arrays import as_numba
-
-        a = as_numba(a).copy_to_host()
-    return np.asarray(a, dtype=np.float64)
-
-
-def _like(values, inp, like=None):
-    """Host float64 ``values`` in ``inp``'s dtype, on ``inp``'s device (as ``like``'s kind of
-    array there, when given)."""
-    values = np.ascontiguousarray(values, dtype=inp.dtype)
-    if inp.backend.DEVICE == "cpu":
-        return values
-    from numba import cuda
-
-    from .cuda._arrays import like as like_kind
-
-    d = cuda.to_device(values)
-    return d if like is None else like_kind(d, like)
-
-
-def _forward(call, rmax, dmax):
+def _forward(call, rmax, dmax, ghosts=None):
     """``(output, save_mean, save_invstd, r, d)`` of a checked training
-    :class:`numbabn._call.ForwardCall` with running statistics, renormalized."""
+    :class:`numbabn._call.ForwardCall` with running statistics, renormalized; as ghost
+    batches of ``ghosts`` samples when given (then every per-channel result is ``(G, C)``,
+    a row per ghost)."""
+    identity = rmax == 1.0 and dmax == 0.0  # r = 1 and d = 0 exactly: batch normalization
+    if ghosts is not None:
+        call.limits = None if identity else (rmax, dmax)
+        y, mean, invstd, extra = _ghost.forward(call, ghosts)
+        if identity:
+            return y, mean, invstd, np.ones(mean.shape), np.zeros(mean.shape)
+        return y, mean, invstd, extra[:, 1], extra[:, 2]
     num_channels = call.inp.num_channels
-    if (rmax == 1.0 and dmax == 0.0) or call.inp.x.size == 0:
-        # r = 1 and d = 0 exactly (or an empty batch): batch normalization itself.
+    if identity or call.inp.x.size == 0:  # (an empty batch has no r and d either)
         return (*call.run(), np.ones(num_channels), np.zeros(num_channels))
     call.limits = (rmax, dmax)
     y, mean, invstd = call.run()
-    r, d = call.factors
+    r, d = call.extra
     return y, mean, invstd, r, d
 
 
@@ -95,19 +70,24 @@ def _backward(call, r, d):
     """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked training
     :class:`numbabn._call.BackwardCall` of a renormalized forward with factors ``r``, ``d``."""
     inp = call.inp
-    w = np.ones(inp.num_channels) if call.weight is None else _host(call.weight)
-    scaled = _call.BackwardCall(
-        inp, call.grad_output, _like(w * r, inp), call.save_mean, call.save_invstd, True, call.out, call.abs_sum
-    )
+    w = np.ones(inp.num_channels) if call.weight is None else _ghost.host(call.weight)
+    weight = _ghost.on_device_of(inp, w * r, inp.dtype)
+    saved = (call.save_mean, call.save_invstd)
+    scaled = _call.BackwardCall(inp, call.grad_output, weight, *saved, True, call.out, call.abs_sum)
     grad_input, grad_xhat, grad_bias, abs_sum = inp.backend.backward(scaled)
-    grad_weight = _like(r * _host(grad_xhat) + d * _host(grad_bias), inp, grad_xhat)
+    grad_weight = r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias)
+    grad_weight = _ghost.on_device_of(inp, grad_weight, inp.dtype, True)
     return grad_input, grad_weight, grad_bias, abs_sum
 
 
 def _factors(a, name, inp):
     """``r`` or ``d`` as given to :func:`batch_renorm_backward`: float64 host values, finite."""
     a = _layout.per_channel(a, inp.num_channels, np.dtype(np.float64), name, allow_f64=True)
-    a = np.asarray(a, dtype=np.float64)
+    return _finite(a, name)
+
+
+def _finite(a, name):
+    a = _ghost.host(a)
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite (as batch_renorm_forward returns it), got {a[~np.isfinite(a)][0]}")
     return a
@@ -127,6 +107,7 @@ def batch_renorm_forward(
     axis: int = 1,
     out: Array | None = None,
     stream: Any = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, Array, Array, np.ndarray, np.ndarray]:
     """Batch Renormalization's training forward; returns what
     :func:`batch_renorm_backward` needs.
@@ -145,8 +126,9 @@ def batch_renorm_forward(
     dmax : float >= 0, default 5.0
         ``d`` is clipped to ``[-dmax, dmax]``.  ``rmax=1, dmax=0`` is batch normalization,
         bit for bit.
-    momentum, eps, axis, out, stream
-        As :func:`batch_norm_forward`.
+    momentum, eps, axis, out, stream, virtual_batch_size
+        As :func:`batch_norm_forward`; with ghost batches every ghost gets its own ``r`` and
+        ``d`` (from the running statistics before the call's one update).
 
     Returns
     -------
@@ -155,7 +137,8 @@ def batch_renorm_forward(
     save_mean, save_invstd : ndarray of float64, shape (C,)
         The batch's mean and ``1 / s_B``.
     r, d : ndarray of float64, shape (C,)
-        The correction factors, host arrays.
+        The correction factors, host arrays (``(G, C)`` with ghost batches, as the saved
+        statistics).
 
     Raises
     ------
@@ -164,11 +147,12 @@ def batch_renorm_forward(
         every error of :func:`batch_norm_forward` in training.  Nothing is written then.
     """
     rmax, dmax = check_limits(rmax, dmax)
+    virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required by batch renormalization (r and d), got None")
     inp = _call.check_input(input, axis, stream)
     call = _call.forward_call(inp, weight, bias, running_mean, running_var, True, momentum, eps, out)
-    return _forward(call, rmax, dmax)
+    return _forward(call, rmax, dmax, virtual_batch_size if _ghost.applies(inp, virtual_batch_size) else None)
 
 
 def batch_renorm_backward(
@@ -183,14 +167,15 @@ def batch_renorm_backward(
     axis: int = 1,
     out: Array | None = None,
     stream: Any = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """Gradients of Batch Renormalization's training forward, ``r`` and ``d`` held fixed.
 
     Parameters
     ----------
-    grad_output, input, weight, save_mean, save_invstd, axis, out, stream
+    grad_output, input, weight, save_mean, save_invstd, axis, out, stream, virtual_batch_size
         As :func:`batch_norm_backward`.
-    r, d : ndarray of shape (C,)
+    r, d : ndarray of shape (C,), or (G, C) with ghost batches
         As returned by :func:`batch_renorm_forward`.
 
     Returns
@@ -199,7 +184,12 @@ def batch_renorm_backward(
         As :func:`batch_norm_backward`; here ``grad_weight = sum(g * (xhat * r + d))`` and
         ``grad_input`` is the batch-norm gradient with weight ``weight * r``.
     """
+    virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
+    if _ghost.applies(inp, virtual_batch_size):
+        factors = (_finite(r, "r"), _finite(d, "d"))
+        args = (inp, grad_output, weight, save_mean, save_invstd, virtual_batch_size, factors, out)
+        return _ghost.backward(*args)[:3]
     r, d = _factors(r, "r", inp), _factors(d, "d", inp)
     call = _call.backward_call(inp, grad_output, weight, save_mean, save_invstd, True, out, abs_sum=False)
     return _backward(call, r, d)[:3]
@@ -212,8 +202,9 @@ class BatchRenorm(BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, axis, dtype, decay, device
-        As :class:`BatchNorm`.  Running statistics are always tracked.
+    num_features, eps, momentum, affine, axis, dtype, decay, device, virtual_batch_size
+        As :class:`BatchNorm`.  Running statistics are always tracked.  With ghost batches
+        each ghost has its own ``r`` and ``d``.
     rmax : float >= 1, default 3.0
         ``r`` is clipped to ``[1 / rmax, rmax]``.  A writable attribute, as schedules ramp it
         up during training (from 1).
@@ -250,9 +241,11 @@ class BatchRenorm(BatchNorm):
         dtype: Any = np.float32,
         decay: float | None = None,
         device: str = "cpu",
+        virtual_batch_size: int | None = None,
     ) -> None:
         rmax, dmax = check_limits(rmax, dmax)
-        super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype, decay=decay, device=device)
+        settings = dict(axis=axis, dtype=dtype, decay=decay, device=device, virtual_batch_size=virtual_batch_size)
+        super().__init__(num_features, eps, momentum, affine, True, **settings)
         self._rmax, self._dmax = rmax, dmax
         self.r = self.d = None
         self._factors = None
@@ -279,11 +272,14 @@ class BatchRenorm(BatchNorm):
         self._dmax = _limit(value, "dmax", 0.0)
 
     def _run_forward(self, call):
+        self._factors = self._ghosts = None
         if not call.training:
-            self._factors = None
             return call.run()
-        y, mean, invstd, r, d = _forward(call, self._rmax, self._dmax)
+        ghosts = self._ghost_size(call)
+        y, mean, invstd, r, d = _forward(call, self._rmax, self._dmax, ghosts)
         self._factors = (r, d)
+        if ghosts is not None:
+            self._ghosts = (ghosts, self._factors)
         self.r, self.d = r, d
         return y, mean, invstd
 
@@ -297,5 +293,6 @@ class BatchRenorm(BatchNorm):
         return (
             f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"rmax={self._rmax}, dmax={self._dmax}, axis={self.axis}, dtype={self.dtype.name}"
+            + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else "")
             + (", device='cuda')" if self.device == "cuda" else ")")
         )

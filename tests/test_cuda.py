@@ -279,6 +279,24 @@ def test_batch_renorm_on_device_matches_cpu(rng):
     assert_close(host(gpu(dev(x))), cpu(x), np.float32)
 
 
+def test_ghost_batches_on_device_match_cpu(rng):
+    x = make_input(rng, (7, 3, 10), 1, np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    for cls, kw in ((numbabn.BatchNorm, {}), (numbabn.BatchRenorm, dict(rmax=1.2, dmax=0.3))):
+        gpu = cls(3, device="cuda", virtual_batch_size=3, **kw)
+        cpu = cls(3, virtual_batch_size=3, **kw)
+        state = cpu.state_dict()
+        state["running_mean"] = rng.normal(0.0, 2.0, 3).astype(np.float32)
+        cpu.load_state_dict(state)
+        gpu.load_state_dict(state)
+        assert_close(host(gpu(dev(x))), cpu(x), np.float32)
+        assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
+        assert_close(host(gpu.grad_weight), cpu.grad_weight, np.float32, scale=60)
+        assert_close(host(gpu.update_threshold), cpu.update_threshold, np.float64, rtol=1e-6)
+        for k, v in cpu.state_dict().items():
+            assert_close(gpu.state_dict()[k], v, np.float32, err_msg=k)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

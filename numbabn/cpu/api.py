@@ -91,7 +91,7 @@ def forward(call):
     x, dtype = inp.x, inp.dtype
     dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
-    save = save_rows(call.limits, inp.num_channels)
+    save = save_rows(call.limits, inp.num_channels, call.m2)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     if not call.training:
         _fwd.forward_eval(inp.parallel, inp.layout, inp.view(x), w, b, rm, rv, call.eps, inp.view(dest), save)
@@ -109,10 +109,10 @@ def forward(call):
 
 def _forward_result(call, dest, save):
     """What a forward returns: the output (in ``out`` when given), then the saved mean and
-    invstd, or None for a call that is not ``saved``; Batch Renormalization's ``r`` and
-    ``d`` go to ``call.factors``."""
-    if call.limits is not None:
-        call.factors = save[2:]
+    invstd, or None for a call that is not ``saved``; the rows of ``save`` past those go to
+    ``call.extra``."""
+    if save.shape[0] > 2:
+        call.extra = save[2:]
     y = deliver(dest, call.out)
     return (y, save[0], save[1]) if call.saved else (y, None, None)
 
@@ -174,19 +174,19 @@ def scaled(a, factor):
 # parallelism).
 
 
-def finish(count, mean, m2, weight, bias, running_mean, running_var, momentum, eps, dtype, limits=None):
+def finish(count, mean, m2, weight, bias, running_mean, running_var, momentum, eps, dtype, limits=None, want_m2=False):
     """Merged statistics ``(count, mean, m2)`` of every channel to the fold coefficients
     ``coef`` (2, C) of :func:`apply` and the saved ``(mean, invstd)`` (2, C), both float64,
     with the EMA update of ``running_mean`` and ``running_var`` (in place, when given) that a
-    training forward on those statistics makes; with Batch Renormalization's ``limits``,
-    ``save`` has four rows, the last two ``r`` and ``d`` (:func:`numbabn._math.save_rows`)."""
+    training forward on those statistics makes; ``save`` has the rows of
+    :func:`numbabn._math.save_rows` for ``limits`` and ``want_m2``."""
     num_channels = mean.shape[0]
     stats = np.empty((3, num_channels))
     stats[0] = count
     stats[1] = mean
     stats[2] = m2
     rm, rv = _buffers(running_mean, running_var, dtype)
-    coef, save = np.empty((2, num_channels)), save_rows(limits, num_channels)
+    coef, save = np.empty((2, num_channels)), save_rows(limits, num_channels, want_m2)
     w, b = _affine(weight, bias, num_channels, dtype)
     _fwd.finish_channels(stats, w, b, rm, rv, momentum, eps, coef, save)
     _write_back(running_mean, rm)
@@ -272,7 +272,7 @@ def forward_with_stats(call, stats):
     dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
-    save = save_rows(call.limits, inp.num_channels)
+    save = save_rows(call.limits, inp.num_channels, call.m2)
     xv, yv = inp.view(x), inp.view(dest)
     _fwd.forward_with_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
     if rm is not call.running_mean or rv is not call.running_var:

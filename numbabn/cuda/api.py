@@ -123,8 +123,8 @@ def forward(call):
         save = _arrays.to_device(np.full((2, inp.num_channels), np.nan), st)
     else:
         # A call that is not saved writes its mean and invstd where nothing reads them.
-        if call.limits is not None:
-            save = _arrays.to_device(save_rows(call.limits, inp.num_channels), st)
+        if call.limits is not None or call.m2:
+            save = _arrays.to_device(save_rows(call.limits, inp.num_channels, call.m2), st)
         elif call.saved:
             save = _arrays.empty((2, inp.num_channels), "f8", st)
         else:
@@ -136,18 +136,18 @@ def forward(call):
         else:
             _fwd.forward_eval(x3, w, b, running_mean, running_var, call.eps, y3, save, st)
         if not call.saved:
-            _factors(call, save, st)
+            _extra(call, save, st)
             return y, None, None
-    _factors(call, save, st)
+    _extra(call, save, st)
     mean, invstd = _arrays.rows(save)[:2]
     return y, inp.hand_back(mean), inp.hand_back(invstd)
 
 
-def _factors(call, save, stream):
-    """Batch Renormalization's ``r`` and ``d`` (rows 2 and 3 of ``save``) to ``call.factors``
+def _extra(call, save, stream):
+    """The rows of ``save`` past the mean and invstd (``_math.save_rows``) to ``call.extra``,
     on the host."""
-    if call.limits is not None:
-        call.factors = _arrays.to_host(save, stream)[2:]
+    if save.shape[0] > 2:
+        call.extra = _arrays.to_host(save, stream)[2:]
 
 
 def backward(call):
@@ -242,7 +242,7 @@ def forward_with_stats(call, stats):
     inp, out = call.inp, call.out
     st, num_channels = inp.stream, inp.num_channels
     dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
-    save = _arrays.to_device(save_rows(call.limits, num_channels), st)
+    save = _arrays.to_device(save_rows(call.limits, num_channels, call.m2), st)
     if num_channels:
         stats = _arrays.to_device(np.ascontiguousarray(stats, dtype=np.float64), st)
         w = inp.constant(1.0) if call.weight is None else call.weight
@@ -252,7 +252,7 @@ def forward_with_stats(call, stats):
         x3, y3 = inp.view(inp.x), inp.view(dest)
         _fwd.forward_with_stats(x3, stats, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
     y = out if out is not None else inp.hand_back(dest)
-    _factors(call, save, st)
+    _extra(call, save, st)
     mean, invstd = _arrays.rows(save)[:2]
     return y, inp.hand_back(mean), inp.hand_back(invstd)
 
