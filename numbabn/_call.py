@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from . import _layout
+from . import _layout, _mask
 from ._device import is_device
 from .cpu import api as _host
 
@@ -79,6 +79,8 @@ class ForwardCall:
         "limits",
         "m2",
         "extra",
+        "mask",
+        "kept",
     )
 
     def __init__(self, inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=True):
@@ -99,6 +101,8 @@ class ForwardCall:
         self.limits = None
         self.m2 = False
         self.extra = None
+        self.mask = None  # masked statistics in training (numbabn._mask), and its True count
+        self.kept = None
 
     def run(self):
         """``(output, save_mean, save_invstd)`` from the input's backend (the last two None
@@ -109,7 +113,18 @@ class ForwardCall:
 class BackwardCall:
     """A checked backward call."""
 
-    __slots__ = ("inp", "grad_output", "weight", "save_mean", "save_invstd", "training", "out", "abs_sum")
+    __slots__ = (
+        "inp",
+        "grad_output",
+        "weight",
+        "save_mean",
+        "save_invstd",
+        "training",
+        "out",
+        "abs_sum",
+        "mask",
+        "kept",
+    )
 
     def __init__(self, inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum=True):
         self.inp = inp
@@ -120,6 +135,8 @@ class BackwardCall:
         self.training = training
         self.out = out
         self.abs_sum = abs_sum  # whether the caller takes abs_grad_sum
+        self.mask = None  # the training forward's mask (numbabn._mask), and its True count
+        self.kept = None
 
     def run(self):
         """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` from the input's backend
@@ -130,7 +147,9 @@ class BackwardCall:
 _OUT_INPUT = (frozenset(("out", "input")),)
 
 
-def forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False, saved=True):
+def forward_call(
+    inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False, saved=True, mask=None
+):
     """Check a forward call's arguments against its checked input ``inp``; ``part``: ``inp``
     is one process's part of a global batch, whose count the caller checks once the parts'
     statistics are exchanged (SyncBatchNorm), not the part's own; ``saved``: whether the
@@ -151,8 +170,13 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
         raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
     # Checked in eval mode too, where it is unused, so a bad value never waits for training.
     momentum = _layout.check_momentum(momentum)
+    kept = None
+    if mask is not None:
+        mask, kept = _mask.check(mask, inp)
     if training:
-        if not part:
+        if kept is not None:
+            _mask.check_kept(kept)
+        elif not part:
             _layout.check_training_count(inp.shape, inp.axis)
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
@@ -170,10 +194,13 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
         if not training:
             read += (("running_mean", running_mean), ("running_var", running_var))
         _layout.check_disjoint(written, read, _OUT_INPUT)
-    return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
+    call = ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
+    if training and mask is not None:  # eval: the mask changes nothing
+        call.mask, call.kept = mask, kept
+    return call
 
 
-def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out, *, abs_sum=True):
+def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out, *, abs_sum=True, mask=None):
     """Check a backward call's arguments against its checked input ``inp``; ``abs_sum``:
     whether the caller takes the per-channel ``sum |grad_output|``."""
     grad_output = inp.like_input(grad_output, "grad_output")
@@ -189,4 +216,10 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
         _layout.check_disjoint(
             (("out", out),), (("weight", weight), ("save_mean", save_mean), ("save_invstd", save_invstd))
         )
-    return BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum)
+    kept = None
+    if mask is not None:
+        mask, kept = _mask.check(mask, inp)
+    call = BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum)
+    if training and mask is not None:
+        call.mask, call.kept = mask, kept
+    return call

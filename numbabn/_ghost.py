@@ -119,6 +119,8 @@ def forward(call, virtual_batch_size):
     ``r`` and ``d`` with ``call.limits``)."""
     inp = call.inp
     _check(inp, virtual_batch_size)
+    if call.mask is not None:
+        raise NotImplementedError("virtual_batch_size and mask together are not supported: give one of them")
     num_channels, stream = inp.num_channels, getattr(inp, "stream", None)
     dest, y = _output(inp, call.out)
     parts = slices(inp.shape[0], virtual_batch_size)

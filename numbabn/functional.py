@@ -32,6 +32,7 @@ def batch_norm(
     out: Array | None = None,
     stream: Any = None,
     virtual_batch_size: int | None = None,
+    mask: Array | None = None,
 ) -> Array:
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
@@ -66,6 +67,13 @@ def batch_norm(
         (the last holds the remainder), each normalized with its own statistics; the running
         statistics take one update from the whole batch's (the ghosts' merged).  NumPy and
         GPU arrays; the feature axis must not be 0.  Ignored in eval.
+    mask : ndarray of bool, optional
+        Masked statistics in training (NumPy inputs): ``input``'s shape with 1 on the feature
+        axis, True where a value counts (padding False), the same for every channel.  The
+        batch statistics and the running-statistics update (its count, in the unbiased
+        variance too) use the kept values only; every value is normalized with them.  A mask
+        keeping nothing is an empty batch (NaN output, no update); keeping one value per
+        channel is refused.  Ignored in eval.
 
     Returns
     -------
@@ -90,7 +98,8 @@ def batch_norm(
     """
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    call = _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=False)
+    settings = (training, momentum, eps, out)
+    call = _call.forward_call(inp, weight, bias, running_mean, running_var, *settings, saved=False, mask=mask)
     if call.training and _ghost.applies(inp, virtual_batch_size):
         return _ghost.forward(call, virtual_batch_size)[0]
     return call.run()[0]
@@ -110,6 +119,7 @@ def batch_norm_forward(
     out: Array | None = None,
     stream: Any = None,
     virtual_batch_size: int | None = None,
+    mask: Array | None = None,
 ) -> tuple[Array, np.ndarray, np.ndarray]:
     """Batch-norm forward that also returns what :func:`batch_norm_backward` needs.
 
@@ -131,7 +141,7 @@ def batch_norm_forward(
     """
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    call = _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out)
+    call = _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, mask=mask)
     if call.training and _ghost.applies(inp, virtual_batch_size):
         return _ghost.forward(call, virtual_batch_size)[:3]
     return call.run()
@@ -149,6 +159,7 @@ def batch_norm_backward(
     out: Array | None = None,
     stream: Any = None,
     virtual_batch_size: int | None = None,
+    mask: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """Gradients of batch normalization.
 
@@ -175,6 +186,10 @@ def batch_norm_backward(
         The forward's (training): each ghost batch's own backward, ``grad_weight`` and
         ``grad_bias`` summed over the ghosts in order; ``save_mean`` and ``save_invstd``
         then have shape ``(G, C)``.
+    mask : ndarray of bool, optional
+        The forward's (training): the exact gradient of the masked forward.  A dropped value
+        gets gradient through the normalization only (``g * weight * invstd``), not through
+        the statistics; ``grad_weight`` and ``grad_bias`` sum over every value.
 
     Returns
     -------
@@ -198,6 +213,9 @@ def batch_norm_backward(
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
     if _layout.check_flag(training, "training") and _ghost.applies(inp, virtual_batch_size):
+        if mask is not None:
+            raise NotImplementedError("virtual_batch_size and mask together are not supported: give one of them")
         return _ghost.backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_size, out=out)[:3]
-    call = _call.backward_call(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum=False)
+    saved = (save_mean, save_invstd, training, out)
+    call = _call.backward_call(inp, grad_output, weight, *saved, abs_sum=False, mask=mask)
     return call.run()[:3]

@@ -105,7 +105,7 @@ class BatchNorm:
     #: Attributes that stay host arrays on a GPU layer, and what a pickle drops (the last
     #: forward's, for :meth:`backward`).
     _HOST_STATE = ("update_threshold",)
-    _BACKWARD_STATE = ("_saved", "_ghosts")
+    _BACKWARD_STATE = ("_saved", "_saved_mask", "_ghosts")
 
     def __init__(
         self,
@@ -172,6 +172,7 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._saved = None
+        self._saved_mask = None
         self._ghosts = None
 
     @property
@@ -221,7 +222,7 @@ class BatchNorm:
             buffer[...] = value
 
     # -- forward / backward -----------------------------------------------------------------
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, mask: Any = None) -> Any:
         """Normalize ``x``; in training mode also update the running statistics.
 
         As ``torch.nn.BatchNorm*d``: training (or eval without running statistics) uses the
@@ -229,9 +230,15 @@ class BatchNorm:
         (an empty batch counts too, as in PyTorch) and, with ``momentum=None``, averages
         cumulatively (``momentum = 1 / num_batches_tracked``).  A Dask input gives a lazy
         output (its statistics are computed during the call).
+
+        ``mask`` (NumPy inputs): a bool array of ``x``'s shape with 1 on the feature axis,
+        True where a value counts in the batch statistics (padding False), the same for
+        every channel.  Training then normalizes every value with the statistics of the kept
+        ones, and the running statistics take their update from those (their count, in the
+        unbiased variance too); :meth:`backward` reuses it.  Eval ignores it.
         """
         inp = self._check_input(x)
-        call = self._forward_call(inp)
+        call = self._forward_call(inp, mask=mask)
         # The count this call leaves, worked out first: a bad one stops it before any write.
         tracked = self._tracked() + 1 if self.training and self.track_running_stats else None
         y, mean, invstd = self._run_forward(call)
@@ -240,13 +247,14 @@ class BatchNorm:
         # The input is kept by reference for backward(), as PyTorch keeps it: modifying it in
         # place before backward() changes the gradients (PyTorch would raise; this cannot tell).
         self._saved = (inp, mean, invstd, call.training)
+        self._saved_mask = None if call.mask is None else (call.mask, call.kept)
         return y
 
     __call__ = forward
 
-    def _forward_call(self, inp, part=False):
+    def _forward_call(self, inp, part=False, mask=None):
         """The checked forward call of this layer's state on the checked input ``inp``
-        (``part``: see :func:`numbabn._call.forward_call`)."""
+        (``part`` and ``mask``: see :func:`numbabn._call.forward_call`)."""
         training = _layout.check_flag(self.training, "training")
         use_batch = training or self.running_mean is None
         track = training and self.track_running_stats
@@ -254,7 +262,8 @@ class BatchNorm:
         if track and self.momentum is None:
             momentum = 1.0 / (self._tracked() + 1)
         running = (None, None) if training and not track else (self.running_mean, self.running_var)
-        return _call.forward_call(inp, self.weight, self.bias, *running, use_batch, momentum, self.eps, None, part=part)
+        settings = (use_batch, momentum, self.eps, None)
+        return _call.forward_call(inp, self.weight, self.bias, *running, *settings, part=part, mask=mask)
 
     def _tracked(self):
         """``num_batches_tracked``, checked: an int >= 0 (it may have been assigned)."""
@@ -316,6 +325,8 @@ class BatchNorm:
             n = _layout.values_per_channel(inp.shape, inp.axis)
         else:
             call = _call.backward_call(inp, grad_output, self.weight, mean, invstd, use_batch, None)
+            if self._saved_mask is not None:  # the forward's mask, checked then
+                call.mask, call.kept = self._saved_mask
             grad_input, grad_weight, grad_bias, abs_grad_sum, n = self._run_backward(call)
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias

@@ -74,6 +74,7 @@ def _backward(call, r, d):
     weight = _ghost.on_device_of(inp, w * r, inp.dtype)
     saved = (call.save_mean, call.save_invstd)
     scaled = _call.BackwardCall(inp, call.grad_output, weight, *saved, True, call.out, call.abs_sum)
+    scaled.mask, scaled.kept = call.mask, call.kept
     grad_input, grad_xhat, grad_bias, abs_sum = inp.backend.backward(scaled)
     grad_weight = r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias)
     grad_weight = _ghost.on_device_of(inp, grad_weight, inp.dtype, True)

@@ -10,17 +10,20 @@ import sys
 
 import numpy as np
 
-from .. import _layout
+from .. import _layout, _mask
 from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
 from .._math import save_rows
 from . import _plan
 from . import backward as _bwd
 from . import forward as _fwd
+from . import masked as _masked
 from . import stats as _stats
 
 #: Where this backend's arrays live (``BatchNorm.device``'s spelling).
 DEVICE = "cpu"
+#: Masked statistics run here (``numbabn._mask``).
+MASKS = True
 
 _F64 = np.dtype(np.float64)  # compared with dtypes: ``dtype == np.float64`` converts the type each time
 
@@ -87,6 +90,8 @@ class Input:
 
 def forward(call):
     """``(output, save_mean, save_invstd)`` of a checked :class:`numbabn._call.ForwardCall`."""
+    if call.mask is not None:
+        return _masked_forward(call)
     inp = call.inp
     x, dtype = inp.x, inp.dtype
     dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
@@ -121,7 +126,51 @@ def backward(call):
     """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked
     :class:`numbabn._call.BackwardCall`; the last is the per-channel ``sum |grad_output|``
     (float64) that the reduction pass accumulates beside ``grad_bias``."""
+    if call.mask is not None:
+        return _masked_backward(call)
     return _backward(call, _bwd.backward)
+
+
+def _masked_forward(call):
+    """A training forward whose statistics count the values ``call.mask`` keeps; every value
+    is normalized with them.  No kept value is an empty batch: NaN out, no update."""
+    inp = call.inp
+    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
+    dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
+    save = save_rows(call.limits, num_channels, call.m2)
+    if call.kept == 0:
+        dest[...] = np.nan
+        save[...] = np.nan
+        return _forward_result(call, dest, save)
+    w, b = _affine(call.weight, call.bias, num_channels, dtype)
+    rm, rv = _buffers(call.running_mean, call.running_var, dtype)
+    mk = _mask.view(call.mask, inp)
+    xv, yv = inp.view(x), inp.view(dest)
+    _masked.forward_train_masked(inp.parallel, inp.layout, xv, mk, w, b, rm, rv, call.momentum, call.eps, yv, save)
+    if rm is not call.running_mean or rv is not call.running_var:
+        _write_back(call.running_mean, rm)
+        _write_back(call.running_var, rv)
+    return _forward_result(call, dest, save)
+
+
+def _masked_backward(call):
+    """The backward of :func:`_masked_forward`: the reduction over every value (as the
+    plain backward's), coefficients over the kept count, and the masked elementwise pass."""
+    inp = call.inp
+    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
+    g = _same_order(call.grad_output, x)
+    grad_input = _layout.output_for(x, call.out, g)
+    mean = _saved(call.save_mean)
+    sums = np.empty((3, num_channels))
+    gv, xv = inp.view(g), inp.view(x)
+    _bwd.grad_reduce(inp.parallel, inp.layout, gv, xv, mean, sums)
+    coef, grads = np.empty((3, num_channels)), np.empty((3, num_channels))
+    weight = per_channel_array(call.weight, 1.0, num_channels, dtype)
+    _bwd.grad_coefs(sums, float(call.kept), weight, mean, _saved(call.save_invstd), True, coef, grads)
+    mk = _mask.view(call.mask, inp)
+    _masked.grad_apply_masked(inp.parallel, inp.layout, gv, xv, mk, coef, inp.view(grad_input))
+    affine = grads[:2].astype(dtype)
+    return deliver(grad_input, call.out), affine[0], affine[1], grads[2]
 
 
 def _backward(call, driver, *sums):

@@ -1,0 +1,64 @@
+"""The batch-norm variants beside ``BatchNorm`` on the same arrays, timed in interleaved
+rounds (:func:`numbabn.bench.timing.interleaved`): Batch Renormalization and ghost batches,
+training forward and backward, float32.
+
+    .venv/bin/python tools/bench_variants.py [--budget SECONDS]
+
+Ratios are the variant's median time over ``BatchNorm``'s, measured side by side in one run.
+"""
+
+import argparse
+
+import numpy as np
+
+import numbabn
+from numbabn.bench.timing import interleaved
+
+#: (name, shape, axis, ghost batch size).
+CASES = [
+    ("NCHW (256, 64, 16, 16)", (256, 64, 16, 16), 1, 32),
+    ("NCHW (64, 64, 56, 56)", (64, 64, 56, 56), 1, 8),
+    ("NHWC (256, 16, 16, 64)", (256, 16, 16, 64), -1, 32),
+    ("(N, C) (256, 512)", (256, 512), 1, 32),
+    ("(N, C) (8192, 256)", (8192, 256), 1, 1024),
+]
+
+
+def layers(shape, axis, ghost):
+    c = shape[axis]
+    made = {
+        "BatchNorm": numbabn.BatchNorm(c, axis=axis),
+        "BatchRenorm": numbabn.BatchRenorm(c, axis=axis, rmax=3.0, dmax=5.0),
+        f"ghost {ghost}": numbabn.BatchNorm(c, axis=axis, virtual_batch_size=ghost),
+    }
+    for bn in made.values():  # running statistics away from the first batch's, so r, d != 1, 0
+        bn.running_mean[:] = 0.5
+        bn.running_var[:] = 2.0
+    return made
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=3.0, help="seconds per table row and pass")
+    a = p.parse_args()
+    rng = np.random.default_rng(0)
+    head = ("case", "pass", "BatchNorm", "BatchRenorm", "ghost", "renorm/bn", "ghost/bn")
+    print("{:26} {:8} {:>11} {:>12} {:>12} {:>10} {:>9}".format(*head))
+    for name, shape, axis, ghost in CASES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        g = rng.standard_normal(shape).astype(np.float32)
+        made = layers(shape, axis, ghost)
+        fwd = {k: (lambda bn=bn, x=x: bn(x)) for k, bn in made.items()}
+        t_fwd = interleaved(fwd, budget=a.budget)
+        for bn in made.values():
+            bn(x)
+        bwd = {k: (lambda bn=bn, g=g: bn.backward(g)) for k, bn in made.items()}
+        t_bwd = interleaved(bwd, budget=a.budget)
+        for label, t in (("forward", t_fwd), ("backward", t_bwd)):
+            bn_t, rn_t, gh_t = (t[k] * 1e6 for k in made)
+            times = f"{bn_t:9.1f}us {rn_t:10.1f}us {gh_t:10.1f}us"
+            print(f"{name:26} {label:8} {times} {rn_t / bn_t:10.2f} {gh_t / bn_t:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
