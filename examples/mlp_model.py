@@ -48,13 +48,14 @@ class Linear:
 class MLP:
     """``hidden`` blocks of Linear -> BatchNorm -> ReLU (no BatchNorm when ``bn_kwargs`` is
     None), then a Linear layer to the 10 classes.  ``bn_kwargs`` go to every
-    :class:`numbabn.BatchNorm` (``momentum``, ``eps``, ...)."""
+    :class:`numbabn.BatchNorm` (``momentum``, ``eps``, ...), or to ``bn_class`` instead
+    (:class:`numbabn.BatchRenorm`)."""
 
-    def __init__(self, hidden=(128, 128), bn_kwargs=None, seed=0):
+    def __init__(self, hidden=(128, 128), bn_kwargs=None, seed=0, bn_class=numbabn.BatchNorm):
         rng = np.random.default_rng(seed)
         sizes = (64, *hidden)
         self.linears = [Linear(a, b, rng, bias=bn_kwargs is None) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-        self.bns = [None if bn_kwargs is None else numbabn.BatchNorm(b, **bn_kwargs) for b in hidden]
+        self.bns = [None if bn_kwargs is None else bn_class(b, **bn_kwargs) for b in hidden]
         self.head = Linear(sizes[-1], 10, rng)
 
     def train(self, mode=True):
