@@ -7,7 +7,7 @@ from ._fold import fold
 from ._version import __version__ as __version__
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layer import BatchNorm
-from .renorm import BatchRenorm, batch_renorm_backward, batch_renorm_forward
+from .renorm import BatchRenorm, SyncBatchRenorm, batch_renorm_backward, batch_renorm_forward
 from .stats import Stats, merge_stats, welford
 from .sync import SyncBatchNorm
 
@@ -27,6 +27,7 @@ __all__ = [
     "BatchRenorm",
     "Stats",
     "SyncBatchNorm",
+    "SyncBatchRenorm",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",

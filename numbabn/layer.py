@@ -283,7 +283,7 @@ class BatchNorm:
         self._ghosts = None
         if ghosts is None:
             return call.run()
-        y, mean, invstd, _ = _ghost.forward(call, ghosts)
+        y, mean, invstd, call.extra = _ghost.forward(call, ghosts)
         self._ghosts = (ghosts, None)
         return y, mean, invstd
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _call, _ghost, _layout
 from .layer import DEFAULT_MOMENTUM, BatchNorm
+from .sync import SyncBatchNorm
 
 Array = Any
 
@@ -196,7 +197,84 @@ def batch_renorm_backward(
     return _backward(call, r, d)[:3]
 
 
-class BatchRenorm(BatchNorm):
+class _Renormalizing:
+    """Batch Renormalization on top of a batch-norm layer's steps (:class:`BatchRenorm`,
+    :class:`numbabn.SyncBatchRenorm`): a training forward asks the kernels for ``r`` and
+    ``d`` (``call.limits``), the backward runs with weight ``weight * r`` and corrects
+    ``grad_weight``; what the layer underneath does (ghost batches, exchanging statistics
+    between processes) is unchanged."""
+
+    _HOST_STATE = ("r", "d")
+    _BACKWARD_STATE = ("_factors",)
+
+    def _init_renorm(self, rmax, dmax):
+        self._rmax, self._dmax = rmax, dmax
+        self.r = self.d = None
+        self._factors = None
+
+    @property
+    def rmax(self) -> float:
+        """``r``'s clip, ``[1 / rmax, rmax]``; a finite float >= 1."""
+        return self._rmax
+
+    @rmax.setter
+    def rmax(self, value: float) -> None:
+        self._rmax = _limit(value, "rmax", 1.0)
+
+    @property
+    def dmax(self) -> float:
+        """``d``'s clip, ``[-dmax, dmax]``; a finite float >= 0."""
+        return self._dmax
+
+    @dmax.setter
+    def dmax(self, value: float) -> None:
+        self._dmax = _limit(value, "dmax", 0.0)
+
+    def _run_forward(self, call):
+        self._factors = None
+        if not call.training:
+            return super()._run_forward(call)
+        identity = self._rmax == 1.0 and self._dmax == 0.0  # r = 1 and d = 0: batch norm itself
+        # An empty batch has no r and d, unless other processes' parts make the statistics.
+        if not identity and (call.inp.x.size or self._statistics_elsewhere()):
+            call.limits = (self._rmax, self._dmax)
+        y, mean, invstd = super()._run_forward(call)
+        if call.limits is None:
+            ghosts = () if self._ghosts is None else (len(_ghost.slices(call.inp.shape[0], self._ghosts[0])),)
+            r, d = np.ones((*ghosts, self.num_features)), np.zeros((*ghosts, self.num_features))
+        else:
+            r, d = call.extra[..., -2, :], call.extra[..., -1, :]
+        self._factors = (r, d)
+        if self._ghosts is not None:
+            self._ghosts = (self._ghosts[0], self._factors)
+        self.r, self.d = r, d
+        return y, mean, invstd
+
+    def _statistics_elsewhere(self):
+        """Whether a training forward's statistics come from other processes too."""
+        return False
+
+    def _run_backward(self, call):
+        if self._factors is None or not call.training:
+            return super()._run_backward(call)
+        r, d = self._factors
+        inp = call.inp
+        w = np.ones(inp.num_channels) if call.weight is None else _ghost.host(call.weight)
+        call.weight = _ghost.on_device_of(inp, w * r, inp.dtype)
+        grad_input, grad_xhat, grad_bias, abs_sum, n = super()._run_backward(call)
+        grad_weight = _ghost.on_device_of(inp, r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias), inp.dtype, True)
+        return grad_input, grad_weight, grad_bias, abs_sum, n
+
+    def _renorm_repr(self, name):
+        return (
+            f"{name}({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"rmax={self._rmax}, dmax={self._dmax}, axis={self.axis}, dtype={self.dtype.name}"
+            + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else "")
+            + (", device='cuda')" if self.device == "cuda" else ")")
+        )
+
+
+class BatchRenorm(_Renormalizing, BatchNorm):
     """Batch Renormalization (Ioffe, 2017): a :class:`BatchNorm` whose training output is
     corrected towards the running statistics by per-channel factors ``r`` and ``d`` (see
     :mod:`numbabn.renorm`), for small or non-i.i.d. batches.
@@ -247,53 +325,54 @@ class BatchRenorm(BatchNorm):
         rmax, dmax = check_limits(rmax, dmax)
         settings = dict(axis=axis, dtype=dtype, decay=decay, device=device, virtual_batch_size=virtual_batch_size)
         super().__init__(num_features, eps, momentum, affine, True, **settings)
-        self._rmax, self._dmax = rmax, dmax
-        self.r = self.d = None
-        self._factors = None
+        self._init_renorm(rmax, dmax)
 
-    _HOST_STATE = (*BatchNorm._HOST_STATE, "r", "d")
-    _BACKWARD_STATE = (*BatchNorm._BACKWARD_STATE, "_factors")
-
-    @property
-    def rmax(self) -> float:
-        """``r``'s clip, ``[1 / rmax, rmax]``; a finite float >= 1."""
-        return self._rmax
-
-    @rmax.setter
-    def rmax(self, value: float) -> None:
-        self._rmax = _limit(value, "rmax", 1.0)
-
-    @property
-    def dmax(self) -> float:
-        """``d``'s clip, ``[-dmax, dmax]``; a finite float >= 0."""
-        return self._dmax
-
-    @dmax.setter
-    def dmax(self, value: float) -> None:
-        self._dmax = _limit(value, "dmax", 0.0)
-
-    def _run_forward(self, call):
-        self._factors = self._ghosts = None
-        if not call.training:
-            return call.run()
-        ghosts = self._ghost_size(call)
-        y, mean, invstd, r, d = _forward(call, self._rmax, self._dmax, ghosts)
-        self._factors = (r, d)
-        if ghosts is not None:
-            self._ghosts = (ghosts, self._factors)
-        self.r, self.d = r, d
-        return y, mean, invstd
-
-    def _run_backward(self, call):
-        factors = self._factors
-        if factors is None or not call.training:
-            return super()._run_backward(call)
-        return (*_backward(call, *factors), _layout.values_per_channel(call.inp.shape, call.inp.axis))
+    _HOST_STATE = (*BatchNorm._HOST_STATE, *_Renormalizing._HOST_STATE)
+    _BACKWARD_STATE = (*BatchNorm._BACKWARD_STATE, *_Renormalizing._BACKWARD_STATE)
 
     def __repr__(self):
-        return (
-            f"BatchRenorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"rmax={self._rmax}, dmax={self._dmax}, axis={self.axis}, dtype={self.dtype.name}"
-            + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else "")
-            + (", device='cuda')" if self.device == "cuda" else ")")
-        )
+        return self._renorm_repr("BatchRenorm")
+
+
+class SyncBatchRenorm(_Renormalizing, SyncBatchNorm):
+    """Batch Renormalization over a batch split across processes: a
+    :class:`~numbabn.SyncBatchNorm` whose training steps are :class:`BatchRenorm`'s, ``r``
+    and ``d`` computed from the global batch's statistics (the same bits on every rank).
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, axis, dtype, decay, device, comm
+        As :class:`~numbabn.SyncBatchNorm`.  Running statistics are always tracked.
+    rmax, dmax : float
+        As :class:`BatchRenorm`; every rank must use the same values (they are not
+        exchanged).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = DEFAULT_MOMENTUM,
+        affine: bool = True,
+        *,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        axis: int = 1,
+        dtype: Any = np.float32,
+        decay: float | None = None,
+        device: str = "cpu",
+        comm: Any = None,
+    ) -> None:
+        rmax, dmax = check_limits(rmax, dmax)
+        settings = dict(axis=axis, dtype=dtype, decay=decay, device=device, comm=comm)
+        super().__init__(num_features, eps, momentum, affine, True, **settings)
+        self._init_renorm(rmax, dmax)
+
+    _HOST_STATE = (*SyncBatchNorm._HOST_STATE, *_Renormalizing._HOST_STATE)
+    _BACKWARD_STATE = (*SyncBatchNorm._BACKWARD_STATE, *_Renormalizing._BACKWARD_STATE)
+
+    def _statistics_elsewhere(self):
+        return self._syncing()
+
+    def __repr__(self):
+        return self._renorm_repr("SyncBatchRenorm")

@@ -175,18 +175,23 @@ class SyncBatchNorm(BatchNorm):
         return True
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, mask: Any = None) -> Any:
         """Normalize ``x``, this rank's part of the global batch; in training mode with a
         ``comm``, with the global batch's statistics (a collective call: every rank makes
-        it).  See :meth:`BatchNorm.forward` and the class notes."""
+        it).  See :meth:`BatchNorm.forward` and the class notes; ``mask`` works without a
+        ``comm`` or in eval only, so far."""
         if not self._syncs():
-            return super().forward(x)
+            return super().forward(x, mask)
+        if mask is not None:
+            raise NotImplementedError(
+                "SyncBatchNorm takes no mask in synchronized training yet: masked statistics run on one process"
+            )
         return self._collective("forward", super().forward, x)
 
     __call__ = forward
 
-    def _forward_call(self, inp, part=False):
-        return super()._forward_call(inp, part=part or self._syncing())
+    def _forward_call(self, inp, part=False, mask=None):
+        return super()._forward_call(inp, part=part or self._syncing(), mask=mask)
 
     def _run_forward(self, call):
         if not (call.training and self._syncing()):

@@ -1,8 +1,9 @@
 """SyncBatchNorm across real processes: run with ``mpiexec -n P python mpi_sync_check.py``
 (tests/test_sync_mpi.py does, for P = 2 and 3).
 
-Every rank draws the same global batches from a shared seed, trains a SyncBatchNorm on its
-own part (uneven parts, one rank's part empty) and a plain BatchNorm on the whole batch,
+Every rank draws the same global batches from a shared seed, trains a SyncBatchNorm (and a
+SyncBatchRenorm) on its own part (uneven parts, one rank's part empty) and a plain BatchNorm
+(BatchRenorm) on the whole batch,
 and compares its part of the outputs and gradients, the global gradients and the running
 statistics; the ranks then compare their running statistics and global gradients bit for
 bit.  The errors (a global batch of one value, ranks disagreeing on channels, dtype, axis or,
@@ -17,7 +18,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from numbabn import BatchNorm, SyncBatchNorm
+from numbabn import BatchNorm, BatchRenorm, SyncBatchNorm, SyncBatchRenorm
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -55,16 +56,21 @@ def part_sizes(step):
     return [1] + [2] * (SIZE - 1)
 
 
-def run_case(shape, axis, batch_axis, dtype, momentum, seed):
+def run_case(shape, axis, batch_axis, dtype, momentum, seed, renorm=False):
     rng = np.random.default_rng(seed)
     channels = shape[axis]
-    sync = SyncBatchNorm(channels, axis=axis, dtype=dtype, momentum=momentum, comm=COMM)
-    ref = BatchNorm(channels, axis=axis, dtype=dtype, momentum=momentum)
+    if renorm:  # r and d from the global batch's statistics: the same on every rank
+        kw = dict(axis=axis, dtype=dtype, momentum=momentum, rmax=1.2, dmax=0.3)
+        sync, ref = SyncBatchRenorm(channels, comm=COMM, **kw), BatchRenorm(channels, **kw)
+    else:
+        sync = SyncBatchNorm(channels, axis=axis, dtype=dtype, momentum=momentum, comm=COMM)
+        ref = BatchNorm(channels, axis=axis, dtype=dtype, momentum=momentum)
     w = rng.uniform(0.5, 1.5, channels).astype(dtype)
     b = rng.normal(size=channels).astype(dtype)
     for layer in (sync, ref):
         layer.weight[...], layer.bias[...] = w, b
-    name = f"shape {shape} axis {axis} {np.dtype(dtype).name} momentum {momentum}"
+        layer.running_mean[...] = 2.0  # away from the batches' means: r and d != 1 and 0
+    name = f"shape {shape} axis {axis} {np.dtype(dtype).name} momentum {momentum}" + (" renorm" * renorm)
     for step in range(3):
         sizes = part_sizes(step)
         full = list(shape)
@@ -85,7 +91,11 @@ def run_case(shape, axis, batch_axis, dtype, momentum, seed):
         for attr in SHARED:
             close(getattr(sync, attr), getattr(ref, attr), dtype, f"{what}: {attr}")
         check(sync.num_batches_tracked == ref.num_batches_tracked, f"{what}: num_batches_tracked")
-        mine_bits = b"".join(getattr(sync, a).tobytes() for a in SHARED)
+        if renorm:
+            close(sync.r, ref.r, np.float64, f"{what}: r")
+            close(sync.d, ref.d, np.float64, f"{what}: d")
+            check(bool(np.any(ref.d != 0)), f"{what}: d is 0, the case checks nothing")
+        mine_bits = b"".join(getattr(sync, a).tobytes() for a in SHARED + (("r", "d") if renorm else ()))
         everyone = COMM.allgather(mine_bits)
         check(all(bits == everyone[0] for bits in everyone), f"{what}: state differs between ranks")
 
@@ -151,6 +161,9 @@ def main():
             for momentum in (0.1, None):
                 run_case(shape, axis, batch_axis, dtype, momentum, seed)
                 seed += 1
+    for shape, axis, batch_axis in LAYOUTS:
+        run_case(shape, axis, batch_axis, np.float64, 0.1, seed, renorm=True)
+        seed += 1
     run_errors()
     everyone = COMM.allgather(failures)
     if RANK == 0:

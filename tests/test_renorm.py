@@ -211,3 +211,31 @@ def test_bad_calls_leave_every_buffer_unchanged(rng):
         numbabn.batch_renorm_backward(x, x, None, mean, invstd, np.full(6, np.nan), d)
     with pytest.raises(ValueError, match=r"d must have shape \(6,\)"):
         numbabn.batch_renorm_backward(x, x, None, mean, invstd, r, d[:5])
+
+
+def test_sync_batch_renorm_without_a_comm_is_batch_renorm(rng):
+    """(Across processes: ``test_sync_mpi.py`` runs SyncBatchRenorm on 2 and 3 MPI ranks.)"""
+    sync = numbabn.SyncBatchRenorm(6, rmax=1.5, dmax=0.5)
+    plain = layer(rng, (64, 6), 1, np.float32, rmax=1.5, dmax=0.5)
+    sync.load_state_dict(plain.state_dict())
+    x = make_input(rng, (64, 6), 1, np.float32)
+    g = rng.standard_normal((64, 6)).astype(np.float32)
+    assert_bitwise(sync(x), plain(x))
+    assert_bitwise(sync.backward(g), plain.backward(g))
+    assert_bitwise(sync.grad_weight, plain.grad_weight)
+    assert_bitwise(sync.r, plain.r)
+    assert "SyncBatchRenorm(6" in repr(sync) and "rmax=1.5" in repr(sync)
+    with pytest.raises(ValueError, match="rmax must be a finite float >= 1"):
+        numbabn.SyncBatchRenorm(6, rmax=0.0)
+
+
+def test_sync_layers_refuse_a_mask_in_synchronized_training(rng):
+    class Comm:
+        def allgather(self, obj):
+            return [obj]
+
+    bn = numbabn.SyncBatchNorm(6, comm=Comm())
+    x = make_input(rng, (64, 6), 1, np.float32)
+    with pytest.raises(NotImplementedError, match="SyncBatchNorm takes no mask in synchronized training"):
+        bn(x, np.ones((64, 1), bool))
+    assert bn.num_batches_tracked == 0
