@@ -72,26 +72,30 @@ def masked_minor_rows(x2, mk, r0, r1, num_channels, inner, out_n, out_mean, out_
         b1 = min(r1, b0 + rb)
         s[:] = 0.0
         cnt[:] = 0.0
+        # Channels innermost: one mask value per (row, super-row, inner position), then a
+        # loop over channels (contiguous when inner == 1, so it vectorizes).
         for o in range(b0, b1):
+            xr = x2[o]
             for g in range(k):
-                for c in range(num_channels):
-                    p = g * num_channels + c
-                    for i in range(inner):
-                        if mk[o, g * inner + i]:
-                            s[p] += x2[o, p * inner + i]
+                base = g * num_channels
                 for i in range(inner):
                     if mk[o, g * inner + i]:
                         cnt[g] += 1.0
+                        for c in range(num_channels):
+                            s[base + c] += xr[(base + c) * inner + i]
         for p in range(pseudo):
             c_g = cnt[p // num_channels]
             bm[p] = s[p] / c_g if c_g > 0.0 else 0.0
             s[p] = 0.0  # now the centred squares
         for o in range(b0, b1):
-            for p in range(pseudo):
-                g = p // num_channels
+            xr = x2[o]
+            for g in range(k):
+                base = g * num_channels
                 for i in range(inner):
-                    d = x2[o, p * inner + i] - bm[p] if mk[o, g * inner + i] else 0.0
-                    s[p] += d * d
+                    if mk[o, g * inner + i]:
+                        for c in range(num_channels):
+                            d = xr[(base + c) * inner + i] - bm[base + c]
+                            s[base + c] += d * d
         for g in range(k):
             j0 = g * num_channels
             n[g] = chan_merge_channels(
@@ -196,12 +200,16 @@ def grad_apply_masked_minor(g2, x2, mk, inner, coef, gi2):
     d = expand(coef[2], inner, k)
     for o in prange(x2.shape[0]):
         for g in range(k):
-            for c in range(num_channels):
-                j0 = (g * num_channels + c) * inner
-                for i in range(inner):
-                    j = j0 + i
-                    kept = mk[o, g * inner + i]
-                    gi2[o, j] = g2[o, j] * a[j] + ((x2[o, j] * b[j] + d[j]) if kept else 0.0)
+            base = g * num_channels
+            for i in range(inner):
+                if mk[o, g * inner + i]:
+                    for c in range(num_channels):
+                        j = (base + c) * inner + i
+                        gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
+                else:
+                    for c in range(num_channels):
+                        j = (base + c) * inner + i
+                        gi2[o, j] = g2[o, j] * a[j]
 
 
 #: The stages the host backend runs for masked calls (no GPU twins yet).
