@@ -176,6 +176,9 @@ def test_welford_and_merge_on_device(rng, shape, axis):
         assert s.count == cpu.count
         np.testing.assert_allclose(host(s.mean), cpu.mean, rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(host(s.m2), cpu.m2, rtol=1e-12)
+    # to_array copies GPU statistics to the host: the payload of their host copies.
+    on_host = numbabn.Stats(merged.count, host(merged.mean), host(merged.m2))
+    np.testing.assert_array_equal(merged.to_array(), on_host.to_array())
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's float64 squares

@@ -13,6 +13,7 @@ import numpy as np
 from .. import _layout
 from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
+from ..stats import payload as _payload
 from . import _plan
 from . import backward as _bwd
 from . import forward as _fwd
@@ -243,7 +244,7 @@ def grad_apply(g, x, axis, coef, out=None, parallel=None):
 def part_stats(inp):
     """The statistics of one process's part of a global batch as SyncBatchNorm sends them:
     one float64 array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
-    return _layout.stats_payload(_layout.values_per_channel(inp.shape, inp.axis), _welford(inp))
+    return _payload(_layout.values_per_channel(inp.shape, inp.axis), _welford(inp))
 
 
 def part_sums(call):

@@ -9,6 +9,7 @@ import numpy as np
 from .. import _layout
 from .._device import is_device
 from .._memo import bounded_put
+from ..stats import payload as _payload
 from . import _arrays, _launch
 from . import backward as _bwd
 from . import forward as _fwd
@@ -210,10 +211,10 @@ def part_stats(inp):
     one float64 NumPy array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
     count = _layout.values_per_channel(inp.shape, inp.axis)
     if inp.x.size == 0:
-        return _layout.stats_payload(count, np.zeros((3, inp.num_channels)))
+        return _payload(count, np.zeros((3, inp.num_channels)))
     stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
     _stats.welford(inp.view(inp.x), stats, inp.stream)
-    return _layout.stats_payload(count, _arrays.to_host(stats, inp.stream))
+    return _payload(count, _arrays.to_host(stats, inp.stream))
 
 
 def forward_with_stats(call, stats):
