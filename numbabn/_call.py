@@ -5,6 +5,8 @@ A backend is a module that satisfies :class:`numbabn._backend.Backend`
 (``numbabn.cpu.api`` for NumPy arrays, ``numbabn.cuda.api`` for GPU arrays, ``numbabn.dask``
 for Dask arrays); the host and GPU backends also satisfy
 :class:`numbabn._backend.PartBackend`, the stages SyncBatchNorm runs between its exchanges.
+Each backend is loaded here, once (the GPU and Dask ones on first use), and bound to its
+checked inputs: ``Input.backend`` is the module that runs their calls.
 
 Backends receive checked calls only: they never validate arguments again.
 """
@@ -14,8 +16,19 @@ import sys
 import numpy as np
 
 from . import _layout
+from ._backend import Backend
 from ._device import is_device
-from .cpu import api as _host
+from .cpu import api as _cpu_api
+
+
+def _bound(backend: Backend) -> Backend:
+    """``backend``, a backend module, bound to its checked inputs: ``backend.Input.backend``
+    is the module."""
+    backend.Input.backend = backend
+    return backend
+
+
+_host = _bound(_cpu_api)
 
 
 def backend_of(x):
@@ -27,9 +40,7 @@ def backend_of(x):
     if is_device(x):
         return cuda_backend()
     if is_dask(x):
-        from . import dask as backend
-
-        return backend
+        return dask_backend()
     return _host
 
 
@@ -53,8 +64,20 @@ def cuda_backend():
     cuda.require()
     from .cuda import api
 
-    _CUDA.append(api)
+    _CUDA.append(_bound(api))
     return api
+
+
+_DASK = []  # the Dask backend module, once loaded
+
+
+def dask_backend():
+    """numbabn's Dask backend (imported on first use: Dask is an optional dependency)."""
+    if not _DASK:
+        from . import dask
+
+        _DASK.append(_bound(dask))
+    return _DASK[0]
 
 
 def check_input(x, axis, stream, name="input"):

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import dask
 import dask.array as da
@@ -34,6 +33,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from . import _layout
+from ._backend import Backend
 from ._device import host_stream, is_device
 from ._math import chan_merge_channels
 from .cpu import api as _host
@@ -55,6 +55,9 @@ class Input:
     per-channel and like-input checks of its call."""
 
     __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape")
+    #: The backend that runs this input's calls, this module: bound by :mod:`numbabn._call`,
+    #: which loads every backend.
+    backend: ClassVar[Backend]
 
     def __init__(self, x, axis, stream, name="input"):
         host_stream(stream, "a Dask input")
@@ -391,6 +394,3 @@ def _apply_block(x, coef, axis):
 
 def _grad_apply_block(g, x, coef, axis):
     return _host.grad_apply(g, x, axis, np.ascontiguousarray(coef), parallel=False)
-
-
-Input.backend = sys.modules[__name__]

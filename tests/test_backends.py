@@ -19,6 +19,14 @@ def test_host_and_gpu_backends_run_every_stage():
     assert not isinstance(dask_backend, _backend.PartBackend)  # SyncBatchNorm refuses Dask parts
 
 
+def test_each_backend_is_bound_to_its_inputs():
+    """``_call`` loads each backend once and binds it: its ``Input.backend`` is the module."""
+    for backend in (_call.backend_of(np.ones((2, 2))), _call.cuda_backend(), _call.dask_backend()):
+        assert backend.Input.backend is backend, backend.__name__
+    assert _call.backend_of(np.ones((2, 2))) is host
+    assert _call.dask_backend() is dask_backend
+
+
 @pytest.mark.parametrize("kind", ["numpy", "gpu", "dask"])
 def test_checked_inputs(kind):
     x = np.ones((4, 3, 5), np.float32)

@@ -6,11 +6,12 @@ Arrays are viewed as ``(outer, C, inner)`` without a copy where their memory ord
 before the drivers run, and every argument was checked before this module sees it.
 """
 
-import sys
+from typing import ClassVar
 
 import numpy as np
 
 from .. import _layout
+from .._backend import PartBackend
 from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
 from ..stats import payload as _payload
@@ -38,6 +39,9 @@ class Input:
     """
 
     __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "layout", "c_order", "parallel")
+    #: The backend that runs this input's calls, this module: bound by :mod:`numbabn._call`,
+    #: which loads every backend.
+    backend: ClassVar[PartBackend]
 
     def __init__(self, x, axis, stream, name="input"):
         if stream is not None:
@@ -380,6 +384,3 @@ def _contiguous(a):
 def _write_back(a, buf):
     if a is not None and a is not buf:
         a[...] = buf
-
-
-Input.backend = sys.modules[__name__]

@@ -2,11 +2,12 @@
 ``(outer, C, inner)`` view, the kernels launched on the caller's stream (nothing
 synchronizes the host), results handed back as the caller's kind of array."""
 
-import sys
+from typing import ClassVar
 
 import numpy as np
 
 from .. import _layout
+from .._backend import PartBackend
 from .._device import is_device
 from .._memo import bounded_put
 from ..stats import payload as _payload
@@ -40,6 +41,9 @@ class Input:
     such signature (small calls spend their time in Python)."""
 
     __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "stream", "order", "view_shape")
+    #: The backend that runs this input's calls, this module: bound by :mod:`numbabn._call`,
+    #: which loads every backend.
+    backend: ClassVar[PartBackend]
 
     def __init__(self, input, axis, stream, name="input"):
         self.original = input
@@ -327,6 +331,3 @@ def scaled(a, factor, stream=None):
     """``a * factor`` (float64) for a GPU array ``a`` of shape (C,), as ``a``'s kind of array."""
     d = _arrays.as_numba(a)
     return _arrays.like(_cast(d, np.float64, _arrays.stream_of(stream, a), factor), a)
-
-
-Input.backend = sys.modules[__name__]
