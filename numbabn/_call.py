@@ -2,8 +2,8 @@
 place that picks the backend.
 
 A backend is a module that satisfies :class:`numbabn._backend.Backend`
-(``numbabn.cpu.api`` for NumPy arrays, ``numbabn.cuda.api`` for GPU arrays, ``numbabn.dask``
-for Dask arrays); the host and GPU backends also satisfy
+(``numbabn.cpu.api`` for NumPy arrays, ``numbabn.cuda.api`` for GPU arrays,
+``numbabn._dask_backend`` for Dask arrays); the host and GPU backends also satisfy
 :class:`numbabn._backend.PartBackend`, the stages SyncBatchNorm runs between its exchanges.
 Each backend is loaded here, once (the GPU and Dask ones on first use), and bound to its
 checked inputs: ``Input.backend`` is the module that runs their calls.
@@ -74,9 +74,9 @@ _DASK = []  # the Dask backend module, once loaded
 def dask_backend():
     """numbabn's Dask backend (imported on first use: Dask is an optional dependency)."""
     if not _DASK:
-        from . import dask
+        from . import _dask_backend
 
-        _DASK.append(_bound(dask))
+        _DASK.append(_bound(_dask_backend))
     return _DASK[0]
 
 

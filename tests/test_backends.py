@@ -7,7 +7,7 @@ import pytest
 from numba import cuda
 
 from numbabn import _backend, _call
-from numbabn import dask as dask_backend
+from numbabn import _dask_backend as dask_backend
 from numbabn.cpu import api as host
 
 
