@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from . import _layout
+from . import _checks
 from ._backend import Backend
 from ._device import is_device
 from .cpu import api as _cpu_api
@@ -137,7 +137,7 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
     is one process's part of a global batch, whose count the caller checks once the parts'
     statistics are exchanged (SyncBatchNorm), not the part's own; ``saved``: whether the
     caller takes the saved mean and invstd."""
-    training = _layout.check_flag(training, "training")
+    training = _checks.check_flag(training, "training")
     # (None passes every per-channel check: skipped here, as small calls spend their time in
     # Python.)
     if weight is not None:
@@ -152,13 +152,13 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
     # Checked in eval mode too, where it is unused, so a bad value never waits for training.
-    momentum = _layout.check_momentum(momentum)
+    momentum = _checks.check_momentum(momentum)
     if training:
         if not part:
-            _layout.check_training_count(inp.shape, inp.axis)
+            _checks.check_training_count(inp.shape, inp.axis)
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
-    eps = _layout.check_eps(eps)
+    eps = _checks.check_eps(eps)
     if out is not None:
         out = inp.like_input(out, "out", writable=True)
     # Buffers written in place must not overlap the call's other arrays, except out and the
@@ -171,7 +171,7 @@ def forward_call(inp, weight, bias, running_mean, running_var, training, momentu
         read = (("weight", weight), ("bias", bias), ("input", inp.original))
         if not training:
             read += (("running_mean", running_mean), ("running_var", running_var))
-        _layout.check_disjoint(written, read, _OUT_INPUT)
+        _checks.check_disjoint(written, read, _OUT_INPUT)
     return ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
 
 
@@ -179,7 +179,7 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
     """Check a backward call's arguments against its checked input ``inp``; ``abs_sum``:
     whether the caller takes the per-channel ``sum |grad_output|``."""
     grad_output = inp.like_input(grad_output, "grad_output")
-    training = _layout.check_flag(training, "training")
+    training = _checks.check_flag(training, "training")
     weight = inp.per_channel(weight, "weight")
     save_mean = inp.per_channel(save_mean, "save_mean", save=True)
     save_invstd = inp.per_channel(save_invstd, "save_invstd", save=True)
@@ -188,7 +188,7 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
     if out is not None:
         out = inp.like_input(out, "out", writable=True)
         # grad_output and the input may overlap out: the backend copies around them.
-        _layout.check_disjoint(
+        _checks.check_disjoint(
             (("out", out),), (("weight", weight), ("save_mean", save_mean), ("save_invstd", save_invstd))
         )
     return BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum)

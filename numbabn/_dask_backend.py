@@ -34,7 +34,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import _layout
+from . import _checks
 from ._backend import Backend
 from ._device import host_stream, is_device
 from ._math import chan_merge_channels
@@ -63,8 +63,8 @@ class Input:
     def __init__(self, x, axis, stream, name="input"):
         host_stream(stream, "a Dask input")
         _dask_array(x, name)
-        _layout.check_input(x, name, _layout.FLOAT_DTYPES)
-        self.axis = _layout.norm_axis(axis, x.ndim)
+        _checks.check_input(x, name, _checks.FLOAT_DTYPES)
+        self.axis = _checks.norm_axis(axis, x.ndim)
         if any(math.isnan(s) for s in x.shape):
             raise ValueError(
                 f"{name} must have known chunk sizes, got shape {x.shape}; call {name}.compute_chunk_sizes() first"
@@ -90,7 +90,7 @@ class Input:
                 f"{name} must be a NumPy array, got a GPU array ({type(a).__name__}): per-channel arguments of a "
                 "Dask input are NumPy arrays; copy it to the host"
             )
-        return _layout.per_channel(a, self.num_channels, self.dtype, name, writable=writable, allow_f64=save)
+        return _checks.per_channel(a, self.num_channels, self.dtype, name, writable=writable, allow_f64=save)
 
     def like_input(self, a, name, *, writable=False):
         """A Dask array of the input's shape and dtype, rechunked to the input's chunks when
@@ -107,7 +107,7 @@ class Input:
                 f"dask.array.from_array({name}, chunks=input.chunks)"
             )
         _dask_array(a, name)
-        _layout.check_like(self.x, a, name)
+        _checks.check_like(self.x, a, name)
         return a if a.chunks == self.x.chunks else a.rechunk(self.x.chunks)
 
 
@@ -158,7 +158,7 @@ def backward(call):
     mean = np.ascontiguousarray(call.save_mean, dtype=np.float64)
     invstd = np.ascontiguousarray(call.save_invstd, dtype=np.float64)
     (sums,) = dask.compute(grad_sums(inp, call.grad_output, mean))
-    n = _layout.values_per_channel(inp.shape, inp.axis)
+    n = _checks.values_per_channel(inp.shape, inp.axis)
     coef, grads = _host.grad_coefs(sums, n, call.weight, mean, invstd, call.training, inp.dtype)
     arrays = (call.grad_output, "grad_output"), (inp.x, "input")
     gi = _map_channels(_grad_apply_block, "numbabn-batch-norm-backward", inp, coef, *arrays)
@@ -190,7 +190,7 @@ def statistics(inp, split_every=None):
 
     roots, dsk = _tree(f"numbabn-welford-{token}", x.chunks, axis, leaf, _merge_stats, split_every)
     name = f"numbabn-welford-{token}"
-    dsk[name] = (_concat_stats, roots, _layout.values_per_channel(inp.shape, axis))
+    dsk[name] = (_concat_stats, roots, _checks.values_per_channel(inp.shape, axis))
     return Delayed(name, HighLevelGraph.from_collections(name, dsk, dependencies=[x]))
 
 
@@ -272,11 +272,11 @@ def _checked_block(block, declared, name="input"):
 
 def block_stats(block, axis, declared):
     """``(count, mean, M2)`` of one chunk: the serial kernel (float count, float64 (C,))."""
-    x = _layout.contiguous(_checked_block(block, declared))
+    x = _checks.contiguous(_checked_block(block, declared))
     stats = np.empty((3, x.shape[axis]))
     lay, (xv,) = _host.views(x, axis, x)
     _stats.welford(False, lay, xv, stats)
-    return float(_layout.values_per_channel(x.shape, axis)), stats[1], stats[2]
+    return float(_checks.values_per_channel(x.shape, axis)), stats[1], stats[2]
 
 
 def _merge_stats(parts):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _call, _layout
+from . import _call, _checks
 
 __all__ = ["welford"]
 
@@ -53,7 +53,7 @@ def welford(x: Any, *, axis: int = 1, split_every: Any = None, compute: bool = T
         mean = mean_a + d * nb / n
         m2 = m2_a + m2_b + d**2 * na * nb / n
     """
-    compute = _layout.check_flag(compute, "compute")
+    compute = _checks.check_flag(compute, "compute")
     inp = _backend.Input(x, axis, None, "x")
     stats = _backend.statistics(inp, split_every)
     return stats.compute() if compute else stats

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _call, _layout
+from . import _call, _checks
 from ._device import is_device
 from .layer import DEFAULT_MOMENTUM, BatchNorm
 
@@ -122,7 +122,7 @@ def _backward(call, r, d):
 
 def _factors(a, name, inp):
     """``r`` or ``d`` as given to :func:`batch_renorm_backward`: float64 host values, finite."""
-    a = _layout.per_channel(a, inp.num_channels, np.dtype(np.float64), name, allow_f64=True)
+    a = _checks.per_channel(a, inp.num_channels, np.dtype(np.float64), name, allow_f64=True)
     a = np.asarray(a, dtype=np.float64)
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be finite (as batch_renorm_forward returns it), got {a[~np.isfinite(a)][0]}")
@@ -307,7 +307,7 @@ class BatchRenorm(BatchNorm):
         factors = self._factors
         if factors is None or not call.training:
             return super()._run_backward(call)
-        return (*_backward(call, *factors), _layout.values_per_channel(call.inp.shape, call.inp.axis))
+        return (*_backward(call, *factors), _checks.values_per_channel(call.inp.shape, call.inp.axis))
 
     def __repr__(self):
         return (

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .. import _layout
+from .. import _checks
 from .._backend import PartBackend
 from .._device import is_device
 from .._memo import bounded_put
@@ -71,7 +71,7 @@ class Input:
         ):
             return a  # fast path: a numba array that passes every check below
         a = _device_array(a, name)
-        _layout.check_channels(a, self.num_channels, _PER_CHANNEL_DTYPES[self.dtype, save], name)
+        _checks.check_channels(a, self.num_channels, _PER_CHANNEL_DTYPES[self.dtype, save], name)
         if a.strides[0] != a.dtype.itemsize and self.num_channels > 1:
             raise ValueError(f"{name} must be contiguous on the GPU, got stride {a.strides[0]} bytes")
         return a
@@ -86,7 +86,7 @@ class Input:
             and a.strides == x.strides
         ):
             return a  # fast path: the input's own layout
-        a = _layout.check_like(x, _device_array(a, name), name)
+        a = _checks.check_like(x, _device_array(a, name), name)
         order = _arrays.dense_order(a)
         if order is None or _significant(order, a.shape) != _significant(self.order, a.shape):
             raise ValueError(
@@ -180,7 +180,7 @@ def batch_stats(inp):
     else:
         stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
         _stats.welford(inp.view(inp.x), stats, inp.stream)
-    count = _layout.values_per_channel(inp.shape, inp.axis)
+    count = _checks.values_per_channel(inp.shape, inp.axis)
     _, mean, m2 = _arrays.rows(stats)
     return count, inp.hand_back(mean), inp.hand_back(m2)
 
@@ -213,7 +213,7 @@ def merge(parts, stream):
 def part_stats(inp):
     """:func:`welford` copied to the host on the input's stream, as SyncBatchNorm sends it:
     one float64 NumPy array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
-    count = _layout.values_per_channel(inp.shape, inp.axis)
+    count = _checks.values_per_channel(inp.shape, inp.axis)
     if inp.x.size == 0:
         return _payload(count, np.zeros((3, inp.num_channels)))
     stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
@@ -290,8 +290,8 @@ _F64 = np.dtype(np.float64)
 def _layout_of(x, axis, name):
     """Check a GPU input's dtype, ndim, axis and density: ``(axis, memory order, (shape,
     strides) of its (outer, C, inner) view)``."""
-    _layout.check_input(x, name, DTYPES)
-    axis = _layout.norm_axis(axis, x.ndim)
+    _checks.check_input(x, name, DTYPES)
+    axis = _checks.norm_axis(axis, x.ndim)
     order = _arrays.dense_order(x)
     if order is None:
         raise ValueError(
