@@ -20,8 +20,7 @@ from reference import stats as ref_stats
 
 import numbabn
 from numbabn import _config
-
-SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+from numbabn.cuda._launch import SIMULATED
 
 #: (shape, axis): strided rows (inner >= 8 with the patched CUDA_MIN_INNER), channel-minor
 #: rows (N, C), channels-last and short inner rows, rows not a multiple of the block width.
