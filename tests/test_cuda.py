@@ -184,7 +184,7 @@ def test_welford_and_merge_on_device(rng, shape, axis):
 @pytest.mark.parametrize("block_elems", [16, 4096], ids=["split", "one-block"])
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
 def test_float64_values_whose_squares_overflow(rng, monkeypatch, shape, axis, block_elems):
-    """Values around 1e160, as on the CPU (``test_functional``): a finite mean, ``m2 = inf``,
+    """Values around 1e160, as on the CPU (``test_numerics``): a finite mean, ``m2 = inf``,
     outputs ``bias``, zero ``grad_input`` and ``grad_weight``; nothing NaN.  ``one-block``
     covers every channel with one reduction block, so the one-launch kernels run."""
     monkeypatch.setattr(_config, "CUDA_BLOCK_ELEMS", block_elems)
