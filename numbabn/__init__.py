@@ -5,10 +5,10 @@ Public names only; the documentation (docs/) has the math, the design and the AP
 
 from ._fold import fold
 from ._version import __version__ as __version__
-from .functional import batch_norm, batch_norm_backward, batch_norm_forward
+from .functional import batch_norm, batch_norm_backward, batch_norm_forward, merge_stats, welford
 from .layer import BatchNorm
 from .renorm import BatchRenorm, SyncBatchRenorm, batch_renorm_backward, batch_renorm_forward
-from .stats import Stats, merge_stats, welford
+from .stats import Stats
 from .sync import SyncBatchNorm
 
 

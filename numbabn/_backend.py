@@ -1,6 +1,7 @@
 """The backend contract: what :mod:`numbabn.cpu.api` (NumPy arrays), :mod:`numbabn.cuda.api`
-(GPU arrays) and :mod:`numbabn.dask` (Dask arrays) provide, as :class:`typing.Protocol`\\ s
-that each backend module satisfies (``tests/test_backends.py`` checks them).
+(GPU arrays) and :mod:`numbabn._dask_backend` (Dask arrays) provide, as
+:class:`typing.Protocol`\\ s that each backend module satisfies (``tests/test_backends.py``
+checks them).
 
 Backends receive checked calls only (:mod:`numbabn._call`): they never validate arguments
 again.

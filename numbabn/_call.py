@@ -2,9 +2,11 @@
 place that picks the backend.
 
 A backend is a module that satisfies :class:`numbabn._backend.Backend`
-(``numbabn.cpu.api`` for NumPy arrays, ``numbabn.cuda.api`` for GPU arrays, ``numbabn.dask``
-for Dask arrays); the host and GPU backends also satisfy
+(``numbabn.cpu.api`` for NumPy arrays, ``numbabn.cuda.api`` for GPU arrays,
+``numbabn._dask_backend`` for Dask arrays); the host and GPU backends also satisfy
 :class:`numbabn._backend.PartBackend`, the stages SyncBatchNorm runs between its exchanges.
+Each backend is loaded here, once (the GPU and Dask ones on first use), and bound to its
+checked inputs: ``Input.backend`` is the module that runs their calls.
 
 Backends receive checked calls only: they never validate arguments again.
 """
@@ -13,9 +15,20 @@ import sys
 
 import numpy as np
 
-from . import _layout, _mask
+from . import _checks, _mask
+from ._backend import Backend
 from ._device import is_device
-from .cpu import api as _host
+from .cpu import api as _cpu_api
+
+
+def _bound(backend: Backend) -> Backend:
+    """``backend``, a backend module, bound to its checked inputs: ``backend.Input.backend``
+    is the module."""
+    backend.Input.backend = backend
+    return backend
+
+
+_host = _bound(_cpu_api)
 
 
 def backend_of(x):
@@ -27,9 +40,7 @@ def backend_of(x):
     if is_device(x):
         return cuda_backend()
     if is_dask(x):
-        from . import dask as backend
-
-        return backend
+        return dask_backend()
     return _host
 
 
@@ -53,8 +64,20 @@ def cuda_backend():
     cuda.require()
     from .cuda import api
 
-    _CUDA.append(api)
+    _CUDA.append(_bound(api))
     return api
+
+
+_DASK = []  # the Dask backend module, once loaded
+
+
+def dask_backend():
+    """numbabn's Dask backend (imported on first use: Dask is an optional dependency)."""
+    if not _DASK:
+        from . import _dask_backend
+
+        _DASK.append(_bound(_dask_backend))
+    return _DASK[0]
 
 
 def check_input(x, axis, stream, name="input"):
@@ -154,7 +177,7 @@ def forward_call(
     is one process's part of a global batch, whose count the caller checks once the parts'
     statistics are exchanged (SyncBatchNorm), not the part's own; ``saved``: whether the
     caller takes the saved mean and invstd."""
-    training = _layout.check_flag(training, "training")
+    training = _checks.check_flag(training, "training")
     # (None passes every per-channel check: skipped here, as small calls spend their time in
     # Python.)
     if weight is not None:
@@ -169,7 +192,7 @@ def forward_call(
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"running_mean and running_var must be given together, got {missing}=None")
     # Checked in eval mode too, where it is unused, so a bad value never waits for training.
-    momentum = _layout.check_momentum(momentum)
+    momentum = _checks.check_momentum(momentum)
     kept = None
     if mask is not None:
         mask, kept = _mask.check(mask, inp)
@@ -177,10 +200,10 @@ def forward_call(
         if kept is not None:
             _mask.check_kept(kept)
         elif not part:
-            _layout.check_training_count(inp.shape, inp.axis)
+            _checks.check_training_count(inp.shape, inp.axis)
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")
-    eps = _layout.check_eps(eps)
+    eps = _checks.check_eps(eps)
     if out is not None:
         out = inp.like_input(out, "out", writable=True)
     # Buffers written in place must not overlap the call's other arrays, except out and the
@@ -193,7 +216,7 @@ def forward_call(
         read = (("weight", weight), ("bias", bias), ("input", inp.original))
         if not training:
             read += (("running_mean", running_mean), ("running_var", running_var))
-        _layout.check_disjoint(written, read, _OUT_INPUT)
+        _checks.check_disjoint(written, read, _OUT_INPUT)
     call = ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
     if training and mask is not None:  # eval: the mask changes nothing
         call.mask, call.kept = mask, kept
@@ -204,7 +227,7 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
     """Check a backward call's arguments against its checked input ``inp``; ``abs_sum``:
     whether the caller takes the per-channel ``sum |grad_output|``."""
     grad_output = inp.like_input(grad_output, "grad_output")
-    training = _layout.check_flag(training, "training")
+    training = _checks.check_flag(training, "training")
     weight = inp.per_channel(weight, "weight")
     save_mean = inp.per_channel(save_mean, "save_mean", save=True)
     save_invstd = inp.per_channel(save_invstd, "save_invstd", save=True)
@@ -213,7 +236,7 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
     if out is not None:
         out = inp.like_input(out, "out", writable=True)
         # grad_output and the input may overlap out: the backend copies around them.
-        _layout.check_disjoint(
+        _checks.check_disjoint(
             (("out", out),), (("weight", weight), ("save_mean", save_mean), ("save_invstd", save_invstd))
         )
     kept = None

@@ -27,3 +27,12 @@ def host_only(name, a):
             f"{name} is a GPU array ({type(a).__name__}) but input is a host array: "
             "host and device arrays are not mixed; move one of them"
         )
+
+
+def to_host(a):
+    """A NumPy copy of the GPU array ``a`` (``numba.cuda`` imported here, for a GPU array only)."""
+    if getattr(a, "__cuda_ndarray__", False) is not True:
+        from numba import cuda
+
+        a = cuda.as_cuda_array(a, sync=False)
+    return a.copy_to_host()

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _layout
+from . import _checks
 from ._device import is_device
 
 #: The weight dtypes ``fold`` takes (and returns): floating, at most float64's precision,
@@ -86,7 +86,7 @@ def fold(bn: Any, weight: Any, bias: Any | None = None, *, axis: int = 0) -> tup
     """
     weight = _host_array(weight, "weight")
     if weight.dtype not in _WEIGHT_DTYPES:
-        raise TypeError(f"weight must have a floating dtype ({_layout._names(_WEIGHT_DTYPES)}), got {weight.dtype}")
+        raise TypeError(f"weight must have a floating dtype ({_checks._names(_WEIGHT_DTYPES)}), got {weight.dtype}")
     if weight.ndim < 1:
         raise ValueError(f"weight must have at least 1 dimension (the output channels), got shape {weight.shape}")
     axis = _axis(axis, weight.ndim)
@@ -126,7 +126,7 @@ def _host_array(a, name):
         )
     if a is None or isinstance(a, (str, bytes)):
         raise TypeError(f"{name} must be an array, got {type(a).__name__}")
-    return a if type(a) is np.ndarray else _layout._plain(a, name)
+    return a if type(a) is np.ndarray else _checks._plain(a, name)
 
 
 def _real(a, name):
@@ -210,7 +210,7 @@ def _bn_array(bn, name, num_channels):
     elif type(value) is not np.ndarray:
         if isinstance(value, (str, bytes, numbers.Number)):
             raise TypeError(f"{label} must be an array of shape (C,), got {type(value).__name__}")
-        value = _layout._plain(value, label)
+        value = _checks._plain(value, label)
     if num_channels is None:
         if value.ndim != 1:
             raise ValueError(f"{label} must be 1-d (one value per channel), got shape {value.shape}")

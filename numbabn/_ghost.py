@@ -18,7 +18,7 @@ import numbers
 
 import numpy as np
 
-from . import _call, _layout
+from . import _call, _checks
 from ._device import is_device
 from .cpu import stats as _stats
 
@@ -61,7 +61,7 @@ def _check(inp, virtual_batch_size):
             "axis 0, which a Dask array's chunks need not follow; normalize each ghost batch's slice instead"
         )
     last = inp.shape[0] % virtual_batch_size or virtual_batch_size
-    per_sample = _layout.values_per_channel(inp.shape, inp.axis) // inp.shape[0]
+    per_sample = _checks.values_per_channel(inp.shape, inp.axis) // inp.shape[0]
     if last * per_sample == 1:
         raise ValueError(
             "expected more than 1 value per channel in each ghost batch when training, got a ghost batch of 1 "
@@ -147,7 +147,7 @@ def forward(call, virtual_batch_size):
         step.limits, step.m2 = call.limits, True
         _, mean, invstd = step.run()
         save[g, 0], save[g, 1], extra[g] = host(mean), host(invstd), step.extra
-        counts[g] = _layout.values_per_channel(ghost.shape, ghost.axis)
+        counts[g] = _checks.values_per_channel(ghost.shape, ghost.axis)
     if call.running_mean is not None:
         _update_running(call, counts, save[:, 0], extra[:, 0])
     return y, save[:, 0], save[:, 1], extra

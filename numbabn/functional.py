@@ -1,4 +1,6 @@
-"""The functional API, shaped like ``torch.nn.functional.batch_norm``.
+"""The functional API, shaped like ``torch.nn.functional.batch_norm``, and the statistics
+functions :func:`welford` and :func:`merge_stats` (the :class:`~numbabn.Stats` they return is
+in :mod:`numbabn.stats`).
 
 Each function checks every argument once (:mod:`numbabn._call`), which also picks the
 backend from the input's kind (NumPy, GPU or Dask array), then runs the checked call there.
@@ -11,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _call, _ghost, _layout
+from . import _call, _checks, _ghost
+from ._device import host_stream, is_device
+from ._math import chan_merge
+from .stats import Stats, checked, same_channels
 
 #: An input: a NumPy array (or anything ``numpy.asarray`` takes), a GPU array or a
 #: ``dask.array.Array``; results come back as the same kind of array.
@@ -212,10 +217,80 @@ def batch_norm_backward(
     """
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    if _layout.check_flag(training, "training") and _ghost.applies(inp, virtual_batch_size):
+    if _checks.check_flag(training, "training") and _ghost.applies(inp, virtual_batch_size):
         if mask is not None:
             raise NotImplementedError("virtual_batch_size and mask together are not supported: give one of them")
         return _ghost.backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_size, out=out)[:3]
     saved = (save_mean, save_invstd, training, out)
     call = _call.backward_call(inp, grad_output, weight, *saved, abs_sum=False, mask=mask)
     return call.run()[:3]
+
+
+def welford(x: Any, *, axis: int = 1, stream: Any = None) -> Stats:
+    """Per-channel count, mean and M2 of ``x`` in one pass (blocked Welford / Chan).
+
+    Parameters
+    ----------
+    x : ndarray, GPU array or dask.array.Array of float32 or float64, ndim >= 2
+        Values; every axis but ``axis`` is reduced.  A non-contiguous ``x`` is copied once.
+        A Dask ``x`` is computed now and gives NumPy ``Stats`` (:func:`numbabn.dask.welford`
+        takes ``split_every`` and ``compute=False``).
+    axis : int, default 1
+        The feature (channel) axis; ``-1`` for channels-last.
+    stream : optional
+        GPU inputs only: the CUDA stream to run on (see :func:`numbabn.batch_norm`).
+
+    Returns
+    -------
+    Stats
+        ``count`` (int, values per channel), ``mean`` and ``m2`` (float64, shape ``(C,)``;
+        GPU arrays of the input's kind for a GPU input).
+
+    Notes
+    -----
+    Blocks of ``x`` get their exact mean and centred sum of squares from two sweeps while
+    in cache, then are merged with Chan's formula in an order fixed by the shape: the result
+    is bitwise identical for any number of threads and never suffers the cancellation of
+    ``E[x^2] - E[x]^2``.  An ``x`` with no values per channel (a zero-length axis other than
+    ``axis``) gives ``count=0`` and zeros, the identity of :func:`merge_stats`; ``count`` is
+    always the number of values per channel, so shape ``(4, 0, 5)`` (no channels) gives
+    ``count=20`` and empty ``mean`` and ``m2``.
+    """
+    inp = _call.check_input(x, axis, stream, "x")
+    return Stats(*inp.backend.batch_stats(inp))
+
+
+def merge_stats(*stats: Stats, stream: Any = None) -> Stats:
+    """Merge partial statistics exactly, left to right (Chan et al.).
+
+    Parameters
+    ----------
+    *stats : Stats
+        Statistics of disjoint parts of the same channels (same ``C``).  When their arrays
+        are on the GPU (all of them), the merge runs there.
+    stream : optional
+        GPU statistics only: the CUDA stream to run on.
+
+    Returns
+    -------
+    Stats
+        The statistics of all parts together::
+
+            n = na + nb;  d = mean_b - mean_a
+            mean = mean_a + d * nb / n
+            m2 = m2_a + m2_b + d**2 * na * nb / n
+    """
+    if not stats:
+        raise TypeError("merge_stats needs at least one Stats, got none")
+    if any(is_device(s[1]) for s in stats if isinstance(s, tuple) and len(s) == 3):
+        parts = [checked(s, f"stats[{i}]", device=True) for i, s in enumerate(stats)]
+        same_channels(parts)
+        count, mean, m2 = _call.cuda_backend().merge(parts, stream)
+        return Stats(count, mean, m2)
+    host_stream(stream, "host statistics")
+    parts = [checked(s, f"stats[{i}]") for i, s in enumerate(stats)]
+    same_channels(parts)
+    count, mean, m2 = parts[0]
+    for s in parts[1:]:
+        count, mean, m2 = chan_merge.py_func(count, mean, m2, s.count, s.mean, s.m2)
+    return Stats(int(count), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64))

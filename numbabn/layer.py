@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _call, _ghost, _layout
+from . import _call, _checks, _ghost
 from ._device import is_device
 
 
@@ -133,7 +133,7 @@ class BatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        dtypes = _layout.FLOAT_DTYPES + ((np.dtype(np.float16),) if device == "cuda" else ())
+        dtypes = _checks.FLOAT_DTYPES + ((np.dtype(np.float16),) if device == "cuda" else ())
         if dtype not in dtypes:
             raise TypeError(f"dtype must be {' or '.join(map(str, dtypes))} on device {device!r}, got {dtype}")
         if decay is not None:
@@ -142,17 +142,17 @@ class BatchNorm:
                     f"give momentum (PyTorch's weight of the new batch) or decay (Keras/Flax: 1 - momentum), "
                     f"not both; got momentum={momentum!r} and decay={decay!r}"
                 )
-            momentum = 1.0 - _layout.check_momentum(decay, "decay", "the weight of the running statistics")
+            momentum = 1.0 - _checks.check_momentum(decay, "decay", "the weight of the running statistics")
         if momentum is not None:
-            momentum = _layout.check_momentum(momentum)
+            momentum = _checks.check_momentum(momentum)
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
         self.num_features = int(num_features)
-        self.eps = _layout.check_eps(eps)
+        self.eps = _checks.check_eps(eps)
         self.momentum = momentum
-        self.affine = _layout.check_flag(affine, "affine")
-        self.track_running_stats = _layout.check_flag(track_running_stats, "track_running_stats")
+        self.affine = _checks.check_flag(affine, "affine")
+        self.track_running_stats = _checks.check_flag(track_running_stats, "track_running_stats")
         self.axis = int(axis)
         self.virtual_batch_size = virtual_batch_size
         self.dtype = dtype
@@ -184,7 +184,7 @@ class BatchNorm:
     # -- modes ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BatchNorm:
         """Set training mode (``mode=True``) or eval mode; returns ``self``."""
-        self.training = _layout.check_flag(mode, "mode")
+        self.training = _checks.check_flag(mode, "mode")
         return self
 
     def eval(self) -> BatchNorm:
@@ -255,7 +255,7 @@ class BatchNorm:
     def _forward_call(self, inp, part=False, mask=None):
         """The checked forward call of this layer's state on the checked input ``inp``
         (``part`` and ``mask``: see :func:`numbabn._call.forward_call`)."""
-        training = _layout.check_flag(self.training, "training")
+        training = _checks.check_flag(self.training, "training")
         use_batch = training or self.running_mean is None
         track = training and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -322,7 +322,7 @@ class BatchNorm:
             grad_input, grad_weight, grad_bias, abs_grad_sum = _ghost.backward(
                 inp, grad_output, self.weight, mean, invstd, size, factors
             )
-            n = _layout.values_per_channel(inp.shape, inp.axis)
+            n = _checks.values_per_channel(inp.shape, inp.axis)
         else:
             call = _call.backward_call(inp, grad_output, self.weight, mean, invstd, use_batch, None)
             if self._saved_mask is not None:  # the forward's mask, checked then
@@ -337,7 +337,7 @@ class BatchNorm:
         """``(grad_input, grad_weight, grad_bias, abs_grad_sum, n)`` of a checked backward
         call, ``n`` the values per channel that ``abs_grad_sum`` sums over (SyncBatchNorm
         exchanges the sums here)."""
-        return (*call.run(), _layout.values_per_channel(call.inp.shape, call.inp.axis))
+        return (*call.run(), _checks.values_per_channel(call.inp.shape, call.inp.axis))
 
     def _check_input(self, x):
         """The checked input of a call on this layer: its backend must be the layer's device,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _call, _ghost, _layout
+from . import _call, _checks, _ghost
 from .layer import DEFAULT_MOMENTUM, BatchNorm
 from .sync import SyncBatchNorm
 
@@ -84,7 +84,7 @@ def _backward(call, r, d):
 
 def _factors(a, name, inp):
     """``r`` or ``d`` as given to :func:`batch_renorm_backward`: float64 host values, finite."""
-    a = _layout.per_channel(a, inp.num_channels, np.dtype(np.float64), name, allow_f64=True)
+    a = _checks.per_channel(a, inp.num_channels, np.dtype(np.float64), name, allow_f64=True)
     return _finite(a, name)
 
 

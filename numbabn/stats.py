@@ -1,4 +1,12 @@
-"""Mergeable per-channel statistics: :class:`Stats`, :func:`welford`, :func:`merge_stats`."""
+"""Mergeable per-channel statistics: the :class:`Stats` type and its payload layout
+``[count, mean[0..C), m2[0..C)]``, in one place.
+
+A leaf of the package: nothing here imports a backend, :mod:`numbabn._call` or the public
+functions, so every layer may import it.  :func:`numbabn.welford` and
+:func:`numbabn.merge_stats` (in :mod:`numbabn.functional`) make and merge ``Stats``; the
+backends make payloads with :func:`payload` and SyncBatchNorm merges its ranks' payloads with
+:func:`merge_parts`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _call
-from ._device import host_only, host_stream, is_device
-from ._math import chan_merge
+from ._device import host_only, is_device, to_host
+from ._jit import leaf
+from ._math import chan_merge_channels
 
 _F64 = np.dtype(np.float64)
 
@@ -49,7 +57,7 @@ class Stats(NamedTuple):
         """The statistics as one float64 array ``[count, mean[0..C), m2[0..C)]`` of length
         ``2 C + 1``: the payload to send between processes (:meth:`from_array` reads it).
         GPU statistics are copied to the host."""
-        count, mean, m2 = _as_stats(self, "stats", device=is_device(self.mean))
+        count, mean, m2 = checked(self, "stats", device=is_device(self.mean))
         mean, m2 = _host_array(mean), _host_array(m2)
         c = mean.shape[0]
         out = np.empty(2 * c + 1)  # filled in place: faster than np.concatenate of a list
@@ -74,84 +82,17 @@ class Stats(NamedTuple):
         return cls(int(count), a[1 : 1 + c].copy(), a[1 + c :].copy())
 
 
-def welford(x: Any, *, axis: int = 1, stream: Any = None) -> Stats:
-    """Per-channel count, mean and M2 of ``x`` in one pass (blocked Welford / Chan).
-
-    Parameters
-    ----------
-    x : ndarray, GPU array or dask.array.Array of float32 or float64, ndim >= 2
-        Values; every axis but ``axis`` is reduced.  A non-contiguous ``x`` is copied once.
-        A Dask ``x`` is computed now and gives NumPy ``Stats`` (:func:`numbabn.dask.welford`
-        takes ``split_every`` and ``compute=False``).
-    axis : int, default 1
-        The feature (channel) axis; ``-1`` for channels-last.
-    stream : optional
-        GPU inputs only: the CUDA stream to run on (see :func:`numbabn.batch_norm`).
-
-    Returns
-    -------
-    Stats
-        ``count`` (int, values per channel), ``mean`` and ``m2`` (float64, shape ``(C,)``;
-        GPU arrays of the input's kind for a GPU input).
-
-    Notes
-    -----
-    Blocks of ``x`` get their exact mean and centred sum of squares from two sweeps while
-    in cache, then are merged with Chan's formula in an order fixed by the shape: the result
-    is bitwise identical for any number of threads and never suffers the cancellation of
-    ``E[x^2] - E[x]^2``.  An ``x`` with no values per channel (a zero-length axis other than
-    ``axis``) gives ``count=0`` and zeros, the identity of :func:`merge_stats`; ``count`` is
-    always the number of values per channel, so shape ``(4, 0, 5)`` (no channels) gives
-    ``count=20`` and empty ``mean`` and ``m2``.
-    """
-    inp = _call.check_input(x, axis, stream, "x")
-    return Stats(*inp.backend.batch_stats(inp))
-
-
-def merge_stats(*stats: Stats, stream: Any = None) -> Stats:
-    """Merge partial statistics exactly, left to right (Chan et al.).
-
-    Parameters
-    ----------
-    *stats : Stats
-        Statistics of disjoint parts of the same channels (same ``C``).  When their arrays
-        are on the GPU (all of them), the merge runs there.
-    stream : optional
-        GPU statistics only: the CUDA stream to run on.
-
-    Returns
-    -------
-    Stats
-        The statistics of all parts together::
-
-            n = na + nb;  d = mean_b - mean_a
-            mean = mean_a + d * nb / n
-            m2 = m2_a + m2_b + d**2 * na * nb / n
-    """
-    if not stats:
-        raise TypeError("merge_stats needs at least one Stats, got none")
-    if any(is_device(s[1]) for s in stats if isinstance(s, tuple) and len(s) == 3):
-        parts = [_as_stats(s, f"stats[{i}]", device=True) for i, s in enumerate(stats)]
-        _same_channels(parts)
-        count, mean, m2 = _call.cuda_backend().merge(parts, stream)
-        return Stats(count, mean, m2)
-    host_stream(stream, "host statistics")
-    parts = [_as_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
-    _same_channels(parts)
-    count, mean, m2 = parts[0]
-    for s in parts[1:]:
-        count, mean, m2 = chan_merge.py_func(count, mean, m2, s.count, s.mean, s.m2)
-    return Stats(int(count), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64))
-
-
-def _same_channels(parts):
+def same_channels(parts):
+    """Raise unless every part of ``parts`` (checked ``Stats``) has the channels of the first."""
     shape = parts[0].mean.shape
     for i, s in enumerate(parts):
         if s.mean.shape != shape:
             raise ValueError(f"stats[{i}] must have {shape[0]} channels (as stats[0]), got {s.mean.shape[0]}")
 
 
-def _as_stats(s, name, device=False):
+def checked(s, name, device=False):
+    """``s`` as checked ``Stats`` named ``name`` in messages: an integer count >= 0 and fields of
+    shape ``(C,)``, all on the GPU (``device``) or all on the host as float64 arrays."""
     try:
         count, mean, m2 = s
     except (TypeError, ValueError):
@@ -204,7 +145,40 @@ def _host_array(a):
     if type(a) is np.ndarray and a.dtype == _F64:
         return a
     if is_device(a):
-        from .cuda._arrays import as_numba
-
-        return as_numba(a).copy_to_host()
+        return to_host(a)
     return np.asarray(a, dtype=np.float64)
+
+
+# -- the payload: one float64 array [count, mean[0..C), m2[0..C)] ------------------------------
+
+
+def payload(count, stats):
+    """``[count, mean[0..C), m2[0..C)]`` (:meth:`Stats.to_array`'s layout) of the (3, C)
+    C-contiguous float64 ``stats``, rows count, mean and M2, without a copy: ``stats``
+    flattened from the last column of the count row on, that is memory shared with ``stats``,
+    whose ``stats[0, -1]`` becomes ``count``."""
+    num_channels = stats.shape[1]
+    if num_channels == 0:
+        return np.array([float(count)])
+    out = stats.reshape(-1)[num_channels - 1 :]
+    out[0] = count
+    return out
+
+
+@leaf
+def merge_parts(parts, stats):
+    """Chan-merge the rows of ``parts`` (P, 2 C + 1), each a payload ``[count, mean[0..C),
+    m2[0..C)]``, left to right into ``stats`` (3, C), and return the merged count: one
+    compiled call for the parts that SyncBatchNorm's ranks exchange."""
+    num_channels = stats.shape[1]
+    mean = stats[1]
+    m2 = stats[2]
+    for c in range(num_channels):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    n = 0.0
+    for p in range(parts.shape[0]):
+        n = chan_merge_channels(n, mean, m2, parts[p, 0], parts[p, 1 : 1 + num_channels], parts[p, 1 + num_channels :])
+    for c in range(num_channels):
+        stats[0, c] = n
+    return n

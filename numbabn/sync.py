@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._backend import PartBackend
-from .cpu.stats import merge_parts as _merge_parts
 from .layer import DEFAULT_MOMENTUM, BatchNorm
+from .stats import merge_parts as _merge_parts
 
 
 class SyncBatchNorm(BatchNorm):

@@ -255,3 +255,17 @@ def assert_bitwise(a, b, err_msg=""):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype, err_msg)
     assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), err_msg
+
+
+AFFINE = [pytest.param(True, id="affine"), pytest.param(False, id="no-affine")]
+TRAINING = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
+
+
+def make_case(rng, layout, dtype, affine):
+    """``(x, weight, bias, running_mean, running_var)`` for ``layout``; no affine pair (None)
+    unless ``affine``."""
+    x = make_input(rng, layout.shape, layout.axis, dtype)
+    weight, bias, running_mean, running_var = make_params(rng, layout.channels, dtype)
+    if not affine:
+        weight = bias = None
+    return x, weight, bias, running_mean, running_var

@@ -7,7 +7,7 @@ import pytest
 from numba import cuda
 
 from numbabn import _backend, _call
-from numbabn import dask as dask_backend
+from numbabn import _dask_backend as dask_backend
 from numbabn.cpu import api as host
 
 
@@ -17,6 +17,14 @@ def test_host_and_gpu_backends_run_every_stage():
         assert isinstance(backend, _backend.PartBackend), backend.__name__
     assert isinstance(dask_backend, _backend.Backend)
     assert not isinstance(dask_backend, _backend.PartBackend)  # SyncBatchNorm refuses Dask parts
+
+
+def test_each_backend_is_bound_to_its_inputs():
+    """``_call`` loads each backend once and binds it: its ``Input.backend`` is the module."""
+    for backend in (_call.backend_of(np.ones((2, 2))), _call.cuda_backend(), _call.dask_backend()):
+        assert backend.Input.backend is backend, backend.__name__
+    assert _call.backend_of(np.ones((2, 2))) is host
+    assert _call.dask_backend() is dask_backend
 
 
 @pytest.mark.parametrize("kind", ["numpy", "gpu", "dask"])

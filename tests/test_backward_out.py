@@ -3,12 +3,20 @@
 import numpy as np
 import pytest
 import reference
-from conftest import assert_bitwise, assert_close, by_tag, dtype_params, layout_params, make_input, make_params
+from conftest import (
+    TRAINING,
+    assert_bitwise,
+    assert_close,
+    by_tag,
+    dtype_params,
+    layout_params,
+    make_input,
+    make_params,
+)
 
 import numbabn
 
 LAYOUTS = by_tag("NCHW", "NHWC", "NC", "fused", "big-NCHW", "big-NHWC", "big-fused-NCHW", "NC-super-rows")
-TRAINING = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
 
 
 def _case(rng, layout, dtype, training):

@@ -20,8 +20,7 @@ from reference import stats as ref_stats
 
 import numbabn
 from numbabn import _config
-
-SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+from numbabn.cuda._launch import SIMULATED
 
 #: (shape, axis): strided rows (inner >= 8 with the patched CUDA_MIN_INNER), channel-minor
 #: rows (N, C), channels-last and short inner rows, rows not a multiple of the block width.
@@ -176,13 +175,16 @@ def test_welford_and_merge_on_device(rng, shape, axis):
         assert s.count == cpu.count
         np.testing.assert_allclose(host(s.mean), cpu.mean, rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(host(s.m2), cpu.m2, rtol=1e-12)
+    # to_array copies GPU statistics to the host: the payload of their host copies.
+    on_host = numbabn.Stats(merged.count, host(merged.mean), host(merged.m2))
+    np.testing.assert_array_equal(merged.to_array(), on_host.to_array())
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's float64 squares
 @pytest.mark.parametrize("block_elems", [16, 4096], ids=["split", "one-block"])
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
 def test_float64_values_whose_squares_overflow(rng, monkeypatch, shape, axis, block_elems):
-    """Values around 1e160, as on the CPU (``test_functional``): a finite mean, ``m2 = inf``,
+    """Values around 1e160, as on the CPU (``test_numerics``): a finite mean, ``m2 = inf``,
     outputs ``bias``, zero ``grad_input`` and ``grad_weight``; nothing NaN.  ``one-block``
     covers every channel with one reduction block, so the one-launch kernels run."""
     monkeypatch.setattr(_config, "CUDA_BLOCK_ELEMS", block_elems)

@@ -12,8 +12,8 @@ from conftest import assert_bitwise
 from numba import cuda
 
 import numbabn
+from numbabn.cuda._launch import SIMULATED
 
-SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
 pytestmark = pytest.mark.skipif(
     SIMULATED or not cuda.is_available(), reason="needs a real CUDA GPU (run with NUMBA_ENABLE_CUDASIM=0 on one)"
 )

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
-SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+from numbabn.cuda._launch import SIMULATED  # noqa: E402
+
 needs_real_numba = pytest.mark.skipif(
     SIMULATED, reason="the launch layer runs with the simulator off (test_launch_layer_with_the_simulator_off)"
 )

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import reference
+from _bad_calls import raises
 from conftest import STATS_RTOL, assert_bitwise, dtype_params, layout_params, make_input, reduce_axes
 
 import numbabn
@@ -281,3 +282,24 @@ def test_channel_minor_blocks_whose_shift_cancels(shape, dtype):
         np.testing.assert_allclose(st.m2[ok], m2[ok], rtol=1e-10, atol=1e-20)
         assert st.m2[2] == 0.0 or arr is x_nan and shape[1] == 3  # there the NaN is channel 2's
         assert np.array_equal(np.isnan(st.m2), ~ok) and np.array_equal(np.isnan(st.mean), ~ok)
+
+
+@pytest.mark.parametrize(
+    ("x", "exc", "parts"),
+    [
+        (np.ones(5), ValueError, ("x", "at least 2 dimensions", "got 1")),
+        (np.ones((3, 4), np.int64), TypeError, ("x", "got int64")),
+        (np.ones((3, 4), np.complex128), TypeError, ("x", "got complex128")),
+        (None, TypeError, ("x", "got NoneType")),
+    ],
+    ids=["1-d", "int", "complex", "None"],
+)
+def test_welford_bad_input(x, exc, parts):
+    with raises(exc, *parts):
+        numbabn.welford(x)
+
+
+@pytest.mark.parametrize("axis", [2, -3])
+def test_welford_axis_out_of_range(axis):
+    with raises(ValueError, "axis", "[-2, 2)", f"got {axis}"):
+        numbabn.welford(np.ones((3, 4)), axis=axis)

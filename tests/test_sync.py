@@ -279,9 +279,9 @@ def test_payload_is_welford_to_array(lay, rng):
 
 def test_payload_of_no_channels():
     """Without channels the payload is the count alone, as ``Stats.to_array`` gives it."""
-    from numbabn import _layout
+    from numbabn import stats
 
-    payload = _layout.stats_payload(6, np.empty((3, 0)))
+    payload = stats.payload(6, np.empty((3, 0)))
     np.testing.assert_array_equal(payload, numbabn.Stats(6, np.zeros(0), np.zeros(0)).to_array())
 
 

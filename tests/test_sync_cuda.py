@@ -20,8 +20,7 @@ import numbabn
 from numbabn import BatchNorm, SyncBatchNorm, _config
 from numbabn.cuda import _arrays
 from numbabn.cuda import api as gpu
-
-SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
+from numbabn.cuda._launch import SIMULATED
 
 #: Both kernel families with the patched tunables (CUDA_MIN_INNER = 8): channel-minor (N, C),
 #: channels-last and short rows, strided rows of 12, and the feature axis first.

@@ -6,7 +6,7 @@ cache (compile), then again with the cache it left (load).
 
 Cases: import plus a first ``BatchNorm`` training forward, backward and eval forward, NCHW,
 NHWC and ``(N, C)``, float32 and float64; ``welford`` alone; a Dask worker's first task (the
-serial statistics kernel on one chunk, as ``numbabn.dask`` runs it).
+serial statistics kernel on one chunk, as ``numbabn._dask_backend`` runs it).
 """
 
 import argparse

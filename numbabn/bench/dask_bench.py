@@ -93,7 +93,7 @@ def task_overhead(budget=1.0, nchunks=2048, chunk=(4, 8, 8, 8), fresh=False):
     import dask.array as da
 
     import numbabn
-    from numbabn import dask as nd
+    from numbabn import _dask_backend as nd
 
     x = np.random.default_rng(1).standard_normal((nchunks * chunk[0],) + chunk[1:], dtype=np.float32)
     dx = da.from_array(x, chunks=chunk)

@@ -6,14 +6,16 @@ Arrays are viewed as ``(outer, C, inner)`` without a copy where their memory ord
 before the drivers run, and every argument was checked before this module sees it.
 """
 
-import sys
+from typing import ClassVar
 
 import numpy as np
 
-from .. import _layout, _mask
+from .. import _checks, _mask
+from .._backend import PartBackend
 from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
 from .._math import save_rows
+from ..stats import payload as _payload
 from . import _plan
 from . import backward as _bwd
 from . import forward as _fwd
@@ -41,12 +43,15 @@ class Input:
     """
 
     __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "layout", "c_order", "parallel")
+    #: The backend that runs this input's calls, this module: bound by :mod:`numbabn._call`,
+    #: which loads every backend.
+    backend: ClassVar[PartBackend]
 
     def __init__(self, x, axis, stream, name="input"):
         if stream is not None:
             host_stream(stream)
-        self.original = x = _layout.as_input(x, name)
-        self.axis = axis = _layout.norm_axis(axis, x.ndim)
+        self.original = x = _checks.as_input(x, name)
+        self.axis = axis = _checks.norm_axis(axis, x.ndim)
         flags = x.flags
         c_order = flags.c_contiguous
         if not (c_order or flags.f_contiguous):
@@ -69,8 +74,8 @@ class Input:
             and (a.dtype == self.dtype or (save and a.dtype == _F64))
             and (not writable or a.flags.writeable)
         ):
-            return a  # fast path: every check of _layout.per_channel would pass
-        return _layout.per_channel(a, self.num_channels, self.dtype, name, writable=writable, allow_f64=save)
+            return a  # fast path: every check of _checks.per_channel would pass
+        return _checks.per_channel(a, self.num_channels, self.dtype, name, writable=writable, allow_f64=save)
 
     def like_input(self, a, name, *, writable=False):
         """A NumPy array of the input's shape and dtype (writable when it receives results)."""
@@ -80,8 +85,8 @@ class Input:
             and a.dtype == self.dtype
             and (not writable or a.flags.writeable)
         ):
-            return a  # fast path: every check of _layout.same_kind would pass
-        return _layout.same_kind(self.x, a, name, writable=writable)
+            return a  # fast path: every check of _checks.same_kind would pass
+        return _checks.same_kind(self.x, a, name, writable=writable)
 
     def view(self, a):
         """The kernels' view of ``a``, an array of ``x``'s shape and memory order."""
@@ -94,7 +99,7 @@ def forward(call):
         return _masked_forward(call)
     inp = call.inp
     x, dtype = inp.x, inp.dtype
-    dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
+    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     save = save_rows(call.limits, inp.num_channels, call.m2)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
@@ -136,7 +141,7 @@ def _masked_forward(call):
     is normalized with them.  No kept value is an empty batch: NaN out, no update."""
     inp = call.inp
     x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
-    dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
+    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
     save = save_rows(call.limits, num_channels, call.m2)
     if call.kept == 0:
         dest[...] = np.nan
@@ -159,7 +164,7 @@ def _masked_backward(call):
     inp = call.inp
     x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
-    grad_input = _layout.output_for(x, call.out, g)
+    grad_input = _checks.output_for(x, call.out, g)
     mean = _saved(call.save_mean)
     sums = np.empty((3, num_channels))
     gv, xv = inp.view(g), inp.view(x)
@@ -179,7 +184,7 @@ def _backward(call, driver, *sums):
     inp = call.inp
     x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
-    grad_input = _layout.output_for(x, call.out, g)
+    grad_input = _checks.output_for(x, call.out, g)
     grads = np.empty((3, num_channels))
     driver(
         inp.parallel,
@@ -201,7 +206,7 @@ def _backward(call, driver, *sums):
 def batch_stats(inp):
     """``(count, mean, m2)`` of a checked :class:`Input`, mean and m2 float64 ``(C,)``."""
     stats = _welford(inp)
-    return _layout.values_per_channel(inp.shape, inp.axis), stats[1], stats[2]
+    return _checks.values_per_channel(inp.shape, inp.axis), stats[1], stats[2]
 
 
 def _welford(inp):
@@ -253,8 +258,8 @@ def eval_coef(mean, var, weight, bias, eps, dtype):
 def apply(x, axis, coef, out=None, parallel=None):
     """``y = x * coef[0] + coef[1]`` per channel for a host array ``x`` (into ``out`` when
     given, of ``x``'s shape and dtype)."""
-    x = _layout.contiguous(x)
-    dest = _layout.output_for(x, out)
+    x = _checks.contiguous(x)
+    dest = _checks.output_for(x, out)
     lay, (xv, yv) = views(x, axis, x, dest)
     _fwd.apply(_parallel(parallel, x, lay), lay, xv, coef, yv)
     return deliver(dest, out)
@@ -263,7 +268,7 @@ def apply(x, axis, coef, out=None, parallel=None):
 def grad_reduce(g, x, axis, mean, parallel=None):
     """``(sum g, sum g * (x - mean), sum |g|)`` per channel, (3, C) float64, of host arrays
     ``g`` and ``x`` of one shape (``mean`` float64)."""
-    x = _layout.contiguous(x)
+    x = _checks.contiguous(x)
     g = _same_order(g, x)
     sums = np.empty((3, x.shape[axis]))
     lay, (gv, xv) = views(x, axis, g, x)
@@ -286,9 +291,9 @@ def grad_coefs(sums, n, weight, mean, invstd, training, dtype):
 def grad_apply(g, x, axis, coef, out=None, parallel=None):
     """``grad_input = g * coef[0] + x * coef[1] + coef[2]`` per channel (into ``out`` when
     given)."""
-    x = _layout.contiguous(x)
+    x = _checks.contiguous(x)
     g = _same_order(g, x)
-    dest = _layout.output_for(x, out, g)
+    dest = _checks.output_for(x, out, g)
     lay, (gv, xv, giv) = views(x, axis, g, x, dest)
     _bwd.grad_apply(_parallel(parallel, x, lay), lay, gv, xv, coef, giv)
     return deliver(dest, out)
@@ -297,7 +302,7 @@ def grad_apply(g, x, axis, coef, out=None, parallel=None):
 def part_stats(inp):
     """The statistics of one process's part of a global batch as SyncBatchNorm sends them:
     one float64 array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
-    return _layout.stats_payload(_layout.values_per_channel(inp.shape, inp.axis), _welford(inp))
+    return _payload(_checks.values_per_channel(inp.shape, inp.axis), _welford(inp))
 
 
 def part_sums(call):
@@ -318,7 +323,7 @@ def forward_with_stats(call, stats):
     those statistics."""
     inp = call.inp
     x, dtype = inp.x, inp.dtype
-    dest = np.empty_like(x) if call.out is None else _layout.output_for(x, call.out)
+    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     save = save_rows(call.limits, inp.num_channels, call.m2)
@@ -352,9 +357,9 @@ def layout_of(x, axis, c_order):
     """The :class:`numbabn.cpu._plan.Layout` of ``x``, C-contiguous (``c_order``) or
     F-contiguous (seen through its transpose), with the features on ``axis``."""
     if c_order:
-        shape3 = _layout.shape3(x.shape, axis)
+        shape3 = _checks.shape3(x.shape, axis)
     else:
-        shape3 = _layout.shape3(x.shape[::-1], x.ndim - 1 - axis)
+        shape3 = _checks.shape3(x.shape[::-1], x.ndim - 1 - axis)
     return _plan.layout(shape3, x.itemsize)
 
 
@@ -368,14 +373,14 @@ def views(x, axis, *arrays):
 
 def _same_order(g, x):
     """``g`` in ``x``'s memory order (one copy of ``g`` when it is not)."""
-    if _layout.same_view(g, x):
+    if _checks.same_view(g, x):
         return g
     return np.ascontiguousarray(g) if x.flags.c_contiguous else np.asfortranarray(g)
 
 
 def deliver(result, out):
     """``out`` holding ``result`` when ``out`` is given (copied when the kernels could not
-    write it directly, see ``_layout.output_for``), else ``result``."""
+    write it directly, see ``_checks.output_for``), else ``result``."""
     if out is None or result is out:
         return result
     out[...] = result
@@ -433,6 +438,3 @@ def _contiguous(a):
 def _write_back(a, buf):
     if a is not None and a is not buf:
         a[...] = buf
-
-
-Input.backend = sys.modules[__name__]

@@ -290,25 +290,6 @@ def stats_minor(rows_at, x2, num_channels, inner, stats):
     merge_partials(part, k, stats)
 
 
-@leaf
-def merge_parts(parts, stats):
-    """Chan-merge the rows of ``parts`` (P, 2 C + 1), each ``[count, mean[0..C), m2[0..C)]``
-    (:meth:`numbabn.Stats.to_array`), left to right into ``stats`` (3, C), and return the
-    merged count: one compiled call for the parts that SyncBatchNorm's ranks exchange."""
-    num_channels = stats.shape[1]
-    mean = stats[1]
-    m2 = stats[2]
-    for c in range(num_channels):
-        mean[c] = 0.0
-        m2[c] = 0.0
-    n = 0.0
-    for p in range(parts.shape[0]):
-        n = chan_merge_channels(n, mean, m2, parts[p, 0], parts[p, 1 : 1 + num_channels], parts[p, 1 + num_channels :])
-    for c in range(num_channels):
-        stats[0, c] = n
-    return n
-
-
 @twin
 def welford_strided(rows_at, x3, stats):
     """Driver: per-channel ``(count, mean, M2)`` of the channel-strided ``x3`` into ``stats``

@@ -13,8 +13,7 @@ from numba import cuda
 from .. import _config
 from .._memo import bounded_put
 from . import _launch
-
-SIMULATED = bool(cuda.config.ENABLE_CUDASIM)  # the CUDA simulator: arrays wrap NumPy ones
+from ._launch import SIMULATED  # the CUDA simulator: arrays wrap NumPy ones
 
 
 def shared(fn):
@@ -279,7 +278,7 @@ def one_call(driver):
 
 
 _FLOATS = (float, np.float64)
-_META = operator.attrgetter("shape", "strides", "dtype")
+_ARRAY_KEY = operator.attrgetter("shape", "strides", "dtype")  # an array's part of a replay's key
 
 
 def _kind(t):
@@ -332,7 +331,7 @@ def _replayed(driver, spec, args):
     stream = args[-1]
     context, stream_key = _context_key(), _scratch_stream_key(stream)
     arrays = spec.arrays(args)
-    key = (driver, context, stream_key, _TUNABLES(_config), tuple(map(_META, arrays)), spec.flags(args))
+    key = (driver, context, stream_key, _TUNABLES(_config), tuple(map(_ARRAY_KEY, arrays)), spec.flags(args))
     recorded = _RECORDED.get(key)
     if recorded is None:
         recorded = bounded_put(_RECORDED, key, _launch.record(driver, spec.symbolic(args), spec.nvalues))

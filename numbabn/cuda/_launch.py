@@ -30,6 +30,8 @@ from numba.np import numpy_support
 
 from .._memo import bounded_put
 
+#: numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM``): kernels run in Python and its
+#: arrays wrap NumPy ones.  The one copy of the flag: ``_arrays`` and the tests import it.
 SIMULATED = bool(cuda.config.ENABLE_CUDASIM)
 
 #: "fast" (this module) or "numba" (numba-cuda's own launches), from NUMBABN_CUDA_LAUNCH.
@@ -84,8 +86,8 @@ class Dev:
 
     @property
     def _derived(self):
-        meta = _META.get((self.shape, self.strides, self.dtype))
-        return _meta(self.shape, self.strides, self.dtype) if meta is None else meta
+        derived = _DERIVED.get((self.shape, self.strides, self.dtype))
+        return _derive(self.shape, self.strides, self.dtype) if derived is None else derived
 
     size = property(lambda self: self._derived[0], doc="The number of elements.")
     ndim = property(lambda self: self._derived[1], doc="The number of axes.")
@@ -99,16 +101,15 @@ class Dev:
         return (*self.head, self.ptr, *self.dims)
 
 
-_META = {}  # (shape, strides, dtype) -> what Dev derives from them
+_DERIVED = {}  # (shape, strides, dtype) -> what Dev derives from them
 
 
-def _meta(shape, strides, dtype):
+def _derive(shape, strides, dtype):
     size = math.prod(shape)
     sig = (dtype, len(shape), layout_of(shape, strides, dtype.itemsize))
-    meta = bounded_put(
-        _META, (shape, strides, dtype), (size, len(shape), sig, (0, 0, size, dtype.itemsize), shape + strides)
+    return bounded_put(
+        _DERIVED, (shape, strides, dtype), (size, len(shape), sig, (0, 0, size, dtype.itemsize), shape + strides)
     )
-    return meta
 
 
 def pointer(a):

@@ -2,14 +2,16 @@
 ``(outer, C, inner)`` view, the kernels launched on the caller's stream (nothing
 synchronizes the host), results handed back as the caller's kind of array."""
 
-import sys
+from typing import ClassVar
 
 import numpy as np
 
-from .. import _layout
+from .. import _checks
+from .._backend import PartBackend
 from .._device import is_device
 from .._math import save_rows
 from .._memo import bounded_put
+from ..stats import payload as _payload
 from . import _arrays, _launch
 from . import backward as _bwd
 from . import forward as _fwd
@@ -40,6 +42,9 @@ class Input:
     such signature (small calls spend their time in Python)."""
 
     __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "stream", "order", "view_shape")
+    #: The backend that runs this input's calls, this module: bound by :mod:`numbabn._call`,
+    #: which loads every backend.
+    backend: ClassVar[PartBackend]
 
     def __init__(self, input, axis, stream, name="input"):
         self.original = input
@@ -67,7 +72,7 @@ class Input:
         ):
             return a  # fast path: a numba array that passes every check below
         a = _device_array(a, name)
-        _layout.check_channels(a, self.num_channels, _PER_CHANNEL_DTYPES[self.dtype, save], name)
+        _checks.check_channels(a, self.num_channels, _PER_CHANNEL_DTYPES[self.dtype, save], name)
         if a.strides[0] != a.dtype.itemsize and self.num_channels > 1:
             raise ValueError(f"{name} must be contiguous on the GPU, got stride {a.strides[0]} bytes")
         return a
@@ -82,7 +87,7 @@ class Input:
             and a.strides == x.strides
         ):
             return a  # fast path: the input's own layout
-        a = _layout.check_like(x, _device_array(a, name), name)
+        a = _checks.check_like(x, _device_array(a, name), name)
         order = _arrays.dense_order(a)
         if order is None or _significant(order, a.shape) != _significant(self.order, a.shape):
             raise ValueError(
@@ -190,7 +195,7 @@ def batch_stats(inp):
     else:
         stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
         _stats.welford(inp.view(inp.x), stats, inp.stream)
-    count = _layout.values_per_channel(inp.shape, inp.axis)
+    count = _checks.values_per_channel(inp.shape, inp.axis)
     _, mean, m2 = _arrays.rows(stats)
     return count, inp.hand_back(mean), inp.hand_back(m2)
 
@@ -223,12 +228,12 @@ def merge(parts, stream):
 def part_stats(inp):
     """:func:`welford` copied to the host on the input's stream, as SyncBatchNorm sends it:
     one float64 NumPy array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
-    count = _layout.values_per_channel(inp.shape, inp.axis)
+    count = _checks.values_per_channel(inp.shape, inp.axis)
     if inp.x.size == 0:
-        return _layout.stats_payload(count, np.zeros((3, inp.num_channels)))
+        return _payload(count, np.zeros((3, inp.num_channels)))
     stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
     _stats.welford(inp.view(inp.x), stats, inp.stream)
-    return _layout.stats_payload(count, _arrays.to_host(stats, inp.stream))
+    return _payload(count, _arrays.to_host(stats, inp.stream))
 
 
 def forward_with_stats(call, stats):
@@ -301,8 +306,8 @@ _F64 = np.dtype(np.float64)
 def _layout_of(x, axis, name):
     """Check a GPU input's dtype, ndim, axis and density: ``(axis, memory order, (shape,
     strides) of its (outer, C, inner) view)``."""
-    _layout.check_input(x, name, DTYPES)
-    axis = _layout.norm_axis(axis, x.ndim)
+    _checks.check_input(x, name, DTYPES)
+    axis = _checks.norm_axis(axis, x.ndim)
     order = _arrays.dense_order(x)
     if order is None:
         raise ValueError(
@@ -342,6 +347,3 @@ def scaled(a, factor, stream=None):
     """``a * factor`` (float64) for a GPU array ``a`` of shape (C,), as ``a``'s kind of array."""
     d = _arrays.as_numba(a)
     return _arrays.like(_cast(d, np.float64, _arrays.stream_of(stream, a), factor), a)
-
-
-Input.backend = sys.modules[__name__]

@@ -307,16 +307,3 @@ def check_flag(value, name):
 def _dtype(a, dtypes, name):
     if a.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {_names(dtypes)} (the input's; dtypes are not mixed), got {a.dtype}")
-
-
-def stats_payload(count, stats):
-    """``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`'s layout) of the
-    (3, C) C-contiguous float64 ``stats``, rows count, mean and M2, without a copy: ``stats``
-    flattened from the last column of the count row on, that is memory shared with ``stats``,
-    whose ``stats[0, -1]`` becomes ``count``."""
-    num_channels = stats.shape[1]
-    if num_channels == 0:
-        return np.array([float(count)])
-    out = stats.reshape(-1)[num_channels - 1 :]
-    out[0] = count
-    return out
