@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _call, _checks
 from ._device import is_device
-from .cpu import stats as _stats
+from .stats import merge_parts
 
 
 def check_size(virtual_batch_size, axis=None):
@@ -159,7 +159,7 @@ def _update_running(call, counts, means, m2s):
     num_channels = means.shape[1]
     parts = np.concatenate([counts[:, None], means, m2s], axis=1)
     stats = np.empty((3, num_channels))
-    count = _stats.merge_parts(parts, stats)
+    count = merge_parts(parts, stats)
     from .cpu import api as _host
 
     # float64 copies of the buffers' values: the same arithmetic as the kernels' update,
