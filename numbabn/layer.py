@@ -480,12 +480,21 @@ class BatchNorm:
         self.__dict__.update(state)
 
     def __repr__(self):
+        return f"BatchNorm({self._settings_repr()})"
+
+    def _settings_repr(self, tracking=True):
+        """The constructor's arguments as a repr shows them (``tracking``: with
+        ``track_running_stats``, which the renormalizing layers do not take)."""
+        tracked = f"track_running_stats={self.track_running_stats}, " if tracking else ""
         return (
-            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype.name}"
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"{tracked}{self._extra_repr()}axis={self.axis}, dtype={self.dtype.name}"
             + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else "")
-            + (", device='cuda')" if self.device == "cuda" else ")")
+            + (", device='cuda'" if self.device == "cuda" else "")
         )
+
+    def _extra_repr(self):
+        return ""
 
 
 def _torch_numpy(tensor, name):

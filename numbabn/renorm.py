@@ -265,13 +265,8 @@ class _Renormalizing:
         grad_weight = _ghost.on_device_of(inp, r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias), inp.dtype, True)
         return grad_input, grad_weight, grad_bias, abs_sum, n
 
-    def _renorm_repr(self, name):
-        return (
-            f"{name}({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"rmax={self._rmax}, dmax={self._dmax}, axis={self.axis}, dtype={self.dtype.name}"
-            + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else "")
-            + (", device='cuda')" if self.device == "cuda" else ")")
-        )
+    def _extra_repr(self):
+        return f"rmax={self._rmax}, dmax={self._dmax}, "
 
 
 class BatchRenorm(_Renormalizing, BatchNorm):
@@ -331,7 +326,7 @@ class BatchRenorm(_Renormalizing, BatchNorm):
     _BACKWARD_STATE = (*BatchNorm._BACKWARD_STATE, *_Renormalizing._BACKWARD_STATE)
 
     def __repr__(self):
-        return self._renorm_repr("BatchRenorm")
+        return f"BatchRenorm({self._settings_repr(tracking=False)})"
 
 
 class SyncBatchRenorm(_Renormalizing, SyncBatchNorm):
@@ -375,4 +370,5 @@ class SyncBatchRenorm(_Renormalizing, SyncBatchNorm):
         return self._syncing()
 
     def __repr__(self):
-        return self._renorm_repr("SyncBatchRenorm")
+        comm = "" if self.comm is None else f", comm={type(self.comm).__name__}"
+        return f"SyncBatchRenorm({self._settings_repr(tracking=False)}{comm})"
