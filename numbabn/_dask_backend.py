@@ -48,6 +48,8 @@ SPLIT_EVERY = 16
 
 #: Where this backend's arrays live (``BatchNorm.device``'s spelling): chunks are host arrays.
 DEVICE = "cpu"
+#: Masked statistics run here (``numbabn._mask``): the mask a Dask array chunked as the input.
+MASKS = True
 
 
 class Input:
@@ -131,9 +133,13 @@ def forward(call):
         # An empty batch, as on the host: an empty output, running statistics untouched.
         coef = np.full((2, inp.num_channels), np.nan)
         save = np.full((2, inp.num_channels), np.nan)
+    elif call.training and call.mask is not None and call.kept == 0:
+        # A mask keeping nothing: an empty batch, every value NaN, running statistics untouched.
+        coef = np.full((2, inp.num_channels), np.nan)
+        save = np.full((2, inp.num_channels), np.nan)
     elif call.training:
-        count, mean, m2 = batch_stats(inp)
-        return forward_with_stats(call, (count, mean, m2))
+        (stats,) = dask.compute(statistics(inp, mask=call.mask))
+        return forward_with_stats(call, (stats.count, stats.mean, stats.m2))
     else:
         coef, save = _host.eval_coef(call.running_mean, call.running_var, call.weight, call.bias, call.eps, inp.dtype)
     return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input")), save[0], save[1]
@@ -161,10 +167,14 @@ def backward(call):
     mean = np.ascontiguousarray(call.save_mean, dtype=np.float64)
     invstd = np.ascontiguousarray(call.save_invstd, dtype=np.float64)
     (sums,) = dask.compute(grad_sums(inp, call.grad_output, mean))
-    n = _checks.values_per_channel(inp.shape, inp.axis)
+    masked = call.mask is not None
+    n = call.kept if masked else _checks.values_per_channel(inp.shape, inp.axis)
     coef, grads = _host.grad_coefs(sums, n, call.weight, mean, invstd, call.training, inp.dtype)
     arrays = (call.grad_output, "grad_output"), (inp.x, "input")
-    gi = _map_channels(_grad_apply_block, "numbabn-batch-norm-backward", inp, coef, *arrays)
+    if masked:  # the mask's chunks span one channel each: Dask broadcasts them over the channels'
+        gi = _map_channels(_masked_grad_apply_block, "numbabn-masked-backward", inp, coef, *arrays, (call.mask, "mask"))
+    else:
+        gi = _map_channels(_grad_apply_block, "numbabn-batch-norm-backward", inp, coef, *arrays)
     return gi, grads[0].astype(inp.dtype), grads[1].astype(inp.dtype), grads[2]
 
 
@@ -183,18 +193,24 @@ def batch_stats(inp):
 # -- reductions: one partial per chunk, a fixed tree per column of chunks ----------------------
 
 
-def statistics(inp, split_every=None):
-    """A ``Delayed`` of the :class:`numbabn.Stats` of a checked :class:`Input`."""
+def statistics(inp, split_every=None, mask=None):
+    """A ``Delayed`` of the :class:`numbabn.Stats` of a checked :class:`Input` (of the values
+    a checked ``mask``, chunked as the input with one chunk on the feature axis, keeps)."""
     x, axis = inp.x, inp.axis
-    token = tokenize(x, axis, split_every)
+    token = tokenize(x, axis, split_every, None if mask is None else mask.name)
 
     def leaf(idx):
-        return (block_stats, (x.name, *idx), axis, _declared(x, idx))
+        if mask is None:
+            return (block_stats, (x.name, *idx), axis, _declared(x, idx))
+        m = (mask.name, *(0 if a == axis else i for a, i in enumerate(idx)))
+        return (masked_block_stats, (x.name, *idx), m, axis, _declared(x, idx))
 
     roots, dsk = _tree(f"numbabn-welford-{token}", x.chunks, axis, leaf, _merge_stats, split_every)
     name = f"numbabn-welford-{token}"
-    dsk[name] = (_concat_stats, roots, _checks.values_per_channel(inp.shape, axis))
-    return Delayed(name, HighLevelGraph.from_collections(name, dsk, dependencies=[x]))
+    # The kept count is the mask's, known once its chunks are: the columns' merged count.
+    dsk[name] = (_concat_stats, roots, _checks.values_per_channel(inp.shape, axis) if mask is None else None)
+    deps = [x] if mask is None else [x, mask]
+    return Delayed(name, HighLevelGraph.from_collections(name, dsk, dependencies=deps))
 
 
 def grad_sums(inp, grad_output, mean, split_every=None):
@@ -282,6 +298,15 @@ def block_stats(block, axis, declared):
     return float(_checks.values_per_channel(x.shape, axis)), stats[1], stats[2]
 
 
+def masked_block_stats(block, mask, axis, declared):
+    """``(count, mean, M2)`` of the values of one chunk that its mask chunk keeps."""
+    x = _checks.contiguous(_checked_block(block, declared))
+    mask = _checked_block(mask, _mask_declared(declared, axis), "mask")
+    stats = np.empty((3, x.shape[axis]))
+    count = _host.masked_stats(x, axis, mask, stats)
+    return float(count), stats[1], stats[2]
+
+
 def _merge_stats(parts):
     """Chan's merge of partials, left to right (the inputs are left unchanged)."""
     n, mean, m2 = parts[0]
@@ -292,6 +317,8 @@ def _merge_stats(parts):
 
 
 def _concat_stats(columns, count):
+    if count is None:  # every column of chunks holds the same kept values of its channels
+        count = columns[0][0] if columns else 0.0
     mean = np.concatenate([c[1] for c in columns])
     m2 = np.concatenate([c[2] for c in columns])
     return Stats(count, mean, m2)
@@ -338,15 +365,25 @@ class _WithCoef:
     def __init__(self, fn, coef, axis, names, dtype):
         self.fn, self.coef, self.axis, self.names, self.dtype = fn, coef, axis, names, dtype
 
+    def _declared(self, declared, name):
+        return _mask_declared(declared, self.axis) if name == "mask" else declared
+
     def __call__(self, *blocks, block_info=None):
         info = block_info[0]
         location = info["array-location"]
         # A lazy map reads its chunks when computed, after the call's checks: a chunk that
         # computes to another shape or dtype raises here, not as a wrong output.
         declared = (tuple(info["chunk-location"]), tuple(hi - lo for lo, hi in location), self.dtype)
-        blocks = [_checked_block(b, declared, n) for b, n in zip(blocks, self.names, strict=True)]
+        blocks = [_checked_block(b, self._declared(declared, n), n) for b, n in zip(blocks, self.names, strict=True)]
         lo, hi = location[self.axis]
         return self.fn(*blocks, self.coef[:, lo:hi], self.axis)
+
+
+def _mask_declared(declared, axis):
+    """What a mask chunk beside an input chunk ``declared`` must be: one value per position
+    of the chunk's channels, bool."""
+    idx, shape, _ = declared
+    return idx, tuple(1 if a == axis else n for a, n in enumerate(shape)), np.dtype(np.bool_)
 
 
 def _apply_block(x, coef, axis):
@@ -355,3 +392,7 @@ def _apply_block(x, coef, axis):
 
 def _grad_apply_block(g, x, coef, axis):
     return _host.grad_apply(g, x, axis, np.ascontiguousarray(coef), parallel=False)
+
+
+def _masked_grad_apply_block(g, x, mask, coef, axis):
+    return _host.masked_grad_apply(g, x, axis, mask, np.ascontiguousarray(coef))

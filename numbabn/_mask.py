@@ -7,18 +7,21 @@ from ._device import is_device
 
 
 def check(mask, inp):
-    """``mask`` checked against the checked input ``inp``: a NumPy bool array of the input's
-    shape with 1 on the feature axis, in the input's memory order (copied when it is not:
-    it is ``C`` times smaller than the input).  Returns ``(mask, kept)``, ``kept`` the number
-    of True values, the masked count of every channel."""
+    """``mask`` checked against the checked input ``inp``: a bool array of the input's shape
+    with 1 on the feature axis; for a NumPy input a NumPy array in the input's memory order
+    (copied when it is not: it is ``C`` times smaller than the input), for a Dask input a
+    Dask array chunked as the input.  Returns ``(mask, kept)``, ``kept`` the number of True
+    values, the masked count of every channel."""
     if not getattr(inp.backend, "MASKS", False):
-        kind = "a GPU array" if inp.backend.DEVICE == "cuda" else "a Dask array"
+        kind = "a GPU array"
         raise NotImplementedError(
-            f"mask takes NumPy inputs, got {kind} input: masked statistics have host kernels only so far; "
+            f"mask takes NumPy and Dask inputs, got {kind} input: masked statistics have host kernels only so far; "
             "compute on the host, or normalize without a mask"
         )
-    if is_device(mask) or not isinstance(mask, np.ndarray):
-        raise TypeError(f"mask must be a NumPy bool array, got {type(mask).__name__}")
+    lazy = _dask_array_type(inp)
+    if is_device(mask) or not isinstance(mask, (np.ndarray,) + lazy):
+        kind = "a NumPy or Dask bool array" if lazy else "a NumPy bool array"
+        raise TypeError(f"mask must be {kind}, got {type(mask).__name__}")
     expected = list(inp.shape)
     expected[inp.axis] = 1
     if mask.dtype != np.bool_:
@@ -28,16 +31,39 @@ def check(mask, inp):
             f"mask must have shape {tuple(expected)} (the input's, with 1 on the feature axis {inp.axis}: the "
             f"same mask for every channel), got {mask.shape}"
         )
+    if lazy:
+        return _dask_mask(mask, inp)
     mask = np.ascontiguousarray(mask) if inp.c_order else np.asfortranarray(mask)
     return mask, int(np.count_nonzero(mask))
 
 
-def view(mask, inp):
-    """The kernels' view of a checked ``mask`` beside :meth:`Input.view` of the input:
-    ``(outer, inner)`` for the channel-strided layouts, ``(outer // k, k * inner)`` for the
+def _dask_array_type(inp):
+    """``(dask.array.Array,)`` for a Dask input, else ``()``."""
+    if not hasattr(inp, "c_order"):  # the Dask backend's inputs have no memory order
+        import dask.array as da
+
+        return (da.Array,)
+    return ()
+
+
+def _dask_mask(mask, inp):
+    """A Dask input's mask as a Dask array chunked as the input (one chunk on the feature
+    axis), and its True count, computed now (the mask is ``C`` times smaller than the
+    input)."""
+    import dask.array as da
+
+    chunks = tuple((1,) if a == inp.axis else c for a, c in enumerate(inp.x.chunks))
+    mask = da.from_array(mask, chunks=chunks) if isinstance(mask, np.ndarray) else mask.rechunk(chunks)
+    return mask, int(da.count_nonzero(mask).compute())
+
+
+def view(mask, c_order, lay):
+    """The kernels' view of a ``mask`` in its input's memory order (C when ``c_order``, else
+    F) beside the input's view of :class:`numbabn.cpu._plan.Layout` ``lay``: ``(outer,
+    inner)`` for the channel-strided layouts, ``(outer // k, k * inner)`` for the
     channel-minor ones."""
-    m = mask if inp.c_order else mask.T
-    return m.reshape(inp.layout.view[0], -1)
+    m = mask if c_order else mask.T
+    return m.reshape(lay.view[0], -1)
 
 
 def check_kept(kept):

@@ -73,7 +73,8 @@ def batch_norm(
         statistics take one update from the whole batch's (the ghosts' merged).  NumPy and
         GPU arrays; the feature axis must not be 0.  Ignored in eval.
     mask : ndarray of bool, optional
-        Masked statistics in training (NumPy inputs): ``input``'s shape with 1 on the feature
+        Masked statistics in training (NumPy and Dask inputs; a Dask input's mask may be a Dask
+        array, rechunked to the input's chunks): ``input``'s shape with 1 on the feature
         axis, True where a value counts (padding False), the same for every channel.  The
         batch statistics and the running-statistics update (its count, in the unbiased
         variance too) use the kept values only; every value is normalized with them.  A mask

@@ -231,7 +231,7 @@ class BatchNorm:
         cumulatively (``momentum = 1 / num_batches_tracked``).  A Dask input gives a lazy
         output (its statistics are computed during the call).
 
-        ``mask`` (NumPy inputs): a bool array of ``x``'s shape with 1 on the feature axis,
+        ``mask`` (NumPy and Dask inputs): a bool array of ``x``'s shape with 1 on the feature axis,
         True where a value counts in the batch statistics (padding False), the same for
         every channel.  Training then normalizes every value with the statistics of the kept
         ones, and the running statistics take their update from those (their count, in the

@@ -302,7 +302,7 @@ def test_ghost_batches_on_device_match_cpu(rng):
 def test_masks_are_refused_on_the_gpu_with_nothing_changed(rng):
     x = make_input(rng, (6, 3, 10), 1, np.float32)
     bn = numbabn.BatchNorm(3, device="cuda")
-    with pytest.raises(NotImplementedError, match="mask takes NumPy inputs, got a GPU array"):
+    with pytest.raises(NotImplementedError, match="mask takes NumPy and Dask inputs, got a GPU array"):
         bn(dev(x), np.ones((6, 1, 10), bool))
     assert bn.num_batches_tracked == 0 and np.all(host(bn.running_var) == 1)
 

@@ -634,6 +634,31 @@ def test_batch_renorm_on_a_cluster(cluster, rng):
     assert np.any(host.r != 1) and np.any(host.d != 0)
 
 
+def test_masked_statistics_on_a_cluster(cluster, rng):
+    """A mask as a Dask array (any chunks: rechunked to the input's) or a NumPy one, on the
+    cluster's worker processes: the same bits as on threads, the host's results to rounding."""
+    _, client = cluster
+    shape, chunks = (24, 4, 6, 8), (5, 2, 6, 8)
+    x = make_input(rng, shape, 1, np.float64)
+    g = rng.standard_normal(shape)
+    mask = rng.random((24, 1, 6, 8)) < 0.6
+    results = []
+    for scheduler, m in ((client, da.from_array(mask, chunks=(7, 1, 3, 8))), ("threads", mask)):
+        rm, rv = np.zeros(4), np.ones(4)
+        with dask.config.set(scheduler=scheduler):
+            dx = da.from_array(x, chunks=chunks)
+            y, mean, invstd = numbabn.batch_norm_forward(dx, None, None, rm, rv, mask=m)
+            gi, gw, gb = numbabn.batch_norm_backward(da.from_array(g, chunks=chunks), dx, None, mean, invstd, mask=m)
+            results.append((y.compute(), mean, invstd, rm, rv, gi.compute(), gw, gb))
+    for a, b in zip(*results, strict=True):
+        assert_bitwise(a, b)
+    rm, rv = np.zeros(4), np.ones(4)
+    y, mean, invstd = numbabn.batch_norm_forward(x, None, None, rm, rv, mask=mask)
+    expected = (y, mean, invstd, rm, rv, *numbabn.batch_norm_backward(g, x, None, mean, invstd, mask=mask))
+    for a, e in zip(results[0], expected, strict=True):
+        assert_close(a, e, np.float64, rtol=1e-12)
+
+
 def test_same_bits_after_a_worker_is_killed(cluster, data, threaded, tmp_path):
     """A task kills its worker process mid-computation (the first time only, remembered in a
     file): the scheduler reruns the lost tasks on the other worker and the bits do not

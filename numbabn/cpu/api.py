@@ -149,7 +149,7 @@ def _masked_forward(call):
         return _forward_result(call, dest, save)
     w, b = _affine(call.weight, call.bias, num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
-    mk = _mask.view(call.mask, inp)
+    mk = _mask.view(call.mask, inp.c_order, inp.layout)
     xv, yv = inp.view(x), inp.view(dest)
     _masked.forward_train_masked(inp.parallel, inp.layout, xv, mk, w, b, rm, rv, call.momentum, call.eps, yv, save)
     if rm is not call.running_mean or rv is not call.running_var:
@@ -172,7 +172,7 @@ def _masked_backward(call):
     coef, grads = np.empty((3, num_channels)), np.empty((3, num_channels))
     weight = per_channel_array(call.weight, 1.0, num_channels, dtype)
     _bwd.grad_coefs(sums, float(call.kept), weight, mean, _saved(call.save_invstd), True, coef, grads)
-    mk = _mask.view(call.mask, inp)
+    mk = _mask.view(call.mask, inp.c_order, inp.layout)
     _masked.grad_apply_masked(inp.parallel, inp.layout, gv, xv, mk, coef, inp.view(grad_input))
     affine = grads[:2].astype(dtype)
     return deliver(grad_input, call.out), affine[0], affine[1], grads[2]
@@ -297,6 +297,31 @@ def grad_apply(g, x, axis, coef, out=None, parallel=None):
     lay, (gv, xv, giv) = views(x, axis, g, x, dest)
     _bwd.grad_apply(_parallel(parallel, x, lay), lay, gv, xv, coef, giv)
     return deliver(dest, out)
+
+
+def masked_stats(x, axis, mask, stats):
+    """The masked ``(count, mean, M2)`` of a host array ``x`` (a Dask task's chunk, serial
+    kernels) into ``stats`` (3, C); ``mask`` has ``x``'s shape with 1 on ``axis``.  Returns
+    the kept count."""
+    x = _checks.contiguous(x)
+    c_order = x.flags.c_contiguous
+    mask = np.ascontiguousarray(mask) if c_order else np.asfortranarray(mask)
+    lay, (xv,) = views(x, axis, x)
+    _masked.welford_masked(False, lay, xv, _mask.view(mask, c_order, lay), stats)
+    return int(np.count_nonzero(mask))
+
+
+def masked_grad_apply(g, x, axis, mask, coef):
+    """The masked elementwise backward of host arrays (a Dask task's chunks, serial kernels):
+    ``g * coef[0] + (x * coef[1] + coef[2] where mask, else 0)``."""
+    x = _checks.contiguous(x)
+    g = _same_order(g, x)
+    c_order = x.flags.c_contiguous
+    mask = np.ascontiguousarray(mask) if c_order else np.asfortranarray(mask)
+    dest = _checks.output_for(x, None, g)
+    lay, (gv, xv, giv) = views(x, axis, g, x, dest)
+    _masked.grad_apply_masked(False, lay, gv, xv, _mask.view(mask, c_order, lay), coef, giv)
+    return dest
 
 
 def part_stats(inp):
