@@ -135,7 +135,7 @@ def batch_renorm_forward(
     Returns
     -------
     output : ndarray
-        ``weight * ((x - mean_B) / s_B * r + d) + bias`` (see :mod:`numbabn.renorm`).
+        ``weight * ((x - mean_B) / s_B * r + d) + bias`` (see :ref:`renorm`).
     save_mean, save_invstd : ndarray of float64, shape (C,)
         The batch's mean and ``1 / s_B``.
     r, d : ndarray of float64, shape (C,)
@@ -272,7 +272,7 @@ class _Renormalizing:
 class BatchRenorm(_Renormalizing, BatchNorm):
     """Batch Renormalization (Ioffe, 2017): a :class:`BatchNorm` whose training output is
     corrected towards the running statistics by per-channel factors ``r`` and ``d`` (see
-    :mod:`numbabn.renorm`), for small or non-i.i.d. batches.
+    :ref:`renorm`), for small or non-i.i.d. batches.
 
     Parameters
     ----------
