@@ -4,8 +4,8 @@ no process built from them pays the first call's compile.
 
 Each kernel family (fused and row-wise channel-strided, channel-minor) runs its serial and
 parallel twins on a small array of each dtype through the public API: the training forward
-and backward, the eval forward and backward and ``welford``, and the stages Dask's tasks and
-SyncBatchNorm call (``apply``, ``grad_reduce``, ``grad_apply``).
+and backward (also with a mask), the eval forward and backward and ``welford``, and the
+stages Dask's tasks and SyncBatchNorm call (``apply``, ``grad_reduce``, ``grad_apply``).
 """
 
 import time
@@ -57,6 +57,9 @@ def _run_case(shape, axis, dtype):
     bn.backward(y)
     bn.eval()(x)
     bn.backward(y)
+    mask = np.ones(tuple(1 if a == axis else n for a, n in enumerate(shape)), bool)
+    bn.train()
+    bn.backward(bn(x, mask))  # the masked kernels (a Dask task's too: the serial cases)
     welford(x, axis=axis)
     coef = np.ones((2, shape[axis]))
     for parallel in (None, False):  # the size's twin, and the serial one Dask's tasks run
