@@ -197,9 +197,11 @@ def forward_call(
     if mask is not None:
         mask, kept = _mask.check(mask, inp)
     if training:
-        if kept is not None:
+        if part:  # a part's count is checked once the parts' are merged
+            pass
+        elif kept is not None:
             _mask.check_kept(kept)
-        elif not part:
+        else:
             _checks.check_training_count(inp.shape, inp.axis)
     elif running_mean is None:
         raise ValueError("running_mean and running_var are required in eval mode (training=False), got None")

@@ -63,7 +63,8 @@ def view(mask, c_order, lay):
     inner)`` for the channel-strided layouts, ``(outer // k, k * inner)`` for the
     channel-minor ones."""
     m = mask if c_order else mask.T
-    return m.reshape(lay.view[0], -1)
+    columns = lay.view[2] if lay.strided else lay.view[1] // max(lay.num_channels, 1)
+    return m.reshape(lay.view[0], columns)
 
 
 def check_kept(kept):

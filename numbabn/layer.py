@@ -86,7 +86,8 @@ class BatchNorm:
     update_threshold : ndarray of float64, shape (C,), or None
         Set by :meth:`backward`: the per-channel mean of ``|grad_output|`` over the values
         that share a channel, ``sum(|g|) / n``, accumulated in float64 by the backward
-        reduction pass itself (no extra pass over memory).  The "dynamic update threshold"
+        reduction pass itself (no extra pass over memory); after a masked forward ``n`` is
+        the kept count (a masked loss leaves the padding's gradient zero).  The "dynamic update threshold"
         ``mean(|gradients|)`` some training schemes gate parameter updates on.  None before
         the first :meth:`backward`; like ``grad_weight`` it describes the last backward
         pass, so :meth:`reset_parameters` and :meth:`reset_running_stats` leave it alone.
@@ -337,7 +338,9 @@ class BatchNorm:
         """``(grad_input, grad_weight, grad_bias, abs_grad_sum, n)`` of a checked backward
         call, ``n`` the values per channel that ``abs_grad_sum`` sums over (SyncBatchNorm
         exchanges the sums here)."""
-        return (*call.run(), _checks.values_per_channel(call.inp.shape, call.inp.axis))
+        # With a mask, update_threshold is per kept value (a masked loss leaves padding's g 0).
+        n = call.kept if call.mask is not None else _checks.values_per_channel(call.inp.shape, call.inp.axis)
+        return (*call.run(), n)
 
     def _check_input(self, x):
         """The checked input of a call on this layer: its backend must be the layer's device,

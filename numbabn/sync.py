@@ -10,6 +10,7 @@ order on every rank, so every rank computes the same bits.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -178,15 +179,11 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x: Any, mask: Any = None) -> Any:
         """Normalize ``x``, this rank's part of the global batch; in training mode with a
         ``comm``, with the global batch's statistics (a collective call: every rank makes
-        it).  See :meth:`BatchNorm.forward` and the class notes; ``mask`` works without a
-        ``comm`` or in eval only, so far."""
+        it).  See :meth:`BatchNorm.forward` and the class notes; with a ``mask`` the global
+        statistics are those of the values every rank's mask keeps."""
         if not self._syncs():
             return super().forward(x, mask)
-        if mask is not None:
-            raise NotImplementedError(
-                "SyncBatchNorm takes no mask in synchronized training yet: masked statistics run on one process"
-            )
-        return self._collective("forward", super().forward, x)
+        return self._collective("forward", functools.partial(super().forward, mask=mask), x)
 
     __call__ = forward
 
@@ -209,7 +206,8 @@ class SyncBatchNorm(BatchNorm):
         # ranks' counts must agree, as their running statistics would drift apart otherwise.
         tracked = self._tracked() if self.momentum is None and self.track_running_stats else None
         # The part's statistics on the host (a GPU part's copied on the input's stream).
-        parts = self._exchange("forward", backend.part_stats(inp), tracked=tracked)
+        mine = backend.part_stats(inp) if call.mask is None else backend.part_stats(inp, call.mask)
+        parts = self._exchange("forward", mine, tracked=tracked)
         stats = np.empty((3, inp.num_channels))
         count = int(_merge_parts(parts, stats))
         if count == 1:

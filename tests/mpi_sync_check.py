@@ -2,7 +2,7 @@
 (tests/test_sync_mpi.py does, for P = 2 and 3).
 
 Every rank draws the same global batches from a shared seed, trains a SyncBatchNorm (and a
-SyncBatchRenorm) on its own part (uneven parts, one rank's part empty) and a plain BatchNorm
+SyncBatchRenorm, with and without masks) on its own part (uneven parts, one rank's part empty) and a plain BatchNorm
 (BatchRenorm) on the whole batch,
 and compares its part of the outputs and gradients, the global gradients and the running
 statistics; the ranks then compare their running statistics and global gradients bit for
@@ -56,7 +56,7 @@ def part_sizes(step):
     return [1] + [2] * (SIZE - 1)
 
 
-def run_case(shape, axis, batch_axis, dtype, momentum, seed, renorm=False):
+def run_case(shape, axis, batch_axis, dtype, momentum, seed, renorm=False, masked=False):
     rng = np.random.default_rng(seed)
     channels = shape[axis]
     if renorm:  # r and d from the global batch's statistics: the same on every rank
@@ -71,6 +71,7 @@ def run_case(shape, axis, batch_axis, dtype, momentum, seed, renorm=False):
         layer.weight[...], layer.bias[...] = w, b
         layer.running_mean[...] = 2.0  # away from the batches' means: r and d != 1 and 0
     name = f"shape {shape} axis {axis} {np.dtype(dtype).name} momentum {momentum}" + (" renorm" * renorm)
+    name += " masked" * masked
     for step in range(3):
         sizes = part_sizes(step)
         full = list(shape)
@@ -81,9 +82,14 @@ def run_case(shape, axis, batch_axis, dtype, momentum, seed, renorm=False):
         mine = [slice(None)] * len(full)
         mine[batch_axis] = slice(lo, hi)
         mine = tuple(mine)
-        y = sync(x[mine])
+        if masked:  # the global batch's statistics count the values every rank's mask keeps
+            mshape = list(full)
+            mshape[axis] = 1
+            mask = rng.random(mshape) < 0.6
+            y, y_ref = sync(x[mine], mask[mine]), ref(x, mask)
+        else:
+            y, y_ref = sync(x[mine]), ref(x)
         gi = sync.backward(g[mine])
-        y_ref = ref(x)
         gi_ref = ref.backward(g)
         what = f"{name} step {step}"
         close(y, y_ref[mine], dtype, f"{what}: output")
@@ -163,7 +169,9 @@ def main():
                 seed += 1
     for shape, axis, batch_axis in LAYOUTS:
         run_case(shape, axis, batch_axis, np.float64, 0.1, seed, renorm=True)
-        seed += 1
+        run_case(shape, axis, batch_axis, np.float64, None, seed + 1, masked=True)
+        run_case(shape, axis, batch_axis, np.float32, 0.1, seed + 2, renorm=True, masked=True)
+        seed += 3
     run_errors()
     everyone = COMM.allgather(failures)
     if RANK == 0:

@@ -229,13 +229,20 @@ def test_sync_batch_renorm_without_a_comm_is_batch_renorm(rng):
         numbabn.SyncBatchRenorm(6, rmax=0.0)
 
 
-def test_sync_layers_refuse_a_mask_in_synchronized_training(rng):
+def test_sync_layers_with_a_mask_on_one_rank_are_the_masked_layer(rng):
+    """(Across processes: ``test_sync_mpi.py``, masked counts on 2 and 3 MPI ranks.)"""
+
     class Comm:
         def allgather(self, obj):
             return [obj]
 
-    bn = numbabn.SyncBatchNorm(6, comm=Comm())
     x = make_input(rng, (64, 6), 1, np.float32)
-    with pytest.raises(NotImplementedError, match="SyncBatchNorm takes no mask in synchronized training"):
-        bn(x, np.ones((64, 1), bool))
-    assert bn.num_batches_tracked == 0
+    g = rng.standard_normal((64, 6)).astype(np.float32)
+    mask = rng.random((64, 1)) < 0.5
+    sync, plain = numbabn.SyncBatchRenorm(6, comm=Comm()), numbabn.BatchRenorm(6)
+    for layer in (sync, plain):
+        layer.running_mean[:] = 0.3
+    assert_close(sync(x, mask), plain(x, mask), np.float32)
+    assert_close(sync.backward(g), plain.backward(g), np.float32)
+    for name in ("running_mean", "running_var", "grad_weight", "update_threshold", "r", "d"):
+        assert_close(getattr(sync, name), getattr(plain, name), np.float32, err_msg=name)

@@ -158,20 +158,23 @@ def _masked_forward(call):
     return _forward_result(call, dest, save)
 
 
-def _masked_backward(call):
+def _masked_backward(call, sums=None, n=None):
     """The backward of :func:`_masked_forward`: the reduction over every value (as the
-    plain backward's), coefficients over the kept count, and the masked elementwise pass."""
+    plain backward's), coefficients over the kept count, and the masked elementwise pass;
+    ``sums`` and ``n``: the reduction and the kept count made elsewhere (SyncBatchNorm's
+    parts, added)."""
     inp = call.inp
     x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
     grad_input = _checks.output_for(x, call.out, g)
     mean = _saved(call.save_mean)
-    sums = np.empty((3, num_channels))
     gv, xv = inp.view(g), inp.view(x)
-    _bwd.grad_reduce(inp.parallel, inp.layout, gv, xv, mean, sums)
+    if sums is None:
+        sums, n = np.empty((3, num_channels)), call.kept
+        _bwd.grad_reduce(inp.parallel, inp.layout, gv, xv, mean, sums)
     coef, grads = np.empty((3, num_channels)), np.empty((3, num_channels))
     weight = per_channel_array(call.weight, 1.0, num_channels, dtype)
-    _bwd.grad_coefs(sums, float(call.kept), weight, mean, _saved(call.save_invstd), True, coef, grads)
+    _bwd.grad_coefs(sums, float(n), weight, mean, _saved(call.save_invstd), True, coef, grads)
     mk = _mask.view(call.mask, inp.c_order, inp.layout)
     _masked.grad_apply_masked(inp.parallel, inp.layout, gv, xv, mk, coef, inp.view(grad_input))
     affine = grads[:2].astype(dtype)
@@ -324,10 +327,16 @@ def masked_grad_apply(g, x, axis, mask, coef):
     return dest
 
 
-def part_stats(inp):
+def part_stats(inp, mask=None):
     """The statistics of one process's part of a global batch as SyncBatchNorm sends them:
-    one float64 array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
-    return _payload(_checks.values_per_channel(inp.shape, inp.axis), _welford(inp))
+    one float64 array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`); of
+    the values a checked ``mask`` keeps, when given (the count then the kept count)."""
+    if mask is None:
+        return _payload(_checks.values_per_channel(inp.shape, inp.axis), _welford(inp))
+    stats = np.empty((3, inp.num_channels))
+    x = inp.x
+    _masked.welford_masked(inp.parallel, inp.layout, inp.view(x), _mask.view(mask, inp.c_order, inp.layout), stats)
+    return _payload(int(np.count_nonzero(mask)), stats)
 
 
 def part_sums(call):
@@ -364,7 +373,10 @@ def backward_with_sums(call, sums, n):
     """A checked backward whose reduction ``sums`` (:func:`part_sums`, added over every
     part) cover ``n`` values per channel: ``(grad_input, grad_weight, grad_bias,
     abs_grad_sum)``."""
-    return _backward(call, _bwd.backward_with_sums, np.ascontiguousarray(sums, dtype=np.float64), float(n))
+    sums = np.ascontiguousarray(sums, dtype=np.float64)
+    if call.mask is not None:
+        return _masked_backward(call, sums, n)
+    return _backward(call, _bwd.backward_with_sums, sums, float(n))
 
 
 def parallel_for(size, inner):
