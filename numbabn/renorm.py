@@ -46,40 +46,56 @@ def _limit(value, name, low):
     return value
 
 
+def _ask_limits(call, rmax, dmax, elsewhere=False):
+    """Ask the kernels of a training ``call`` for ``r`` and ``d`` (``call.limits``), unless
+    ``rmax=1, dmax=0`` make them 1 and 0 exactly (batch normalization itself) or the batch
+    is empty and no other process's part (``elsewhere``) makes its statistics."""
+    if not (rmax == 1.0 and dmax == 0.0) and (call.inp.x.size or elsewhere):
+        call.limits = (rmax, dmax)
+
+
+def _factors_of(call, shape):
+    """``(r, d)`` the kernels left in ``call.extra`` (the last two rows), or 1 and 0 of
+    ``shape`` where the call did not ask for them."""
+    if call.limits is None:
+        return np.ones(shape), np.zeros(shape)
+    return call.extra[..., -2, :], call.extra[..., -1, :]
+
+
+def _scale_weight(call, r):
+    """A backward ``call``'s weight times ``r``: the batch-norm backward of a renormalized
+    forward, ``r`` held fixed."""
+    inp = call.inp
+    w = np.ones(inp.num_channels) if call.weight is None else _ghost.host(call.weight)
+    call.weight = _ghost.on_device_of(inp, w * r, inp.dtype)
+
+
+def _grad_weight(inp, grad_xhat, grad_bias, r, d):
+    """``sum(g * (xhat * r + d))`` from the batch-norm backward's ``sum(g * xhat)`` and
+    ``sum(g)``, as ``inp``'s kind of array."""
+    grad_weight = r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias)
+    return _ghost.on_device_of(inp, grad_weight, inp.dtype, True)
+
+
 def _forward(call, rmax, dmax, ghosts=None):
     """``(output, save_mean, save_invstd, r, d)`` of a checked training
     :class:`numbabn._call.ForwardCall` with running statistics, renormalized; as ghost
     batches of ``ghosts`` samples when given (then every per-channel result is ``(G, C)``,
     a row per ghost)."""
-    identity = rmax == 1.0 and dmax == 0.0  # r = 1 and d = 0 exactly: batch normalization
-    if ghosts is not None:
-        call.limits = None if identity else (rmax, dmax)
-        y, mean, invstd, extra = _ghost.forward(call, ghosts)
-        if identity:
-            return y, mean, invstd, np.ones(mean.shape), np.zeros(mean.shape)
-        return y, mean, invstd, extra[:, 1], extra[:, 2]
-    num_channels = call.inp.num_channels
-    if identity or call.inp.x.size == 0:  # (an empty batch has no r and d either)
-        return (*call.run(), np.ones(num_channels), np.zeros(num_channels))
-    call.limits = (rmax, dmax)
-    y, mean, invstd = call.run()
-    r, d = call.extra
-    return y, mean, invstd, r, d
+    _ask_limits(call, rmax, dmax)
+    if ghosts is None:
+        y, mean, invstd = call.run()
+    else:
+        y, mean, invstd, call.extra = _ghost.forward(call, ghosts)
+    return (y, mean, invstd, *_factors_of(call, mean.shape))
 
 
 def _backward(call, r, d):
     """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked training
     :class:`numbabn._call.BackwardCall` of a renormalized forward with factors ``r``, ``d``."""
-    inp = call.inp
-    w = np.ones(inp.num_channels) if call.weight is None else _ghost.host(call.weight)
-    weight = _ghost.on_device_of(inp, w * r, inp.dtype)
-    saved = (call.save_mean, call.save_invstd)
-    scaled = _call.BackwardCall(inp, call.grad_output, weight, *saved, True, call.out, call.abs_sum)
-    scaled.mask, scaled.kept = call.mask, call.kept
-    grad_input, grad_xhat, grad_bias, abs_sum = inp.backend.backward(scaled)
-    grad_weight = r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias)
-    grad_weight = _ghost.on_device_of(inp, grad_weight, inp.dtype, True)
-    return grad_input, grad_weight, grad_bias, abs_sum
+    _scale_weight(call, r)
+    grad_input, grad_xhat, grad_bias, abs_sum = call.run()
+    return grad_input, _grad_weight(call.inp, grad_xhat, grad_bias, r, d), grad_bias, abs_sum
 
 
 def _factors(a, name, inp):
@@ -234,16 +250,9 @@ class _Renormalizing:
         self._factors = None
         if not call.training:
             return super()._run_forward(call)
-        identity = self._rmax == 1.0 and self._dmax == 0.0  # r = 1 and d = 0: batch norm itself
-        # An empty batch has no r and d, unless other processes' parts make the statistics.
-        if not identity and (call.inp.x.size or self._statistics_elsewhere()):
-            call.limits = (self._rmax, self._dmax)
+        _ask_limits(call, self._rmax, self._dmax, self._statistics_elsewhere())
         y, mean, invstd = super()._run_forward(call)
-        if call.limits is None:
-            ghosts = () if self._ghosts is None else (len(_ghost.slices(call.inp.shape[0], self._ghosts[0])),)
-            r, d = np.ones((*ghosts, self.num_features)), np.zeros((*ghosts, self.num_features))
-        else:
-            r, d = call.extra[..., -2, :], call.extra[..., -1, :]
+        r, d = _factors_of(call, mean.shape)
         self._factors = (r, d)
         if self._ghosts is not None:
             self._ghosts = (self._ghosts[0], self._factors)
@@ -258,12 +267,9 @@ class _Renormalizing:
         if self._factors is None or not call.training:
             return super()._run_backward(call)
         r, d = self._factors
-        inp = call.inp
-        w = np.ones(inp.num_channels) if call.weight is None else _ghost.host(call.weight)
-        call.weight = _ghost.on_device_of(inp, w * r, inp.dtype)
+        _scale_weight(call, r)
         grad_input, grad_xhat, grad_bias, abs_sum, n = super()._run_backward(call)
-        grad_weight = _ghost.on_device_of(inp, r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias), inp.dtype, True)
-        return grad_input, grad_weight, grad_bias, abs_sum, n
+        return grad_input, _grad_weight(call.inp, grad_xhat, grad_bias, r, d), grad_bias, abs_sum, n
 
     def _extra_repr(self):
         return f"rmax={self._rmax}, dmax={self._dmax}, "

@@ -94,9 +94,8 @@ class Input:
 
 
 def forward(call):
-    """``(output, save_mean, save_invstd)`` of a checked :class:`numbabn._call.ForwardCall`."""
-    if call.mask is not None:
-        return _masked_forward(call)
+    """``(output, save_mean, save_invstd)`` of a checked :class:`numbabn._call.ForwardCall`;
+    a training call with a mask takes the statistics of the values it keeps."""
     inp = call.inp
     x, dtype = inp.x, inp.dtype
     dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
@@ -105,14 +104,20 @@ def forward(call):
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     if not call.training:
         _fwd.forward_eval(inp.parallel, inp.layout, inp.view(x), w, b, rm, rv, call.eps, inp.view(dest), save)
-    elif x.size:
-        lay = inp.layout
-        _fwd.forward_train(inp.parallel, lay, inp.view(x), w, b, rm, rv, call.momentum, call.eps, inp.view(dest), save)
+    elif x.size if call.mask is None else call.kept:
+        lay, xv, yv = inp.layout, inp.view(x), inp.view(dest)
+        if call.mask is None:
+            _fwd.forward_train(inp.parallel, lay, xv, w, b, rm, rv, call.momentum, call.eps, yv, save)
+        else:
+            mk = _mask.view(call.mask, inp.c_order, lay)
+            _masked.forward_train_masked(inp.parallel, lay, xv, mk, w, b, rm, rv, call.momentum, call.eps, yv, save)
         if rm is not call.running_mean or rv is not call.running_var:
             _write_back(call.running_mean, rm)
             _write_back(call.running_var, rv)
     else:
-        # An empty batch, as in PyTorch: an empty output, running statistics untouched.
+        # An empty batch, as in PyTorch (or a mask that keeps nothing): running statistics
+        # untouched, no statistics, so NaN for every value there is.
+        dest[...] = np.nan
         save[...] = np.nan
     return _forward_result(call, dest, save)
 
@@ -136,30 +141,8 @@ def backward(call):
     return _backward(call, _bwd.backward)
 
 
-def _masked_forward(call):
-    """A training forward whose statistics count the values ``call.mask`` keeps; every value
-    is normalized with them.  No kept value is an empty batch: NaN out, no update."""
-    inp = call.inp
-    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
-    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
-    save = save_rows(call.limits, num_channels, call.m2)
-    if call.kept == 0:
-        dest[...] = np.nan
-        save[...] = np.nan
-        return _forward_result(call, dest, save)
-    w, b = _affine(call.weight, call.bias, num_channels, dtype)
-    rm, rv = _buffers(call.running_mean, call.running_var, dtype)
-    mk = _mask.view(call.mask, inp.c_order, inp.layout)
-    xv, yv = inp.view(x), inp.view(dest)
-    _masked.forward_train_masked(inp.parallel, inp.layout, xv, mk, w, b, rm, rv, call.momentum, call.eps, yv, save)
-    if rm is not call.running_mean or rv is not call.running_var:
-        _write_back(call.running_mean, rm)
-        _write_back(call.running_var, rv)
-    return _forward_result(call, dest, save)
-
-
 def _masked_backward(call, sums=None, n=None):
-    """The backward of :func:`_masked_forward`: the reduction over every value (as the
+    """The backward of a masked training forward: the reduction over every value (as the
     plain backward's), coefficients over the kept count, and the masked elementwise pass;
     ``sums`` and ``n``: the reduction and the kept count made elsewhere (SyncBatchNorm's
     parts, added)."""
