@@ -53,6 +53,9 @@ class Backend(Protocol):
     def scaled(self, a: Any, factor: float) -> Any:
         """``a * factor`` as float64, on the backend's kind of array."""
 
+    def relu_grad(self, inp: Input, grad_output: Any, output: Any) -> Any:
+        """A new array of ``grad_output`` where ``output > 0``, else 0 (the ReLU's backward)."""
+
 
 @runtime_checkable
 class PartBackend(Backend, Protocol):

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from . import _checks, _mask
+from . import _activation, _checks, _mask
 from ._backend import Backend
 from ._device import is_device
 from .cpu import api as _cpu_api
@@ -104,6 +104,8 @@ class ForwardCall:
         "extra",
         "mask",
         "kept",
+        "act",
+        "residual",
     )
 
     def __init__(self, inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved=True):
@@ -126,6 +128,10 @@ class ForwardCall:
         self.extra = None
         self.mask = None  # masked statistics in training (numbabn._mask), and its True count
         self.kept = None
+        # The fused activation's mode bits (numbabn._activation: 0 for none) and the checked
+        # residual (None for none).
+        self.act = 0
+        self.residual = None
 
     def run(self):
         """``(output, save_mean, save_invstd)`` from the input's backend (the last two None
@@ -167,17 +173,35 @@ class BackwardCall:
         return self.inp.backend.backward(self)
 
 
-_OUT_INPUT = (frozenset(("out", "input")),)
+_OUT_INPUT = (frozenset(("out", "input")), frozenset(("out", "residual")))
 
 
 def forward_call(
-    inp, weight, bias, running_mean, running_var, training, momentum, eps, out, *, part=False, saved=True, mask=None
+    inp,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    momentum,
+    eps,
+    out,
+    *,
+    part=False,
+    saved=True,
+    mask=None,
+    activation=None,
+    residual=None,
 ):
     """Check a forward call's arguments against its checked input ``inp``; ``part``: ``inp``
     is one process's part of a global batch, whose count the caller checks once the parts'
     statistics are exchanged (SyncBatchNorm), not the part's own; ``saved``: whether the
-    caller takes the saved mean and invstd."""
+    caller takes the saved mean and invstd; ``activation`` and ``residual``: the fused
+    ``act(bn(x) + residual)`` (:mod:`numbabn._activation`)."""
     training = _checks.check_flag(training, "training")
+    relu = _activation.check(activation)
+    if residual is not None:
+        residual = inp.like_input(residual, "residual")
     # (None passes every per-channel check: skipped here, as small calls spend their time in
     # Python.)
     if weight is not None:
@@ -215,13 +239,15 @@ def forward_call(
     if training:
         written += (("running_mean", running_mean), ("running_var", running_var))
     if written:
-        read = (("weight", weight), ("bias", bias), ("input", inp.original))
+        read = (("weight", weight), ("bias", bias), ("input", inp.original), ("residual", residual))
         if not training:
             read += (("running_mean", running_mean), ("running_var", running_var))
         _checks.check_disjoint(written, read, _OUT_INPUT)
     call = ForwardCall(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, saved)
     if training and mask is not None:  # eval: the mask changes nothing
         call.mask, call.kept = mask, kept
+    call.act = _activation.mode(relu, residual)
+    call.residual = residual
     return call
 
 

@@ -34,7 +34,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import _checks
+from . import _activation, _checks
 from ._backend import Backend
 from ._device import host_stream, is_device
 from ._math import chan_merge_channels
@@ -142,7 +142,7 @@ def forward(call):
         return forward_with_stats(call, (stats.count, stats.mean, stats.m2))
     else:
         coef, save = _host.eval_coef(call.running_mean, call.running_var, call.weight, call.bias, call.eps, inp.dtype)
-    return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input")), save[0], save[1]
+    return _normalize(call, coef), save[0], save[1]
 
 
 def forward_with_stats(call, stats):
@@ -156,7 +156,25 @@ def forward_with_stats(call, stats):
     coef, save = _host.finish(count, mean, m2, call.weight, call.bias, *running, *settings)
     if save.shape[0] > 2:
         call.extra = save[2:]
-    return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input")), save[0], save[1]
+    return _normalize(call, coef), save[0], save[1]
+
+
+def _normalize(call, coef):
+    """The lazy normalize of a checked forward call with coefficients ``coef`` (2, C): its
+    activation and residual (``call.act``) applied in the same task."""
+    inp = call.inp
+    if not call.act:
+        return _map_channels(_apply_block, "numbabn-batch-norm", inp, coef, (inp.x, "input"))
+    if call.residual is None:
+        return _map_channels(_relu_block, "numbabn-batch-norm-relu", inp, coef, (inp.x, "input"))
+    fn = _residual_relu_block if call.act & _activation.RELU else _residual_block
+    return _map_channels(fn, "numbabn-batch-norm-add", inp, coef, (inp.x, "input"), (call.residual, "residual"))
+
+
+def relu_grad(inp, grad_output, output):
+    """The ReLU's backward, lazy: ``grad_output`` where ``output > 0``, else 0 (a NaN output
+    passes the gradient, as in PyTorch)."""
+    return da.where(output <= 0, inp.dtype.type(0), grad_output)
 
 
 def backward(call):
@@ -388,6 +406,19 @@ def _mask_declared(declared, axis):
 
 def _apply_block(x, coef, axis):
     return _host.apply(x, axis, np.ascontiguousarray(coef), parallel=False)
+
+
+def _relu_block(x, coef, axis):
+    return _host.apply(x, axis, np.ascontiguousarray(coef), parallel=False, mode=_activation.RELU)
+
+
+def _residual_block(x, z, coef, axis):
+    return _host.apply(x, axis, np.ascontiguousarray(coef), parallel=False, residual=z, mode=_activation.RESIDUAL)
+
+
+def _residual_relu_block(x, z, coef, axis):
+    mode = _activation.RESIDUAL | _activation.RELU
+    return _host.apply(x, axis, np.ascontiguousarray(coef), parallel=False, residual=z, mode=mode)
 
 
 def _grad_apply_block(g, x, coef, axis):

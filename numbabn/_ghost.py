@@ -145,6 +145,9 @@ def forward(call, virtual_batch_size):
             ghost.like_input(dest[i0:i1], "out", writable=True),
         )
         step.limits, step.m2 = call.limits, True
+        step.act = call.act  # the activation and residual, per ghost as the normalize
+        if call.residual is not None:
+            step.residual = ghost.like_input(call.residual[i0:i1], "residual")
         _, mean, invstd = step.run()
         save[g, 0], save[g, 1], extra[g] = host(mean), host(invstd), step.extra
         counts[g] = _checks.values_per_channel(ghost.shape, ghost.axis)

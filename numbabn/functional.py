@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _call, _checks, _ghost
+from . import _activation, _call, _checks, _ghost
 from ._device import host_stream, is_device
 from ._math import chan_merge
 from .stats import Stats, checked, same_channels
@@ -38,6 +38,8 @@ def batch_norm(
     stream: Any = None,
     virtual_batch_size: int | None = None,
     mask: Array | None = None,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> Array:
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
@@ -80,11 +82,17 @@ def batch_norm(
         variance too) use the kept values only; every value is normalized with them.  A mask
         keeping nothing is an empty batch (NaN output, no update); keeping one value per
         channel is refused.  Ignored in eval.
+    activation : {None, "relu"}, default None
+        Fused into the normalize pass: ``y = relu(bn(x) [+ residual])``, written once.
+    residual : array, optional
+        Added to the normalized value before the activation (a residual connection), in the
+        same pass: ``input``'s shape, dtype and kind (may be ``out`` itself).
 
     Returns
     -------
     ndarray
-        ``y = (x - mean) / sqrt(var + eps) * weight + bias``, in ``input``'s memory order
+        ``y = (x - mean) / sqrt(var + eps) * weight + bias``, then ``+ residual`` and the
+        activation when given, in ``input``'s memory order
         (the input's kind of array; a lazy ``dask.array.Array`` with ``input``'s chunks for
         a Dask input).
 
@@ -105,7 +113,8 @@ def batch_norm(
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
     settings = (training, momentum, eps, out)
-    call = _call.forward_call(inp, weight, bias, running_mean, running_var, *settings, saved=False, mask=mask)
+    acts = {"activation": activation, "residual": residual}
+    call = _call.forward_call(inp, weight, bias, running_mean, running_var, *settings, saved=False, mask=mask, **acts)
     if call.training and _ghost.applies(inp, virtual_batch_size):
         return _ghost.forward(call, virtual_batch_size)[0]
     return call.run()[0]
@@ -126,6 +135,8 @@ def batch_norm_forward(
     stream: Any = None,
     virtual_batch_size: int | None = None,
     mask: Array | None = None,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, np.ndarray, np.ndarray]:
     """Batch-norm forward that also returns what :func:`batch_norm_backward` needs.
 
@@ -133,12 +144,13 @@ def batch_norm_forward(
     without running statistics eval mode is an error, as there.  With ghost batches
     (``virtual_batch_size`` below the batch size, in training) ``save_mean`` and
     ``save_invstd`` are float64 host arrays of shape ``(G, C)``, a row per ghost batch, for
-    :func:`batch_norm_backward` with the same ``virtual_batch_size``.
+    :func:`batch_norm_backward` with the same ``virtual_batch_size``.  With
+    ``activation="relu"`` keep the output: the backward reads it (``output=``).
 
     Returns
     -------
     output : ndarray
-        The normalized ``input``.
+        The normalized ``input`` (with the residual and activation, when given).
     save_mean, save_invstd : ndarray of float64, shape (C,)
         The mean and ``1 / sqrt(var + eps)`` the output was normalized with: the batch's
         in training, the running statistics' in eval.  Kept in float64 so the backward pass
@@ -147,7 +159,9 @@ def batch_norm_forward(
     """
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    call = _call.forward_call(inp, weight, bias, running_mean, running_var, training, momentum, eps, out, mask=mask)
+    settings = (training, momentum, eps, out)
+    acts = {"activation": activation, "residual": residual}
+    call = _call.forward_call(inp, weight, bias, running_mean, running_var, *settings, mask=mask, **acts)
     if call.training and _ghost.applies(inp, virtual_batch_size):
         return _ghost.forward(call, virtual_batch_size)[:3]
     return call.run()
@@ -166,8 +180,11 @@ def batch_norm_backward(
     stream: Any = None,
     virtual_batch_size: int | None = None,
     mask: Array | None = None,
-) -> tuple[Array, Array, Array]:
-    """Gradients of batch normalization.
+    activation: str | None = None,
+    output: Array | None = None,
+    residual: bool = False,
+) -> tuple[Array, ...]:
+    """Gradients of batch normalization (and of the fused activation and residual).
 
     Parameters
     ----------
@@ -196,6 +213,13 @@ def batch_norm_backward(
         The forward's (training): the exact gradient of the masked forward.  A dropped value
         gets gradient through the normalization only (``g * weight * invstd``), not through
         the statistics; ``grad_weight`` and ``grad_bias`` sum over every value.
+    activation : {None, "relu"}, default None
+        The forward's: with ``"relu"`` the gradient reaching batch normalization is
+        ``grad_output`` where ``output > 0`` and 0 elsewhere.
+    output : array, optional
+        The forward's output; required with ``activation="relu"`` (nothing else is saved).
+    residual : bool, default False
+        Whether the forward added a residual: then also return its gradient.
 
     Returns
     -------
@@ -206,6 +230,9 @@ def batch_norm_backward(
         Per-channel, in ``input``'s dtype, even when ``weight`` is None.  For a Dask input
         they are NumPy arrays computed during the call (one pass over ``grad_output`` and
         ``input``) and ``grad_input`` is lazy.
+    grad_residual : ndarray
+        With ``residual=True`` only: the residual's gradient, the ReLU's masked
+        ``grad_output`` (a new array), or ``grad_output`` itself without an activation.
 
     Notes
     -----
@@ -218,13 +245,23 @@ def batch_norm_backward(
     """
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
+    relu, output, residual = _activation.check_backward(inp, activation, output, residual)
     if _checks.check_flag(training, "training") and _ghost.applies(inp, virtual_batch_size):
         if mask is not None:
             raise NotImplementedError("virtual_batch_size and mask together are not supported: give one of them")
-        return _ghost.backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_size, out=out)[:3]
-    saved = (save_mean, save_invstd, training, out)
-    call = _call.backward_call(inp, grad_output, weight, *saved, abs_sum=False, mask=mask)
-    return call.run()[:3]
+        g = inp.like_input(grad_output, "grad_output")
+        if relu:
+            g = _activation.masked_grad(inp, g, output)
+        grads = _ghost.backward(inp, g, weight, save_mean, save_invstd, virtual_batch_size, out=out)[:3]
+    else:
+        saved = (save_mean, save_invstd, training, out)
+        call = _call.backward_call(inp, grad_output, weight, *saved, abs_sum=False, mask=mask)
+        if relu:
+            g = call.grad_output = _activation.masked_grad(inp, call.grad_output, output)
+            if not residual and call.out is None and type(g) is np.ndarray:
+                call.out = g  # a temporary: grad_input overwrites it in place
+        grads = call.run()[:3]
+    return (*grads, g if relu else grad_output) if residual else grads
 
 
 def welford(x: Any, *, axis: int = 1, stream: Any = None) -> Stats:

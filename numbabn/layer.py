@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _call, _checks, _ghost
+from . import _activation, _call, _checks, _ghost
 from ._device import is_device
 
 
@@ -70,6 +70,10 @@ class BatchNorm:
         its own statistics; the running statistics take one update per call from the whole
         batch's, the ghosts' merged.  NumPy and GPU inputs; the feature axis must not be 0.
         Eval ignores it.
+    activation : {None, "relu"}, default None
+        Fused into the normalize pass: the layer computes ``relu(bn(x) [+ residual])``,
+        writing its output once, and :meth:`backward` takes the ReLU's gradient from that
+        output (nothing else is kept).
 
     Attributes
     ----------
@@ -83,6 +87,10 @@ class BatchNorm:
         Training mode (True) or eval mode; see :meth:`train` and :meth:`eval`.
     grad_weight, grad_bias : ndarray of shape (C,) or None
         Set by :meth:`backward` (with ``affine``); None before the first one.
+    grad_residual : array or None
+        Set by :meth:`backward` when its forward had a ``residual``: the residual's gradient
+        (the ReLU's masked ``grad_output``, or ``grad_output`` itself without an
+        activation); None otherwise.
     update_threshold : ndarray of float64, shape (C,), or None
         Set by :meth:`backward`: the per-channel mean of ``|grad_output|`` over the values
         that share a channel, ``sum(|g|) / n``, accumulated in float64 by the backward
@@ -106,7 +114,7 @@ class BatchNorm:
     #: Attributes that stay host arrays on a GPU layer, and what a pickle drops (the last
     #: forward's, for :meth:`backward`).
     _HOST_STATE = ("update_threshold",)
-    _BACKWARD_STATE = ("_saved", "_saved_mask", "_ghosts")
+    _BACKWARD_STATE = ("_saved", "_saved_mask", "_ghosts", "_saved_act", "grad_residual")
 
     def __init__(
         self,
@@ -121,6 +129,7 @@ class BatchNorm:
         decay: float | None = None,
         device: str = "cpu",
         virtual_batch_size: int | None = None,
+        activation: str | None = None,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int >= 1, got {type(num_features).__name__} {num_features!r}")
@@ -149,6 +158,8 @@ class BatchNorm:
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
+        _activation.check(activation)
+        self.activation = activation
         self.num_features = int(num_features)
         self.eps = _checks.check_eps(eps)
         self.momentum = momentum
@@ -165,6 +176,7 @@ class BatchNorm:
         self.bias = self._new(0.0) if affine else None
         self.grad_weight = None
         self.grad_bias = None
+        self.grad_residual = None
         self.update_threshold = None
         if track_running_stats:
             self.running_mean = self._new(0.0)
@@ -174,6 +186,7 @@ class BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self._saved = None
         self._saved_mask = None
+        self._saved_act = None
         self._ghosts = None
 
     @property
@@ -223,7 +236,7 @@ class BatchNorm:
             buffer[...] = value
 
     # -- forward / backward -----------------------------------------------------------------
-    def forward(self, x: Any, mask: Any = None) -> Any:
+    def forward(self, x: Any, residual: Any = None, mask: Any = None) -> Any:
         """Normalize ``x``; in training mode also update the running statistics.
 
         As ``torch.nn.BatchNorm*d``: training (or eval without running statistics) uses the
@@ -232,6 +245,10 @@ class BatchNorm:
         cumulatively (``momentum = 1 / num_batches_tracked``).  A Dask input gives a lazy
         output (its statistics are computed during the call).
 
+        ``residual``: an array of ``x``'s shape, dtype and kind added to the normalized value
+        before the :attr:`activation`, in the same pass (a residual connection);
+        :meth:`backward` then sets ``grad_residual``.
+
         ``mask`` (NumPy and Dask inputs): a bool array of ``x``'s shape with 1 on the feature axis,
         True where a value counts in the batch statistics (padding False), the same for
         every channel.  Training then normalizes every value with the statistics of the kept
@@ -239,7 +256,7 @@ class BatchNorm:
         unbiased variance too); :meth:`backward` reuses it.  Eval ignores it.
         """
         inp = self._check_input(x)
-        call = self._forward_call(inp, mask=mask)
+        call = self._forward_call(inp, mask=mask, residual=residual)
         # The count this call leaves, worked out first: a bad one stops it before any write.
         tracked = self._tracked() + 1 if self.training and self.track_running_stats else None
         y, mean, invstd = self._run_forward(call)
@@ -249,13 +266,16 @@ class BatchNorm:
         # place before backward() changes the gradients (PyTorch would raise; this cannot tell).
         self._saved = (inp, mean, invstd, call.training)
         self._saved_mask = None if call.mask is None else (call.mask, call.kept)
+        # The ReLU's backward reads the output, kept by reference as the input is.
+        relu = call.act & _activation.RELU
+        self._saved_act = (y if relu else None, call.residual is not None) if call.act else None
         return y
 
     __call__ = forward
 
-    def _forward_call(self, inp, part=False, mask=None):
+    def _forward_call(self, inp, part=False, mask=None, residual=None):
         """The checked forward call of this layer's state on the checked input ``inp``
-        (``part`` and ``mask``: see :func:`numbabn._call.forward_call`)."""
+        (``part``, ``mask`` and ``residual``: see :func:`numbabn._call.forward_call`)."""
         training = _checks.check_flag(self.training, "training")
         use_batch = training or self.running_mean is None
         track = training and self.track_running_stats
@@ -264,7 +284,8 @@ class BatchNorm:
             momentum = 1.0 / (self._tracked() + 1)
         running = (None, None) if training and not track else (self.running_mean, self.running_var)
         settings = (use_batch, momentum, self.eps, None)
-        return _call.forward_call(inp, self.weight, self.bias, *running, *settings, part=part, mask=mask)
+        acts = {"activation": self.activation, "residual": residual}
+        return _call.forward_call(inp, self.weight, self.bias, *running, *settings, part=part, mask=mask, **acts)
 
     def _tracked(self):
         """``num_batches_tracked``, checked: an int >= 0 (it may have been assigned)."""
@@ -318,17 +339,25 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
         inp, mean, invstd, use_batch = self._saved
+        output, has_residual = self._saved_act or (None, False)
         if self._ghosts is not None:
             size, factors = self._ghosts
+            g = inp.like_input(grad_output, "grad_output")
+            if output is not None:
+                g = _activation.masked_grad(inp, g, output)
             grad_input, grad_weight, grad_bias, abs_grad_sum = _ghost.backward(
-                inp, grad_output, self.weight, mean, invstd, size, factors
+                inp, g, self.weight, mean, invstd, size, factors
             )
             n = _checks.values_per_channel(inp.shape, inp.axis)
         else:
             call = _call.backward_call(inp, grad_output, self.weight, mean, invstd, use_batch, None)
             if self._saved_mask is not None:  # the forward's mask, checked then
                 call.mask, call.kept = self._saved_mask
+            g = call.grad_output
+            if output is not None:
+                g = call.grad_output = _activation.masked_grad(inp, g, output)
             grad_input, grad_weight, grad_bias, abs_grad_sum, n = self._run_backward(call)
+        self.grad_residual = (g if output is not None else grad_output) if has_residual else None
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
         self.update_threshold = inp.backend.scaled(abs_grad_sum, 1.0 / n if n else np.nan)
@@ -493,6 +522,7 @@ class BatchNorm:
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"{tracked}{self._extra_repr()}axis={self.axis}, dtype={self.dtype.name}"
             + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size is not None else "")
+            + (f", activation={self.activation!r}" if self.activation is not None else "")
             + (", device='cuda'" if self.device == "cuda" else "")
         )
 

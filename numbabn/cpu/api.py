@@ -17,6 +17,7 @@ from .._device import host_stream
 from .._math import save_rows
 from ..stats import payload as _payload
 from . import _plan
+from . import activation as _act
 from . import backward as _bwd
 from . import forward as _fwd
 from . import masked as _masked
@@ -95,22 +96,24 @@ class Input:
 
 def forward(call):
     """``(output, save_mean, save_invstd)`` of a checked :class:`numbabn._call.ForwardCall`;
-    a training call with a mask takes the statistics of the values it keeps."""
+    a training call with a mask takes the statistics of the values it keeps; one with an
+    activation or a residual (``call.act``) applies them in its normalize pass."""
     inp = call.inp
     x, dtype = inp.x, inp.dtype
-    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
+    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out, call.residual)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     save = save_rows(call.limits, inp.num_channels, call.m2)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
+    xv, yv = inp.view(x), inp.view(dest)
     if not call.training:
-        _fwd.forward_eval(inp.parallel, inp.layout, inp.view(x), w, b, rm, rv, call.eps, inp.view(dest), save)
-    elif x.size if call.mask is None else call.kept:
-        lay, xv, yv = inp.layout, inp.view(x), inp.view(dest)
-        if call.mask is None:
-            _fwd.forward_train(inp.parallel, lay, xv, w, b, rm, rv, call.momentum, call.eps, yv, save)
+        if call.act:
+            coef = np.empty((2, inp.num_channels))
+            _fwd.eval_coefs(w, b, rm, rv, call.eps, coef, save)
+            _activate(call, coef, yv)
         else:
-            mk = _mask.view(call.mask, inp.c_order, lay)
-            _masked.forward_train_masked(inp.parallel, lay, xv, mk, w, b, rm, rv, call.momentum, call.eps, yv, save)
+            _fwd.forward_eval(inp.parallel, inp.layout, xv, w, b, rm, rv, call.eps, yv, save)
+    elif x.size if call.mask is None else call.kept:
+        _train(call, xv, w, b, rm, rv, yv, save)
         if rm is not call.running_mean or rv is not call.running_var:
             _write_back(call.running_mean, rm)
             _write_back(call.running_var, rv)
@@ -120,6 +123,46 @@ def forward(call):
         dest[...] = np.nan
         save[...] = np.nan
     return _forward_result(call, dest, save)
+
+
+def _train(call, xv, w, b, rm, rv, yv, save):
+    """The training forward's kernels: the layout's driver (masked, activated or plain), or
+    the statistics, finalize and activated normalize in turn."""
+    inp = call.inp
+    lay, parallel = inp.layout, inp.parallel
+    settings = (w, b, rm, rv, call.momentum, call.eps)
+    mk = None if call.mask is None else _mask.view(call.mask, inp.c_order, lay)
+    if not call.act:
+        if mk is None:
+            _fwd.forward_train(parallel, lay, xv, *settings, yv, save)
+        else:
+            _masked.forward_train_masked(parallel, lay, xv, mk, *settings, yv, save)
+    elif mk is None and lay.fused_forward:
+        _act.forward_train(parallel, lay, xv, _residual(call, xv), call.act, *settings, yv, save)
+    else:
+        stats = np.empty((3, inp.num_channels))
+        if mk is None:
+            _stats.welford(parallel, lay, xv, stats)
+        else:
+            _masked.welford_masked(parallel, lay, xv, mk, stats)
+        coef = np.empty((2, inp.num_channels))
+        _fwd.finish_channels(stats, *settings, coef, save)
+        _activate(call, coef, yv)
+
+
+def _residual(call, xv):
+    """The kernels' view of the call's residual, or ``xv`` (never read) without one."""
+    if call.residual is None:
+        return xv
+    inp = call.inp
+    return inp.view(_same_order(call.residual, inp.x))
+
+
+def _activate(call, coef, yv):
+    """``y = act(x * coef[0] + coef[1] [+ residual])``, the call's activated normalize."""
+    inp = call.inp
+    xv = inp.view(inp.x)
+    _act.apply(inp.parallel, inp.layout, xv, _residual(call, xv), call.act, coef, yv)
 
 
 def _forward_result(call, dest, save):
@@ -241,13 +284,18 @@ def eval_coef(mean, var, weight, bias, eps, dtype):
     return finish(1.0, mean, var, weight, bias, None, None, 0.0, eps, dtype)
 
 
-def apply(x, axis, coef, out=None, parallel=None):
+def apply(x, axis, coef, out=None, parallel=None, residual=None, mode=0):
     """``y = x * coef[0] + coef[1]`` per channel for a host array ``x`` (into ``out`` when
-    given, of ``x``'s shape and dtype)."""
+    given, of ``x``'s shape and dtype); with the activation ``mode``
+    (:mod:`numbabn._activation`) ``y = act(x * coef[0] + coef[1] [+ residual])``."""
     x = _checks.contiguous(x)
     dest = _checks.output_for(x, out)
-    lay, (xv, yv) = views(x, axis, x, dest)
-    _fwd.apply(_parallel(parallel, x, lay), lay, xv, coef, yv)
+    z = x if residual is None else _same_order(residual, x)
+    lay, (xv, zv, yv) = views(x, axis, x, z, dest)
+    if mode:
+        _act.apply(_parallel(parallel, x, lay), lay, xv, zv, mode, coef, yv)
+    else:
+        _fwd.apply(_parallel(parallel, x, lay), lay, xv, coef, yv)
     return deliver(dest, out)
 
 
@@ -310,6 +358,21 @@ def masked_grad_apply(g, x, axis, mask, coef):
     return dest
 
 
+def relu_grad(inp, grad_output, output):
+    """``grad_output`` where ``output > 0``, else 0: a new array in the input's memory order
+    (``output`` is the checked forward output)."""
+    x = inp.x
+    g, y = _same_order(grad_output, x), _same_order(output, x)
+    dest = np.empty_like(x)
+    _act.relu_grad(inp.parallel, _flat(inp, g), _flat(inp, y), _flat(inp, dest))
+    return dest
+
+
+def _flat(inp, a):
+    """A flat view of ``a``, of ``inp``'s shape and memory order (C- or F-contiguous)."""
+    return a.reshape(-1) if inp.c_order else a.T.reshape(-1)
+
+
 def part_stats(inp, mask=None):
     """The statistics of one process's part of a global batch as SyncBatchNorm sends them:
     one float64 array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`); of
@@ -340,12 +403,17 @@ def forward_with_stats(call, stats):
     those statistics."""
     inp = call.inp
     x, dtype = inp.x, inp.dtype
-    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
+    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out, call.residual)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
     save = save_rows(call.limits, inp.num_channels, call.m2)
     xv, yv = inp.view(x), inp.view(dest)
-    _fwd.forward_with_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
+    if call.act:
+        coef = np.empty((2, inp.num_channels))
+        _fwd.finish_channels(stats, w, b, rm, rv, call.momentum, call.eps, coef, save)
+        _activate(call, coef, yv)
+    else:
+        _fwd.forward_with_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
     if rm is not call.running_mean or rv is not call.running_var:
         _write_back(call.running_mean, rm)
         _write_back(call.running_var, rv)

@@ -1,0 +1,146 @@
+"""Fused activation and residual add: ``y = act(x * a + b + z)`` in the normalize pass, and
+the ReLU's gradient from the saved output.
+
+``mode`` says what the elementwise pass adds to batch normalization: ``RELU``, ``RESIDUAL`` or
+both (``RELU | RESIDUAL``).  Without a residual the kernels receive ``x`` in its place, never
+read, so every mode runs the same compiled driver.  These drivers compile only for calls that
+use an activation or a residual: the plain drivers of :mod:`numbabn.cpu.forward` stay as they
+are.
+
+Bytes moved (s = element size): the forward moves what the plain forward does, plus one read
+of the residual when given (``s`` per element); the ReLU costs no memory traffic.  The
+backward masks ``grad_output`` by ``y > 0`` in one pass (read ``g`` and ``y``, write the masked
+gradient: 3s), which is the residual's gradient when the forward had one, then runs the plain
+backward on it (5s).
+"""
+
+import numpy as np
+from numba import prange
+
+from .._jit import indirect, stage, twin
+from .._math import finish_channel
+from ._plan import expand, super_rows
+from .stats import strided_rows
+
+#: ``mode`` bits: a ReLU after the normalization, a residual added before the ReLU.
+RELU = 1
+RESIDUAL = 2
+
+#: Elements per task of the flat elementwise passes (a multiple of every vector width).
+_CHUNK = 1 << 14
+
+
+@stage
+def relu(v):
+    """``max(v, 0)``; NaN stays NaN, as in ``torch.relu`` and ``numpy.maximum``."""
+    return 0.0 if v < 0.0 else v
+
+
+@stage
+def act_row(xr, zr, a, b, mode, out):
+    """``out = act(xr * a + b [+ zr])`` along one contiguous row, in float64, rounded on
+    store: one loop per mode, so each vectorizes."""
+    n = xr.shape[0]
+    if mode == RELU:
+        for k in range(n):
+            out[k] = relu(xr[k] * a + b)
+    elif mode == RESIDUAL:
+        for k in range(n):
+            out[k] = xr[k] * a + b + zr[k]
+    else:
+        for k in range(n):
+            out[k] = relu(xr[k] * a + b + zr[k])
+
+
+@stage
+def act_strided(x3, z3, mode, coef, y3):
+    """``y[o, c, i] = act(x[o, c, i] * coef[0, c] + coef[1, c] [+ z[o, c, i]])``."""
+    outer, num_channels, inner = x3.shape
+    for r in prange(outer * num_channels):
+        o = r // num_channels
+        c = r % num_channels
+        act_row(x3[o, c], z3[o, c], coef[0, c], coef[1, c], mode, y3[o, c])
+
+
+@stage
+def act_minor(x2, z2, inner, mode, coef, y2):
+    """The same on channel-minor views (outer // k, k * C * inner)."""
+    width = x2.shape[1]
+    k = super_rows(width, coef.shape[1], inner)
+    a = expand(coef[0], inner, k)
+    b = expand(coef[1], inner, k)
+    for o in prange(x2.shape[0]):
+        xr, zr, yr = x2[o], z2[o], y2[o]
+        if mode == RELU:
+            for j in range(width):
+                yr[j] = relu(xr[j] * a[j] + b[j])
+        elif mode == RESIDUAL:
+            for j in range(width):
+                yr[j] = xr[j] * a[j] + b[j] + zr[j]
+        else:
+            for j in range(width):
+                yr[j] = relu(xr[j] * a[j] + b[j] + zr[j])
+
+
+@twin
+def train_act_fused(rows_at, x3, z3, mode, weight, bias, running_mean, running_var, momentum, eps, y3, save):
+    """Driver, channel-strided training forward, one task per channel (as
+    :func:`numbabn.cpu.forward.train_fused`): statistics, finalize, then the activated
+    normalize of the channel's rows while they are still in L2."""
+    outer, num_channels, inner = x3.shape
+    coef = np.empty((2, num_channels))
+    for cc in prange(num_channels):
+        c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
+        n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, np.int64(0), outer))
+        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        for o in range(outer):
+            act_row(x3[o, c], z3[o, c], coef[0, c], coef[1, c], mode, y3[o, c])
+
+
+@twin
+def apply_act_strided(x3, z3, mode, coef, y3):
+    """Driver: ``y = act(x * coef[0] + coef[1] [+ z])`` with coefficients made elsewhere."""
+    act_strided(x3, z3, mode, coef, y3)
+
+
+@twin
+def apply_act_minor(x2, z2, inner, mode, coef, y2):
+    """Driver, the same on channel-minor views."""
+    act_minor(x2, z2, inner, mode, coef, y2)
+
+
+@twin
+def relu_grad_flat(g, y, out):
+    """Driver: ``out = g where y > 0, else 0`` over flat arrays (NaN in ``y`` passes ``g``, as
+    ``torch.relu``'s backward does), in chunks of ``_CHUNK`` elements."""
+    n = g.shape[0]
+    for t in prange((n + _CHUNK - 1) // _CHUNK):
+        k0 = t * _CHUNK
+        for k in range(k0, min(n, k0 + _CHUNK)):
+            out[k] = 0.0 if y[k] <= 0.0 else g[k]
+
+
+# -- the drivers of each stage, by layout ---------------------------------------------------
+
+#: The stages the host backend runs; the GPU twins (``cuda/activation.py``) have the same names.
+DRIVERS = ("forward_train", "apply", "relu_grad")
+
+
+def forward_train(parallel, lay, x, z, mode, weight, bias, running_mean, running_var, momentum, eps, y, save):
+    """Training forward of ``x`` (a view of :class:`Layout` ``lay``) with the activation of
+    ``mode``, into ``y``, on a layout whose channels fit in L2 (``lay.fused_forward``)."""
+    at = strided_rows.address(x)
+    train_act_fused(parallel, at, x, z, mode, weight, bias, running_mean, running_var, momentum, eps, y, save)
+
+
+def apply(parallel, lay, x, z, mode, coef, y):
+    """``y = act(x * coef[0] + coef[1] [+ z])`` per channel of ``x`` (a view of ``lay``)."""
+    if lay.strided:
+        apply_act_strided(parallel, x, z, mode, coef, y)
+    else:
+        apply_act_minor(parallel, x, z, lay.inner, mode, coef, y)
+
+
+def relu_grad(parallel, g, y, out):
+    """``out = g where y > 0, else 0``; ``g``, ``y`` and ``out`` flat and contiguous."""
+    relu_grad_flat(parallel, g, y, out)
