@@ -38,7 +38,7 @@ for min_len in min_lengths:
     for _ in range(20):  # momentum=None: the average over these batches
         x, mask = batch(min_len)
         plain(x)
-        masked(x, mask)
+        masked(x, mask=mask)
     errors["padding counted"].append(np.abs(plain.running_mean - true_mean).max())
     errors["mask="].append(np.abs(masked.running_mean - true_mean).max())
 
@@ -58,6 +58,6 @@ fig.tight_layout()
 # exact gradient: padded positions get gradient through the normalization only.
 x, mask = batch(8)
 bn = numbabn.BatchNorm(C)
-y = bn(x, mask)
+y = bn(x, mask=mask)
 kept = np.broadcast_to(mask, x.shape)
 print(f"normalized real steps: mean {y[kept].mean():.2e}, std {y[kept].std():.4f}")

@@ -11,6 +11,8 @@ batches, Batch Renormalization, SyncBatchNorm).
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _checks
 
 #: ``mode`` bits, as the kernels take them (``numbabn.cpu.activation``).
@@ -54,8 +56,19 @@ def check_backward(inp, activation, output, residual):
     return relu, output, residual
 
 
-def masked_grad(inp, grad_output, output):
-    """The ReLU's backward: a new array of the input's kind (the backend's own form) holding
-    ``grad_output`` where ``output > 0`` and 0 elsewhere (a NaN output passes the gradient, as
-    in PyTorch)."""
-    return inp.backend.relu_grad(inp, grad_output, output)
+def incoming(inp, grad_output, relu, output):
+    """The gradient reaching batch normalization: ``grad_output`` checked, then with a ReLU
+    (``relu``, the checked forward ``output``) a new array of the input's kind holding
+    ``grad_output`` where ``output > 0`` and 0 elsewhere (a NaN output passes the gradient,
+    as in PyTorch): the residual's gradient too."""
+    g = inp.like_input(grad_output, "grad_output")
+    return inp.backend.relu_grad(inp, g, output) if relu else g
+
+
+def reuse_gradient(call, relu, residual):
+    """Let a checked backward call whose ``grad_output`` is :func:`incoming`'s write
+    ``grad_input`` over it when it is a temporary: a ReLU's masked gradient on the host, with
+    no residual to hand it back to and no ``out``."""
+    g = call.grad_output
+    if relu and not residual and call.out is None and type(g) is np.ndarray:
+        call.out = g

@@ -59,7 +59,7 @@ def _run_case(shape, axis, dtype):
     bn.backward(y)
     mask = np.ones(tuple(1 if a == axis else n for a, n in enumerate(shape)), bool)
     bn.train()
-    bn.backward(bn(x, mask))  # the masked kernels (a Dask task's too: the serial cases)
+    bn.backward(bn(x, mask=mask))  # the masked kernels (a Dask task's too: the serial cases)
     welford(x, axis=axis)
     coef = np.ones((2, shape[axis]))
     for parallel in (None, False):  # the size's twin, and the serial one Dask's tasks run

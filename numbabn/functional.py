@@ -246,20 +246,14 @@ def batch_norm_backward(
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
     relu, output, residual = _activation.check_backward(inp, activation, output, residual)
+    g = _activation.incoming(inp, grad_output, relu, output)
     if _checks.check_flag(training, "training") and _ghost.applies(inp, virtual_batch_size):
         if mask is not None:
             raise NotImplementedError("virtual_batch_size and mask together are not supported: give one of them")
-        g = inp.like_input(grad_output, "grad_output")
-        if relu:
-            g = _activation.masked_grad(inp, g, output)
         grads = _ghost.backward(inp, g, weight, save_mean, save_invstd, virtual_batch_size, out=out)[:3]
     else:
-        saved = (save_mean, save_invstd, training, out)
-        call = _call.backward_call(inp, grad_output, weight, *saved, abs_sum=False, mask=mask)
-        if relu:
-            g = call.grad_output = _activation.masked_grad(inp, call.grad_output, output)
-            if not residual and call.out is None and type(g) is np.ndarray:
-                call.out = g  # a temporary: grad_input overwrites it in place
+        call = _call.backward_call(inp, g, weight, save_mean, save_invstd, training, out, abs_sum=False, mask=mask)
+        _activation.reuse_gradient(call, relu, residual)
         grads = call.run()[:3]
     return (*grads, g if relu else grad_output) if residual else grads
 

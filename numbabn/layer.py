@@ -340,22 +340,18 @@ class BatchNorm:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
         inp, mean, invstd, use_batch = self._saved
         output, has_residual = self._saved_act or (None, False)
+        g = _activation.incoming(inp, grad_output, output is not None, output)
         if self._ghosts is not None:
             size, factors = self._ghosts
-            g = inp.like_input(grad_output, "grad_output")
-            if output is not None:
-                g = _activation.masked_grad(inp, g, output)
             grad_input, grad_weight, grad_bias, abs_grad_sum = _ghost.backward(
                 inp, g, self.weight, mean, invstd, size, factors
             )
             n = _checks.values_per_channel(inp.shape, inp.axis)
         else:
-            call = _call.backward_call(inp, grad_output, self.weight, mean, invstd, use_batch, None)
+            call = _call.backward_call(inp, g, self.weight, mean, invstd, use_batch, None)
             if self._saved_mask is not None:  # the forward's mask, checked then
                 call.mask, call.kept = self._saved_mask
-            g = call.grad_output
-            if output is not None:
-                g = call.grad_output = _activation.masked_grad(inp, g, output)
+            _activation.reuse_gradient(call, output is not None, has_residual)
             grad_input, grad_weight, grad_bias, abs_grad_sum, n = self._run_backward(call)
         self.grad_residual = (g if output is not None else grad_output) if has_residual else None
         if self.affine:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _call, _checks, _ghost
+from . import _activation, _call, _checks, _ghost
 from .layer import DEFAULT_MOMENTUM, BatchNorm
 from .sync import SyncBatchNorm
 
@@ -126,6 +126,8 @@ def batch_renorm_forward(
     out: Array | None = None,
     stream: Any = None,
     virtual_batch_size: int | None = None,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, Array, Array, np.ndarray, np.ndarray]:
     """Batch Renormalization's training forward; returns what
     :func:`batch_renorm_backward` needs.
@@ -144,14 +146,15 @@ def batch_renorm_forward(
     dmax : float >= 0, default 5.0
         ``d`` is clipped to ``[-dmax, dmax]``.  ``rmax=1, dmax=0`` is batch normalization,
         bit for bit.
-    momentum, eps, axis, out, stream, virtual_batch_size
+    momentum, eps, axis, out, stream, virtual_batch_size, activation, residual
         As :func:`batch_norm_forward`; with ghost batches every ghost gets its own ``r`` and
         ``d`` (from the running statistics before the call's one update).
 
     Returns
     -------
     output : ndarray
-        ``weight * ((x - mean_B) / s_B * r + d) + bias`` (see :ref:`renorm`).
+        ``weight * ((x - mean_B) / s_B * r + d) + bias`` (see :ref:`renorm`), then
+        ``+ residual`` and the activation when given.
     save_mean, save_invstd : ndarray of float64, shape (C,)
         The batch's mean and ``1 / s_B``.
     r, d : ndarray of float64, shape (C,)
@@ -169,7 +172,8 @@ def batch_renorm_forward(
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required by batch renormalization (r and d), got None")
     inp = _call.check_input(input, axis, stream)
-    call = _call.forward_call(inp, weight, bias, running_mean, running_var, True, momentum, eps, out)
+    acts = {"activation": activation, "residual": residual}
+    call = _call.forward_call(inp, weight, bias, running_mean, running_var, True, momentum, eps, out, **acts)
     return _forward(call, rmax, dmax, virtual_batch_size if _ghost.applies(inp, virtual_batch_size) else None)
 
 
@@ -186,13 +190,19 @@ def batch_renorm_backward(
     out: Array | None = None,
     stream: Any = None,
     virtual_batch_size: int | None = None,
-) -> tuple[Array, Array, Array]:
+    activation: str | None = None,
+    output: Array | None = None,
+    residual: bool = False,
+) -> tuple[Array, ...]:
     """Gradients of Batch Renormalization's training forward, ``r`` and ``d`` held fixed.
 
     Parameters
     ----------
     grad_output, input, weight, save_mean, save_invstd, axis, out, stream, virtual_batch_size
         As :func:`batch_norm_backward`.
+    activation, output, residual
+        As :func:`batch_norm_backward`: the forward's ReLU, its output, and whether to
+        return the residual's gradient too.
     r, d : ndarray of shape (C,), or (G, C) with ghost batches
         As returned by :func:`batch_renorm_forward`.
 
@@ -201,16 +211,23 @@ def batch_renorm_backward(
     grad_input, grad_weight, grad_bias : arrays
         As :func:`batch_norm_backward`; here ``grad_weight = sum(g * (xhat * r + d))`` and
         ``grad_input`` is the batch-norm gradient with weight ``weight * r``.
+    grad_residual : array
+        With ``residual=True`` only, as :func:`batch_norm_backward`.
     """
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
+    relu, output, residual = _activation.check_backward(inp, activation, output, residual)
     if _ghost.applies(inp, virtual_batch_size):
         factors = (_finite(r, "r"), _finite(d, "d"))
-        args = (inp, grad_output, weight, save_mean, save_invstd, virtual_batch_size, factors, out)
-        return _ghost.backward(*args)[:3]
-    r, d = _factors(r, "r", inp), _factors(d, "d", inp)
-    call = _call.backward_call(inp, grad_output, weight, save_mean, save_invstd, True, out, abs_sum=False)
-    return _backward(call, r, d)[:3]
+        g = _activation.incoming(inp, grad_output, relu, output)
+        grads = _ghost.backward(inp, g, weight, save_mean, save_invstd, virtual_batch_size, factors, out)[:3]
+    else:
+        r, d = _factors(r, "r", inp), _factors(d, "d", inp)
+        g = _activation.incoming(inp, grad_output, relu, output)
+        call = _call.backward_call(inp, g, weight, save_mean, save_invstd, True, out, abs_sum=False)
+        _activation.reuse_gradient(call, relu, residual)
+        grads = _backward(call, r, d)[:3]
+    return (*grads, g if relu else grad_output) if residual else grads
 
 
 class _Renormalizing:
@@ -282,7 +299,7 @@ class BatchRenorm(_Renormalizing, BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, axis, dtype, decay, device, virtual_batch_size
+    num_features, eps, momentum, affine, axis, dtype, decay, device, virtual_batch_size, activation
         As :class:`BatchNorm`.  Running statistics are always tracked.  With ghost batches
         each ghost has its own ``r`` and ``d``.
     rmax : float >= 1, default 3.0
@@ -322,9 +339,11 @@ class BatchRenorm(_Renormalizing, BatchNorm):
         decay: float | None = None,
         device: str = "cpu",
         virtual_batch_size: int | None = None,
+        activation: str | None = None,
     ) -> None:
         rmax, dmax = check_limits(rmax, dmax)
         settings = dict(axis=axis, dtype=dtype, decay=decay, device=device, virtual_batch_size=virtual_batch_size)
+        settings["activation"] = activation
         super().__init__(num_features, eps, momentum, affine, True, **settings)
         self._init_renorm(rmax, dmax)
 
@@ -342,7 +361,7 @@ class SyncBatchRenorm(_Renormalizing, SyncBatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, axis, dtype, decay, device, comm
+    num_features, eps, momentum, affine, axis, dtype, decay, device, comm, activation
         As :class:`~numbabn.SyncBatchNorm`.  Running statistics are always tracked.
     rmax, dmax : float
         As :class:`BatchRenorm`; every rank must use the same values (they are not
@@ -363,9 +382,10 @@ class SyncBatchRenorm(_Renormalizing, SyncBatchNorm):
         decay: float | None = None,
         device: str = "cpu",
         comm: Any = None,
+        activation: str | None = None,
     ) -> None:
         rmax, dmax = check_limits(rmax, dmax)
-        settings = dict(axis=axis, dtype=dtype, decay=decay, device=device, comm=comm)
+        settings = dict(axis=axis, dtype=dtype, decay=decay, device=device, comm=comm, activation=activation)
         super().__init__(num_features, eps, momentum, affine, True, **settings)
         self._init_renorm(rmax, dmax)
 

@@ -30,7 +30,8 @@ class SyncBatchNorm(BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, decay, device
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, decay, device,
+    activation
         As :class:`BatchNorm`.  With ``device="cuda"`` the data, parameters and buffers stay
         on the GPU and only the small payloads below go through the host.
     comm : object with ``allgather(obj) -> list``, optional
@@ -104,6 +105,7 @@ class SyncBatchNorm(BatchNorm):
         decay: float | None = None,
         device: str = "cpu",
         comm: Any = None,
+        activation: str | None = None,
     ) -> None:
         super().__init__(
             num_features,
@@ -115,6 +117,7 @@ class SyncBatchNorm(BatchNorm):
             dtype=dtype,
             decay=decay,
             device=device,
+            activation=activation,
         )
         self.comm = comm
         self._wire = None  # the _Wire of self.comm, made on first use
@@ -142,6 +145,7 @@ class SyncBatchNorm(BatchNorm):
             dtype=bn.dtype,
             device=bn.device,
             comm=comm,
+            activation=bn.activation,
         )
         new.load_state_dict(bn.state_dict())
         return new.train(bn.training)
@@ -176,19 +180,20 @@ class SyncBatchNorm(BatchNorm):
         return True
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: Any, mask: Any = None) -> Any:
+    def forward(self, x: Any, residual: Any = None, mask: Any = None) -> Any:
         """Normalize ``x``, this rank's part of the global batch; in training mode with a
         ``comm``, with the global batch's statistics (a collective call: every rank makes
         it).  See :meth:`BatchNorm.forward` and the class notes; with a ``mask`` the global
-        statistics are those of the values every rank's mask keeps."""
+        statistics are those of the values every rank's mask keeps; ``residual`` is this
+        rank's part."""
         if not self._syncs():
-            return super().forward(x, mask)
-        return self._collective("forward", functools.partial(super().forward, mask=mask), x)
+            return super().forward(x, residual, mask)
+        return self._collective("forward", functools.partial(super().forward, residual=residual, mask=mask), x)
 
     __call__ = forward
 
-    def _forward_call(self, inp, part=False, mask=None):
-        return super()._forward_call(inp, part=part or self._syncing(), mask=mask)
+    def _forward_call(self, inp, part=False, mask=None, residual=None):
+        return super()._forward_call(inp, part=part or self._syncing(), mask=mask, residual=residual)
 
     def _run_forward(self, call):
         if not (call.training and self._syncing()):

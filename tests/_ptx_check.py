@@ -30,6 +30,7 @@ class _H100:
 # Device functions ask the current device for its compute capability; there is none here.
 _dispatcher.get_current_device = lambda: _H100()
 
+from numbabn.cuda import activation as A  # noqa: E402
 from numbabn.cuda import backward as B  # noqa: E402
 from numbabn.cuda import forward as F  # noqa: E402
 from numbabn.cuda import stats as S  # noqa: E402
@@ -56,6 +57,8 @@ def signatures(dt):
         (B.grad_sums, (arr(f8, 3), i8, arr(f8, 2))),
         (B.apply_rows, (arr(dt, 3), arr(dt, 3), arr(coef, 2), arr(dt, 3))),
         (B.apply_columns, (arr(dt, 2), arr(dt, 2), i8, arr(coef, 2), arr(dt, 2))),
+        (A.act_rows, (arr(dt, 3), arr(dt, 3), i8, arr(coef, 2), arr(dt, 3))),
+        (A.act_columns, (arr(dt, 2), arr(dt, 2), i8, i8, arr(coef, 2), arr(dt, 2))),
     ]
     for p in pc:
         out += [
@@ -101,7 +104,7 @@ def signatures(dt):
 #: One-launch kernels: a reduction, then an elementwise pass; their innermost loops (the
 #: elementwise one among them) have no integer division.
 FUSED = ("train_strided", "train_minor", "backward_strided", "backward_minor")
-ELEMENTWISE = ("normalize_rows", "normalize_columns", "apply_rows", "apply_columns")
+ELEMENTWISE = ("normalize_rows", "normalize_columns", "apply_rows", "apply_columns", "act_rows", "act_columns")
 REDUCTIONS = ("partials_strided", "partials_minor", "grad_partials_strided", "grad_partials_minor")
 MIN_LOADS = 4
 

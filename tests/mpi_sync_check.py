@@ -86,7 +86,7 @@ def run_case(shape, axis, batch_axis, dtype, momentum, seed, renorm=False, maske
             mshape = list(full)
             mshape[axis] = 1
             mask = rng.random(mshape) < 0.6
-            y, y_ref = sync(x[mine], mask[mine]), ref(x, mask)
+            y, y_ref = sync(x[mine], mask=mask[mine]), ref(x, mask=mask)
         else:
             y, y_ref = sync(x[mine]), ref(x)
         gi = sync.backward(g[mine])

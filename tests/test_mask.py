@@ -111,7 +111,7 @@ def test_layer_reuses_the_mask_and_eval_ignores_it(rng):
     bn = numbabn.BatchNorm(5)
     rm, rv = bn.running_mean.copy(), bn.running_var.copy()
     y, mean, invstd = numbabn.batch_norm_forward(x, bn.weight, bn.bias, rm, rv, mask=mask)
-    assert_bitwise(bn(x, mask), y)
+    assert_bitwise(bn(x, mask=mask), y)
     assert_bitwise(bn.running_var, rv)
     gi, gw, gb = numbabn.batch_norm_backward(g, x, bn.weight, mean, invstd, mask=mask)
     assert_bitwise(bn.backward(g), gi)
@@ -122,7 +122,7 @@ def test_layer_reuses_the_mask_and_eval_ignores_it(rng):
     plain = numbabn.BatchNorm(5)
     plain.load_state_dict(bn.state_dict())
     plain.eval()
-    assert_bitwise(bn(x, mask), plain(x))
+    assert_bitwise(bn(x, mask=mask), plain(x))
     assert_bitwise(bn.backward(g), plain.backward(g))
 
 
@@ -134,7 +134,7 @@ def test_batch_renorm_with_a_mask(rng):
     bn = numbabn.BatchRenorm(5, dtype=np.float64, rmax=1.1, dmax=0.1)
     bn.running_mean[:] = rng.normal(size=5)
     rm, rv = bn.running_mean.copy(), bn.running_var.copy()
-    y = bn(x, mask)
+    y = bn(x, mask=mask)
     _, mean, var, _ = oracle(x, mask, np.ones(5), np.zeros(5), 1e-5, axis)
     s = np.sqrt(rv + 1e-5)
     r = np.clip(np.sqrt(var + 1e-5) / s, 1 / 1.1, 1.1)
@@ -178,9 +178,9 @@ def test_bad_masks_are_refused_with_nothing_changed(rng, mask, exc, match):
     bn = numbabn.BatchNorm(5)
     before = bn.state_dict()
     with pytest.raises(exc, match=match):
-        bn(x, mask)
+        bn(x, mask=mask)
     with pytest.raises(exc, match=match):
-        bn.eval()(x, mask)  # checked in eval too, where it is ignored
+        bn.eval()(x, mask=mask)  # checked in eval too, where it is ignored
     for k, v in bn.state_dict().items():
         assert_bitwise(v, before[k], k)
     rm, rv = before["running_mean"].copy(), before["running_var"].copy()

@@ -20,7 +20,8 @@ from numba import prange
 from .._jit import indirect, stage, twin
 from .._math import finish_channel
 from ._plan import expand, super_rows
-from .stats import strided_rows
+from .forward import eval_coefs, finish_channels
+from .stats import strided_rows, welford
 
 #: ``mode`` bits: a ReLU after the normalization, a residual added before the ReLU.
 RELU = 1
@@ -122,15 +123,41 @@ def relu_grad_flat(g, y, out):
 
 # -- the drivers of each stage, by layout ---------------------------------------------------
 
-#: The stages the host backend runs; the GPU twins (``cuda/activation.py``) have the same names.
-DRIVERS = ("forward_train", "apply", "relu_grad")
+#: The stages the host backend runs; the GPU twins (``cuda/activation.py``) have the same names,
+#: but ``apply``, which only Dask's tasks run.
+DRIVERS = ("forward_train", "forward_eval", "forward_with_stats", "apply", "relu_grad")
 
 
 def forward_train(parallel, lay, x, z, mode, weight, bias, running_mean, running_var, momentum, eps, y, save):
     """Training forward of ``x`` (a view of :class:`Layout` ``lay``) with the activation of
-    ``mode``, into ``y``, on a layout whose channels fit in L2 (``lay.fused_forward``)."""
-    at = strided_rows.address(x)
-    train_act_fused(parallel, at, x, z, mode, weight, bias, running_mean, running_var, momentum, eps, y, save)
+    ``mode`` (``z`` the residual's view, or ``x``), into ``y``: one pass per channel where the
+    channel fits in L2, else the statistics, then :func:`forward_with_stats`."""
+    if lay.fused_forward:
+        at = strided_rows.address(x)
+        train_act_fused(parallel, at, x, z, mode, weight, bias, running_mean, running_var, momentum, eps, y, save)
+        return
+    stats = np.empty((3, lay.num_channels))
+    welford(parallel, lay, x, stats)
+    forward_with_stats(
+        parallel, lay, x, z, mode, stats, weight, bias, running_mean, running_var, momentum, eps, y, save
+    )
+
+
+def forward_with_stats(
+    parallel, lay, x, z, mode, stats, weight, bias, running_mean, running_var, momentum, eps, y, save
+):
+    """Training forward with statistics ``stats`` (3, C) made elsewhere (SyncBatchNorm's
+    global batch, masked statistics): finalize and EMA update, then the activated normalize."""
+    coef = np.empty((2, lay.num_channels))
+    finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+    apply(parallel, lay, x, z, mode, coef, y)
+
+
+def forward_eval(parallel, lay, x, z, mode, weight, bias, mean, var, eps, y, save):
+    """Eval forward with the given (running) ``mean`` and ``var``, activated."""
+    coef = np.empty((2, lay.num_channels))
+    eval_coefs(weight, bias, mean, var, eps, coef, save)
+    apply(parallel, lay, x, z, mode, coef, y)
 
 
 def apply(parallel, lay, x, z, mode, coef, y):

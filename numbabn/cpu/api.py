@@ -107,9 +107,9 @@ def forward(call):
     xv, yv = inp.view(x), inp.view(dest)
     if not call.training:
         if call.act:
-            coef = np.empty((2, inp.num_channels))
-            _fwd.eval_coefs(w, b, rm, rv, call.eps, coef, save)
-            _activate(call, coef, yv)
+            _act.forward_eval(
+                inp.parallel, inp.layout, xv, _residual(call, xv), call.act, w, b, rm, rv, call.eps, yv, save
+            )
         else:
             _fwd.forward_eval(inp.parallel, inp.layout, xv, w, b, rm, rv, call.eps, yv, save)
     elif x.size if call.mask is None else call.kept:
@@ -126,8 +126,7 @@ def forward(call):
 
 
 def _train(call, xv, w, b, rm, rv, yv, save):
-    """The training forward's kernels: the layout's driver (masked, activated or plain), or
-    the statistics, finalize and activated normalize in turn."""
+    """The training forward's kernels: the layout's driver, masked, activated or plain."""
     inp = call.inp
     lay, parallel = inp.layout, inp.parallel
     settings = (w, b, rm, rv, call.momentum, call.eps)
@@ -137,17 +136,14 @@ def _train(call, xv, w, b, rm, rv, yv, save):
             _fwd.forward_train(parallel, lay, xv, *settings, yv, save)
         else:
             _masked.forward_train_masked(parallel, lay, xv, mk, *settings, yv, save)
-    elif mk is None and lay.fused_forward:
-        _act.forward_train(parallel, lay, xv, _residual(call, xv), call.act, *settings, yv, save)
+        return
+    z = _residual(call, xv)
+    if mk is None:
+        _act.forward_train(parallel, lay, xv, z, call.act, *settings, yv, save)
     else:
         stats = np.empty((3, inp.num_channels))
-        if mk is None:
-            _stats.welford(parallel, lay, xv, stats)
-        else:
-            _masked.welford_masked(parallel, lay, xv, mk, stats)
-        coef = np.empty((2, inp.num_channels))
-        _fwd.finish_channels(stats, *settings, coef, save)
-        _activate(call, coef, yv)
+        _masked.welford_masked(parallel, lay, xv, mk, stats)
+        _act.forward_with_stats(parallel, lay, xv, z, call.act, stats, *settings, yv, save)
 
 
 def _residual(call, xv):
@@ -156,13 +152,6 @@ def _residual(call, xv):
         return xv
     inp = call.inp
     return inp.view(_same_order(call.residual, inp.x))
-
-
-def _activate(call, coef, yv):
-    """``y = act(x * coef[0] + coef[1] [+ residual])``, the call's activated normalize."""
-    inp = call.inp
-    xv = inp.view(inp.x)
-    _act.apply(inp.parallel, inp.layout, xv, _residual(call, xv), call.act, coef, yv)
 
 
 def _forward_result(call, dest, save):
@@ -409,9 +398,8 @@ def forward_with_stats(call, stats):
     save = save_rows(call.limits, inp.num_channels, call.m2)
     xv, yv = inp.view(x), inp.view(dest)
     if call.act:
-        coef = np.empty((2, inp.num_channels))
-        _fwd.finish_channels(stats, w, b, rm, rv, call.momentum, call.eps, coef, save)
-        _activate(call, coef, yv)
+        z, settings = _residual(call, xv), (w, b, rm, rv, call.momentum, call.eps)
+        _act.forward_with_stats(inp.parallel, inp.layout, xv, z, call.act, stats, *settings, yv, save)
     else:
         _fwd.forward_with_stats(inp.parallel, inp.layout, xv, stats, w, b, rm, rv, call.momentum, call.eps, yv, save)
     if rm is not call.running_mean or rv is not call.running_var:

@@ -13,6 +13,7 @@ from .._math import save_rows
 from .._memo import bounded_put
 from ..stats import payload as _payload
 from . import _arrays, _launch
+from . import activation as _act
 from . import backward as _bwd
 from . import forward as _fwd
 from . import stats as _stats
@@ -134,18 +135,34 @@ def forward(call):
             save = _arrays.empty((2, inp.num_channels), "f8", st)
         else:
             save = _arrays.sink(2, inp.num_channels)
+        # The activated drivers take the residual's view (x3, unread, without one) and mode.
+        fwd, act = (_act, (_residual(call, x3), call.act)) if call.act else (_fwd, ())
         if call.training:
             rm = _arrays.constant(0.0, 0, inp.dtype) if running_mean is None else running_mean
             rv = _arrays.constant(0.0, 0, inp.dtype) if running_var is None else running_var
-            _fwd.forward_train(x3, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
+            fwd.forward_train(x3, *act, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
         else:
-            _fwd.forward_eval(x3, w, b, running_mean, running_var, call.eps, y3, save, st)
+            fwd.forward_eval(x3, *act, w, b, running_mean, running_var, call.eps, y3, save, st)
         if not call.saved:
             _extra(call, save, st)
             return y, None, None
     _extra(call, save, st)
     mean, invstd = _arrays.rows(save)[:2]
     return y, inp.hand_back(mean), inp.hand_back(invstd)
+
+
+def _residual(call, x3):
+    """The kernels' view of the call's residual, or ``x3`` (never read) without one."""
+    return x3 if call.residual is None else call.inp.view(call.residual)
+
+
+def relu_grad(inp, grad_output, output):
+    """``grad_output`` where ``output > 0``, else 0 (a NaN output passes it): a new array of
+    the input's kind."""
+    dest = inp.new_like_input()
+    if inp.x.size:
+        _act.relu_grad(inp.view(grad_output), inp.view(output), inp.view(dest), inp.stream)
+    return inp.hand_back(dest)
 
 
 def _extra(call, save, stream):
@@ -255,7 +272,8 @@ def forward_with_stats(call, stats):
         rm = _arrays.constant(0.0, 0, inp.dtype) if call.running_mean is None else call.running_mean
         rv = _arrays.constant(0.0, 0, inp.dtype) if call.running_var is None else call.running_var
         x3, y3 = inp.view(inp.x), inp.view(dest)
-        _fwd.forward_with_stats(x3, stats, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
+        fwd, act = (_act, (_residual(call, x3), call.act)) if call.act else (_fwd, ())
+        fwd.forward_with_stats(x3, *act, stats, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
     y = out if out is not None else inp.hand_back(dest)
     _extra(call, save, st)
     mean, invstd = _arrays.rows(save)[:2]
