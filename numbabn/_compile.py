@@ -4,8 +4,9 @@ no process built from them pays the first call's compile.
 
 Each kernel family (fused and row-wise channel-strided, channel-minor) runs its serial and
 parallel twins on a small array of each dtype through the public API: the training forward
-and backward (also with a mask), the eval forward and backward and ``welford``, and the
-stages Dask's tasks and SyncBatchNorm call (``apply``, ``grad_reduce``, ``grad_apply``).
+and backward (also with a mask, and with the fused ReLU and residual), the eval forward and
+backward and ``welford``, and the stages Dask's tasks and SyncBatchNorm call (``apply``,
+``grad_reduce``, ``grad_apply``).
 """
 
 import time
@@ -60,10 +61,14 @@ def _run_case(shape, axis, dtype):
     mask = np.ones(tuple(1 if a == axis else n for a, n in enumerate(shape)), bool)
     bn.train()
     bn.backward(bn(x, mask=mask))  # the masked kernels (a Dask task's too: the serial cases)
+    relu = BatchNorm(shape[axis], axis=axis, dtype=dtype, activation="relu")
+    relu.backward(relu(x, x))  # the activated kernels: every mode runs the same ones
+    relu.eval()(x, x)
     welford(x, axis=axis)
     coef = np.ones((2, shape[axis]))
     for parallel in (None, False):  # the size's twin, and the serial one Dask's tasks run
         api.apply(x, axis, coef, parallel=parallel)
+        api.apply(x, axis, coef, parallel=parallel, residual=x, mode=3)
         sums = api.grad_reduce(y, x, axis, np.zeros(shape[axis]), parallel=parallel)
         api.grad_apply(y, x, axis, np.ones((3, shape[axis])), parallel=parallel)
     return sums

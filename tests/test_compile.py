@@ -23,7 +23,7 @@ import numbabn
 from numbabn import _jit
 shape, axis, steps = json.loads(sys.argv[1])
 x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-bn = numbabn.BatchNorm(shape[axis], axis=axis)
+bn = numbabn.BatchNorm(shape[axis], axis=axis, activation="relu" if "relu" in steps else None)
 y = bn(x)
 if "backward" in steps:
     bn.backward(y)
@@ -56,8 +56,15 @@ def _compiled(shape, axis, steps):
         ((32, 16, 16, 64), -1, ["eval"], ["eval_minor.parallel", "train_minor.parallel"]),
         ((256, 512), 1, ["backward"], ["backward_minor.parallel", "train_minor.parallel"]),
         ((32, 64), 1, [], ["train_minor.serial"]),
+        (
+            (32, 64, 16, 16),
+            1,
+            ["relu", "backward"],
+            ["backward_fused.parallel", "relu_grad_flat.parallel", "train_act_fused.parallel"],
+        ),
+        ((256, 512), 1, ["relu"], ["apply_act_minor.parallel", "welford_minor.parallel"]),
     ],
-    ids=["nchw", "nchw-step", "nchw-rows", "nchw-small", "nhwc", "nc", "nc-small"],
+    ids=["nchw", "nchw-step", "nchw-rows", "nchw-small", "nhwc", "nc", "nc-small", "nchw-relu", "nc-relu"],
 )
 def test_a_first_call_compiles_its_own_path(shape, axis, steps, drivers):
     assert _compiled(list(shape), axis, steps) == drivers

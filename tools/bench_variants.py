@@ -59,7 +59,7 @@ def masked(rng, budget):
         }
         fwd = {
             "BatchNorm": lambda bn=made["BatchNorm"], x=x: bn(x),
-            "masked": lambda bn=made["masked"], x=x, m=mask: bn(x, m),
+            "masked": lambda bn=made["masked"], x=x, m=mask: bn(x, mask=m),
         }
         t_fwd = interleaved(fwd, budget=budget)
         for f in fwd.values():
