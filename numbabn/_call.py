@@ -201,6 +201,11 @@ def forward_call(
     training = _checks.check_flag(training, "training")
     relu = _activation.check(activation)
     if residual is not None:
+        if getattr(residual, "dtype", None) == np.bool_:
+            raise TypeError(
+                f"residual must have the input's dtype {inp.dtype}, got a bool array: a mask goes in as mask= "
+                "(forward(x, residual=None, mask=None))"
+            )
         residual = inp.like_input(residual, "residual")
     # (None passes every per-channel check: skipped here, as small calls spend their time in
     # Python.)

@@ -398,3 +398,12 @@ def test_gpu_functional_backward_with_relu(rng, gpu):
     assert_bitwise(gz.copy_to_host(), g_bn)
     expected = ref_backward(g_bn, x, None, mean.copy_to_host(), invstd.copy_to_host(), True, 1)
     assert_close(gx.copy_to_host(), expected[0], np.float64)
+
+
+def test_a_mask_given_as_the_residual_is_refused_with_a_hint(rng):
+    bn = numbabn.BatchNorm(3)
+    x = make_input(rng, (4, 3, 5), 1, np.float32)
+    before = _state(bn)
+    with pytest.raises(TypeError, match=r"got a bool array: a mask goes in as mask="):
+        bn(x, np.ones((4, 1, 5), bool))
+    _same_state(bn, before)

@@ -152,14 +152,14 @@ def test_all_false_is_an_empty_batch_and_one_kept_value_is_refused(rng):
     x = make_input(rng, shape, axis, np.float32)
     bn = numbabn.BatchNorm(5)
     before = bn.state_dict()
-    y = bn(x, np.zeros((6, 1, 8, 10), bool))
+    y = bn(x, mask=np.zeros((6, 1, 8, 10), bool))
     assert np.all(np.isnan(y)) and bn.num_batches_tracked == 1
     assert_bitwise(bn.running_mean, before["running_mean"])
     assert_bitwise(bn.running_var, before["running_var"])
     one = np.zeros((6, 1, 8, 10), bool)
     one[2, 0, 3, 4] = True
     with pytest.raises(ValueError, match="a mask that keeps 1 value per channel"):
-        bn(x, one)
+        bn(x, mask=one)
     assert bn.num_batches_tracked == 1
     assert_bitwise(bn.running_var, before["running_var"])
 

@@ -242,7 +242,7 @@ def test_sync_layers_with_a_mask_on_one_rank_are_the_masked_layer(rng):
     sync, plain = numbabn.SyncBatchRenorm(6, comm=Comm()), numbabn.BatchRenorm(6)
     for layer in (sync, plain):
         layer.running_mean[:] = 0.3
-    assert_close(sync(x, mask), plain(x, mask), np.float32)
+    assert_close(sync(x, mask=mask), plain(x, mask=mask), np.float32)
     assert_close(sync.backward(g), plain.backward(g), np.float32)
     for name in ("running_mean", "running_var", "grad_weight", "update_threshold", "r", "d"):
         assert_close(getattr(sync, name), getattr(plain, name), np.float32, err_msg=name)
