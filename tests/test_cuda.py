@@ -108,6 +108,39 @@ def test_float16_storage_float32_arithmetic(rng, shape, axis):
     assert_close(host(gw), egw, np.float32, scale=x.size // c)
 
 
+def test_float16_layer_parameters_and_running_statistics(rng):
+    """``BatchNorm(dtype=float16, device="cuda")``: float16 weight, bias and running
+    statistics, read into float64 arithmetic in the kernels, stores rounded to float16;
+    training and eval forwards and backwards against the float64 oracle."""
+    shape, c = (6, 3, 10), 3
+    x = make_input(rng, shape, 1, np.float16)
+    g = rng.standard_normal(shape).astype(np.float16)
+    w, b, rm, rv = make_params(rng, c, np.float16)
+    bn = numbabn.BatchNorm(c, dtype=np.float16, device="cuda", momentum=0.2)
+    bn.load_state_dict({"weight": w, "bias": b, "running_mean": rm, "running_var": rv, "num_batches_tracked": 0})
+    y = bn(dev(x))
+    ey, emean, einvstd, erm, erv = ref_forward(x, w, b, rm, rv, True, 0.2, 1e-5, 1)
+    assert y.dtype == np.float16 and bn.running_mean.dtype == np.float16
+    assert_close(host(y), ey, np.float16, rtol=F16_TOL)
+    # The EMA step in float64, rounded once to float16: the oracle rounded, to one ulp.
+    for got, want in ((bn.running_mean, erm), (bn.running_var, erv)):
+        np.testing.assert_allclose(host(got), want.astype(np.float16), rtol=2**-10, atol=2**-24)
+    assert not np.array_equal(host(bn.running_mean), rm)
+    gi = bn.backward(dev(g))
+    egi, egw, egb = ref_backward(g, x, w, emean, einvstd, True, 1)
+    assert gi.dtype == np.float16
+    assert_close(host(gi), egi, np.float16, rtol=F16_TOL)
+    assert_close(host(bn.grad_weight), egw, np.float16, rtol=F16_TOL, scale=x.size // c)
+    assert_close(host(bn.grad_bias), egb, np.float16, rtol=F16_TOL, scale=x.size // c)
+    bn.eval()
+    rm1, rv1 = host(bn.running_mean), host(bn.running_var)
+    ey, emean, einvstd, _, _ = ref_forward(x, w, b, rm1, rv1, False, 0.2, 1e-5, 1)
+    assert_close(host(bn(dev(x))), ey, np.float16, rtol=F16_TOL)
+    egi, _, _ = ref_backward(g, x, w, emean, einvstd, False, 1)
+    assert_close(host(bn.backward(dev(g))), egi, np.float16, rtol=F16_TOL)
+    np.testing.assert_array_equal(host(bn.running_mean), rm1)  # eval leaves them
+
+
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
 @pytest.mark.parametrize(
     "dtype,threads,running",
