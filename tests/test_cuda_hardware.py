@@ -124,16 +124,19 @@ def test_cupy_arrays_in_cupy_arrays_out_on_the_current_stream():
 @pytest.mark.parametrize("shape, axis", [((64, 32, 56, 56), 1), ((32, 28, 28, 64), -1), ((65536, 64), 1)])
 def test_device_results_are_bitwise_identical_run_to_run(shape, axis):
     """Many blocks per channel and concurrent merges on a real device (where scheduling
-    varies from run to run, unlike the simulator's one block at a time)."""
+    varies from run to run, unlike the simulator's one block at a time), masked calls too."""
     rng = np.random.default_rng(0)
     x = cuda.to_device((rng.standard_normal(shape) * 2 + 5).astype(np.float32))
     g = cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    mask = cuda.to_device(rng.random(tuple(1 if a == axis % len(shape) else n for a, n in enumerate(shape))) < 0.7)
     runs = []
     for _ in range(3):
         y, mean, invstd = numbabn.batch_norm_forward(x, axis=axis)
         gi, gw, gb = numbabn.batch_norm_backward(g, x, None, mean, invstd, axis=axis)
         s = numbabn.welford(x, axis=axis)
-        runs.append([a.copy_to_host() for a in (y, mean, invstd, gi, gw, gb, s.mean, s.m2)])
+        masked = numbabn.batch_norm_forward(x, axis=axis, mask=mask)
+        masked += numbabn.batch_norm_backward(g, x, None, *masked[1:], axis=axis, mask=mask)
+        runs.append([a.copy_to_host() for a in (y, mean, invstd, gi, gw, gb, s.mean, s.m2, *masked)])
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert_bitwise(a, b)
