@@ -62,8 +62,9 @@ class PartBackend(Backend, Protocol):
     """A backend that also runs the stages of a training step whose statistics are merged
     elsewhere (SyncBatchNorm's processes): the host and the GPU backends."""
 
-    def part_stats(self, inp: Input) -> Any:
-        """The part's statistics as a host float64 array ``[count, mean, m2]``."""
+    def part_stats(self, inp: Input, mask: Any = None, kept: int | None = None) -> Any:
+        """The part's statistics as a host float64 array ``[count, mean, m2]``; of the values
+        a checked ``mask`` keeps when given (``kept``: its True count)."""
 
     def forward_with_stats(self, call: Any, stats: Any) -> tuple:
         """A training forward normalized with statistics merged elsewhere, (3, C) float64."""

@@ -224,7 +224,7 @@ def forward_call(
     momentum = _checks.check_momentum(momentum)
     kept = None
     if mask is not None:
-        mask, kept = _mask.check(mask, inp)
+        mask, kept = _mask.check(mask, inp, training)
     if training:
         if part:  # a part's count is checked once the parts' are merged
             pass
@@ -274,7 +274,7 @@ def backward_call(inp, grad_output, weight, save_mean, save_invstd, training, ou
         )
     kept = None
     if mask is not None:
-        mask, kept = _mask.check(mask, inp)
+        mask, kept = _mask.check(mask, inp, training)
     call = BackwardCall(inp, grad_output, weight, save_mean, save_invstd, training, out, abs_sum)
     if training and mask is not None:
         call.mask, call.kept = mask, kept

@@ -6,21 +6,27 @@ import numpy as np
 from ._device import is_device
 
 
-def check(mask, inp):
+def check(mask, inp, use=True):
     """``mask`` checked against the checked input ``inp``: a bool array of the input's shape
     with 1 on the feature axis; for a NumPy input a NumPy array in the input's memory order
     (copied when it is not: it is ``C`` times smaller than the input), for a Dask input a
-    Dask array chunked as the input.  Returns ``(mask, kept)``, ``kept`` the number of True
-    values, the masked count of every channel."""
-    if not getattr(inp.backend, "MASKS", False):
-        kind = "a GPU array"
+    Dask array chunked as the input, for a GPU input a GPU array as the GPU backend reads it
+    (:func:`numbabn.cuda.api.mask_of`: a NumPy mask is copied to the device).  Returns
+    ``(mask, kept)``, ``kept`` the number of True values, the masked count of every channel;
+    ``(None, None)`` when ``use`` is False (eval, where the mask is checked and ignored)."""
+    backend = inp.backend
+    if not getattr(backend, "MASKS", False):
         raise NotImplementedError(
-            f"mask takes NumPy and Dask inputs, got {kind} input: masked statistics have host kernels only so far; "
-            "compute on the host, or normalize without a mask"
+            f"mask is not supported for {type(inp.x).__name__} inputs: normalize without a mask, or on the host"
         )
-    lazy = _dask_array_type(inp)
-    if is_device(mask) or not isinstance(mask, (np.ndarray,) + lazy):
-        kind = "a NumPy or Dask bool array" if lazy else "a NumPy bool array"
+    gpu = backend.DEVICE == "cuda"
+    lazy = () if gpu else _dask_array_type(inp)
+    if gpu and is_device(mask):
+        from .cuda._arrays import as_numba
+
+        mask = as_numba(mask)  # a numba view: NumPy's dtype and shape, for any library's array
+    elif is_device(mask) or not isinstance(mask, (np.ndarray,) + lazy):
+        kind = "a GPU or NumPy bool array" if gpu else "a NumPy or Dask bool array" if lazy else "a NumPy bool array"
         raise TypeError(f"mask must be {kind}, got {type(mask).__name__}")
     expected = list(inp.shape)
     expected[inp.axis] = 1
@@ -31,6 +37,10 @@ def check(mask, inp):
             f"mask must have shape {tuple(expected)} (the input's, with 1 on the feature axis {inp.axis}: the "
             f"same mask for every channel), got {mask.shape}"
         )
+    if gpu:
+        return backend.mask_of(mask, inp, use)
+    if not use:
+        return None, None
     if lazy:
         return _dask_mask(mask, inp)
     mask = np.ascontiguousarray(mask) if inp.c_order else np.asfortranarray(mask)

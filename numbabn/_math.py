@@ -106,12 +106,15 @@ def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, mome
     rows of ``save`` ask for ``M2`` and Batch Renormalization's ``(r, d)``
     (:func:`save_rows`)."""
     invstd = invstd_of(m2 / n, eps)
-    w = weight[c]
-    b = bias[c]
+    # Per-channel values widened to float64 first, so float16 ones (GPU layers) compute as
+    # the others do and the simulator's host calls of these stages never see a float16.
+    w = np.float64(weight[c])
+    b = np.float64(bias[c])
     rows = save.shape[0]
     if rows >= 4:
         # Batch Renormalization: the last two rows bring (rmax, dmax) and take (r, d).
-        r, d = renorm(mean, invstd, running_mean[c], running_var[c], eps, save[rows - 2, c], save[rows - 1, c])
+        rm, rv = np.float64(running_mean[c]), np.float64(running_var[c])
+        r, d = renorm(mean, invstd, rm, rv, eps, save[rows - 2, c], save[rows - 1, c])
         save[rows - 2, c] = r
         save[rows - 1, c] = d
         b = b + w * d
@@ -122,8 +125,8 @@ def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, mome
     save[0, c] = mean
     save[1, c] = invstd
     if running_mean.shape[0] > 0:
-        running_mean[c] = ema(running_mean[c], mean, momentum)
-        running_var[c] = ema(running_var[c], unbiased(m2, n), momentum)
+        running_mean[c] = ema(np.float64(running_mean[c]), mean, momentum)
+        running_var[c] = ema(np.float64(running_var[c]), unbiased(m2, n), momentum)
 
 
 @stage
@@ -137,7 +140,7 @@ def grad_coef(c, sg, sgx, sag, n, weight, mean, invstd, training, coef, grads):
     grads[0, c] = grad_weight
     grads[1, c] = sg
     grads[2, c] = sag
-    a = weight[c] * invstd[c]
+    a = np.float64(weight[c]) * invstd[c]
     coef[0, c] = a
     coef[1, c] = 0.0
     coef[2, c] = 0.0

@@ -74,14 +74,17 @@ def batch_norm(
         (the last holds the remainder), each normalized with its own statistics; the running
         statistics take one update from the whole batch's (the ghosts' merged).  NumPy and
         GPU arrays; the feature axis must not be 0.  Ignored in eval.
-    mask : ndarray of bool, optional
-        Masked statistics in training (NumPy and Dask inputs; a Dask input's mask may be a Dask
-        array, rechunked to the input's chunks): ``input``'s shape with 1 on the feature
-        axis, True where a value counts (padding False), the same for every channel.  The
-        batch statistics and the running-statistics update (its count, in the unbiased
-        variance too) use the kept values only; every value is normalized with them.  A mask
-        keeping nothing is an empty batch (NaN output, no update); keeping one value per
-        channel is refused.  Ignored in eval.
+    mask : ndarray or GPU array of bool, optional
+        Masked statistics in training: ``input``'s shape with 1 on the feature axis, True
+        where a value counts (padding False), the same for every channel.  The batch
+        statistics and the running-statistics update (its count, in the unbiased variance
+        too) use the kept values only; every value is normalized with them.  A mask keeping
+        nothing is an empty batch (NaN output, no update); keeping one value per channel is
+        refused.  Ignored in eval (but checked).  A NumPy array for a NumPy input (copied
+        when not in its memory order); a NumPy or Dask array for a Dask input (rechunked to
+        its chunks); for a GPU input, a NumPy array (copied to the device on the call's
+        stream, any memory order) or a GPU array dense in the input's memory order, whose
+        True count is made on the device: the host then waits for the stream.
     activation : {None, "relu"}, default None
         Fused into the normalize pass: ``y = relu(bn(x) [+ residual])``, written once.
     residual : array, optional

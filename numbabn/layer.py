@@ -249,11 +249,13 @@ class BatchNorm:
         before the :attr:`activation`, in the same pass (a residual connection);
         :meth:`backward` then sets ``grad_residual``.
 
-        ``mask`` (NumPy and Dask inputs): a bool array of ``x``'s shape with 1 on the feature axis,
-        True where a value counts in the batch statistics (padding False), the same for
-        every channel.  Training then normalizes every value with the statistics of the kept
-        ones, and the running statistics take their update from those (their count, in the
-        unbiased variance too); :meth:`backward` reuses it.  Eval ignores it.
+        ``mask``: a bool array of ``x``'s shape with 1 on the feature axis, True where a
+        value counts in the batch statistics (padding False), the same for every channel.
+        Training then normalizes every value with the statistics of the kept ones, and the
+        running statistics take their update from those (their count, in the unbiased
+        variance too); :meth:`backward` reuses it.  Eval ignores it.  The kinds of mask each
+        input takes are those of :func:`numbabn.batch_norm` (a GPU input: a NumPy or a GPU
+        bool array).
         """
         inp = self._check_input(x)
         call = self._forward_call(inp, mask=mask, residual=residual)

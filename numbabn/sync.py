@@ -211,7 +211,7 @@ class SyncBatchNorm(BatchNorm):
         # ranks' counts must agree, as their running statistics would drift apart otherwise.
         tracked = self._tracked() if self.momentum is None and self.track_running_stats else None
         # The part's statistics on the host (a GPU part's copied on the input's stream).
-        mine = backend.part_stats(inp) if call.mask is None else backend.part_stats(inp, call.mask)
+        mine = backend.part_stats(inp) if call.mask is None else backend.part_stats(inp, call.mask, call.kept)
         parts = self._exchange("forward", mine, tracked=tracked)
         stats = np.empty((3, inp.num_channels))
         count = int(_merge_parts(parts, stats))

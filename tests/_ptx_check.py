@@ -33,6 +33,7 @@ _dispatcher.get_current_device = lambda: _H100()
 from numbabn.cuda import activation as A  # noqa: E402
 from numbabn.cuda import backward as B  # noqa: E402
 from numbabn.cuda import forward as F  # noqa: E402
+from numbabn.cuda import masked as M  # noqa: E402
 from numbabn.cuda import stats as S  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def arr(dtype, ndim):
 
 
 def signatures(dt):
-    f8, i8 = types.float64, types.int64
+    f8, i8, b1 = types.float64, types.int64, types.boolean
     coef = types.float32 if dt == types.float16 else f8
     pc = [dt, types.float32] if dt == types.float16 else [dt]
     out = [
@@ -59,6 +60,11 @@ def signatures(dt):
         (B.apply_columns, (arr(dt, 2), arr(dt, 2), i8, arr(coef, 2), arr(dt, 2))),
         (A.act_rows, (arr(dt, 3), arr(dt, 3), i8, arr(coef, 2), arr(dt, 3))),
         (A.act_columns, (arr(dt, 2), arr(dt, 2), i8, i8, arr(coef, 2), arr(dt, 2))),
+        (M.masked_partials_strided, (arr(dt, 3), arr(b1, 2), i8, arr(f8, 3))),
+        (M.masked_partials_minor, (arr(dt, 3), arr(b1, 2), i8, i8, arr(f8, 3))),
+        (M.apply_rows_masked, (arr(dt, 3), arr(dt, 3), arr(b1, 2), arr(coef, 2), arr(dt, 3))),
+        (M.apply_columns_masked, (arr(dt, 2), arr(dt, 2), arr(b1, 2), i8, arr(coef, 2), arr(dt, 2))),
+        (M.count_true, (arr(b1, 1), arr(i8, 1))),
     ]
     for p in pc:
         out += [
@@ -104,8 +110,24 @@ def signatures(dt):
 #: One-launch kernels: a reduction, then an elementwise pass; their innermost loops (the
 #: elementwise one among them) have no integer division.
 FUSED = ("train_strided", "train_minor", "backward_strided", "backward_minor")
-ELEMENTWISE = ("normalize_rows", "normalize_columns", "apply_rows", "apply_columns", "act_rows", "act_columns")
-REDUCTIONS = ("partials_strided", "partials_minor", "grad_partials_strided", "grad_partials_minor")
+ELEMENTWISE = (
+    "normalize_rows",
+    "normalize_columns",
+    "apply_rows",
+    "apply_columns",
+    "apply_rows_masked",
+    "apply_columns_masked",
+    "act_rows",
+    "act_columns",
+)
+REDUCTIONS = (
+    "partials_strided",
+    "partials_minor",
+    "grad_partials_strided",
+    "grad_partials_minor",
+    "masked_partials_strided",
+    "masked_partials_minor",
+)
 MIN_LOADS = 4
 
 _LABEL = re.compile(r"^\s*(\$L__\w+):")

@@ -108,6 +108,39 @@ def test_float16_storage_float32_arithmetic(rng, shape, axis):
     assert_close(host(gw), egw, np.float32, scale=x.size // c)
 
 
+def test_float16_layer_parameters_and_running_statistics(rng):
+    """``BatchNorm(dtype=float16, device="cuda")``: float16 weight, bias and running
+    statistics, read into float64 arithmetic in the kernels, stores rounded to float16;
+    training and eval forwards and backwards against the float64 oracle."""
+    shape, c = (6, 3, 10), 3
+    x = make_input(rng, shape, 1, np.float16)
+    g = rng.standard_normal(shape).astype(np.float16)
+    w, b, rm, rv = make_params(rng, c, np.float16)
+    bn = numbabn.BatchNorm(c, dtype=np.float16, device="cuda", momentum=0.2)
+    bn.load_state_dict({"weight": w, "bias": b, "running_mean": rm, "running_var": rv, "num_batches_tracked": 0})
+    y = bn(dev(x))
+    ey, emean, einvstd, erm, erv = ref_forward(x, w, b, rm, rv, True, 0.2, 1e-5, 1)
+    assert y.dtype == np.float16 and bn.running_mean.dtype == np.float16
+    assert_close(host(y), ey, np.float16, rtol=F16_TOL)
+    # The EMA step in float64, rounded once to float16: the oracle rounded, to one ulp.
+    for got, want in ((bn.running_mean, erm), (bn.running_var, erv)):
+        np.testing.assert_allclose(host(got), want.astype(np.float16), rtol=2**-10, atol=2**-24)
+    assert not np.array_equal(host(bn.running_mean), rm)
+    gi = bn.backward(dev(g))
+    egi, egw, egb = ref_backward(g, x, w, emean, einvstd, True, 1)
+    assert gi.dtype == np.float16
+    assert_close(host(gi), egi, np.float16, rtol=F16_TOL)
+    assert_close(host(bn.grad_weight), egw, np.float16, rtol=F16_TOL, scale=x.size // c)
+    assert_close(host(bn.grad_bias), egb, np.float16, rtol=F16_TOL, scale=x.size // c)
+    bn.eval()
+    rm1, rv1 = host(bn.running_mean), host(bn.running_var)
+    ey, emean, einvstd, _, _ = ref_forward(x, w, b, rm1, rv1, False, 0.2, 1e-5, 1)
+    assert_close(host(bn(dev(x))), ey, np.float16, rtol=F16_TOL)
+    egi, _, _ = ref_backward(g, x, w, emean, einvstd, False, 1)
+    assert_close(host(bn.backward(dev(g))), egi, np.float16, rtol=F16_TOL)
+    np.testing.assert_array_equal(host(bn.running_mean), rm1)  # eval leaves them
+
+
 @pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
 @pytest.mark.parametrize(
     "dtype,threads,running",
@@ -219,7 +252,9 @@ def test_dense_permutations_are_viewed_not_copied(rng):
     assert y.strides == d.strides
     assert_close(host(y), ref_forward(x, None, None, None, None, True, 0.1, 1e-5, 1)[0], np.float64)
     f = np.asfortranarray(make_input(rng, (6, 4, 5), 1, np.float64))
-    y, _, _ = numbabn.batch_norm_forward(dev(f))
+    d = cuda.to_device(f)  # not dev(), which would make it C-contiguous
+    y, _, _ = numbabn.batch_norm_forward(d)
+    assert y.strides == d.strides
     assert_close(host(y), ref_forward(f, None, None, None, None, True, 0.1, 1e-5, 1)[0], np.float64)
 
 
@@ -299,12 +334,241 @@ def test_ghost_batches_on_device_match_cpu(rng):
             assert_close(gpu.state_dict()[k], v, np.float32, err_msg=k)
 
 
-def test_masks_are_refused_on_the_gpu_with_nothing_changed(rng):
-    x = make_input(rng, (6, 3, 10), 1, np.float32)
+# -- masked statistics ---------------------------------------------------------------------------
+
+
+def _mask(rng, shape, axis, keep=0.6):
+    mshape = list(shape)
+    mshape[axis % len(shape)] = 1
+    return rng.random(mshape) < keep
+
+
+def _as_mask(mask, kind):
+    """``mask`` as the GPU call takes it: a NumPy array (copied to the device) or a device one."""
+    return mask if kind == "numpy" else dev(mask)
+
+
+def masked_oracle(x, mask, w, b, g, eps, axis):
+    """float64 ``(y, mean, var, grad_input, grad_weight, grad_bias)`` of the masked training
+    forward and its exact backward: statistics over the kept values, the statistics'
+    gradient terms at the kept values only, sums over every value."""
+    x, g = x.astype(np.float64), g.astype(np.float64)
+    cs, red = channel_shape(x.ndim, axis), reduce_axes(x.ndim, axis)
+    full = np.broadcast_to(mask, x.shape)
+    kept = np.where(full, x, np.nan)
+    mean, var = np.nanmean(kept, axis=red), np.nanvar(kept, axis=red)
+    invstd = 1 / np.sqrt(var + eps)
+    w = np.ones(mean.shape) if w is None else w.astype(np.float64)
+    b = np.zeros(mean.shape) if b is None else b.astype(np.float64)
+    xhat = (x - mean.reshape(cs)) * invstd.reshape(cs)
+    y = xhat * w.reshape(cs) + b.reshape(cs)
+    gb, gw = g.sum(axis=red), (g * xhat).sum(axis=red)
+    a, n = (w * invstd).reshape(cs), int(mask.sum())
+    gi = g * a - full * (a / n) * (gb.reshape(cs) + xhat * gw.reshape(cs))
+    return y, mean, var, gi, gw, gb
+
+
+MASK_CASES = [(np.float32, "numpy"), (np.float64, "device")]
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
+@pytest.mark.parametrize("dtype,kind", MASK_CASES, ids=["float32-numpy-mask", "float64-device-mask"])
+def test_masked_forward_backward_match_oracle_and_cpu(rng, shape, axis, dtype, kind):
+    """Masked training forward (NaN padding reaching no statistic) and backward on the GPU
+    against the float64 oracle and the host kernels, both kinds of mask."""
+    c = shape[axis]
+    x = make_input(rng, shape, axis, dtype)
+    w, b, rm, rv = make_params(rng, c, dtype)
+    mask = _mask(rng, shape, axis)
+    dropped = ~np.broadcast_to(mask, shape)
+    padded = x.copy()
+    padded[dropped] = np.nan
+    drm, drv = dev(rm), dev(rv)
+    y, mean, invstd = numbabn.batch_norm_forward(
+        dev(padded), dev(w), dev(b), drm, drv, momentum=0.2, axis=axis, mask=_as_mask(mask, kind)
+    )
+    g = rng.standard_normal(shape).astype(dtype)
+    ey, emean, evar, egi, egw, egb = masked_oracle(x, mask, w, b, g, 1e-5, axis)
+    assert np.all(np.isnan(host(y)[dropped]))  # NaN padding normalized is NaN, and stays there
+    assert_close(host(y)[~dropped], ey[~dropped], dtype)
+    assert_close(host(mean), emean, np.float64, rtol=1e-11)
+    assert_close(1 / host(invstd) ** 2 - 1e-5, evar, np.float64, rtol=1e-9)
+    n = int(mask.sum())
+    assert_close(host(drm), 0.8 * rm + 0.2 * emean, dtype)
+    assert_close(host(drv), 0.8 * rv + 0.2 * evar * n / (n - 1), dtype)
+    cpu_rm, cpu_rv = rm.copy(), rv.copy()
+    cy, cmean, cinvstd = numbabn.batch_norm_forward(padded, w, b, cpu_rm, cpu_rv, momentum=0.2, axis=axis, mask=mask)
+    assert_close(host(y)[~dropped], cy[~dropped], dtype)
+    assert_close(host(drv), cpu_rv, dtype)
+
+    # The backward of the forward on finite padding (every value's gradient is finite).
+    _, mean, invstd = numbabn.batch_norm_forward(dev(x), dev(w), dev(b), axis=axis, mask=_as_mask(mask, kind))
+    gi, gw, gb = numbabn.batch_norm_backward(dev(g), dev(x), dev(w), mean, invstd, axis=axis, mask=_as_mask(mask, kind))
+    assert gi.dtype == gw.dtype == dtype
+    assert_close(host(gi), egi, dtype)
+    assert_close(host(gw), egw, dtype, scale=x.size // c)
+    assert_close(host(gb), egb, dtype, scale=x.size // c)
+    _, cmean, cinvstd = numbabn.batch_norm_forward(x, w, b, axis=axis, mask=mask)
+    cgi, cgw, _ = numbabn.batch_norm_backward(g, x, w, cmean, cinvstd, axis=axis, mask=mask)
+    assert_close(host(gi), cgi, dtype)
+    assert_close(host(gw), cgw, dtype, scale=x.size // c)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
+def test_a_mask_keeping_everything_gives_the_unmasked_bits(rng, shape, axis):
+    """With every value kept the masked kernels make the unmasked ones' arithmetic: the same
+    outputs, statistics, running statistics and gradients, bit for bit."""
+    c = shape[axis]
+    x = make_input(rng, shape, axis, np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    w, b, rm, rv = make_params(rng, c, np.float32)
+    results = []
+    for mask in (None, dev(np.ones(_mask(rng, shape, axis).shape, bool))):
+        drm, drv = dev(rm), dev(rv)
+        y, mean, invstd = numbabn.batch_norm_forward(dev(x), dev(w), dev(b), drm, drv, axis=axis, mask=mask)
+        grads = numbabn.batch_norm_backward(dev(g), dev(x), dev(w), mean, invstd, axis=axis, mask=mask)
+        results.append([host(a) for a in (y, mean, invstd, drm, drv, *grads)])
+    for a, e in zip(*results, strict=True):
+        assert_bitwise(a, e)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "device"])
+def test_masked_batchnorm_layer_on_device_matches_cpu_layer(rng, kind):
+    """Two masked training steps (the backward reusing the forward's mask), then eval,
+    which ignores the mask."""
+    shape = (6, 3, 10)
+    gpu, cpu = numbabn.BatchNorm(3, device="cuda"), numbabn.BatchNorm(3)
+    state = cpu.state_dict()
+    state["weight"] = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    cpu.load_state_dict(state)
+    gpu.load_state_dict(state)
+    for _ in range(2):
+        x = make_input(rng, shape, 1, np.float32)
+        g = rng.standard_normal(shape).astype(np.float32)
+        mask = _mask(rng, shape, 1)
+        assert_close(host(gpu(dev(x), _as_mask(mask, kind))), cpu(x, mask), np.float32)
+        assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
+        assert_close(host(gpu.grad_weight), cpu.grad_weight, np.float32, scale=60)
+        assert_close(host(gpu.update_threshold), cpu.update_threshold, np.float64, rtol=1e-12)
+    for k, v in cpu.state_dict().items():
+        assert_close(gpu.state_dict()[k], v, np.float32, err_msg=k)
+    gpu.eval(), cpu.eval()
+    assert_close(host(gpu(dev(x), _as_mask(mask, kind))), cpu(x), np.float32)
+    assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
+
+
+def test_masked_batch_renorm_on_device_matches_cpu(rng):
+    """r and d from the masked statistics, on the device as on the host."""
+    shape = (6, 3, 10)
+    x = make_input(rng, shape, 1, np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    mask = _mask(rng, shape, 1)
+    gpu = numbabn.BatchRenorm(3, device="cuda", rmax=1.2, dmax=0.3)
+    cpu = numbabn.BatchRenorm(3, rmax=1.2, dmax=0.3)
+    state = cpu.state_dict()
+    state["running_mean"] = rng.normal(0.0, 2.0, 3).astype(np.float32)
+    cpu.load_state_dict(state)
+    gpu.load_state_dict(state)
+    assert_close(host(gpu(dev(x), dev(mask))), cpu(x, mask), np.float32)
+    assert_close(gpu.r, cpu.r, np.float64, rtol=1e-6)
+    assert_close(gpu.d, cpu.d, np.float64, rtol=1e-6)
+    assert np.any(cpu.d != 0) and np.any(cpu.r != 1)
+    assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
+    assert_close(host(gpu.grad_weight), cpu.grad_weight, np.float32, scale=60)
+    assert_close(host(gpu.grad_bias), cpu.grad_bias, np.float32, scale=60)
+    for k, v in cpu.state_dict().items():
+        assert_close(gpu.state_dict()[k], v, np.float32, err_msg=k)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the simulator's NaN arithmetic
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.parametrize("kind", ["numpy", "device"])
+def test_a_mask_keeping_nothing_is_an_empty_batch_on_device(rng, kind):
+    """NaN output and statistics, running statistics untouched, the batch counted; the
+    backward gives the host's values (NaN where they are NaN), for BatchNorm and BatchRenorm."""
+    shape = (5, 3, 12)
+    x = make_input(rng, shape, 1, np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    none = np.zeros((5, 1, 12), bool)
+    for cls, kw in ((numbabn.BatchNorm, {}), (numbabn.BatchRenorm, dict(rmax=1.2, dmax=0.3))):
+        gpu, cpu = cls(3, device="cuda", **kw), cls(3, **kw)
+        y = host(gpu(dev(x), _as_mask(none, kind)))
+        assert np.all(np.isnan(y)) and gpu.num_batches_tracked == 1
+        assert np.all(host(gpu.running_mean) == 0) and np.all(host(gpu.running_var) == 1)
+        cpu(x, none)
+        for a, e in zip(
+            (host(gpu.backward(dev(g))), host(gpu.grad_weight), host(gpu.grad_bias)),
+            (cpu.backward(g), cpu.grad_weight, cpu.grad_bias),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4, equal_nan=True)
+        if cls is numbabn.BatchRenorm:
+            assert np.all(np.isnan(gpu.r)) and np.all(np.isnan(cpu.r))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "device"])
+def test_one_kept_value_is_refused_on_device_with_nothing_changed(rng, kind):
+    x = make_input(rng, (5, 3, 12), 1, np.float32)
+    one = np.zeros((5, 1, 12), bool)
+    one[2, 0, 7] = True
     bn = numbabn.BatchNorm(3, device="cuda")
-    with pytest.raises(NotImplementedError, match="mask takes NumPy and Dask inputs, got a GPU array"):
-        bn(dev(x), np.ones((6, 1, 10), bool))
-    assert bn.num_batches_tracked == 0 and np.all(host(bn.running_var) == 1)
+    with pytest.raises(ValueError, match="a mask that keeps 1 value per channel"):
+        bn(dev(x), _as_mask(one, kind))
+    assert bn.num_batches_tracked == 0 and np.all(host(bn.running_var) == 1) and np.all(host(bn.running_mean) == 0)
+
+
+def _bad_masks():
+    good = np.ones((5, 1, 12), bool)
+    cases = [
+        (lambda: good.astype(np.int8), TypeError, "mask must have dtype bool"),
+        (lambda: dev(good.astype(np.uint8)), TypeError, "mask must have dtype bool"),
+        (lambda: dev(np.ones((5, 3, 12), bool)), ValueError, r"mask must have shape \(5, 1, 12\)"),
+        (lambda: np.ones((5, 12), bool), ValueError, r"mask must have shape \(5, 1, 12\)"),
+        (lambda: [[True]], TypeError, "mask must be a GPU or NumPy bool array, got list"),
+        (lambda: cuda.to_device(np.asfortranarray(good)), ValueError, "mask must be a dense GPU array with the"),
+    ]
+    ids = ["int8", "device-uint8", "device-shape", "ndim", "list", "device-F-order"]
+    if SIMULATED:  # the simulator's arrays allow any strides
+        cases.append((lambda: dev(np.ones((5, 1, 24), bool))[:, :, ::2], ValueError, "mask must be a dense GPU array"))
+        ids.append("device-strided")
+    return [pytest.param(*case, id=i) for case, i in zip(cases, ids, strict=True)]
+
+
+@pytest.mark.parametrize("make,exc,match", _bad_masks())
+def test_bad_masks_on_device_are_refused_with_nothing_changed(rng, make, exc, match):
+    x = dev(make_input(rng, (5, 3, 12), 1, np.float32))
+    bn = numbabn.BatchNorm(3, device="cuda")
+    before = bn.state_dict()
+    mask = make()
+    with pytest.raises(exc, match=match):
+        bn(x, mask)
+    with pytest.raises(exc, match=match):
+        bn.eval()(x, mask)  # checked in eval too, where it is ignored
+    assert bn.num_batches_tracked == 0
+    for k, v in bn.state_dict().items():
+        assert_bitwise(v, before[k], k)
+    rm, rv = dev(np.zeros(3, np.float32)), dev(np.ones(3, np.float32))
+    with pytest.raises(exc, match=match):
+        numbabn.batch_norm(x, rm, rv, training=True, mask=mask)
+    assert np.all(host(rm) == 0) and np.all(host(rv) == 1)
+
+
+def test_device_masks_in_the_input_memory_order(rng):
+    """A channels-last input seen as NCHW takes a mask dense in that order (``(N, 1, H, W)``,
+    the length-1 axis anywhere); an F-ordered input an F-ordered mask; NumPy masks any."""
+    nhwc = make_input(rng, (3, 4, 5, 6), -1, np.float64)
+    x = nhwc.transpose(0, 3, 1, 2)  # NCHW shape, channels-last memory
+    mask = _mask(rng, x.shape, 1)
+    want = numbabn.batch_norm_forward(x, mask=mask)[0]
+    d = dev(nhwc).transpose((0, 3, 1, 2)) if SIMULATED else None
+    if d is not None:  # numba device arrays transpose only in 2-D on hardware
+        for m in (dev(mask), mask):
+            assert_close(host(numbabn.batch_norm_forward(d, mask=m)[0]), want, np.float64)
+    f = np.asfortranarray(make_input(rng, (6, 4, 5), 1, np.float64))
+    fmask = _mask(rng, f.shape, 1)
+    want = numbabn.batch_norm_forward(f, mask=fmask)[0]
+    for m in (cuda.to_device(np.asfortranarray(fmask)), fmask, np.ascontiguousarray(fmask)):
+        assert_close(host(numbabn.batch_norm_forward(cuda.to_device(f), mask=m)[0]), want, np.float64)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -461,8 +725,8 @@ def test_kernels_compile_for_a_real_gpu():
     script = os.path.join(os.path.dirname(__file__), "_ptx_check.py")
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    # 19 kernels x 3 dtypes, plus float16 data with float32 per-channel arrays (7 kernels).
-    assert run.stdout.count("ok ") == 3 * 19 + 7, run.stdout
+    # 24 kernels x 3 dtypes, plus float16 data with float32 per-channel arrays (7 kernels).
+    assert run.stdout.count("ok ") == 3 * 26 + 7, run.stdout
 
 
 def test_gpu_check_command_runs(capsys):

@@ -62,6 +62,29 @@ def test_torch_cuda_tensors_in_torch_tensors_out(channels_last):
     np.testing.assert_allclose(s.mean.cpu().numpy(), numbabn.welford(x_host).mean, rtol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_torch_bool_masks_on_torch_tensors(channels_last):
+    """A torch.bool CUDA mask of shape (N, 1, H, W) (read where it lies, in the input's
+    memory order) and a NumPy one (copied): the host's masked results."""
+    torch = _torch_cuda()
+    x = torch.randn(8, 16, 9, 9, device="cuda") * 2 + 3
+    mask = torch.rand(8, 1, 9, 9, device="cuda") < 0.7
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        mask = mask.contiguous(memory_format=torch.channels_last)
+    x_host, m_host, g = x.cpu().numpy(), mask.cpu().numpy(), torch.randn_like(x)
+    ref_y, ref_mean, ref_invstd = numbabn.batch_norm_forward(x_host, mask=m_host)
+    ref = numbabn.batch_norm_backward(g.cpu().numpy(), x_host, None, ref_mean, ref_invstd, mask=m_host)
+    for m in (mask, m_host):
+        y, mean, invstd = numbabn.batch_norm_forward(x, mask=m)
+        grads = numbabn.batch_norm_backward(g, x, None, mean, invstd, mask=m)
+        torch.cuda.synchronize()
+        np.testing.assert_allclose(y.cpu().numpy(), ref_y, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(mean.cpu().numpy(), ref_mean, rtol=1e-12, atol=1e-12)
+        for a, e in zip(grads, ref, strict=True):
+            np.testing.assert_allclose(a.cpu().numpy(), e, rtol=1e-4, atol=1e-4)
+
+
 def test_torch_layer_on_the_gpu_and_the_current_stream():
     torch = _torch_cuda()
     from numbabn.cuda import _arrays
@@ -101,16 +124,19 @@ def test_cupy_arrays_in_cupy_arrays_out_on_the_current_stream():
 @pytest.mark.parametrize("shape, axis", [((64, 32, 56, 56), 1), ((32, 28, 28, 64), -1), ((65536, 64), 1)])
 def test_device_results_are_bitwise_identical_run_to_run(shape, axis):
     """Many blocks per channel and concurrent merges on a real device (where scheduling
-    varies from run to run, unlike the simulator's one block at a time)."""
+    varies from run to run, unlike the simulator's one block at a time), masked calls too."""
     rng = np.random.default_rng(0)
     x = cuda.to_device((rng.standard_normal(shape) * 2 + 5).astype(np.float32))
     g = cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    mask = cuda.to_device(rng.random(tuple(1 if a == axis % len(shape) else n for a, n in enumerate(shape))) < 0.7)
     runs = []
     for _ in range(3):
         y, mean, invstd = numbabn.batch_norm_forward(x, axis=axis)
         gi, gw, gb = numbabn.batch_norm_backward(g, x, None, mean, invstd, axis=axis)
         s = numbabn.welford(x, axis=axis)
-        runs.append([a.copy_to_host() for a in (y, mean, invstd, gi, gw, gb, s.mean, s.m2)])
+        masked = numbabn.batch_norm_forward(x, axis=axis, mask=mask)
+        masked += numbabn.batch_norm_backward(g, x, None, *masked[1:], axis=axis, mask=mask)
+        runs.append([a.copy_to_host() for a in (y, mean, invstd, gi, gw, gb, s.mean, s.m2, *masked)])
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert_bitwise(a, b)

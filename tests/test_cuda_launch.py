@@ -195,7 +195,7 @@ def check_against_numba(launch):
             n = 5 + 2 * ty.ndim
             mine, packed = packed[:n], packed[n:]
             shape, strides = tuple(mine[5 : 5 + ty.ndim]), tuple(mine[5 + ty.ndim :])
-            assert mine[3] == ty.dtype.bitwidth // 8
+            assert mine[3] == np.dtype(str(ty.dtype)).itemsize
             a = device_array(shape, np.dtype(str(ty.dtype)), strides, ptr=mine[4])
             assert a._numba_type_ == ty, (launch.name, a._numba_type_, ty)
             assert numba_prepared(ty, a) == mine, launch.name
@@ -404,6 +404,64 @@ def test_sync_stages_launches(stub, shape, axis, order):
 
 
 @needs_real_numba
+@pytest.mark.parametrize("shape,axis,order", DRIVER_CASES)
+def test_masked_launches(stub, shape, axis, order):
+    """Masked calls: the masked statistics, the finish and normalize of the plain forward;
+    the plain gradient sums, then the coefficients and the masked elementwise pass; the
+    mask (a NumPy one, copied to the device; or a device one, counted on the device first)
+    a 2-D bool array in the input's memory order, all as numba would prepare them.  SyncBatchNorm's
+    stages take it too.  (The stub's device-to-host copies read zeros: a device mask counts
+    0 here, an empty batch, whose output is x * NaN + NaN.)"""
+    import numbabn
+    from numbabn import _call
+    from numbabn.cuda import _arrays, _plan
+    from numbabn.cuda import api as gpu
+
+    x, y, g = _input(shape, order), _input(shape, order), _input(shape, order)
+    c = shape[axis]
+    rm, rv, w = device_array(c, np.float32), device_array(c, np.float32), device_array(c, np.float32)
+    x3 = _arrays.view3(x, axis % len(shape), _arrays.dense_order(x))
+    outer, _, inner = x3.shape
+    fam = "strided" if _plan.plan(*x3.shape).strided else "minor"
+    apply = "rows" if _plan.elementwise(*x3.shape)[0] else "columns"
+    mshape = tuple(1 if a == axis % len(shape) else n for a, n in enumerate(shape))
+    mask = np.ones(mshape, bool)
+    mask.flat[::3] = False
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, None, rm, rv, axis=axis, out=y, stream=5, mask=mask)
+    assert stub.names == [f"masked_partials_{fam}", "finish_channels", f"normalize_{apply}"]
+    mk = check_against_numba(stub.launches[0])[1]
+    assert mk[1:] == ((outer, inner), (inner, 1)) and stub.launches[0].argtypes[1].dtype.name == "bool"
+    stub.launches.clear()
+    numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=axis, out=y, stream=5, mask=mask)
+    assert stub.names == [f"grad_partials_{fam}", "grad_sums", "grad_channels", f"apply_{apply}_masked"]
+    assert stub.launches[2].packed[11:13] == (1, float(mask.sum()))  # q = 1, the kept count
+    for launch in stub.launches:
+        check_against_numba(launch)
+        assert launch.stream == 5
+
+    stub.launches.clear()
+    inp = _call.check_input(x, axis, 5)
+    call = _call.forward_call(inp, w, None, rm, rv, True, 0.1, 1e-5, y, part=True, mask=mask)
+    payload = gpu.part_stats(inp, call.mask, call.kept)
+    assert stub.names == [f"masked_partials_{fam}", "channel_stats"] and payload[0] == mask.sum()
+    stub.launches.clear()
+    bcall = _call.backward_call(inp, g, w, mean, invstd, True, y, mask=mask)
+    gpu.backward_with_sums(bcall, np.zeros((3, c)), 40.0)
+    assert stub.names == ["grad_channels", f"apply_{apply}_masked"]
+    assert stub.launches[0].packed[11:13] == (1, 40.0)  # q = 1, the global kept count
+
+    stub.launches.clear()
+    device_mask = device_array(mshape, np.bool_, np.ones(mshape, bool, order=order).strides)
+    numbabn.batch_norm_forward(x, w, None, rm, rv, axis=axis, out=y, stream=5, mask=device_mask)
+    assert stub.names == ["count_true", f"normalize_{apply}"]
+    flat = check_against_numba(stub.launches[0])[0]
+    assert flat[0] == device_mask.device_ctypes_pointer.value and flat[1:] == ((outer * inner,), (1,))
+    for launch in stub.launches:
+        check_against_numba(launch)
+        assert launch.stream == 5
+
+
+@needs_real_numba
 @pytest.mark.parametrize("shape,dtype", [((2, 64), np.float64), ((3, 5), np.float32), ((2, 1), np.float64)])
 def test_rows_are_numba_rows(stub, shape, dtype):
     """``_arrays.rows(a)`` gives what numba's ``a[i]`` gives, without numba's indexing."""
@@ -544,6 +602,13 @@ ALL_KERNELS = {
         "grad_channels",
         "apply_rows",
         "apply_columns",
+    ),
+    "masked": (
+        "masked_partials_strided",
+        "masked_partials_minor",
+        "apply_rows_masked",
+        "apply_columns_masked",
+        "count_true",
     ),
 }
 

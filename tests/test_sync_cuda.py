@@ -149,6 +149,35 @@ def test_two_ranks_match_global_batch(lay, dtype, rng):
     assert comm.calls == [2 * len(SIZES)] * 2
 
 
+@pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.tag)
+def test_two_ranks_with_masks_match_global_batch(lay, rng):
+    """Masked steps (rank 0 a NumPy mask, rank 1 a device one): every rank's statistics of
+    the values its mask keeps, merged with their kept counts, against the CPU BatchNorm on
+    the whole batch and mask; a part whose mask keeps nothing, then an empty part."""
+    dtype = np.float64
+    _, layers, ref = make_layers(2, lay, dtype, rng)
+    for sizes in [(3, 3), (0, 6)]:
+        x = rng.normal(3.0, 2.0, with_batch(lay, sum(sizes))).astype(dtype)
+        g = rng.normal(0.0, 1.0, x.shape).astype(dtype)
+        mask = rng.random(tuple(1 if a == lay.ax else n for a, n in enumerate(x.shape))) < 0.6
+        xs, gs, ms = split(x, lay, sizes), split(g, lay, sizes), split(mask, lay, sizes)
+        ms[0][...] = False  # views of mask: rank 0 keeps nothing
+
+        def rank(r, xs=xs, gs=gs, ms=ms):
+            y = layers[r](dev(xs[r]), ms[r] if r == 0 else dev(ms[r]))
+            return host(y), host(layers[r].backward(dev(gs[r])))
+
+        out = unwrap(run_ranks(2, rank))
+        y_ref, gi_ref = ref(x, mask), ref.backward(g)
+        ax = batch_axis(lay)
+        assert_close(np.concatenate([y for y, _ in out], axis=ax), y_ref, dtype, "output")
+        assert_close(np.concatenate([gi for _, gi in out], axis=ax), gi_ref, dtype, "grad_input")
+        for name in SHARED:
+            values = [host(getattr(layer, name)) for layer in layers]
+            assert_same_bits(values, name)
+            assert_close(values[0], getattr(ref, name), dtype, name)
+
+
 @pytest.mark.parametrize("kwargs", [{"momentum": None}, {"affine": False}, {"track_running_stats": False}], ids=str)
 def test_settings(kwargs, rng):
     lay = LAYOUTS[1]

@@ -8,7 +8,7 @@ import pytest
 HOST_ONLY = {"apply"}
 
 
-@pytest.mark.parametrize("stage", ["stats", "forward", "backward", "activation"])
+@pytest.mark.parametrize("stage", ["stats", "forward", "backward", "masked", "activation"])
 def test_drivers_share_names(stage):
     cpu = importlib.import_module(f"numbabn.cpu.{stage}")
     cuda = importlib.import_module(f"numbabn.cuda.{stage}")

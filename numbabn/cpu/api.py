@@ -187,11 +187,11 @@ def _masked_backward(call, sums=None, n=None):
     if sums is None:
         sums, n = np.empty((3, num_channels)), call.kept
         _bwd.grad_reduce(inp.parallel, inp.layout, gv, xv, mean, sums)
-    coef, grads = np.empty((3, num_channels)), np.empty((3, num_channels))
+    grads = np.empty((3, num_channels))
     weight = per_channel_array(call.weight, 1.0, num_channels, dtype)
-    _bwd.grad_coefs(sums, float(n), weight, mean, _saved(call.save_invstd), True, coef, grads)
     mk = _mask.view(call.mask, inp.c_order, inp.layout)
-    _masked.grad_apply_masked(inp.parallel, inp.layout, gv, xv, mk, coef, inp.view(grad_input))
+    invstd, giv = _saved(call.save_invstd), inp.view(grad_input)
+    _masked.backward_masked(inp.parallel, inp.layout, gv, xv, mk, weight, mean, invstd, sums, float(n), giv, grads)
     affine = grads[:2].astype(dtype)
     return deliver(grad_input, call.out), affine[0], affine[1], grads[2]
 
@@ -362,16 +362,17 @@ def _flat(inp, a):
     return a.reshape(-1) if inp.c_order else a.T.reshape(-1)
 
 
-def part_stats(inp, mask=None):
+def part_stats(inp, mask=None, kept=None):
     """The statistics of one process's part of a global batch as SyncBatchNorm sends them:
     one float64 array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`); of
-    the values a checked ``mask`` keeps, when given (the count then the kept count)."""
+    the values a checked ``mask`` keeps, when given (the count then ``kept``, its True
+    count)."""
     if mask is None:
         return _payload(_checks.values_per_channel(inp.shape, inp.axis), _welford(inp))
     stats = np.empty((3, inp.num_channels))
     x = inp.x
     _masked.welford_masked(inp.parallel, inp.layout, inp.view(x), _mask.view(mask, inp.c_order, inp.layout), stats)
-    return _payload(int(np.count_nonzero(mask)), stats)
+    return _payload(int(np.count_nonzero(mask)) if kept is None else kept, stats)
 
 
 def part_sums(call):

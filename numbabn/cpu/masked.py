@@ -18,6 +18,7 @@ from numba import prange
 from .._config import BLOCK
 from .._jit import leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels, finish_channel
+from . import backward as _bwd
 from . import forward as _fwd
 from ._plan import expand, plan, rows, super_rows
 from .forward import affine_row
@@ -212,8 +213,8 @@ def grad_apply_masked_minor(g2, x2, mk, inner, coef, gi2):
                         gi2[o, j] = g2[o, j] * a[j]
 
 
-#: The stages the host backend runs for masked calls (no GPU twins yet).
-DRIVERS = ("welford_masked", "forward_train_masked", "grad_apply_masked")
+#: The stages the host backend runs for masked calls (their GPU twins: ``cuda/masked.py``).
+DRIVERS = ("welford_masked", "forward_train_masked", "grad_apply_masked", "backward_masked")
 
 
 def welford_masked(parallel, lay, x, mk, stats):
@@ -243,3 +244,14 @@ def grad_apply_masked(parallel, lay, g, x, mk, coef, gi):
         grad_apply_masked_strided(parallel, g, x, mk, coef, gi)
     else:
         grad_apply_masked_minor(parallel, g, x, mk, lay.inner, coef, gi)
+
+
+def backward_masked(parallel, lay, g, x, mk, weight, mean, invstd, sums, n, gi, grads):
+    """The backward of a masked training forward from ``sums`` (3, C) float64, the
+    reduction over every value (:func:`numbabn.cpu.backward.grad_reduce`, added over the
+    parts of a global batch), and ``n`` the kept count: ``grads`` (3, C) receives
+    ``(grad_weight, grad_bias, sum |g|)``, ``gi`` the input gradient
+    (:func:`grad_apply_masked`)."""
+    coef = np.empty((3, sums.shape[1]))
+    _bwd.grad_coefs(sums, n, weight, mean, invstd, True, coef, grads)
+    grad_apply_masked(parallel, lay, g, x, mk, coef, gi)

@@ -168,6 +168,12 @@ def strided(a, shape, strides):
     return _numba_view(a, shape, strides)
 
 
+def numba_view(a, shape, strides):
+    """A numba array viewing dense ``a``'s memory with the given shape and byte strides,
+    which keeps that memory alive (a view the caller holds, not a kernel argument)."""
+    return _numba_view(a, shape, strides)
+
+
 def _numba_view(a, shape, strides):
     if SIMULATED:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray

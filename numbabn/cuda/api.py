@@ -16,8 +16,9 @@ from . import _arrays, _launch
 from . import activation as _act
 from . import backward as _bwd
 from . import forward as _fwd
+from . import masked as _masked
 from . import stats as _stats
-from ._plan import launch_1d
+from ._plan import coef_dtype, launch_1d
 
 #: float16 is a storage format here: statistics accumulate in float64, elementwise passes
 #: compute in float32 (``_plan.coef_dtype``).
@@ -25,6 +26,9 @@ DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: Where this backend's arrays live (``BatchNorm.device``'s spelling).
 DEVICE = "cuda"
+#: Masked statistics run here (``numbabn._mask``): the mask a GPU or NumPy bool array
+#: (:func:`mask_of`).
+MASKS = True
 
 
 #: The dtypes of per-channel arrays, by (input dtype, whether saved statistics): the input's,
@@ -127,6 +131,12 @@ def forward(call):
     y = out if out is not None else inp.hand_back(dest)
     if call.training and inp.x.size == 0:
         save = _arrays.to_device(np.full((2, inp.num_channels), np.nan), st)
+    elif call.training and call.kept == 0:
+        # A mask that keeps nothing: an empty batch, as on the host (NaN for every value and
+        # statistic, running statistics untouched): x * NaN + NaN.
+        save = _arrays.to_device(np.full_like(save_rows(call.limits, inp.num_channels, call.m2), np.nan), st)
+        nan = _arrays.to_device(np.full((2, inp.num_channels), np.nan, coef_dtype(inp.dtype)), st)
+        _fwd.normalize(x3, nan, y3, st)
     else:
         # A call that is not saved writes its mean and invstd where nothing reads them.
         if call.limits is not None or call.m2:
@@ -140,7 +150,14 @@ def forward(call):
         if call.training:
             rm = _arrays.constant(0.0, 0, inp.dtype) if running_mean is None else running_mean
             rv = _arrays.constant(0.0, 0, inp.dtype) if running_var is None else running_var
-            fwd.forward_train(x3, *act, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
+            if call.mask is None:
+                fwd.forward_train(x3, *act, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
+            elif not call.act:
+                _masked.forward_train_masked(x3, call.mask, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
+            else:  # the kept values' statistics, then the activated finish and normalize
+                stats = _arrays.empty((3, inp.num_channels), "f8", st)
+                _masked.welford_masked(x3, call.mask, stats, st)
+                _act.forward_with_stats(x3, *act, stats, w, b, rm, rv, call.momentum, call.eps, y3, save, st)
         else:
             fwd.forward_eval(x3, *act, w, b, running_mean, running_var, call.eps, y3, save, st)
         if not call.saved:
@@ -176,6 +193,8 @@ def backward(call):
     """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked
     :class:`numbabn._call.BackwardCall`; the last is the per-channel ``sum |grad_output|``
     (float64)."""
+    if call.mask is not None:
+        return _masked_backward(call)
     inp, out = call.inp, call.out
     dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
     st = inp.stream
@@ -193,6 +212,71 @@ def backward(call):
     gw, gb = _arrays.rows(gwb)
     abs_sum = inp.hand_back(_arrays.row(grads, 2)) if call.abs_sum else None
     return gi, inp.hand_back(gw), inp.hand_back(gb), abs_sum
+
+
+def _masked_backward(call, sums=None, n=None):
+    """The backward of a masked training forward: the reduction over every value (as the
+    plain backward's), the coefficients over the kept count, the masked elementwise pass
+    (``masked.backward_masked``); ``sums`` and ``n``: the reduction (a host (3, C) float64
+    array) and the kept count made elsewhere (SyncBatchNorm's parts, added), whose
+    gradients are the global batch's (``abs_grad_sum`` too), as :func:`backward_with_sums`
+    returns them."""
+    inp, out = call.inp, call.out
+    st, num_channels = inp.stream, inp.num_channels
+    dest = inp.new_like_input() if out is None else _arrays.as_numba(out)
+    gi = out if out is not None else inp.hand_back(dest)
+    gdtype = np.float32 if inp.dtype.itemsize == 2 else inp.dtype
+    mean, invstd = _as_f64(call.save_mean, st), _as_f64(call.save_invstd, st)
+    given = sums is not None
+    if (num_channels if given else inp.x.size) == 0:
+        return (gi, *(inp.hand_back(a) for a in _empty_grads(num_channels, invstd, gdtype, st)))
+    g3, x3, gi3 = inp.view(call.grad_output), inp.view(inp.x), inp.view(dest)
+    if given:
+        sums = _arrays.to_device(np.asarray(sums, dtype=np.float64), st)
+    else:
+        sums, n = _arrays.empty((3, num_channels), "f8", st), call.kept
+        _bwd.grad_reduce(g3, x3, mean, sums, st)
+    abs_sum = call.abs_sum or given
+    # The float64 gradients go where nothing reads them when the caller discards abs_grad_sum.
+    grads = _arrays.empty((3, num_channels), "f8", st) if abs_sum else _arrays.sink(3, num_channels)
+    gwb = _arrays.empty((2, num_channels), gdtype, st)
+    w = inp.constant(1.0) if call.weight is None else call.weight
+    _masked.backward_masked(g3, x3, call.mask, w, mean, invstd, sums, float(n), gi3, grads, gwb, st)
+    gw, gb = _arrays.rows(gwb)
+    return gi, inp.hand_back(gw), inp.hand_back(gb), inp.hand_back(_arrays.row(grads, 2)) if abs_sum else None
+
+
+def mask_of(mask, inp, use=True):
+    """A mask of the right dtype and shape (``numbabn._mask.check``; a numba view of a GPU
+    array, or a NumPy array) as the kernels read it beside the checked GPU input ``inp``: a
+    2-D ``(outer, inner)`` numba bool array, and its True count.
+
+    A GPU mask must be dense with the input's memory order (as ``grad_output`` and ``out``;
+    axes of length 1 aside) and is viewed without a copy; its True count is made on the
+    device and copied to the host, which waits for the input's stream.  A NumPy mask (any
+    memory order) is copied to the device on the input's stream, in the input's memory
+    order, and counted on the host: no wait.  ``use`` False (eval) checks and returns
+    ``(None, None)``."""
+    (outer, _, inner), _ = inp.view_shape
+    if isinstance(mask, np.ndarray):
+        if not use:
+            return None, None
+        # The input's memory order (its feature axis of length 1 here) as a C-ordered copy.
+        host = np.ascontiguousarray(np.transpose(mask, inp.order)).reshape(outer, inner)
+        return _arrays.to_device(host, inp.stream), int(np.count_nonzero(host))
+    want = [a for a in _significant(inp.order, inp.shape) if a != inp.axis]
+    order = _arrays.dense_order(mask)
+    if order is None or _significant(order, mask.shape) != want:
+        raise ValueError(
+            f"mask must be a dense GPU array with the input's memory layout (input strides {inp.x.strides}), "
+            f"got strides {mask.strides}; copy it to that layout, or pass a NumPy mask (copied to the device)"
+        )
+    if not use:
+        return None, None
+    if outer * inner == 0:  # no values: nothing reads it
+        return _arrays.empty((outer, inner), np.bool_, inp.stream), 0
+    mk = _arrays.numba_view(mask, (outer, inner), (inner * mask.dtype.itemsize, mask.dtype.itemsize))
+    return mk, _masked.kept(mk, inp.stream)
 
 
 def _empty_grads(num_channels, invstd, gdtype, stream):
@@ -242,14 +326,19 @@ def merge(parts, stream):
 # caller's stream.
 
 
-def part_stats(inp):
+def part_stats(inp, mask=None, kept=None):
     """:func:`welford` copied to the host on the input's stream, as SyncBatchNorm sends it:
-    one float64 NumPy array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`)."""
-    count = _checks.values_per_channel(inp.shape, inp.axis)
+    one float64 NumPy array ``[count, mean[0..C), m2[0..C)]`` (:meth:`numbabn.Stats.to_array`);
+    of the values a checked ``mask`` keeps, when given (the count then ``kept``, its True
+    count)."""
+    count = _checks.values_per_channel(inp.shape, inp.axis) if mask is None else kept
     if inp.x.size == 0:
         return _payload(count, np.zeros((3, inp.num_channels)))
     stats = _arrays.empty((3, inp.num_channels), "f8", inp.stream)
-    _stats.welford(inp.view(inp.x), stats, inp.stream)
+    if mask is None:
+        _stats.welford(inp.view(inp.x), stats, inp.stream)
+    else:
+        _masked.welford_masked(inp.view(inp.x), mask, stats, inp.stream)
     return _payload(count, _arrays.to_host(stats, inp.stream))
 
 
@@ -299,6 +388,8 @@ def backward_with_sums(call, sums, n):
     part; a host (3, C) float64 array) cover ``n`` values per channel: ``(grad_input,
     grad_weight, grad_bias, abs_grad_sum)`` as :func:`backward` returns them, the last three
     the global batch's."""
+    if call.mask is not None:
+        return _masked_backward(call, sums, n)
     inp, out = call.inp, call.out
     st, num_channels = inp.stream, inp.num_channels
     dest = inp.new_like_input() if out is None else _arrays.as_numba(out)

@@ -37,7 +37,7 @@ def eval_channels(weight, bias, mean, var, eps, coef, save):
     if c < coef.shape[1]:
         m = float64(mean[c])
         invstd = invstd_of(float64(var[c]), eps)
-        coef[0, c], coef[1, c] = fold(m, invstd, weight[c], bias[c])
+        coef[0, c], coef[1, c] = fold(m, invstd, float64(weight[c]), float64(bias[c]))
         save[0, c] = m
         save[1, c] = invstd
 
