@@ -407,3 +407,13 @@ def test_a_mask_given_as_the_residual_is_refused_with_a_hint(rng):
     with pytest.raises(TypeError, match=r"got a bool array: a mask goes in as mask="):
         bn(x, np.ones((4, 1, 5), bool))
     _same_state(bn, before)
+
+
+def test_gpu_masked_statistics_with_activation(rng, gpu):
+    x = make_input(rng, (6, 4, 10), 1, np.float32)
+    z = rng.normal(size=x.shape).astype(np.float32)
+    mask = rng.random((6, 1, 10)) < 0.6
+    expected, mean, _ = numbabn.batch_norm_forward(x, mask=mask, activation="relu", residual=z)
+    y, mean_d, _ = numbabn.batch_norm_forward(gpu.to_device(x), mask=mask, activation="relu", residual=gpu.to_device(z))
+    assert_close(mean_d.copy_to_host(), mean, np.float64, rtol=1e-12)
+    assert_close(y.copy_to_host(), expected, np.float32)
