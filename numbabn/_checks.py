@@ -12,6 +12,19 @@ import numpy as np
 from ._device import host_only
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: The dtypes of inputs: float16 data takes float32 parameters (:func:`param_dtype`).
+INPUT_DTYPES = (*FLOAT_DTYPES, np.dtype(np.float16))
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+
+
+def param_dtype(dtype):
+    """The dtype of the per-channel arrays (weight, bias, running statistics) and of
+    ``grad_weight`` and ``grad_bias`` for input of ``dtype``: float32 for float16 data
+    (PyTorch's mixed precision, where statistics and parameters keep float32), else the
+    input's."""
+    return _F32 if dtype == _F16 else dtype
+
 
 # NumPy >= 1.25 has it in ``numpy.exceptions`` only, older ones at the top level.
 _TOO_HARD = getattr(np, "exceptions", np).TooHardError
@@ -25,7 +38,7 @@ def as_input(x, name="input"):
         if x is None or isinstance(x, (str, bytes, numbers.Number)):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
         x = _plain(x, name)
-    return check_input(x, name, FLOAT_DTYPES)
+    return check_input(x, name, INPUT_DTYPES)
 
 
 def check_input(x, name, dtypes):

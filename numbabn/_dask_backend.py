@@ -65,7 +65,7 @@ class Input:
     def __init__(self, x, axis, stream, name="input"):
         host_stream(stream, "a Dask input")
         _dask_array(x, name)
-        _checks.check_input(x, name, _checks.FLOAT_DTYPES)
+        _checks.check_input(x, name, _checks.INPUT_DTYPES)
         self.axis = _checks.norm_axis(axis, x.ndim)
         if any(math.isnan(s) for s in x.shape):
             raise ValueError(
@@ -92,7 +92,8 @@ class Input:
                 f"{name} must be a NumPy array, got a GPU array ({type(a).__name__}): per-channel arguments of a "
                 "Dask input are NumPy arrays; copy it to the host"
             )
-        return _checks.per_channel(a, self.num_channels, self.dtype, name, writable=writable, allow_f64=save)
+        dtype = _checks.param_dtype(self.dtype)  # float16 data takes float32 parameters
+        return _checks.per_channel(a, self.num_channels, dtype, name, writable=writable, allow_f64=save)
 
     def like_input(self, a, name, *, writable=False):
         """A Dask array of the input's shape and dtype, rechunked to the input's chunks when
@@ -193,7 +194,8 @@ def backward(call):
         gi = _map_channels(_masked_grad_apply_block, "numbabn-masked-backward", inp, coef, *arrays, (call.mask, "mask"))
     else:
         gi = _map_channels(_grad_apply_block, "numbabn-batch-norm-backward", inp, coef, *arrays)
-    return gi, grads[0].astype(inp.dtype), grads[1].astype(inp.dtype), grads[2]
+    affine = grads[:2].astype(_checks.param_dtype(inp.dtype))
+    return gi, affine[0], affine[1], grads[2]
 
 
 def scaled(a, factor):

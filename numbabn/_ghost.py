@@ -133,7 +133,7 @@ def forward(call, virtual_batch_size):
     for g, (i0, i1) in enumerate(parts):
         ghost = _call.check_input(inp.x[i0:i1], inp.axis, stream)
         # Each renormalized ghost updates a scratch copy of the running statistics.
-        running = [on_device_of(inp, a, inp.dtype) for a in before] if renorm else (None, None)
+        running = [on_device_of(inp, a, _checks.param_dtype(inp.dtype)) for a in before] if renorm else (None, None)
         step = _call.ForwardCall(
             ghost,
             call.weight,
@@ -197,7 +197,7 @@ def backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_siz
         step = _call.BackwardCall(
             ghost,
             ghost.like_input(call.grad_output[i0:i1], "grad_output"),
-            on_device_of(inp, scale, inp.dtype),
+            on_device_of(inp, scale, _checks.param_dtype(inp.dtype)),
             on_device_of(inp, save_mean[g]),
             on_device_of(inp, save_invstd[g]),
             True,
@@ -208,7 +208,7 @@ def backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_siz
         if factors is not None:
             grad_xhat = factors[0][g] * grad_xhat + factors[1][g] * grad_bias
         sums += (grad_xhat, grad_bias, host(abs_sum))
-    grad_weight, grad_bias = (on_device_of(inp, s, inp.dtype, True) for s in sums[:2])
+    grad_weight, grad_bias = (on_device_of(inp, s, _checks.param_dtype(inp.dtype), True) for s in sums[:2])
     return grad_input, grad_weight, grad_bias, on_device_of(inp, sums[2], result=True)
 
 

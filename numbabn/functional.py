@@ -45,11 +45,12 @@ def batch_norm(
 
     Parameters
     ----------
-    input : ndarray, GPU array or dask.array.Array of float32 or float64, ndim >= 2
-        ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ... with the features on ``axis``
-        (float16 too on the GPU).
+    input : ndarray, GPU array or dask.array.Array of float16, float32 or float64, ndim >= 2
+        ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ... with the features on ``axis``.
+        float16 data takes float32 per-channel arrays (PyTorch's mixed precision; on the
+        GPU float16 ones too) and computes in float64 on the host.
     running_mean, running_var : ndarray of shape (C,) or None
-        Running statistics, same dtype as ``input``.  Used to normalize in eval mode
+        Running statistics, same dtype as ``input`` (float32 for float16 data).  Used to normalize in eval mode
         (required there); updated in place in training mode when given.
     weight, bias : ndarray of shape (C,), optional
         Affine parameters (``1`` and ``0`` when None).

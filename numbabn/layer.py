@@ -55,7 +55,9 @@ class BatchNorm:
         The feature axis of the inputs; ``-1`` for channels-last.
     dtype : numpy dtype, default float32
         Dtype of parameters, buffers and accepted inputs (float16 too with
-        ``device="cuda"``).
+        ``device="cuda"``).  A float32 layer also takes float16 inputs (mixed precision:
+        float16 output, float32 parameters, running statistics and gradients of the
+        parameters), on either device.
     decay : float in [0, 1], optional
         The same EMA in Keras's and Flax's spelling, ``decay = 1 - momentum`` (their
         "momentum", 0.9 or 0.99).  Give ``momentum`` or ``decay``, not both: numbabn never
@@ -379,8 +381,9 @@ class BatchNorm:
                 f"input must be {where} for a layer on device {self.device!r}, got {type(x).__name__}: "
                 "host and device arrays are not mixed"
             )
-        if inp.dtype != self.dtype:
-            raise TypeError(f"input must have dtype {self.dtype} (the layer's), got {inp.dtype}")
+        if inp.dtype != self.dtype and _checks.param_dtype(inp.dtype) != self.dtype:
+            also = ", or float16 (mixed precision)" if self.dtype == np.float32 else ""
+            raise TypeError(f"input must have dtype {self.dtype} (the layer's{also}), got {inp.dtype}")
         if inp.num_channels != self.num_features:
             raise ValueError(
                 f"input must have {self.num_features} channels (num_features) along axis {self.axis}, "

@@ -67,14 +67,14 @@ def _scale_weight(call, r):
     forward, ``r`` held fixed."""
     inp = call.inp
     w = np.ones(inp.num_channels) if call.weight is None else _ghost.host(call.weight)
-    call.weight = _ghost.on_device_of(inp, w * r, inp.dtype)
+    call.weight = _ghost.on_device_of(inp, w * r, _checks.param_dtype(inp.dtype))
 
 
 def _grad_weight(inp, grad_xhat, grad_bias, r, d):
     """``sum(g * (xhat * r + d))`` from the batch-norm backward's ``sum(g * xhat)`` and
     ``sum(g)``, as ``inp``'s kind of array."""
     grad_weight = r * _ghost.host(grad_xhat) + d * _ghost.host(grad_bias)
-    return _ghost.on_device_of(inp, grad_weight, inp.dtype, True)
+    return _ghost.on_device_of(inp, grad_weight, _checks.param_dtype(inp.dtype), True)
 
 
 def _forward(call, rmax, dmax, ghosts=None):

@@ -446,14 +446,14 @@ def test_masked_batchnorm_layer_on_device_matches_cpu_layer(rng, kind):
         x = make_input(rng, shape, 1, np.float32)
         g = rng.standard_normal(shape).astype(np.float32)
         mask = _mask(rng, shape, 1)
-        assert_close(host(gpu(dev(x), _as_mask(mask, kind))), cpu(x, mask), np.float32)
+        assert_close(host(gpu(dev(x), mask=_as_mask(mask, kind))), cpu(x, mask=mask), np.float32)
         assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
         assert_close(host(gpu.grad_weight), cpu.grad_weight, np.float32, scale=60)
         assert_close(host(gpu.update_threshold), cpu.update_threshold, np.float64, rtol=1e-12)
     for k, v in cpu.state_dict().items():
         assert_close(gpu.state_dict()[k], v, np.float32, err_msg=k)
     gpu.eval(), cpu.eval()
-    assert_close(host(gpu(dev(x), _as_mask(mask, kind))), cpu(x), np.float32)
+    assert_close(host(gpu(dev(x), mask=_as_mask(mask, kind))), cpu(x), np.float32)
     assert_close(host(gpu.backward(dev(g))), cpu.backward(g), np.float32)
 
 
@@ -469,7 +469,7 @@ def test_masked_batch_renorm_on_device_matches_cpu(rng):
     state["running_mean"] = rng.normal(0.0, 2.0, 3).astype(np.float32)
     cpu.load_state_dict(state)
     gpu.load_state_dict(state)
-    assert_close(host(gpu(dev(x), dev(mask))), cpu(x, mask), np.float32)
+    assert_close(host(gpu(dev(x), mask=dev(mask))), cpu(x, mask=mask), np.float32)
     assert_close(gpu.r, cpu.r, np.float64, rtol=1e-6)
     assert_close(gpu.d, cpu.d, np.float64, rtol=1e-6)
     assert np.any(cpu.d != 0) and np.any(cpu.r != 1)
@@ -541,9 +541,9 @@ def test_bad_masks_on_device_are_refused_with_nothing_changed(rng, make, exc, ma
     before = bn.state_dict()
     mask = make()
     with pytest.raises(exc, match=match):
-        bn(x, mask)
+        bn(x, mask=mask)
     with pytest.raises(exc, match=match):
-        bn.eval()(x, mask)  # checked in eval too, where it is ignored
+        bn.eval()(x, mask=mask)  # checked in eval too, where it is ignored
     assert bn.num_batches_tracked == 0
     for k, v in bn.state_dict().items():
         assert_bitwise(v, before[k], k)

@@ -164,11 +164,11 @@ def test_two_ranks_with_masks_match_global_batch(lay, rng):
         ms[0][...] = False  # views of mask: rank 0 keeps nothing
 
         def rank(r, xs=xs, gs=gs, ms=ms):
-            y = layers[r](dev(xs[r]), ms[r] if r == 0 else dev(ms[r]))
+            y = layers[r](dev(xs[r]), mask=ms[r] if r == 0 else dev(ms[r]))
             return host(y), host(layers[r].backward(dev(gs[r])))
 
         out = unwrap(run_ranks(2, rank))
-        y_ref, gi_ref = ref(x, mask), ref.backward(g)
+        y_ref, gi_ref = ref(x, mask=mask), ref.backward(g)
         ax = batch_axis(lay)
         assert_close(np.concatenate([y for y, _ in out], axis=ax), y_ref, dtype, "output")
         assert_close(np.concatenate([gi for _, gi in out], axis=ax), gi_ref, dtype, "grad_input")

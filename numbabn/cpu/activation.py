@@ -19,6 +19,7 @@ from numba import prange
 
 from .._jit import indirect, stage, twin
 from .._math import finish_channel
+from ._half import put, value
 from ._plan import expand, super_rows
 from .forward import eval_coefs, finish_channels
 from .stats import strided_rows, welford
@@ -44,13 +45,13 @@ def act_row(xr, zr, a, b, mode, out):
     n = xr.shape[0]
     if mode == RELU:
         for k in range(n):
-            out[k] = relu(xr[k] * a + b)
+            put(out, k, relu(value(xr, k) * a + b))
     elif mode == RESIDUAL:
         for k in range(n):
-            out[k] = xr[k] * a + b + zr[k]
+            put(out, k, value(xr, k) * a + b + value(zr, k))
     else:
         for k in range(n):
-            out[k] = relu(xr[k] * a + b + zr[k])
+            put(out, k, relu(value(xr, k) * a + b + value(zr, k)))
 
 
 @stage
@@ -74,13 +75,13 @@ def act_minor(x2, z2, inner, mode, coef, y2):
         xr, zr, yr = x2[o], z2[o], y2[o]
         if mode == RELU:
             for j in range(width):
-                yr[j] = relu(xr[j] * a[j] + b[j])
+                put(yr, j, relu(value(xr, j) * a[j] + b[j]))
         elif mode == RESIDUAL:
             for j in range(width):
-                yr[j] = xr[j] * a[j] + b[j] + zr[j]
+                put(yr, j, value(xr, j) * a[j] + b[j] + value(zr, j))
         else:
             for j in range(width):
-                yr[j] = relu(xr[j] * a[j] + b[j] + zr[j])
+                put(yr, j, relu(value(xr, j) * a[j] + b[j] + value(zr, j)))
 
 
 @twin
@@ -118,7 +119,7 @@ def relu_grad_flat(g, y, out):
     for t in prange((n + _CHUNK - 1) // _CHUNK):
         k0 = t * _CHUNK
         for k in range(k0, min(n, k0 + _CHUNK)):
-            out[k] = 0.0 if y[k] <= 0.0 else g[k]
+            put(out, k, 0.0 if value(y, k) <= 0.0 else value(g, k))
 
 
 # -- the drivers of each stage, by layout ---------------------------------------------------

@@ -16,7 +16,7 @@ from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
 from .._math import save_rows
 from ..stats import payload as _payload
-from . import _plan
+from . import _half, _plan
 from . import activation as _act
 from . import backward as _bwd
 from . import forward as _fwd
@@ -35,6 +35,9 @@ class Input:
     """A checked host input: a floating ndarray with ``ndim >= 2``, its feature axis
     (non-negative) and the per-channel and like-input checks of its call.
 
+    float16 data takes float32 per-channel arrays (``param_dtype``) and reaches the kernels
+    as its bits (:mod:`numbabn.cpu._half`).
+
     ``x`` is C- or F-contiguous (a strided input is copied here, once for the forward and
     backward of a layer's step; ``original`` is the array as given, whose memory the alias
     checks compare), ``layout`` how the kernels see it (:class:`numbabn.cpu._plan.Layout`:
@@ -43,7 +46,18 @@ class Input:
     time in Python.
     """
 
-    __slots__ = ("original", "x", "axis", "num_channels", "dtype", "shape", "layout", "c_order", "parallel")
+    __slots__ = (
+        "original",
+        "x",
+        "axis",
+        "num_channels",
+        "dtype",
+        "param_dtype",
+        "shape",
+        "layout",
+        "c_order",
+        "parallel",
+    )
     #: The backend that runs this input's calls, this module: bound by :mod:`numbabn._call`,
     #: which loads every backend.
     backend: ClassVar[PartBackend]
@@ -63,6 +77,7 @@ class Input:
         self.shape = shape = x.shape
         self.num_channels = shape[axis]
         self.dtype = x.dtype
+        self.param_dtype = _checks.param_dtype(x.dtype)
         self.layout = lay = layout_of(x, axis, c_order)
         self.parallel = parallel_for(x.size, lay.inner)
 
@@ -72,11 +87,16 @@ class Input:
         if (
             type(a) is np.ndarray
             and a.shape == (self.num_channels,)
-            and (a.dtype == self.dtype or (save and a.dtype == _F64))
+            and (a.dtype == self.param_dtype or (save and a.dtype == _F64))
             and (not writable or a.flags.writeable)
         ):
             return a  # fast path: every check of _checks.per_channel would pass
-        return _checks.per_channel(a, self.num_channels, self.dtype, name, writable=writable, allow_f64=save)
+        if self.param_dtype != self.dtype and getattr(a, "dtype", None) == self.dtype:
+            raise TypeError(
+                f"{name} must have dtype {self.param_dtype} for {self.dtype} input (float16 data takes float32 "
+                f"parameters and running statistics, PyTorch's mixed precision), got {self.dtype}"
+            )
+        return _checks.per_channel(a, self.num_channels, self.param_dtype, name, writable=writable, allow_f64=save)
 
     def like_input(self, a, name, *, writable=False):
         """A NumPy array of the input's shape and dtype (writable when it receives results)."""
@@ -90,7 +110,9 @@ class Input:
         return _checks.same_kind(self.x, a, name, writable=writable)
 
     def view(self, a):
-        """The kernels' view of ``a``, an array of ``x``'s shape and memory order."""
+        """The kernels' view of ``a``, an array of ``x``'s shape and memory order (float16
+        data as its bits)."""
+        a = _half.bits(a)
         return a.reshape(self.layout.view) if self.c_order else a.T.reshape(self.layout.view)
 
 
@@ -99,7 +121,7 @@ def forward(call):
     a training call with a mask takes the statistics of the values it keeps; one with an
     activation or a residual (``call.act``) applies them in its normalize pass."""
     inp = call.inp
-    x, dtype = inp.x, inp.dtype
+    x, dtype = inp.x, inp.param_dtype
     dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out, call.residual)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     save = save_rows(call.limits, inp.num_channels, call.m2)
@@ -179,7 +201,7 @@ def _masked_backward(call, sums=None, n=None):
     ``sums`` and ``n``: the reduction and the kept count made elsewhere (SyncBatchNorm's
     parts, added)."""
     inp = call.inp
-    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
+    x, dtype, num_channels = inp.x, inp.param_dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
     grad_input = _checks.output_for(x, call.out, g)
     mean = _saved(call.save_mean)
@@ -200,7 +222,7 @@ def _backward(call, driver, *sums):
     """Run a backward ``driver`` on a checked call; ``sums``: the reduction and its count
     that :func:`numbabn.cpu.backward.backward_with_sums` takes (made elsewhere)."""
     inp = call.inp
-    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
+    x, dtype, num_channels = inp.x, inp.param_dtype, inp.num_channels
     g = _same_order(call.grad_output, x)
     grad_input = _checks.output_for(x, call.out, g)
     grads = np.empty((3, num_channels))
@@ -257,8 +279,9 @@ def finish(count, mean, m2, weight, bias, running_mean, running_var, momentum, e
     stats[0] = count
     stats[1] = mean
     stats[2] = m2
-    rm, rv = _buffers(running_mean, running_var, dtype)
+    rm, rv = _buffers(running_mean, running_var, _checks.param_dtype(dtype))
     coef, save = np.empty((2, num_channels)), save_rows(limits, num_channels, want_m2)
+    dtype = _checks.param_dtype(dtype)
     w, b = _affine(weight, bias, num_channels, dtype)
     _fwd.finish_channels(stats, w, b, rm, rv, momentum, eps, coef, save)
     _write_back(running_mean, rm)
@@ -304,7 +327,7 @@ def grad_coefs(sums, n, weight, mean, invstd, training, dtype):
     (3, C) of :func:`grad_apply` and ``(grad_weight, grad_bias, sum |g|)`` (3, C), float64."""
     num_channels = sums.shape[1]
     coef, grads = np.empty((3, num_channels)), np.empty((3, num_channels))
-    w = per_channel_array(weight, 1.0, num_channels, dtype)
+    w = per_channel_array(weight, 1.0, num_channels, _checks.param_dtype(dtype))
     mean = _saved(mean)
     invstd = _saved(invstd)
     _bwd.grad_coefs(np.ascontiguousarray(sums), float(n), w, mean, invstd, bool(training), coef, grads)
@@ -358,7 +381,9 @@ def relu_grad(inp, grad_output, output):
 
 
 def _flat(inp, a):
-    """A flat view of ``a``, of ``inp``'s shape and memory order (C- or F-contiguous)."""
+    """A flat view of ``a``, of ``inp``'s shape and memory order (C- or F-contiguous; float16
+    data as its bits)."""
+    a = _half.bits(a)
     return a.reshape(-1) if inp.c_order else a.T.reshape(-1)
 
 
@@ -392,7 +417,7 @@ def forward_with_stats(call, stats):
     save_invstd)``; running statistics updated as :func:`forward` would on an input with
     those statistics."""
     inp = call.inp
-    x, dtype = inp.x, inp.dtype
+    x, dtype = inp.x, inp.param_dtype
     dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out, call.residual)
     w, b = _affine(call.weight, call.bias, inp.num_channels, dtype)
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
@@ -445,7 +470,7 @@ def views(x, axis, *arrays):
     on ``axis``, and the kernels' views of ``arrays`` (of ``x``'s shape and memory order)."""
     c_order = x.flags.c_contiguous
     lay = layout_of(x, axis, c_order)
-    return lay, [(a if c_order else a.T).reshape(lay.view) for a in arrays]
+    return lay, [_half.bits(a if c_order else a.T).reshape(lay.view) for a in arrays]
 
 
 def _same_order(g, x):

@@ -19,6 +19,7 @@ from numba import prange, types
 
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import grad_coef
+from ._half import put, value
 from ._plan import expand, minor_task, plan, rows, sum_inner, super_rows
 
 
@@ -33,9 +34,9 @@ def strided_grad_rows(g3, x3, c, m, r0, r1):
         gr = g3[o, c]
         xr = x3[o, c]
         for k in range(inner):
-            g = np.float64(gr[k])
+            g = np.float64(value(gr, k))
             sg += g
-            sgx += g * (xr[k] - m)
+            sgx += g * (value(xr, k) - m)
             sag += abs(g)
     return sg, sgx, sag
 
@@ -47,10 +48,10 @@ def apply_row(gr, xr, a, b, d, out):
     reach it through ``NaN * 0``."""
     if b == 0.0 and d == 0.0:
         for k in range(xr.shape[0]):
-            out[k] = gr[k] * a
+            put(out, k, value(gr, k) * a)
     else:
         for k in range(xr.shape[0]):
-            out[k] = gr[k] * a + xr[k] * b + d
+            put(out, k, value(gr, k) * a + value(xr, k) * b + d)
 
 
 @by_address(2, *(types.int64,) * 3, *(types.float64[::1],) * 4)
@@ -65,21 +66,23 @@ def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx, acc_ga):
         x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
         for j in range(acc_g.shape[0]):
             m = centre[j]
-            a0 = np.float64(g0[j])
-            a1 = np.float64(g1[j])
-            a2 = np.float64(g2_[j])
-            a3 = np.float64(g3[j])
+            a0 = np.float64(value(g0, j))
+            a1 = np.float64(value(g1, j))
+            a2 = np.float64(value(g2_, j))
+            a3 = np.float64(value(g3, j))
             acc_g[j] += (a0 + a1) + (a2 + a3)
-            acc_gx[j] += (a0 * (x0[j] - m) + a1 * (x1[j] - m)) + (a2 * (x2_[j] - m) + a3 * (x3[j] - m))
+            acc_gx[j] += (a0 * (value(x0, j) - m) + a1 * (value(x1, j) - m)) + (
+                a2 * (value(x2_, j) - m) + a3 * (value(x3, j) - m)
+            )
             acc_ga[j] += (abs(a0) + abs(a1)) + (abs(a2) + abs(a3))
         o += 4
     for r in range(o, o1):
         gr = g2[r, j0:]
         xr = x2[r, j0:]
         for j in range(acc_g.shape[0]):
-            g = np.float64(gr[j])
+            g = np.float64(value(gr, j))
             acc_g[j] += g
-            acc_gx[j] += g * (xr[j] - centre[j])
+            acc_gx[j] += g * (value(xr, j) - centre[j])
             acc_ga[j] += abs(g)
 
 
@@ -168,12 +171,13 @@ def apply_minor(g2, x2, inner, coef, gi2):
             depends_on_x = True
     # One parallel loop with the branch per row: each parallel loop costs its own compile.
     for o in prange(x2.shape[0]):
+        gr, xr, out = g2[o], x2[o], gi2[o]
         if depends_on_x:
             for j in range(width):
-                gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
+                put(out, j, value(gr, j) * a[j] + value(xr, j) * b[j] + d[j])
         else:
             for j in range(width):
-                gi2[o, j] = g2[o, j] * a[j]
+                put(out, j, value(gr, j) * a[j])
 
 
 @leaf

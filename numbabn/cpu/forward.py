@@ -22,6 +22,7 @@ from numba import prange
 
 from .._jit import indirect, leaf, stage, twin
 from .._math import finish_channel, fold, invstd_of
+from ._half import put, value
 from ._plan import expand, super_rows
 from .stats import minor_rows, stats_minor, stats_strided, strided_rows
 
@@ -30,7 +31,7 @@ from .stats import minor_rows, stats_minor, stats_strided, strided_rows
 def affine_row(xr, a, b, out):
     """``out = xr * a + b`` along one contiguous row (float64 arithmetic, rounded on store)."""
     for k in range(xr.shape[0]):
-        out[k] = xr[k] * a + b
+        put(out, k, value(xr, k) * a + b)
 
 
 @stage
@@ -53,8 +54,9 @@ def normalize_minor(x2, inner, coef, y2):
     a = expand(coef[0], inner, k)
     b = expand(coef[1], inner, k)
     for o in prange(x2.shape[0]):
+        xr, yr = x2[o], y2[o]
         for j in range(width):
-            y2[o, j] = x2[o, j] * a[j] + b[j]
+            put(yr, j, value(xr, j) * a[j] + b[j])
 
 
 @leaf

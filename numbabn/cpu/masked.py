@@ -20,6 +20,7 @@ from .._jit import leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels, finish_channel
 from . import backward as _bwd
 from . import forward as _fwd
+from ._half import put, value
 from ._plan import expand, plan, rows, super_rows
 from .forward import affine_row
 from .stats import merge_partials
@@ -39,14 +40,14 @@ def masked_strided_rows(x3, mk, c, r0, r1):
             cnt = 0.0
             for k in range(xb.shape[0]):
                 if mb[k]:
-                    s += xb[k]
+                    s += value(xb, k)
                     cnt += 1.0
             if cnt == 0.0:
                 continue
             bm = s / cnt
             q = 0.0
             for k in range(xb.shape[0]):
-                d = xb[k] - bm if mb[k] else 0.0
+                d = value(xb, k) - bm if mb[k] else 0.0
                 q += d * d
             n, mean, m2 = chan_merge(n, mean, m2, cnt, bm, q)
     return n, mean, m2
@@ -83,7 +84,7 @@ def masked_minor_rows(x2, mk, r0, r1, num_channels, inner, out_n, out_mean, out_
                     if mk[o, g * inner + i]:
                         cnt[g] += 1.0
                         for c in range(num_channels):
-                            s[base + c] += xr[(base + c) * inner + i]
+                            s[base + c] += value(xr, (base + c) * inner + i)
         for p in range(pseudo):
             c_g = cnt[p // num_channels]
             bm[p] = s[p] / c_g if c_g > 0.0 else 0.0
@@ -95,7 +96,7 @@ def masked_minor_rows(x2, mk, r0, r1, num_channels, inner, out_n, out_mean, out_
                 for i in range(inner):
                     if mk[o, g * inner + i]:
                         for c in range(num_channels):
-                            d = xr[(base + c) * inner + i] - bm[base + c]
+                            d = value(xr, (base + c) * inner + i) - bm[base + c]
                             s[base + c] += d * d
         for g in range(k):
             j0 = g * num_channels
@@ -187,7 +188,7 @@ def grad_apply_masked_strided(g3, x3, mk, coef, gi3):
         mr = mk[o]
         out = gi3[o, c]
         for i in range(inner):
-            out[i] = gr[i] * a + ((xr[i] * b + d) if mr[i] else 0.0)
+            put(out, i, value(gr, i) * a + ((value(xr, i) * b + d) if mr[i] else 0.0))
 
 
 @twin
@@ -200,17 +201,18 @@ def grad_apply_masked_minor(g2, x2, mk, inner, coef, gi2):
     b = expand(coef[1], inner, k)
     d = expand(coef[2], inner, k)
     for o in prange(x2.shape[0]):
+        gr, xr, out = g2[o], x2[o], gi2[o]
         for g in range(k):
             base = g * num_channels
             for i in range(inner):
                 if mk[o, g * inner + i]:
                     for c in range(num_channels):
                         j = (base + c) * inner + i
-                        gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
+                        put(out, j, value(gr, j) * a[j] + value(xr, j) * b[j] + d[j])
                 else:
                     for c in range(num_channels):
                         j = (base + c) * inner + i
-                        gi2[o, j] = g2[o, j] * a[j]
+                        put(out, j, value(gr, j) * a[j])
 
 
 #: The stages the host backend runs for masked calls (their GPU twins: ``cuda/masked.py``).

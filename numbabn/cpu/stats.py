@@ -17,6 +17,7 @@ from numba import prange, types
 from .._config import BLOCK, MINOR_ROWS, SHIFT_CANCEL
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
+from ._half import value
 from ._plan import minor_task, plan, repeat_inner, rows, sum_inner, super_rows
 
 
@@ -52,7 +53,7 @@ def strided_rows(x3, c, r0, r1):
     prev = row_block(x3, c, r0, 0)
     s_prev = 0.0
     for k in range(prev.shape[0]):
-        s_prev += prev[k]
+        s_prev += value(prev, k)
     for b in range(1, nblocks + 1):
         bn = float(prev.shape[0])
         bm = s_prev / bn
@@ -62,18 +63,18 @@ def strided_rows(x3, c, r0, r1):
             both = min(cur.shape[0], prev.shape[0])
             s = 0.0
             for k in range(both):
-                s += cur[k]
-                d = prev[k] - bm
+                s += value(cur, k)
+                d = value(prev, k) - bm
                 q += d * d
             for k in range(both, cur.shape[0]):
-                s += cur[k]
+                s += value(cur, k)
             for k in range(both, prev.shape[0]):
-                d = prev[k] - bm
+                d = value(prev, k) - bm
                 q += d * d
             s_prev = s
         else:
             for k in range(prev.shape[0]):
-                d = prev[k] - bm
+                d = value(prev, k) - bm
                 q += d * d
         n, mean, m2 = chan_merge(n, mean, m2, bn, bm, q)
         if b < nblocks:
@@ -116,14 +117,14 @@ def shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q):
     while o + 4 <= o1:
         x0, x1, x2_, x3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
         for j in range(acc_s.shape[0]):
-            s, q = shifted4(x0[j], x1[j], x2_[j], x3[j], shift[j])
+            s, q = shifted4(value(x0, j), value(x1, j), value(x2_, j), value(x3, j), shift[j])
             acc_s[j] += s
             acc_q[j] += q
         o += 4
     for r in range(o, o1):
         xr = x2[r, j0:]
         for j in range(acc_s.shape[0]):
-            d = np.float64(xr[j]) - shift[j]
+            d = np.float64(value(xr, j)) - shift[j]
             acc_s[j] += d
             acc_q[j] += d * d
 
@@ -190,7 +191,7 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     for c in range(nc):
         h = 0.0
         for r in range(r0, r0 + head):
-            h += x2[r, j0 + c * inner]
+            h += value(x2[r], j0 + c * inner)
         centre[c] = h / head
     keep = 1.0 - 1.0 / SHIFT_CANCEL
     b0 = r0
