@@ -492,10 +492,10 @@ def test_a_mask_keeping_nothing_is_an_empty_batch_on_device(rng, kind):
     none = np.zeros((5, 1, 12), bool)
     for cls, kw in ((numbabn.BatchNorm, {}), (numbabn.BatchRenorm, dict(rmax=1.2, dmax=0.3))):
         gpu, cpu = cls(3, device="cuda", **kw), cls(3, **kw)
-        y = host(gpu(dev(x), _as_mask(none, kind)))
+        y = host(gpu(dev(x), mask=_as_mask(none, kind)))
         assert np.all(np.isnan(y)) and gpu.num_batches_tracked == 1
         assert np.all(host(gpu.running_mean) == 0) and np.all(host(gpu.running_var) == 1)
-        cpu(x, none)
+        cpu(x, mask=none)
         for a, e in zip(
             (host(gpu.backward(dev(g))), host(gpu.grad_weight), host(gpu.grad_bias)),
             (cpu.backward(g), cpu.grad_weight, cpu.grad_bias),
@@ -513,7 +513,7 @@ def test_one_kept_value_is_refused_on_device_with_nothing_changed(rng, kind):
     one[2, 0, 7] = True
     bn = numbabn.BatchNorm(3, device="cuda")
     with pytest.raises(ValueError, match="a mask that keeps 1 value per channel"):
-        bn(dev(x), _as_mask(one, kind))
+        bn(dev(x), mask=_as_mask(one, kind))
     assert bn.num_batches_tracked == 0 and np.all(host(bn.running_var) == 1) and np.all(host(bn.running_mean) == 0)
 
 
