@@ -13,7 +13,7 @@ from numba import cuda
 from .._activation import RELU, RESIDUAL
 from . import _arrays, _launch
 from ._plan import coef_dtype, columns, elementwise, launch_1d, per_channel_blocks
-from .forward import eval_channels, finish_channels, first_row
+from .forward import eval_channels, finish_channels, first_row, next_row
 from .stats import partials
 
 #: The elementwise kernels' mode for the ReLU's backward: ``out = 0 if y <= 0 else g``.
@@ -45,12 +45,7 @@ def act_rows(x3, z3, mode, coef, y3):
         rows = x3.shape[0] * num_channels
         while r < rows:
             y3[o, c, i] = act(x3[o, c, i], coef[0, c], coef[1, c], z3[o, c, i], mode)
-            r += step
-            o += so
-            c += sc
-            if c >= num_channels:
-                c -= num_channels
-                o += 1
+            r, o, c = next_row(r, o, c, step, so, sc, num_channels)
 
 
 @cuda.jit

@@ -14,7 +14,7 @@ from numba import cuda, float64
 from .._math import grad_coef as _grad_coef
 from . import _arrays, _launch
 from ._plan import CHUNK, coef_dtype, columns, elementwise, one_block, per_channel_blocks, plan
-from .forward import first_row
+from .forward import first_row, next_row
 from .stats import block_partial, channel_partials, rows_of_split
 
 grad_coef = _arrays.shared(_grad_coef)
@@ -180,12 +180,7 @@ def apply_rows(g3, x3, coef, gi3):
                 gi3[o, c, i] = g3[o, c, i] * coef[0, c]
             else:
                 gi3[o, c, i] = g3[o, c, i] * coef[0, c] + x3[o, c, i] * b + d
-            r += step
-            o += so
-            c += sc
-            if c >= num_channels:
-                c -= num_channels
-                o += 1
+            r, o, c = next_row(r, o, c, step, so, sc, num_channels)
 
 
 @cuda.jit

@@ -55,6 +55,18 @@ def first_row(num_channels):
     return r, o, r - o * num_channels, step, so, step - so * num_channels
 
 
+@cuda.jit(device=True)
+def next_row(r, o, c, step, so, sc, num_channels):
+    """The row after ``(r, o, c)`` by :func:`first_row`'s step: additions and one compare, no
+    division."""
+    c += sc
+    o += so
+    if c >= num_channels:
+        c -= num_channels
+        o += 1
+    return r + step, o, c
+
+
 @cuda.jit
 def normalize_rows(x3, coef, y3):
     """Strided layouts: thread ``(tx, ty)`` of block ``(bi, bj)`` takes row element
@@ -67,12 +79,7 @@ def normalize_rows(x3, coef, y3):
         rows = x3.shape[0] * num_channels
         while r < rows:
             y3[o, c, i] = x3[o, c, i] * coef[0, c] + coef[1, c]
-            r += step
-            o += so
-            c += sc
-            if c >= num_channels:
-                c -= num_channels
-                o += 1
+            r, o, c = next_row(r, o, c, step, so, sc, num_channels)
 
 
 @cuda.jit

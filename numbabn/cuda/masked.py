@@ -23,7 +23,7 @@ from .._math import chan_merge
 from . import _arrays, _launch
 from ._plan import CHUNK, MAX_THREADS, coef_dtype, columns, elementwise, launch_1d, per_channel_blocks, plan
 from .backward import grad_channels
-from .forward import finish_channels, first_row, normalize
+from .forward import finish_channels, first_row, next_row, normalize
 from .stats import block_partial, channel_stats, rows_of_split
 
 
@@ -143,12 +143,7 @@ def apply_rows_masked(g3, x3, mk, coef, gi3):
                 gi3[o, c, i] = g3[o, c, i] * coef[0, c] + x3[o, c, i] * b + d
             else:
                 gi3[o, c, i] = g3[o, c, i] * coef[0, c]
-            r += step
-            o += so
-            c += sc
-            if c >= num_channels:
-                c -= num_channels
-                o += 1
+            r, o, c = next_row(r, o, c, step, so, sc, num_channels)
 
 
 @cuda.jit
