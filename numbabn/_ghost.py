@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _call, _checks
 from ._device import is_device
+from .cpu import api as _host
 from .stats import merge_parts
 
 
@@ -121,6 +122,9 @@ def forward(call, virtual_batch_size):
     _check(inp, virtual_batch_size)
     if call.mask is not None:
         raise NotImplementedError("virtual_batch_size and mask together are not supported: give one of them")
+    if inp.backend is _host and _host.ghosts_fit(inp):
+        y, save = _host.ghost_forward(call, virtual_batch_size)
+        return y, save[0], save[1], save[2:].transpose(1, 0, 2)
     num_channels, stream = inp.num_channels, getattr(inp, "stream", None)
     dest, y = _output(inp, call.out)
     parts = slices(inp.shape[0], virtual_batch_size)
@@ -160,8 +164,6 @@ def _update_running(call, counts, means, m2s):
     parts = np.concatenate([counts[:, None], means, m2s], axis=1)
     stats = np.empty((3, num_channels))
     count = merge_parts(parts, stats)
-    from .cpu import api as _host
-
     # float64 copies of the buffers' values: the same arithmetic as the kernels' update,
     # rounded to the buffers' dtype once, by the write back.
     rm, rv = host(call.running_mean), host(call.running_var)
@@ -185,8 +187,11 @@ def backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_siz
     # The checks of a plain backward call (grad_output, weight, out and their overlaps).
     first = (on_device_of(inp, save_mean[0]), on_device_of(inp, save_invstd[0]))
     call = _call.backward_call(inp, grad_output, weight, *first, True, out)
-    dest, grad_input = _output(inp, call.out)
     w = np.ones(num_channels) if call.weight is None else host(call.weight)
+    if inp.backend is _host and _host.ghosts_fit(inp):
+        weights = w if factors is None else w * factors[0]
+        return _host.ghost_backward(call, virtual_batch_size, weights, save_mean, save_invstd, factors)
+    dest, grad_input = _output(inp, call.out)
     sums = np.zeros((3, num_channels))
     for g, (i0, i1) in enumerate(parts):
         ghost = _call.check_input(inp.x[i0:i1], inp.axis, stream)

@@ -2,7 +2,7 @@
 rounds (:func:`numbabn.bench.timing.interleaved`): Batch Renormalization, ghost batches and
 masked statistics, training forward and backward, float32.
 
-    .venv/bin/python tools/bench_variants.py [--budget SECONDS]
+    .venv/bin/python tools/bench_variants.py [--budget SECONDS] [--cases TEXT ...] [--no-masked]
 
 Ratios are the variant's median time over ``BatchNorm``'s, measured side by side in one run.
 """
@@ -74,11 +74,15 @@ def masked(rng, budget):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=3.0, help="seconds per table row and pass")
+    p.add_argument("--cases", nargs="+", help="run only the cases whose name contains one of these texts")
+    p.add_argument("--no-masked", action="store_true", help="skip the masked-statistics table")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     head = ("case", "pass", "BatchNorm", "BatchRenorm", "ghost", "renorm/bn", "ghost/bn")
     print("{:26} {:8} {:>11} {:>12} {:>12} {:>10} {:>9}".format(*head))
     for name, shape, axis, ghost in CASES:
+        if a.cases and not any(c in name for c in a.cases):
+            continue
         x = rng.standard_normal(shape).astype(np.float32)
         g = rng.standard_normal(shape).astype(np.float32)
         made = layers(shape, axis, ghost)
@@ -92,7 +96,8 @@ def main():
             bn_t, rn_t, gh_t = (t[k] * 1e6 for k in made)
             times = f"{bn_t:9.1f}us {rn_t:10.1f}us {gh_t:10.1f}us"
             print(f"{name:26} {label:8} {times} {rn_t / bn_t:10.2f} {gh_t / bn_t:9.2f}", flush=True)
-    masked(rng, a.budget)
+    if not a.no_masked:
+        masked(rng, a.budget)
 
 
 if __name__ == "__main__":

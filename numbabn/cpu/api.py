@@ -15,10 +15,12 @@ from .._backend import PartBackend
 from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
 from .._device import host_stream
 from .._math import save_rows
+from .._memo import bounded_put
 from ..stats import payload as _payload
 from . import _plan
 from . import backward as _bwd
 from . import forward as _fwd
+from . import ghost as _ghost
 from . import masked as _masked
 from . import stats as _stats
 
@@ -360,6 +362,98 @@ def backward_with_sums(call, sums, n):
     if call.mask is not None:
         return _masked_backward(call, sums, n)
     return _backward(call, _bwd.backward_with_sums, sums, float(n))
+
+
+# -- ghost batches (numbabn._ghost) on channel-minor layouts: every ghost in one driver call ----
+
+
+def ghosts_fit(inp):
+    """Whether a checked :class:`Input`'s ghost batches run in one driver call
+    (:mod:`numbabn.cpu.ghost`): a C-contiguous, channel-minor input with values.  Other
+    inputs run one call per ghost."""
+    return inp.c_order and not inp.layout.strided and inp.x.size > 0
+
+
+def ghost_forward(call, virtual_batch_size):
+    """``(output, save)`` of a checked training :class:`numbabn._call.ForwardCall` of an input
+    that :func:`ghosts_fit`, run as ghost batches: ``save`` (rows, G, C) float64 holds each
+    ghost's rows of :func:`numbabn._math.save_rows` (mean, invstd, M2, then ``r`` and ``d``
+    with ``call.limits``); the running statistics take one update."""
+    inp = call.inp
+    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
+    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
+    w, b = _affine(call.weight, call.bias, num_channels, dtype)
+    num_ghosts, views = _ghost_views(inp, virtual_batch_size)
+    rows = save_rows(call.limits, num_channels, True)
+    save = np.empty((rows.shape[0], num_ghosts, num_channels))
+    save[3:] = rows[3:, None]  # Batch Renormalization's limits, where asked
+    rm, rv = _buffers(call.running_mean, call.running_var, dtype)
+    xa, xb = views(x)
+    ya, yb = views(dest)
+    _ghost.forward_train_ghosts(
+        inp.parallel, xa, xb, inp.layout.inner, w, b, rm, rv, call.momentum, call.eps, ya, yb, save
+    )
+    if rm is not call.running_mean or rv is not call.running_var:
+        _write_back(call.running_mean, rm)
+        _write_back(call.running_var, rv)
+    return deliver(dest, call.out), save
+
+
+def ghost_backward(call, virtual_batch_size, weights, save_mean, save_invstd, factors):
+    """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked training
+    :class:`numbabn._call.BackwardCall` of an input that :func:`ghosts_fit`, run as ghost
+    batches: ghost ``g`` with weight ``weights[g]`` (or ``weights`` for all, ``(C,)``) and saved ``save_mean[g]`` and
+    ``save_invstd[g]`` (``(G, C)`` host arrays), Batch Renormalization's ``factors`` ``(r,
+    d)`` (each ``(G, C)``) or None; the per-channel sums added over the ghosts in order."""
+    inp = call.inp
+    x, dtype, num_channels = inp.x, inp.dtype, inp.num_channels
+    g = _same_order(call.grad_output, x)
+    dest = _checks.output_for(x, call.out, g)
+    num_ghosts, views = _ghost_views(inp, virtual_batch_size)
+    scale = np.empty((num_ghosts, num_channels), dtype)
+    scale[...] = weights  # rounded to the input's dtype, as each ghost's own call takes it
+    if factors is None:
+        factors = np.empty((0, num_ghosts, num_channels))
+    else:
+        factors = np.ascontiguousarray(np.stack(factors), dtype=np.float64)
+    total = np.empty((3, num_channels))
+    goa, gob = views(g)
+    xa, xb = views(x)
+    gia, gib = views(dest)
+    mean, invstd = _saved(save_mean), _saved(save_invstd)
+    _ghost.backward_ghosts(
+        inp.parallel, goa, gob, xa, xb, inp.layout.inner, scale, mean, invstd, factors, gia, gib, total
+    )
+    affine = total[:2].astype(dtype)  # one conversion for both
+    return deliver(dest, call.out), affine[0], affine[1], total[2]
+
+
+def _ghost_views(inp, virtual_batch_size):
+    """``(G, views)``: the number of ghosts of a checked :class:`Input` that
+    :func:`ghosts_fit`, and ``views(a)``, the ``(xa, xb)`` views (:mod:`numbabn.cpu.ghost`)
+    of an array ``a`` of the input's shape and C order."""
+    key = (inp.shape, inp.axis, inp.dtype.itemsize, virtual_batch_size)
+    geometry = _GHOSTS.get(key)
+    if geometry is None:
+        n = inp.shape[0]
+        full, rest = divmod(n, virtual_batch_size)
+        outer, num_channels, inner = _checks.shape3(inp.shape, inp.axis)
+        per = outer // n  # rows of the (outer, C * inner) view per sample
+        size = full * virtual_batch_size * per * num_channels * inner
+        view = _plan.layout((virtual_batch_size * per, num_channels, inner), inp.dtype.itemsize).view
+        rest_view = _plan.layout((rest * per, num_channels, inner), inp.dtype.itemsize).view if rest else None
+        geometry = bounded_put(_GHOSTS, key, (full + bool(rest), size, (full, *view), rest_view and (1, *rest_view)))
+    num_ghosts, size, view, rest_view = geometry
+
+    def views(a):
+        flat = a.reshape(-1)
+        xa = flat[:size].reshape(view)
+        return xa, (flat[size:].reshape(rest_view) if rest_view else xa[:0])
+
+    return num_ghosts, views
+
+
+_GHOSTS = {}
 
 
 def parallel_for(size, inner):
