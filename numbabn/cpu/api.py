@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import _checks, _mask
 from .._backend import PartBackend
-from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
+from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED, WIDEN_TO
 from .._device import host_stream
 from .._math import save_rows
 from .._memo import bounded_put
@@ -388,11 +388,8 @@ def ghost_forward(call, virtual_batch_size):
     save = np.empty((rows.shape[0], num_ghosts, num_channels))
     save[3:] = rows[3:, None]  # Batch Renormalization's limits, where asked
     rm, rv = _buffers(call.running_mean, call.running_var, dtype)
-    xa, xb = views(x)
-    ya, yb = views(dest)
-    _ghost.forward_train_ghosts(
-        inp.parallel, xa, xb, inp.layout.inner, w, b, rm, rv, call.momentum, call.eps, ya, yb, save
-    )
+    (x2, xe), (_, ye) = views(x), views(dest)
+    _ghost.forward_train_ghosts(inp.parallel, x2, inp.layout.inner, w, b, rm, rv, call.momentum, call.eps, xe, ye, save)
     if rm is not call.running_mean or rv is not call.running_var:
         _write_back(call.running_mean, rm)
         _write_back(call.running_var, rv)
@@ -417,40 +414,67 @@ def ghost_backward(call, virtual_batch_size, weights, save_mean, save_invstd, fa
     else:
         factors = np.ascontiguousarray(np.stack(factors), dtype=np.float64)
     total = np.empty((3, num_channels))
-    goa, gob = views(g)
-    xa, xb = views(x)
-    gia, gib = views(dest)
+    (g2, ge), (x2, xe), (_, gie) = views(g), views(x), views(dest)
     mean, invstd = _saved(save_mean), _saved(save_invstd)
-    _ghost.backward_ghosts(
-        inp.parallel, goa, gob, xa, xb, inp.layout.inner, scale, mean, invstd, factors, gia, gib, total
-    )
+    _ghost.backward_ghosts(inp.parallel, g2, x2, inp.layout.inner, scale, mean, invstd, factors, ge, xe, gie, total)
     affine = total[:2].astype(dtype)  # one conversion for both
     return deliver(dest, call.out), affine[0], affine[1], total[2]
 
 
 def _ghost_views(inp, virtual_batch_size):
     """``(G, views)``: the number of ghosts of a checked :class:`Input` that
-    :func:`ghosts_fit`, and ``views(a)``, the ``(xa, xb)`` views (:mod:`numbabn.cpu.ghost`)
-    of an array ``a`` of the input's shape and C order."""
+    :func:`ghosts_fit`, and ``views(a)``, the reduction and elementwise view pairs
+    (:mod:`numbabn.cpu.ghost`) of an array ``a`` of the input's shape and C order."""
     key = (inp.shape, inp.axis, inp.dtype.itemsize, virtual_batch_size)
     geometry = _GHOSTS.get(key)
     if geometry is None:
-        n = inp.shape[0]
-        full, rest = divmod(n, virtual_batch_size)
-        outer, num_channels, inner = _checks.shape3(inp.shape, inp.axis)
-        per = outer // n  # rows of the (outer, C * inner) view per sample
-        size = full * virtual_batch_size * per * num_channels * inner
-        view = _plan.layout((virtual_batch_size * per, num_channels, inner), inp.dtype.itemsize).view
-        rest_view = _plan.layout((rest * per, num_channels, inner), inp.dtype.itemsize).view if rest else None
-        geometry = bounded_put(_GHOSTS, key, (full + bool(rest), size, (full, *view), rest_view and (1, *rest_view)))
-    num_ghosts, size, view, rest_view = geometry
+        geometry = bounded_put(
+            _GHOSTS, key, _ghost_geometry(inp.shape, inp.axis, inp.dtype.itemsize, virtual_batch_size)
+        )
+    num_ghosts, size, shapes = geometry
 
     def views(a):
         flat = a.reshape(-1)
-        xa = flat[:size].reshape(view)
-        return xa, (flat[size:].reshape(rest_view) if rest_view else xa[:0])
+        head, tail = flat[:size], flat[size:]
+        pairs = []
+        for full, rest in shapes:
+            a3 = head.reshape(full)
+            pairs.append((a3, tail.reshape(rest) if rest else a3[:0]))
+        return pairs
 
     return num_ghosts, views
+
+
+def _ghost_geometry(shape, axis, itemsize, virtual_batch_size):
+    """``(G, size, shapes)`` of :func:`_ghost_views`: ``size`` values in the ghosts of
+    ``virtual_batch_size`` samples, and the 3-D shapes of the reduction and the elementwise
+    views of those ghosts and of the remainder (None without one)."""
+    n = shape[0]
+    full, rest = divmod(n, virtual_batch_size)
+    outer, num_channels, inner = _checks.shape3(shape, axis)
+    per = outer // n  # rows of the (outer, C * inner) view per sample
+    width = num_channels * inner
+
+    def reduction(rows):  # a call on the slice's own view
+        return _plan.layout((rows, num_channels, inner), itemsize).view
+
+    def elementwise(rows):
+        return _elementwise_view(rows, width)
+
+    shapes = [
+        ((full, *view(virtual_batch_size * per)), (1, *view(rest * per)) if rest else None)
+        for view in (reduction, elementwise)
+    ]
+    return full + bool(rest), full * virtual_batch_size * per * width, shapes
+
+
+def _elementwise_view(rows, width):
+    """The super-rows of an elementwise pass over ``rows`` rows of ``width`` values: ``k``
+    rows each, the most that divides ``rows`` with ``k * width <= WIDEN_TO``."""
+    k = max(1, min(rows, WIDEN_TO // max(width, 1)))
+    while rows % k:
+        k -= 1
+    return rows // k, k * width
 
 
 _GHOSTS = {}
