@@ -178,19 +178,22 @@ def backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_siz
     sums added over the ghosts in order.  ``factors``: Batch Renormalization's ``(r, d)``,
     each ``(G, C)``."""
     _check(inp, virtual_batch_size)
-    parts = slices(inp.shape[0], virtual_batch_size)
+    num_ghosts = -(-inp.shape[0] // virtual_batch_size)
     num_channels, stream = inp.num_channels, getattr(inp, "stream", None)
-    save_mean = _per_ghost(save_mean, "save_mean", len(parts), num_channels)
-    save_invstd = _per_ghost(save_invstd, "save_invstd", len(parts), num_channels)
+    save_mean = _per_ghost(save_mean, "save_mean", num_ghosts, num_channels)
+    save_invstd = _per_ghost(save_invstd, "save_invstd", num_ghosts, num_channels)
     if factors is not None:
-        factors = tuple(_per_ghost(f, name, len(parts), num_channels) for f, name in zip(factors, "rd", strict=True))
+        factors = tuple(_per_ghost(f, name, num_ghosts, num_channels) for f, name in zip(factors, "rd", strict=True))
     # The checks of a plain backward call (grad_output, weight, out and their overlaps).
-    first = (on_device_of(inp, save_mean[0]), on_device_of(inp, save_invstd[0]))
+    first = (save_mean[0], save_invstd[0])
+    if inp.backend is not _host:
+        first = tuple(on_device_of(inp, a) for a in first)
     call = _call.backward_call(inp, grad_output, weight, *first, True, out)
     w = np.ones(num_channels) if call.weight is None else host(call.weight)
     if inp.backend is _host and _host.ghosts_fit(inp):
         weights = w if factors is None else w * factors[0]
         return _host.ghost_backward(call, virtual_batch_size, weights, save_mean, save_invstd, factors)
+    parts = slices(inp.shape[0], virtual_batch_size)
     dest, grad_input = _output(inp, call.out)
     sums = np.zeros((3, num_channels))
     for g, (i0, i1) in enumerate(parts):

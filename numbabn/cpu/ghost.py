@@ -170,16 +170,17 @@ def expand_ghosts(coef, inner, ga, ka, kb, width):
     the first ``ga`` ghosts, ``kb`` for the rest), as (G, r, width)."""
     num_ghosts, r, num_channels = coef.shape
     out = np.empty((num_ghosts, r, width))
+    step = num_channels * inner
     for g in range(num_ghosts):
         for i in range(r):
             values, row = coef[g, i], out[g, i]
             for m in range(ka if g < ga else kb):
-                j0 = m * num_channels * inner
-                if inner == 1:  # a loop that vectorizes (repeat_inner's, per channel, does not)
+                if inner > 1:
+                    repeat_inner(values, inner, row[m * step : (m + 1) * step])
+            if inner == 1:  # (N, C), channels-last: plain copies, in a loop that vectorizes
+                for m in range(ka if g < ga else kb):
                     for c in range(num_channels):
-                        row[j0 + c] = values[c]
-                else:
-                    repeat_inner(values, inner, row[j0 : j0 + num_channels * inner])
+                        row[m * step + c] = values[c]
     return out
 
 
@@ -317,9 +318,11 @@ def apply_ghosts(ge, xe, inner, coef, gie):
     (ga_, gb_), (xa, xb), (gia, gib) = ge, xe, gie
     depends_on_x = np.zeros(num_ghosts, np.bool_)  # per ghost, as apply_minor's
     for k in range(num_ghosts):
-        for c in range(num_channels):
-            if coef[k, 1, c] != 0.0 or coef[k, 2, c] != 0.0:
-                depends_on_x[k] = True
+        b, d = coef[k, 1], coef[k, 2]
+        nonzero = False
+        for c in range(num_channels):  # a reduction that vectorizes, not a branch per channel
+            nonzero |= (b[c] != 0.0) | (d[c] != 0.0)
+        depends_on_x[k] = nonzero
     for t in prange(chunk_count(xa, xb)):
         k, r0, r1 = ghost_chunk(np.int64(t), xa, xb)
         g2, x2, gi2 = ghost_of(ga_, gb_, k), ghost_of(xa, xb, k), ghost_of(gia, gib, k)
