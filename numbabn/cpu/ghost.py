@@ -60,7 +60,7 @@ def ghost_of(a, b, g):
     return b[g - a.shape[0]]
 
 
-@stage
+@leaf
 def ghost_task(task, ga, per_a, per_b):
     """Task ``task`` of a loop over ``per_a`` tasks for each of the first ``ga`` ghosts, then
     ``per_b`` for each of the others, as ``(ghost, task within the ghost)``."""
@@ -70,13 +70,13 @@ def ghost_task(task, ga, per_a, per_b):
     return ga + u // per_b, u % per_b
 
 
-@stage
-def ghost_plan(view, num_channels, inner):
-    """``(k, ct, ntiles, nsplit)`` of the ghosts of a reduction view (G', rows, width): the
-    super-rows and blocking (:func:`numbabn.cpu._plan.plan`) of a call on one ghost's
-    slice."""
-    k = super_rows(view.shape[2], num_channels, inner)
-    ct, ntiles, nsplit = plan(view.shape[1], k * num_channels, inner)
+@leaf
+def ghost_plan(shape, num_channels, inner):
+    """``(k, ct, ntiles, nsplit)`` of the ghosts of a reduction view of shape ``(G', rows,
+    width)``: the super-rows and blocking (:func:`numbabn.cpu._plan.plan`) of a call on one
+    ghost's slice."""
+    k = super_rows(shape[2], num_channels, inner)
+    ct, ntiles, nsplit = plan(shape[1], k * num_channels, inner)
     return k, ct, ntiles, nsplit
 
 
@@ -86,8 +86,8 @@ def ghost_partials(x, num_channels, inner):
     3, nsplit, k * C)`` as :func:`numbabn.cpu.stats.partials_minor` fills them; and the
     plans of both (:func:`ghost_plan`)."""
     xa, xb = x
-    plan_a = ghost_plan(xa, num_channels, inner)
-    plan_b = ghost_plan(xb, num_channels, inner)
+    plan_a = ghost_plan(xa.shape, num_channels, inner)
+    plan_b = ghost_plan(xb.shape, num_channels, inner)
     pa = np.empty((xa.shape[0], 3, plan_a[3], plan_a[0] * num_channels))
     pb = np.empty((xb.shape[0], 3, plan_b[3], plan_b[0] * num_channels))
     return (pa, pb), plan_a, plan_b
@@ -195,29 +195,42 @@ def expand_pair(coef, inner, xe):
 
 
 @stage
-def chunk_rows(view):
-    """``(rows per task, tasks per ghost)`` of an elementwise pass over the ghosts of
-    ``view`` (G', rows, width): tasks of about ``TASK_ELEMS`` values."""
-    step = max(1, TASK_ELEMS // max(view.shape[2], 1))
-    return step, (view.shape[1] + step - 1) // step
+def chunk_rows(shape):
+    """``(rows per task, tasks per ghost)`` of an elementwise pass over the ghosts of a view
+    of shape ``(G', rows, width)``: tasks of about ``TASK_ELEMS`` values."""
+    step = max(1, TASK_ELEMS // max(shape[2], 1))
+    return step, (shape[1] + step - 1) // step
 
 
-@stage
-def chunk_count(xa, xb):
-    """The tasks of an elementwise pass over the views ``(xa, xb)`` (:func:`ghost_chunk`)."""
-    return xa.shape[0] * chunk_rows(xa)[1] + xb.shape[0] * chunk_rows(xb)[1]
+@leaf
+def chunk_count(shape_a, shape_b):
+    """The tasks of an elementwise pass over the views of a pair of shapes ``shape_a`` and
+    ``shape_b`` (:func:`ghost_chunk`)."""
+    return shape_a[0] * chunk_rows(shape_a)[1] + shape_b[0] * chunk_rows(shape_b)[1]
 
 
-@stage
-def ghost_chunk(task, xa, xb):
-    """Task ``task`` of an elementwise pass over the views ``(xa, xb)``: ``(ghost, r0,
-    r1)``, rows ``[r0, r1)`` of that ghost's view."""
-    step_a, per_a = chunk_rows(xa)
-    step_b, per_b = chunk_rows(xb)
-    g, chunk = ghost_task(task, xa.shape[0], per_a, per_b)
-    step = step_a if g < xa.shape[0] else step_b
+@leaf
+def ghost_chunk(task, shape_a, shape_b):
+    """Task ``task`` of an elementwise pass over the views of a pair of shapes: ``(ghost, r0,
+    r1)``, rows ``[r0, r1)`` of that ghost's view.  Leaves on integers, as
+    :func:`ghost_task` and :func:`ghost_plan`: inlined, such steps multiplied the parallel
+    drivers' compile time."""
+    step_a, per_a = chunk_rows(shape_a)
+    step_b, per_b = chunk_rows(shape_b)
+    g, chunk = ghost_task(task, shape_a[0], per_a, per_b)
+    rows, step = (shape_a[1], step_a) if g < shape_a[0] else (shape_b[1], step_b)
     r0 = chunk * step
-    return g, r0, min(r0 + step, ghost_of(xa, xb, g).shape[0])
+    return g, r0, min(r0 + step, rows)
+
+
+@leaf
+def affine_rows(x2, a, b, r0, r1, y2):
+    """``y2[o] = x2[o] * a + b`` for rows ``o`` in ``[r0, r1)`` (float64 arithmetic, rounded
+    on store, as :func:`numbabn.cpu.forward.normalize_minor`).  A leaf: the parallel loop
+    that calls it compiles in a fraction of the time of one that holds it."""
+    for o in range(r0, r1):
+        for j in range(x2.shape[1]):
+            y2[o, j] = x2[o, j] * a[j] + b[j]
 
 
 @stage
@@ -226,14 +239,9 @@ def normalize_ghosts(xe, inner, coef, ye):
     coefficients ``coef[g]`` (2, C), as :func:`numbabn.cpu.forward.normalize_minor`."""
     ab = expand_pair(coef, inner, xe)
     (xa, xb), (ya, yb) = xe, ye
-    for t in prange(chunk_count(xa, xb)):
-        g, r0, r1 = ghost_chunk(np.int64(t), xa, xb)
-        x2, y2 = ghost_of(xa, xb, g), ghost_of(ya, yb, g)
-        a = ab[g, 0]
-        b = ab[g, 1]
-        for o in range(r0, r1):
-            for j in range(x2.shape[1]):
-                y2[o, j] = x2[o, j] * a[j] + b[j]
+    for t in prange(chunk_count(xa.shape, xb.shape)):
+        g, r0, r1 = ghost_chunk(np.int64(t), xa.shape, xb.shape)
+        affine_rows(ghost_of(xa, xb, g), ab[g, 0], ab[g, 1], r0, r1, ghost_of(ya, yb, g))
 
 
 @twin
@@ -309,6 +317,24 @@ def ghost_coefs(sums, n_a, n_b, ga, weight, mean, invstd, factors, rounded, coef
         add_ghost(grads, rounded, factors, g, total)
 
 
+@leaf
+def grad_rows(g2, x2, abd, depends_on_x, r0, r1, gi2):
+    """``grad_input = g * A + x * B + D`` for rows ``[r0, r1)``, ``abd`` the rows ``(A, B,
+    D)``; ``g * A`` where the input does not count (as
+    :func:`numbabn.cpu.backward.apply_minor`).  A leaf, as :func:`affine_rows`."""
+    a = abd[0]
+    b = abd[1]
+    d = abd[2]
+    if depends_on_x:
+        for o in range(r0, r1):
+            for j in range(x2.shape[1]):
+                gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
+    else:
+        for o in range(r0, r1):
+            for j in range(x2.shape[1]):
+                gi2[o, j] = g2[o, j] * a[j]
+
+
 @stage
 def apply_ghosts(ge, xe, inner, coef, gie):
     """``grad_input = g * A + x * B + D`` on every row of the elementwise views with its
@@ -323,20 +349,10 @@ def apply_ghosts(ge, xe, inner, coef, gie):
         for c in range(num_channels):  # a reduction that vectorizes, not a branch per channel
             nonzero |= (b[c] != 0.0) | (d[c] != 0.0)
         depends_on_x[k] = nonzero
-    for t in prange(chunk_count(xa, xb)):
-        k, r0, r1 = ghost_chunk(np.int64(t), xa, xb)
+    for t in prange(chunk_count(xa.shape, xb.shape)):
+        k, r0, r1 = ghost_chunk(np.int64(t), xa.shape, xb.shape)
         g2, x2, gi2 = ghost_of(ga_, gb_, k), ghost_of(xa, xb, k), ghost_of(gia, gib, k)
-        a = abd[k, 0]
-        b = abd[k, 1]
-        d = abd[k, 2]
-        if depends_on_x[k]:
-            for o in range(r0, r1):
-                for j in range(x2.shape[1]):
-                    gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]
-        else:
-            for o in range(r0, r1):
-                for j in range(x2.shape[1]):
-                    gi2[o, j] = g2[o, j] * a[j]
+        grad_rows(g2, x2, abd[k], depends_on_x[k], r0, r1, gi2)
 
 
 @twin
