@@ -4,16 +4,16 @@ no process built from them pays the first call's compile.
 
 Each kernel family (fused and row-wise channel-strided, channel-minor) runs its serial and
 parallel twins on a small array of each dtype through the public API: the training forward
-and backward (also with a mask, and with the fused ReLU and residual), the eval forward and
-backward and ``welford``, and the stages Dask's tasks and SyncBatchNorm call (``apply``,
-``grad_reduce``, ``grad_apply``).
+and backward (also with a mask, with the fused ReLU and residual, and for the channel-minor
+family as ghost batches), the eval forward and backward and ``welford``, and the stages
+Dask's tasks and SyncBatchNorm call (``apply``, ``grad_reduce``, ``grad_apply``).
 """
 
 import time
 
 import numpy as np
 
-from . import _config
+from . import _checks, _config
 
 #: ``(name, shape, axis)`` of the arrays that reach every (family, twin) pair: serial below
 #: ``PARALLEL_MIN_STRIDED`` / ``PARALLEL_MIN`` elements, parallel above.
@@ -64,6 +64,9 @@ def _run_case(shape, axis, dtype):
     relu = BatchNorm(shape[axis], axis=axis, dtype=dtype, activation="relu")
     relu.backward(relu(x, x))  # the activated kernels: every mode runs the same ones
     relu.eval()(x, x)
+    if _checks.shape3(shape, axis)[2] < _config.MIN_INNER:  # channel-minor: ghost batches' drivers
+        ghosts = BatchNorm(shape[axis], axis=axis, dtype=dtype, virtual_batch_size=shape[0] // 2)
+        ghosts.backward(ghosts(x))
     welford(x, axis=axis)
     coef = np.ones((2, shape[axis]))
     for parallel in (None, False):  # the size's twin, and the serial one Dask's tasks run

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _call, _checks
 from ._device import is_device
+from .cpu import api as _host
 from .stats import merge_parts
 
 
@@ -121,6 +122,9 @@ def forward(call, virtual_batch_size):
     _check(inp, virtual_batch_size)
     if call.mask is not None:
         raise NotImplementedError("virtual_batch_size and mask together are not supported: give one of them")
+    if inp.backend is _host and _host.ghosts_fit(inp) and not call.act:  # activated: a call per ghost
+        y, save = _host.ghost_forward(call, virtual_batch_size)
+        return y, save[0], save[1], save[2:].transpose(1, 0, 2)
     num_channels, stream = inp.num_channels, getattr(inp, "stream", None)
     dest, y = _output(inp, call.out)
     parts = slices(inp.shape[0], virtual_batch_size)
@@ -163,8 +167,6 @@ def _update_running(call, counts, means, m2s):
     parts = np.concatenate([counts[:, None], means, m2s], axis=1)
     stats = np.empty((3, num_channels))
     count = merge_parts(parts, stats)
-    from .cpu import api as _host
-
     # float64 copies of the buffers' values: the same arithmetic as the kernels' update,
     # rounded to the buffers' dtype once, by the write back.
     rm, rv = host(call.running_mean), host(call.running_var)
@@ -179,17 +181,23 @@ def backward(inp, grad_output, weight, save_mean, save_invstd, virtual_batch_siz
     sums added over the ghosts in order.  ``factors``: Batch Renormalization's ``(r, d)``,
     each ``(G, C)``."""
     _check(inp, virtual_batch_size)
-    parts = slices(inp.shape[0], virtual_batch_size)
+    num_ghosts = -(-inp.shape[0] // virtual_batch_size)
     num_channels, stream = inp.num_channels, getattr(inp, "stream", None)
-    save_mean = _per_ghost(save_mean, "save_mean", len(parts), num_channels)
-    save_invstd = _per_ghost(save_invstd, "save_invstd", len(parts), num_channels)
+    save_mean = _per_ghost(save_mean, "save_mean", num_ghosts, num_channels)
+    save_invstd = _per_ghost(save_invstd, "save_invstd", num_ghosts, num_channels)
     if factors is not None:
-        factors = tuple(_per_ghost(f, name, len(parts), num_channels) for f, name in zip(factors, "rd", strict=True))
+        factors = tuple(_per_ghost(f, name, num_ghosts, num_channels) for f, name in zip(factors, "rd", strict=True))
     # The checks of a plain backward call (grad_output, weight, out and their overlaps).
-    first = (on_device_of(inp, save_mean[0]), on_device_of(inp, save_invstd[0]))
+    first = (save_mean[0], save_invstd[0])
+    if inp.backend is not _host:
+        first = tuple(on_device_of(inp, a) for a in first)
     call = _call.backward_call(inp, grad_output, weight, *first, True, out)
-    dest, grad_input = _output(inp, call.out)
     w = np.ones(num_channels) if call.weight is None else host(call.weight)
+    if inp.backend is _host and _host.ghosts_fit(inp):
+        weights = w if factors is None else w * factors[0]
+        return _host.ghost_backward(call, virtual_batch_size, weights, save_mean, save_invstd, factors)
+    parts = slices(inp.shape[0], virtual_batch_size)
+    dest, grad_input = _output(inp, call.out)
     sums = np.zeros((3, num_channels))
     for g, (i0, i1) in enumerate(parts):
         ghost = _call.check_input(inp.x[i0:i1], inp.axis, stream)

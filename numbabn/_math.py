@@ -99,34 +99,46 @@ def renorm(mean, invstd, running_mean, running_var, eps, rmax, dmax):
 
 
 @stage
-def finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save):
+def channel_invstd(n, m2, eps):
+    """``invstd`` of statistics ``(n, M2)``: ``1 / sqrt(M2 / n + eps)``, the biased variance's."""
+    return invstd_of(m2 / n, eps)
+
+
+@stage
+def finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save):
     """Channel ``c``'s statistics ``(n, mean, M2)`` to its fold coefficients ``coef[:, c]``,
     saved ``(mean, invstd)`` and, when running buffers are given (non-empty), their EMA
     update: the biased variance normalizes, the unbiased one feeds ``running_var``.  More
     rows of ``save`` ask for ``M2`` and Batch Renormalization's ``(r, d)``
-    (:func:`save_rows`)."""
-    invstd = invstd_of(m2 / n, eps)
-    # Per-channel values widened to float64 first, so float16 ones (GPU layers) compute as
-    # the others do and the simulator's host calls of these stages never see a float16.
+    (:func:`save_rows`).  ``invstd`` is :func:`channel_invstd` of the statistics, which the
+    caller computes: the CPU's for every channel in a loop of its own, which vectorizes.
+
+    The running buffers are read and written in one branch: a CPU loop over channels that
+    inlines this step counted references to them in each of its iterations when they
+    appeared in two (Batch Renormalization's ``r`` and ``d``, then the update).  Per-channel
+    values are widened to float64 first, so float16 ones (GPU layers) compute as the others
+    do and the simulator's host calls of these stages never see a float16."""
     w = np.float64(weight[c])
     b = np.float64(bias[c])
     rows = save.shape[0]
-    if rows >= 4:
-        # Batch Renormalization: the last two rows bring (rmax, dmax) and take (r, d).
-        rm, rv = np.float64(running_mean[c]), np.float64(running_var[c])
-        r, d = renorm(mean, invstd, rm, rv, eps, save[rows - 2, c], save[rows - 1, c])
-        save[rows - 2, c] = r
-        save[rows - 1, c] = d
-        b = b + w * d
-        w = w * r
+    if running_mean.shape[0] > 0:
+        rm = np.float64(running_mean[c])
+        rv = np.float64(running_var[c])
+        if rows >= 4:
+            # Batch Renormalization (which has running buffers): the last two rows bring
+            # (rmax, dmax) and take (r, d), from the running statistics before the update.
+            r, d = renorm(mean, invstd, rm, rv, eps, save[rows - 2, c], save[rows - 1, c])
+            save[rows - 2, c] = r
+            save[rows - 1, c] = d
+            b = b + w * d
+            w = w * r
+        running_mean[c] = ema(rm, mean, momentum)
+        running_var[c] = ema(rv, unbiased(m2, n), momentum)
     if rows % 2 == 1:
         save[2, c] = m2  # asked for by ghost batches, which merge their statistics
     coef[0, c], coef[1, c] = fold(mean, invstd, w, b)
     save[0, c] = mean
     save[1, c] = invstd
-    if running_mean.shape[0] > 0:
-        running_mean[c] = ema(np.float64(running_mean[c]), mean, momentum)
-        running_var[c] = ema(np.float64(running_var[c]), unbiased(m2, n), momentum)
 
 
 @stage

@@ -23,7 +23,9 @@ import numbabn
 from numbabn import _jit
 shape, axis, steps = json.loads(sys.argv[1])
 x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-bn = numbabn.BatchNorm(shape[axis], axis=axis, activation="relu" if "relu" in steps else None)
+relu = "relu" if "relu" in steps else None
+ghosts = shape[0] // 8 if "ghosts" in steps else None
+bn = numbabn.BatchNorm(shape[axis], axis=axis, activation=relu, virtual_batch_size=ghosts)
 y = bn(x)
 if "backward" in steps:
     bn.backward(y)
@@ -63,8 +65,23 @@ def _compiled(shape, axis, steps):
             ["backward_fused.parallel", "relu_grad_flat.parallel", "train_act_fused.parallel"],
         ),
         ((256, 512), 1, ["relu"], ["apply_act_minor.parallel", "welford_minor.parallel"]),
+        # Ghost batches of a channel-minor input: their own drivers, nothing of batch norm's.
+        ((256, 512), 1, ["ghosts", "backward"], ["backward_ghosts_minor.parallel", "train_ghosts_minor.parallel"]),
+        ((64, 64), 1, ["ghosts"], ["train_ghosts_minor.serial"]),
     ],
-    ids=["nchw", "nchw-step", "nchw-rows", "nchw-small", "nhwc", "nc", "nc-small", "nchw-relu", "nc-relu"],
+    ids=[
+        "nchw",
+        "nchw-step",
+        "nchw-rows",
+        "nchw-small",
+        "nhwc",
+        "nc",
+        "nc-small",
+        "nchw-relu",
+        "nc-relu",
+        "nc-ghosts",
+        "nc-ghosts-small",
+    ],
 )
 def test_a_first_call_compiles_its_own_path(shape, axis, steps, drivers):
     assert _compiled(list(shape), axis, steps) == drivers
@@ -81,6 +98,9 @@ x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 bn = numbabn.BatchNorm(shape[axis], axis=axis)
 bn.backward(bn(x))
 numbabn.welford(x, axis=axis)
+if len(shape) == 2:  # channel-minor: ghost batches' drivers too
+    ghosts = numbabn.BatchNorm(shape[axis], axis=axis, virtual_batch_size=shape[0] // 8)
+    ghosts.backward(ghosts(x))
 leaves = {}
 for leaf in (stats.strided_rows, stats.minor_rows, backward.strided_grad_rows, backward.grad_columns):
     for cres in leaf.overloads.values():
@@ -118,6 +138,8 @@ def test_big_leaves_compile_once(shape, axis, tmp_path):
     ).stdout
     copies = json.loads(out)
     assert len(copies) >= 3  # the training, backward and welford drivers at least
+    if shape == (256, 512):
+        assert {"train_ghosts_minor.parallel", "backward_ghosts_minor.parallel"} <= set(copies)
     assert copies == {name: [] for name in copies}
 
 
@@ -143,6 +165,8 @@ event.register("numba:compile", rec)
 for shape in [(32, 64), (2048, 64), (2, 16, 2048), (2, 2, 16384)]:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     bn = numbabn.BatchNorm(shape[1]); y = bn(x); bn.backward(y); bn.eval()(x); numbabn.welford(x)
+    if len(shape) == 2:  # channel-minor: ghost batches' drivers too
+        bn = numbabn.BatchNorm(shape[1], virtual_batch_size=shape[0] // 2); bn.backward(bn(x))
 print(sum(1 for _, e in rec.buffer if e.is_start))
 """
     out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)

@@ -198,3 +198,105 @@ def test_dask_arrays_are_refused_clearly(rng):
     with pytest.raises(TypeError, match="virtual_batch_size takes NumPy or GPU arrays, got a Dask array"):
         numbabn.batch_norm_forward(x, None, None, rm, rv, virtual_batch_size=4)
     assert np.all(rm == 0) and np.all(rv == 1)
+
+
+# -- channel-minor inputs: every ghost in one host driver (numbabn.cpu.ghost) ---------------
+
+#: (shape, axis, virtual_batch_size): (N, C), channels-last, short rows (channel-minor with
+#: inner > 1, and several rows per sample), remainders, and sizes past ``PARALLEL_MIN`` so the
+#: parallel twins run.
+ONE_DRIVER = [
+    ((70, 6), 1, 4),
+    ((9, 5, 5, 6), -1, 4),
+    ((13, 4, 5), 1, 4),
+    ((10, 3, 4, 5), 2, 3),
+    ((256, 512), 1, 32),
+    ((70, 16, 16, 32), -1, 32),
+]
+ONE_DRIVER_IDS = ["nc", "nhwc", "short-rows", "rows-per-sample", "nc-parallel", "nhwc-parallel-remainder"]
+
+
+def _layer_step(rng, shape, axis, v, dtype, renorm):
+    """A layer's training forward and backward with ghost batches: every result."""
+    c = shape[axis]
+    bn = (
+        numbabn.BatchRenorm(c, axis=axis, dtype=dtype, rmax=1.2, dmax=0.3, virtual_batch_size=v)
+        if renorm
+        else numbabn.BatchNorm(c, axis=axis, dtype=dtype, virtual_batch_size=v)
+    )
+    w, b, rm, rv = make_params(rng, c, dtype)
+    bn.load_state_dict({"weight": w, "bias": b, "running_mean": rm, "running_var": 3 * rv}, strict=False)
+    x = make_input(rng, shape, axis, dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    out = {"y": bn(x), "grad_input": bn.backward(g)}
+    out |= {k: getattr(bn, k) for k in ("grad_weight", "grad_bias", "update_threshold", "running_mean", "running_var")}
+    if renorm:
+        out |= {"r": bn.r, "d": bn.d}
+    return out
+
+
+@pytest.mark.parametrize("renorm", [False, True], ids=["bn", "renorm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axis", "v"), ONE_DRIVER, ids=ONE_DRIVER_IDS)
+def test_one_driver_has_the_bits_of_a_call_per_ghost(monkeypatch, shape, axis, v, dtype, renorm):
+    """The one-driver path against one backend call per ghost (the path of every other
+    input, itself checked against calls on the slices above): every result, bit for bit,
+    Batch Renormalization's ``r`` and ``d`` and the running statistics included."""
+    from numbabn.cpu import api
+
+    assert api.ghosts_fit(api.Input(make_input(np.random.default_rng(0), shape, axis, dtype), axis, None))
+    one = _layer_step(np.random.default_rng(1), shape, axis, v, dtype, renorm)
+    monkeypatch.setattr(api, "ghosts_fit", lambda inp: False)
+    each = _layer_step(np.random.default_rng(1), shape, axis, v, dtype, renorm)
+    for k, a in each.items():
+        assert_bitwise(one[k], a, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axis", "v"), [ONE_DRIVER[1], ONE_DRIVER[5]], ids=["nhwc", "nhwc-parallel-remainder"]
+)
+def test_one_driver_is_the_calls_on_the_slices(rng, shape, axis, v, dtype):
+    """Each ghost's output, saved statistics and ``grad_input`` are those of calls on its
+    slice; ``grad_weight`` and ``grad_bias`` are theirs (in the input's dtype, as those calls
+    return them) added in order in float64."""
+    num_channels = shape[axis]
+    w, b, _, _ = make_params(rng, num_channels, dtype)
+    x = make_input(rng, shape, axis, dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    y, mean, invstd = numbabn.batch_norm_forward(x, w, b, axis=axis, virtual_batch_size=v)
+    gi, gw, gb = numbabn.batch_norm_backward(g, x, w, mean, invstd, axis=axis, virtual_batch_size=v)
+    sums = np.zeros((2, num_channels))
+    for k, (i0, i1) in enumerate(ghosts(shape[0], v)):
+        y_k, mean_k, invstd_k = numbabn.batch_norm_forward(x[i0:i1], w, b, axis=axis)
+        gi_k, gw_k, gb_k = numbabn.batch_norm_backward(g[i0:i1], x[i0:i1], w, mean_k, invstd_k, axis=axis)
+        for name, got, want in (("y", y[i0:i1], y_k), ("mean", mean[k], mean_k), ("invstd", invstd[k], invstd_k)):
+            assert_bitwise(got, want, name)
+        assert_bitwise(gi[i0:i1], gi_k, "grad_input")
+        sums += (gw_k, gb_k)
+    assert_bitwise(gw, sums[0].astype(dtype), "grad_weight")
+    assert_bitwise(gb, sums[1].astype(dtype), "grad_bias")
+
+
+def test_one_driver_writes_out_in_place_too(rng):
+    """``out=`` (the input itself too) and an F-ordered input (one call per ghost) give the
+    one-driver path's values."""
+    shape, axis, v = (70, 16, 16, 32), -1, 32
+    x = make_input(rng, shape, axis, np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    y, mean, invstd = numbabn.batch_norm_forward(x, axis=axis, virtual_batch_size=v)
+    gi = numbabn.batch_norm_backward(g, x, None, mean, invstd, axis=axis, virtual_batch_size=v)[0]
+    out = np.empty_like(x)
+    assert numbabn.batch_norm_forward(x, axis=axis, virtual_batch_size=v, out=out)[0] is out
+    assert_bitwise(out, y)
+    grad_out = np.empty_like(x)
+    assert (
+        numbabn.batch_norm_backward(g, x, None, mean, invstd, axis=axis, virtual_batch_size=v, out=grad_out)[0]
+        is grad_out
+    )
+    assert_bitwise(grad_out, gi)
+    f = np.asfortranarray(x)
+    assert_bitwise(np.ascontiguousarray(numbabn.batch_norm_forward(f, axis=axis, virtual_batch_size=v)[0]), y)
+    inplace = x.copy()
+    numbabn.batch_norm_forward(inplace, axis=axis, virtual_batch_size=v, out=inplace)
+    assert_bitwise(inplace, y)

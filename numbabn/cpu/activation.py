@@ -18,7 +18,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import indirect, stage, twin
-from .._math import finish_channel
+from .._math import channel_invstd, finish_channel
 from ._half import put, value
 from ._plan import expand, super_rows
 from .forward import eval_coefs, finish_channels
@@ -94,7 +94,8 @@ def train_act_fused(rows_at, x3, z3, mode, weight, bias, running_mean, running_v
     for cc in prange(num_channels):
         c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
         n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, np.int64(0), outer))
-        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        invstd = channel_invstd(n, m2, eps)
+        finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
             act_row(x3[o, c], z3[o, c], coef[0, c], coef[1, c], mode, y3[o, c])
 

@@ -12,14 +12,16 @@ import numpy as np
 
 from .. import _checks, _mask
 from .._backend import PartBackend
-from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED
+from .._config import MIN_INNER, PARALLEL_MIN, PARALLEL_MIN_STRIDED, WIDEN_TO
 from .._device import host_stream
 from .._math import save_rows
+from .._memo import bounded_put
 from ..stats import payload as _payload
 from . import _half, _plan
 from . import activation as _act
 from . import backward as _bwd
 from . import forward as _fwd
+from . import ghost as _ghost
 from . import masked as _masked
 from . import stats as _stats
 
@@ -442,6 +444,122 @@ def backward_with_sums(call, sums, n):
     if call.mask is not None:
         return _masked_backward(call, sums, n)
     return _backward(call, _bwd.backward_with_sums, sums, float(n))
+
+
+# -- ghost batches (numbabn._ghost) on channel-minor layouts: every ghost in one driver call ----
+
+
+def ghosts_fit(inp):
+    """Whether a checked :class:`Input`'s ghost batches run in one driver call
+    (:mod:`numbabn.cpu.ghost`): a C-contiguous, channel-minor input with values.  Other
+    inputs run one call per ghost."""
+    return inp.c_order and not inp.layout.strided and inp.x.size > 0
+
+
+def ghost_forward(call, virtual_batch_size):
+    """``(output, save)`` of a checked training :class:`numbabn._call.ForwardCall` of an input
+    that :func:`ghosts_fit`, run as ghost batches: ``save`` (rows, G, C) float64 holds each
+    ghost's rows of :func:`numbabn._math.save_rows` (mean, invstd, M2, then ``r`` and ``d``
+    with ``call.limits``); the running statistics take one update."""
+    inp = call.inp
+    x, dtype, num_channels = inp.x, inp.param_dtype, inp.num_channels
+    dest = np.empty_like(x) if call.out is None else _checks.output_for(x, call.out)
+    w, b = _affine(call.weight, call.bias, num_channels, dtype)
+    num_ghosts, views = _ghost_views(inp, virtual_batch_size)
+    rows = save_rows(call.limits, num_channels, True)
+    save = np.empty((rows.shape[0], num_ghosts, num_channels))
+    save[3:] = rows[3:, None]  # Batch Renormalization's limits, where asked
+    rm, rv = _buffers(call.running_mean, call.running_var, dtype)
+    (x2, xe), (_, ye) = views(x), views(dest)
+    _ghost.forward_train_ghosts(inp.parallel, x2, inp.layout.inner, w, b, rm, rv, call.momentum, call.eps, xe, ye, save)
+    if rm is not call.running_mean or rv is not call.running_var:
+        _write_back(call.running_mean, rm)
+        _write_back(call.running_var, rv)
+    return deliver(dest, call.out), save
+
+
+def ghost_backward(call, virtual_batch_size, weights, save_mean, save_invstd, factors):
+    """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a checked training
+    :class:`numbabn._call.BackwardCall` of an input that :func:`ghosts_fit`, run as ghost
+    batches: ghost ``g`` with weight ``weights[g]`` (or ``weights`` for all, ``(C,)``) and saved ``save_mean[g]`` and
+    ``save_invstd[g]`` (``(G, C)`` host arrays), Batch Renormalization's ``factors`` ``(r,
+    d)`` (each ``(G, C)``) or None; the per-channel sums added over the ghosts in order."""
+    inp = call.inp
+    x, dtype, num_channels = inp.x, inp.param_dtype, inp.num_channels
+    g = _same_order(call.grad_output, x)
+    dest = _checks.output_for(x, call.out, g)
+    num_ghosts, views = _ghost_views(inp, virtual_batch_size)
+    scale = np.empty((num_ghosts, num_channels), dtype)
+    scale[...] = weights  # rounded to the parameters' dtype, as each ghost's own call takes them
+    if factors is None:
+        factors = np.empty((0, num_ghosts, num_channels))
+    else:
+        factors = np.ascontiguousarray(np.stack(factors), dtype=np.float64)
+    total = np.empty((3, num_channels))
+    (g2, ge), (x2, xe), (_, gie) = views(g), views(x), views(dest)
+    mean, invstd = _saved(save_mean), _saved(save_invstd)
+    _ghost.backward_ghosts(inp.parallel, g2, x2, inp.layout.inner, scale, mean, invstd, factors, ge, xe, gie, total)
+    affine = total[:2].astype(dtype)  # one conversion for both
+    return deliver(dest, call.out), affine[0], affine[1], total[2]
+
+
+def _ghost_views(inp, virtual_batch_size):
+    """``(G, views)``: the number of ghosts of a checked :class:`Input` that
+    :func:`ghosts_fit`, and ``views(a)``, the reduction and elementwise view pairs
+    (:mod:`numbabn.cpu.ghost`) of an array ``a`` of the input's shape and C order."""
+    key = (inp.shape, inp.axis, inp.dtype.itemsize, virtual_batch_size)
+    geometry = _GHOSTS.get(key)
+    if geometry is None:
+        geometry = bounded_put(
+            _GHOSTS, key, _ghost_geometry(inp.shape, inp.axis, inp.dtype.itemsize, virtual_batch_size)
+        )
+    num_ghosts, size, shapes = geometry
+
+    def views(a):
+        flat = _half.bits(a).reshape(-1)
+        head, tail = flat[:size], flat[size:]
+        pairs = []
+        for full, rest in shapes:
+            a3 = head.reshape(full)
+            pairs.append((a3, tail.reshape(rest) if rest else a3[:0]))
+        return pairs
+
+    return num_ghosts, views
+
+
+def _ghost_geometry(shape, axis, itemsize, virtual_batch_size):
+    """``(G, size, shapes)`` of :func:`_ghost_views`: ``size`` values in the ghosts of
+    ``virtual_batch_size`` samples, and the 3-D shapes of the reduction and the elementwise
+    views of those ghosts and of the remainder (None without one)."""
+    n = shape[0]
+    full, rest = divmod(n, virtual_batch_size)
+    outer, num_channels, inner = _checks.shape3(shape, axis)
+    per = outer // n  # rows of the (outer, C * inner) view per sample
+    width = num_channels * inner
+
+    def reduction(rows):  # a call on the slice's own view
+        return _plan.layout((rows, num_channels, inner), itemsize).view
+
+    def elementwise(rows):
+        return _elementwise_view(rows, width)
+
+    shapes = [
+        ((full, *view(virtual_batch_size * per)), (1, *view(rest * per)) if rest else None)
+        for view in (reduction, elementwise)
+    ]
+    return full + bool(rest), full * virtual_batch_size * per * width, shapes
+
+
+def _elementwise_view(rows, width):
+    """The super-rows of an elementwise pass over ``rows`` rows of ``width`` values: ``k``
+    rows each, the most that divides ``rows`` with ``k * width <= WIDEN_TO``."""
+    k = max(1, min(rows, WIDEN_TO // max(width, 1)))
+    while rows % k:
+        k -= 1
+    return rows // k, k * width
+
+
+_GHOSTS = {}
 
 
 def parallel_for(size, inner):

@@ -106,6 +106,24 @@ def sums_strided(rows_at, g3, x3, mean, sums):
 
 
 @stage
+def grad_partial(rows_at, g2, x2, num_channels, inner, centre, nsplit, ct, ntiles, task, part):
+    """Task ``task``, ``(split, tile)``, of :func:`sums_minor` (``num_channels`` counted in
+    pseudo-channels, ``centre`` the mean along a super-row): ``ct`` whole channels over a
+    row range (:func:`grad_columns`) into ``part[:, split]``."""
+    split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, x2.shape[0], num_channels)
+    j0 = c0 * inner
+    width = nc * inner
+    acc = np.zeros(3 * width)  # one allocation: small calls pay for each
+    acc_g = acc[:width]
+    acc_gx = acc[width : 2 * width]
+    acc_ga = acc[2 * width :]
+    indirect(grad_columns, rows_at, (g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga))
+    sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
+    sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
+    sum_inner(acc_ga, inner, part[2, split, c0 : c0 + nc])
+
+
+@stage
 def sums_minor(rows_at, g2, x2, inner, mean, sums):
     """The same on channel-minor views ``g2`` and ``x2`` (outer // k, k * C * inner)."""
     num_channels = mean.shape[0]
@@ -116,17 +134,7 @@ def sums_minor(rows_at, g2, x2, inner, mean, sums):
     centre = expand(mean, inner, k)
     for t in prange(nsplit * ntiles):
         task = np.int64(t)  # int64, as in the serial twin (see stats.partials_strided)
-        split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, rows_k, chans_k)
-        j0 = c0 * inner
-        width = nc * inner
-        acc = np.zeros(3 * width)  # one allocation: small calls pay for each
-        acc_g = acc[:width]
-        acc_gx = acc[width : 2 * width]
-        acc_ga = acc[2 * width :]
-        indirect(grad_columns, rows_at, (g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga))
-        sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
-        sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
-        sum_inner(acc_ga, inner, part[2, split, c0 : c0 + nc])
+        grad_partial(rows_at, g2, x2, chans_k, inner, centre, nsplit, ct, ntiles, task, part)
     add_partials(part, k, sums)
 
 

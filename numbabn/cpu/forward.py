@@ -21,7 +21,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import indirect, leaf, stage, twin
-from .._math import finish_channel, fold, invstd_of
+from .._math import channel_invstd, finish_channel, fold, invstd_of
 from ._half import put, value
 from ._plan import expand, super_rows
 from .stats import minor_rows, stats_minor, stats_strided, strided_rows
@@ -62,11 +62,15 @@ def normalize_minor(x2, inner, coef, y2):
 @leaf
 def finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save):
     """:func:`numbabn._math.finish_channel` of every channel (``stats`` (3, C): count, mean,
-    M2).  A compiled function of its own: inlined into the driver, the same loop ran slower."""
+    M2).  A compiled function of its own: inlined into the driver, the same loop ran slower.
+    Every ``invstd`` first, into ``save[1]``, in a loop of its own: its divisions and square
+    roots then run several channels at once."""
+    invstd = save[1]
     for c in range(stats.shape[1]):
-        finish_channel(
-            c, stats[0, c], stats[1, c], stats[2, c], weight, bias, running_mean, running_var, momentum, eps, coef, save
-        )
+        invstd[c] = channel_invstd(stats[0, c], stats[2, c], eps)
+    for c in range(stats.shape[1]):
+        n, mean, m2 = stats[0, c], stats[1, c], stats[2, c]
+        finish_channel(c, n, mean, m2, invstd[c], weight, bias, running_mean, running_var, momentum, eps, coef, save)
 
 
 @leaf
@@ -89,7 +93,8 @@ def train_fused(rows_at, x3, weight, bias, running_mean, running_var, momentum, 
     for cc in prange(num_channels):
         c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
         n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, np.int64(0), outer))
-        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        invstd = channel_invstd(n, m2, eps)
+        finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
             affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 

@@ -17,7 +17,7 @@ from numba import prange
 
 from .._config import BLOCK
 from .._jit import leaf, stage, twin
-from .._math import chan_merge, chan_merge_channels, finish_channel
+from .._math import chan_merge, chan_merge_channels, channel_invstd, finish_channel
 from . import backward as _bwd
 from . import forward as _fwd
 from ._half import put, value
@@ -166,7 +166,8 @@ def train_masked_fused(x3, mk, weight, bias, running_mean, running_var, momentum
     for cc in prange(num_channels):
         c = np.int64(cc)
         n, mean, m2 = masked_strided_rows(x3, mk, c, np.int64(0), outer)
-        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        invstd = channel_invstd(n, m2, eps)
+        finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
             affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 

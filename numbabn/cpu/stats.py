@@ -186,13 +186,17 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     if r1 <= r0 or width == 0:  # no values (rows of zero width when inner == 0)
         return n
     # The first block's shift: each channel's mean over its first (up to) four rows, so a
-    # lone outlier there moves it by a quarter only.
+    # lone outlier there moves it by a quarter only.  Row by row, so the loop over channels
+    # vectorizes (channel by channel it read one value per row).
     head = min(4, r1 - r0)
     for c in range(nc):
-        h = 0.0
-        for r in range(r0, r0 + head):
-            h += value(x2[r], j0 + c * inner)
-        centre[c] = h / head
+        centre[c] = 0.0
+    for r in range(r0, r0 + head):
+        xr = x2[r, j0:]
+        for c in range(nc):
+            centre[c] += value(xr, c * inner)
+    for c in range(nc):
+        centre[c] = centre[c] / head
     keep = 1.0 - 1.0 / SHIFT_CANCEL
     b0 = r0
     while b0 < r1:
@@ -225,20 +229,26 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
 
 
 @stage
+def minor_partial(rows_at, x2, num_channels, inner, nsplit, ct, ntiles, task, part):
+    """Task ``task``, ``(split, tile)``, of :func:`partials_minor`: ``ct`` whole channels of
+    ``x2`` over a row range (:func:`minor_rows`) into ``part[:, split]``."""
+    split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, x2.shape[0], num_channels)
+    n = indirect(
+        minor_rows,
+        rows_at,
+        (x2, r0, r1, c0 * inner, nc, inner, part[1, split, c0 : c0 + nc], part[2, split, c0 : c0 + nc]),
+    )
+    part[0, split, c0 : c0 + nc] = n
+
+
+@stage
 def partials_minor(rows_at, x2, num_channels, inner, nsplit, ct, ntiles, part):
     """Channel-minor partials of the ``(outer, C * inner)`` view ``x2`` (``C`` counted in
     pseudo-channels of super-rows): task ``(split, tile)`` reduces ``ct`` whole channels over
     a row range (:func:`minor_rows`)."""
-    outer = x2.shape[0]
     for t in prange(nsplit * ntiles):
         task = np.int64(t)  # int64, as in the serial twin (see partials_strided)
-        split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, outer, num_channels)
-        n = indirect(
-            minor_rows,
-            rows_at,
-            (x2, r0, r1, c0 * inner, nc, inner, part[1, split, c0 : c0 + nc], part[2, split, c0 : c0 + nc]),
-        )
-        part[0, split, c0 : c0 + nc] = n
+        minor_partial(rows_at, x2, num_channels, inner, nsplit, ct, ntiles, task, part)
 
 
 @leaf

@@ -10,8 +10,8 @@ float32 precision when ``|mean| / std`` is large; float16 data computes in float
 
 from numba import cuda, float64
 
+from .._math import channel_invstd, fold, invstd_of
 from .._math import finish_channel as _finish_channel
-from .._math import fold, invstd_of
 from . import _arrays, _launch
 from ._plan import CHUNK, coef_dtype, columns, elementwise, launch_1d, one_block, per_channel_blocks, plan
 from .stats import block_partial, channel_partials, chunk_pair, partials
@@ -27,7 +27,21 @@ def finish_channels(part, q, weight, bias, running_mean, running_var, momentum, 
     c = cuda.blockIdx.x
     n, mean, m2 = channel_partials(part, q, c, True)
     if cuda.threadIdx.x == 0:
-        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        finish_channel(
+            c,
+            n,
+            mean,
+            m2,
+            channel_invstd(n, m2, eps),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            coef,
+            save,
+        )
 
 
 @cuda.jit
@@ -128,7 +142,21 @@ def train_strided(x3, part, weight, bias, running_mean, running_var, momentum, e
     block_partial(n, mean, m2, 0, ty * bx + tx, 1, bx * by, True, part, 0, c)
     if tx == 0 and ty == 0:  # the thread that wrote the channel's partial
         n, mean, m2 = part[0, 0, c], part[1, 0, c], part[2, 0, c]
-        finish_channel(c, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        finish_channel(
+            c,
+            n,
+            mean,
+            m2,
+            channel_invstd(n, m2, eps),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            coef,
+            save,
+        )
     cuda.syncthreads()
     a = coef[0, c]
     b = coef[1, c]
@@ -159,7 +187,21 @@ def train_minor(x2, part, weight, bias, running_mean, running_var, momentum, eps
     block_partial(n, mean, m2, tx, ty, bx, by, True, part, 0, j if j < width else -1)
     if ty == 0 and j < width:  # the thread that wrote the column's partial
         n, mean, m2 = part[0, 0, j], part[1, 0, j], part[2, 0, j]
-        finish_channel(j, n, mean, m2, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        finish_channel(
+            j,
+            n,
+            mean,
+            m2,
+            channel_invstd(n, m2, eps),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            coef,
+            save,
+        )
     cuda.syncthreads()
     if j < width:
         a = coef[0, j]
