@@ -138,7 +138,7 @@ def test_matches_pytorch_float16_on_the_cpu(rng):
     np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["mask", "relu", "ghost", "renorm"])
+@pytest.mark.parametrize("variant", ["mask", "relu", "ghost", "ghost-minor", "renorm"])
 def test_variants_take_float16(rng, variant):
     x = make_input(rng, (12, 5, 8), 1, F16)
     x64 = x.astype(np.float64)
@@ -153,6 +153,13 @@ def test_variants_take_float16(rng, variant):
     elif variant == "ghost":
         y = numbabn.BatchNorm(5, virtual_batch_size=5)(x)
         y64 = numbabn.BatchNorm(5, dtype=np.float64, virtual_batch_size=5)(x64)
+    elif variant == "ghost-minor":  # (N, C): every ghost in one driver
+        x = make_input(rng, (40, 5), 1, F16)
+        layer = numbabn.BatchNorm(5, virtual_batch_size=8)
+        y = layer(x)
+        y64 = numbabn.BatchNorm(5, dtype=np.float64, virtual_batch_size=8)(x.astype(np.float64))
+        gi = layer.backward(np.ones_like(y))
+        assert gi.dtype == F16 and layer.grad_weight.dtype == F32
     else:
         layer = numbabn.BatchRenorm(5, rmax=1.5, dmax=0.5)
         layer.running_mean[...] = 1.0
