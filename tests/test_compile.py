@@ -64,7 +64,7 @@ def _compiled(shape, axis, steps):
             ["relu", "backward"],
             ["backward_fused.parallel", "relu_grad_flat.parallel", "train_act_fused.parallel"],
         ),
-        ((256, 512), 1, ["relu"], ["apply_act_minor.parallel", "welford_minor.parallel"]),
+        ((256, 512), 1, ["relu"], ["train_act_minor.parallel"]),
         # Ghost batches of a channel-minor input: their own drivers, nothing of batch norm's.
         ((256, 512), 1, ["ghosts", "backward"], ["backward_ghosts_minor.parallel", "train_ghosts_minor.parallel"]),
         ((64, 64), 1, ["ghosts"], ["train_ghosts_minor.serial"]),

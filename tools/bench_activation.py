@@ -68,15 +68,19 @@ def main():
         g = rng.standard_normal(shape).astype(np.float32)
         plain, relu, fused = (numbabn.BatchNorm(c, axis=axis, activation=act) for act in (None, "relu", "relu"))
         npbn = numbabn.BatchNorm(c, axis=axis)
+        # Each output is kept until the next call's exists, as a network keeps it for the next
+        # layer (and the activated layers keep it for their backward): every contender then
+        # writes fresh memory alike.
+        kept = {}
         fns = {
-            "bn": lambda plain=plain, x=x: plain(x),
-            "relu": lambda relu=relu, x=x: relu(x),
-            "add+relu": lambda fused=fused, x=x, z=z: fused(x, z),
-            "numpy": lambda npbn=npbn, x=x, z=z: np.maximum(npbn(x) + z, 0),
+            "bn": lambda plain=plain, x=x, kept=kept: kept.update(bn=plain(x)),
+            "relu": lambda relu=relu, x=x, kept=kept: kept.update(relu=relu(x)),
+            "add+relu": lambda fused=fused, x=x, z=z, kept=kept: kept.update(add=fused(x, z)),
+            "numpy": lambda npbn=npbn, x=x, z=z, kept=kept: kept.update(numpy=np.maximum(npbn(x) + z, 0)),
         }
         pt = torch_forward(shape, axis)
         if pt is not None:
-            fns["torch"] = pt
+            fns["torch"] = lambda pt=pt, kept=kept: kept.update(torch=pt())
         t = {k: v * 1e6 for k, v in interleaved(fns, budget=a.budget).items()}
         bound = (passes + 1) / passes
         torch_t = t.get("torch", float("nan"))
