@@ -371,8 +371,14 @@ def masked_oracle(x, mask, w, b, g, eps, axis):
 MASK_CASES = [(np.float32, "numpy"), (np.float64, "device")]
 
 
-@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
-@pytest.mark.parametrize("dtype,kind", MASK_CASES, ids=["float32-numpy-mask", "float64-device-mask"])
+#: Each layout once, the mask kinds and dtypes taking turns (the simulator is slow).
+MASKED_LAYOUTS = [
+    pytest.param(shape, axis, *MASK_CASES[i % 2], id=f"{_ids([(shape, axis)])[0]}-{MASK_CASES[i % 2][1]}")
+    for i, (shape, axis) in enumerate(LAYOUTS)
+]
+
+
+@pytest.mark.parametrize("shape,axis,dtype,kind", MASKED_LAYOUTS)
 def test_masked_forward_backward_match_oracle_and_cpu(rng, shape, axis, dtype, kind):
     """Masked training forward (NaN padding reaching no statistic) and backward on the GPU
     against the float64 oracle and the host kernels, both kinds of mask."""
@@ -414,7 +420,7 @@ def test_masked_forward_backward_match_oracle_and_cpu(rng, shape, axis, dtype, k
     assert_close(host(gw), cgw, dtype, scale=x.size // c)
 
 
-@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=_ids(LAYOUTS))
+@pytest.mark.parametrize("shape,axis", LAYOUTS[:3], ids=_ids(LAYOUTS[:3]))
 def test_a_mask_keeping_everything_gives_the_unmasked_bits(rng, shape, axis):
     """With every value kept the masked kernels make the unmasked ones' arithmetic: the same
     outputs, statistics, running statistics and gradients, bit for bit."""

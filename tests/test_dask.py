@@ -373,7 +373,7 @@ def _bad_forward_cases():
     masked = da.ma.masked_array(da.zeros((4, 3, 5), dtype=np.float32, chunks=2))
     return [
         # The NumPy path's checks, through the Dask backend.
-        ("dtype", lambda a: {"input": int_x}, TypeError, "input must have dtype float32 or float64"),
+        ("dtype", lambda a: {"input": int_x}, TypeError, "input must have dtype float32, float64 or float16"),
         ("1-d", lambda a: {"input": da.zeros(5, chunks=2)}, ValueError, "at least 2 dimensions"),
         ("axis", lambda a: {"axis": 3}, ValueError, "axis must be in [-3, 3)"),
         ("stream", lambda a: {"stream": 0}, ValueError, "stream applies to GPU arrays only"),

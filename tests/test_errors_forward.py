@@ -21,8 +21,8 @@ def test_input_needs_two_dims(call, shape, rng):
 
 
 @pytest.mark.parametrize("call", FORWARD)
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, np.complex128, np.complex64, np.float16])
-def test_input_dtype_must_be_float32_or_float64(call, dtype, rng):
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, np.complex128, np.complex64])
+def test_input_dtype_must_be_floating(call, dtype, rng):
     s = State(rng)
     x = np.ones(SHAPE, dtype)
     with raises(TypeError, "input", f"got {np.dtype(dtype)}"):
