@@ -55,6 +55,7 @@ class Input:
         "num_channels",
         "dtype",
         "param_dtype",
+        "half",
         "shape",
         "layout",
         "c_order",
@@ -80,6 +81,7 @@ class Input:
         self.num_channels = shape[axis]
         self.dtype = x.dtype
         self.param_dtype = _checks.param_dtype(x.dtype)
+        self.half = self.param_dtype is not x.dtype  # float16: the kernels take its bits
         self.layout = lay = layout_of(x, axis, c_order)
         self.parallel = parallel_for(x.size, lay.inner)
 
@@ -114,7 +116,8 @@ class Input:
     def view(self, a):
         """The kernels' view of ``a``, an array of ``x``'s shape and memory order (float16
         data as its bits)."""
-        a = _half.bits(a)
+        if self.half:
+            a = a.view(_half.BITS)
         return a.reshape(self.layout.view) if self.c_order else a.T.reshape(self.layout.view)
 
 
@@ -385,7 +388,8 @@ def relu_grad(inp, grad_output, output):
 def _flat(inp, a):
     """A flat view of ``a``, of ``inp``'s shape and memory order (C- or F-contiguous; float16
     data as its bits)."""
-    a = _half.bits(a)
+    if inp.half:
+        a = a.view(_half.BITS)
     return a.reshape(-1) if inp.c_order else a.T.reshape(-1)
 
 

@@ -27,21 +27,8 @@ def finish_channels(part, q, weight, bias, running_mean, running_var, momentum, 
     c = cuda.blockIdx.x
     n, mean, m2 = channel_partials(part, q, c, True)
     if cuda.threadIdx.x == 0:
-        finish_channel(
-            c,
-            n,
-            mean,
-            m2,
-            channel_invstd(n, m2, eps),
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            momentum,
-            eps,
-            coef,
-            save,
-        )
+        invstd = channel_invstd(n, m2, eps)
+        finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
 
 
 @cuda.jit
@@ -142,21 +129,8 @@ def train_strided(x3, part, weight, bias, running_mean, running_var, momentum, e
     block_partial(n, mean, m2, 0, ty * bx + tx, 1, bx * by, True, part, 0, c)
     if tx == 0 and ty == 0:  # the thread that wrote the channel's partial
         n, mean, m2 = part[0, 0, c], part[1, 0, c], part[2, 0, c]
-        finish_channel(
-            c,
-            n,
-            mean,
-            m2,
-            channel_invstd(n, m2, eps),
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            momentum,
-            eps,
-            coef,
-            save,
-        )
+        invstd = channel_invstd(n, m2, eps)
+        finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     cuda.syncthreads()
     a = coef[0, c]
     b = coef[1, c]
@@ -187,21 +161,8 @@ def train_minor(x2, part, weight, bias, running_mean, running_var, momentum, eps
     block_partial(n, mean, m2, tx, ty, bx, by, True, part, 0, j if j < width else -1)
     if ty == 0 and j < width:  # the thread that wrote the column's partial
         n, mean, m2 = part[0, 0, j], part[1, 0, j], part[2, 0, j]
-        finish_channel(
-            j,
-            n,
-            mean,
-            m2,
-            channel_invstd(n, m2, eps),
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            momentum,
-            eps,
-            coef,
-            save,
-        )
+        invstd = channel_invstd(n, m2, eps)
+        finish_channel(j, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
     cuda.syncthreads()
     if j < width:
         a = coef[0, j]
