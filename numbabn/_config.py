@@ -47,6 +47,18 @@ MINOR_ROWS = 64
 #: first sweep found.  Changes which blocks take the second sweep, never the precision bound.
 SHIFT_CANCEL = 16.0
 
+#: The same for float32 and float16 data, whose blocks are summed in float32 lanes: a block
+#: may cancel at most 2 bits of its float32 sums before its second sweep (docs/math.rst).
+SHIFT_CANCEL_32 = 4.0
+
+#: A channel-minor reduction's first shift is each channel's mean over its first HEAD_ROWS
+#: rows (later blocks shift by the previous block's mean).
+HEAD_ROWS = 8
+
+#: A float32 block whose sum of squares is below this (per row of the block) and not an
+#: exact zero is summed again in float64: its squares may have lost bits to underflow.
+TINY_SQUARES = 2.0**-100
+
 #: Channel-strided passes take one whole channel per task, and revisit its slice while it is
 #: in L2 (the cached case of docs/design.rst's byte model), when a channel's slice is at most
 #: this many bytes and there are at least FUSE_CHANNELS channels to share among the cores.

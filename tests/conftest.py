@@ -190,8 +190,15 @@ DTYPES = [np.float32, np.float64]
 #: Relative tolerance (to the float64 oracle's scale) of values rounded to the input dtype.
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
-#: Statistics are computed in float64 whatever the input dtype.
-STATS_RTOL = 1e-11
+#: Statistics: float64 data is summed in float64; float32 and float16 data in float32 lanes
+#: whose block partials merge in float64 (docs/math.rst): the mean within this many of its
+#: standard deviations, the variance within it relative.
+STATS_RTOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-6, np.dtype(np.float16): 1e-6}
+
+
+def stats_rtol(dtype):
+    """The statistics' tolerance for data of ``dtype`` (:data:`STATS_RTOL`)."""
+    return STATS_RTOL[np.dtype(dtype)]
 
 
 def layout_params(layouts=LAYOUTS):

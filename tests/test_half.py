@@ -85,7 +85,8 @@ def test_forward_and_backward_match_the_oracle(rng, lay, training):
     y64, mean64, invstd64, rm64, rv64 = ref_forward(x, w, b, rm1, rv1, training, 0.1, 1e-5, lay.axis)
     assert y.dtype == F16 and mean.dtype == np.float64
     assert_ulps(y, y64)
-    np.testing.assert_allclose(mean, mean64, rtol=1e-12, atol=1e-12)
+    # Statistics of float16 data run in float32 lanes: within 1e-6 standard deviations.
+    np.testing.assert_allclose(mean, mean64, rtol=0, atol=1e-6 * float(np.max(1 / invstd64)))
     assert rm.dtype == F32
     np.testing.assert_allclose(rm, rm64, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(rv, rv64, rtol=1e-6, atol=1e-6)

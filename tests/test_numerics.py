@@ -7,7 +7,6 @@ import pytest
 import reference
 from conftest import (
     PARALLEL_MIN,
-    STATS_RTOL,
     TRAINING,
     Layout,
     assert_close,
@@ -19,6 +18,7 @@ from conftest import (
     make_input,
     make_params,
     reduce_axes,
+    stats_rtol,
 )
 
 import numbabn
@@ -54,12 +54,16 @@ def test_large_mean_is_stable(layout, dtype, offset, rng):
     # What a correct computation gives here: float64 statistics of values offset by |mean|/std
     # lose about eps64 * |mean| / std (centring each value rounds at |mean|); results in the
     # input's dtype add its own rounding, and x * a + b with b = -mean * a cancels at |mean|.
+    # float32 data is summed in float32 lanes around a float32 shift (docs/math.rst): the
+    # statistics are within stats_rtol of the oracle's, the mean in standard deviations.
     eps64, eps = np.finfo(np.float64).eps, np.finfo(dtype).eps
-    stats_tol = eps64 * offset
-    out_tol = 2 * eps + 16 * eps64 * offset
+    lanes = 0.0 if dtype == np.float64 else stats_rtol(dtype)
+    stats_tol = eps64 * offset + lanes
+    out_tol = 2 * eps + 16 * eps64 * offset + 4 * lanes
     stats = numbabn.welford(x, axis=layout.axis)
     np.testing.assert_allclose(stats.var(), ref_var, rtol=stats_tol)
-    np.testing.assert_allclose(stats.mean, ref_mean, rtol=64 * eps64)  # a rounding per merge level
+    # A rounding per merge level.
+    np.testing.assert_allclose(stats.mean, ref_mean, rtol=64 * eps64, atol=lanes * np.sqrt(ref_var).max())
 
     C = layout.channels
     rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
@@ -185,10 +189,59 @@ def test_float32_values_whose_squares_overflow_float32(layout, rng):
         assert np.isinf(np.float32(1e25) * np.float32(1e25))
     _, ref_mean, ref_var = reference.stats(x, layout.axis)
     s = numbabn.welford(x, axis=layout.axis)
-    np.testing.assert_allclose(s.var(), ref_var, rtol=STATS_RTOL)
+    np.testing.assert_allclose(s.var(), ref_var, rtol=stats_rtol(x.dtype))
     y = numbabn.batch_norm(x, None, None, training=True, axis=layout.axis)
     assert np.isfinite(y).all()
     assert_close(y, reference.forward(x, None, None, None, None, True, 0.1, 1e-5, layout.axis)[0], np.float32)
+
+
+#: Shapes for float32 lanes: every size class of a channel-minor block (a remainder of rows
+#: under four, one short block, whole blocks and a partial one, super-rows, parallel splits,
+#: channel-minor rows of several values per channel) and the channel-strided kernels.
+LANE_SHAPES = [
+    ((3, 7), 1),
+    ((21, 5), 1),
+    ((64, 40), 1),
+    ((1000, 3), 1),
+    ((517, 96), 1),
+    ((4096, 64), 1),
+    ((40, 6, 9), 1),
+    ((16, 5, 5, 32), -1),
+    ((8, 4, 80), 1),
+]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1e2, 1e4])
+@pytest.mark.parametrize(("shape", "axis"), LANE_SHAPES, ids=[f"{s}@{a}" for s, a in LANE_SHAPES])
+def test_float32_lanes_stay_within_their_bound(shape, axis, ratio, rng):
+    """float32 data with |mean| / std from 0 to 1e4: the statistics within 1e-6 of the
+    float64 oracle (the mean in standard deviations, the variance relative), whatever the
+    block's size class; float16 data gives its float32 copy's statistics bit for bit."""
+    std = rng.uniform(0.5, 4.0, shape[axis])
+    cs = channel_shape(len(shape), axis)
+    x = (rng.standard_normal(shape) * std.reshape(cs) + (ratio * std).reshape(cs)).astype(np.float32)
+    s = numbabn.welford(x, axis=axis)
+    _, mean, var = reference.stats(x, axis)
+    tol = stats_rtol(np.float32)
+    assert (np.abs(s.mean - mean) <= tol * np.sqrt(var)).all()
+    assert (np.abs(s.var() - var) <= tol * var).all()
+    h = x.astype(np.float16)
+    sh, s32 = numbabn.welford(h, axis=axis), numbabn.welford(h.astype(np.float32), axis=axis)
+    assert np.array_equal(sh.mean, s32.mean) and np.array_equal(sh.m2, s32.m2)
+
+
+@pytest.mark.parametrize("scale", [1e-22, 1e-30], ids=["1e-22", "1e-30"])
+@pytest.mark.parametrize(("shape", "axis"), [((300, 40), 1), ((64, 6, 9), 1)], ids=["nc", "short-rows"])
+def test_float32_values_whose_squares_underflow_float32(shape, axis, scale, rng):
+    """float32 data whose deviations' squares are below float32's normal range: those blocks
+    are summed in float64, so the variance keeps its precision (not 0 or a few bits)."""
+    x = (scale * (1 + rng.standard_normal(shape))).astype(np.float32)
+    with np.errstate(under="ignore"):
+        assert np.float32(scale) * np.float32(scale) < np.finfo(np.float32).tiny
+    _, mean, var = reference.stats(x, axis)
+    s = numbabn.welford(x, axis=axis)
+    np.testing.assert_allclose(s.var(), var, rtol=stats_rtol(np.float32))
+    np.testing.assert_allclose(s.mean, mean, rtol=0, atol=stats_rtol(np.float32) * np.sqrt(var).max())
 
 
 #: Every kernel family, serial and parallel sizes, for float64 values whose squares overflow:
@@ -219,7 +272,7 @@ def test_float64_values_whose_squares_overflow(layout, order, rng):
         assert np.isinf(np.var(x, axis=red)).all()  # NumPy's variance overflows too
 
     s = numbabn.welford(x, axis=layout.axis)
-    np.testing.assert_allclose(s.mean, np.mean(x, axis=red), rtol=STATS_RTOL, atol=STATS_RTOL * 1e160)
+    np.testing.assert_allclose(s.mean, np.mean(x, axis=red), rtol=stats_rtol(x.dtype), atol=stats_rtol(x.dtype) * 1e160)
     assert (s.m2 == np.inf).all()
 
     y, mean, invstd = numbabn.batch_norm_forward(x, w, b, rm, rv, axis=layout.axis)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import reference
 from conftest import BLOCK, FUSE_CHANNELS, MIN_INNER, PARALLEL_MIN, PARALLEL_PROPERTIES, TILE
+from numbabn._config import MINOR_ROWS, SHIFT_CANCEL_32
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -44,6 +45,27 @@ def _k(n):
     """Units of float64 roundoff a sum over ``n`` values may collect: the blocks of up to
     ``BLOCK`` values are summed in order (a few vector lanes), then merged in a tree."""
     return 256.0 + 16.0 * math.log2(n + 1) + min(n, BLOCK) / 2
+
+
+#: float32 and float16 data are summed in float32 lanes within each block of MINOR_ROWS rows
+#: (docs/math.rst): each block's sums of ``d = x - shift`` are off by at most G32 of their
+#: absolute terms, and a block's M2 is kept only where it cancels less than SHIFT_CANCEL_32.
+G32 = (MINOR_ROWS // 4 + 4) * 2.0**-24
+#: So the mean is off by at most 2 * G32 standard deviations more, and M2 by LANE_REL of it.
+LANE_REL = SHIFT_CANCEL_32 * 3 * G32
+
+
+def _lanes(dtype):
+    """1 where statistics of ``dtype`` data may run in float32 lanes, else 0."""
+    return 0.0 if np.dtype(dtype) == np.float64 else 1.0
+
+
+def _lane_y(x, axis, a, mean, std):
+    """What float32 lanes' statistics add to the error of ``y = x * a + b``: the mean's error
+    times ``|a|``, and the relative error of ``invstd`` times ``|(x - mean) * a|``."""
+    bs = _bshape(x, axis)
+    dev = np.abs(x.astype(np.float64) - mean.reshape(bs))
+    return _lanes(x.dtype) * np.abs(a).reshape(bs) * ((2 * G32 * std).reshape(bs) + LANE_REL * dev)
 
 
 # -- strategies ----------------------------------------------------------------------------------
@@ -183,7 +205,7 @@ def _stat_scales(x, axis):
     return n, big, std
 
 
-def _y_bound(x, axis, ref_y, a, b, big, n):
+def _y_bound(x, axis, ref_y, a, b, big, n, lane=0.0):
     """``y = x * a + b`` rounded once to the output dtype, ``a`` and ``b`` from float64
     statistics: 2 ulps of ``y`` plus float64 rounding of ``|x * a| + |b|`` and of the mean
     (``|a| * max|x|``)."""
@@ -191,7 +213,7 @@ def _y_bound(x, axis, ref_y, a, b, big, n):
     terms = np.abs(x.astype(np.float64)) * np.abs(a).reshape(bs) + (np.abs(b) + np.abs(a) * big).reshape(bs)
     # a and b are float64: when subnormal (a tiny weight), their rounding is absolute, times |x|.
     sub = 2 * float(np.finfo(np.float64).smallest_subnormal) * (np.abs(x.astype(np.float64)) + 1)
-    return 2 * _u(x.dtype) * np.abs(ref_y) + _k(n) * U64 * terms + sub
+    return 2 * _u(x.dtype) * np.abs(ref_y) + _k(n) * U64 * terms + sub + lane
 
 
 def _ema_bounds(dtype, momentum, rm, rv, mean, var_u, big, std, n):
@@ -222,14 +244,19 @@ def _check_forward(x, axis, bad, training, momentum, w, b, rm, rv, out):
         big = np.abs(rm0)
     a = (np.ones(C) if w is None else w.astype(np.float64)) * ref_invstd
     fold_b = (np.zeros(C) if b is None else b.astype(np.float64)) - ref_mean * a
-    _close(y, ref_y, _y_bound(x, axis, ref_y, a, fold_b, big, n), "y")
+    lanes = _lanes(x.dtype) if training else 0.0
+    lane_y = _lane_y(x, axis, a, ref_mean, std) if training else 0.0
+    _close(y, ref_y, _y_bound(x, axis, ref_y, a, fold_b, big, n, lane_y), "y")
     k = _k(n) * U64
-    _close(mean, ref_mean, k * big + (0 if training else 2 * _u(x.dtype) * np.abs(ref_mean)), "save_mean")
+    mean_bound = k * big + lanes * 2 * G32 * std + (0 if training else 2 * _u(x.dtype) * np.abs(ref_mean))
+    _close(mean, ref_mean, mean_bound, "save_mean")
     spread = 1.0 + big * (std if training else 0.0) / (ref_invstd**-2)
-    _close(invstd, ref_invstd, k * spread * ref_invstd, "save_invstd")
+    _close(invstd, ref_invstd, (k * spread + lanes * LANE_REL) * ref_invstd, "save_invstd")
     if training:
         var_u = (1.0 / ref_invstd**2 - EPS) * n / max(n - 1, 1)
         rm_bound, rv_bound = _ema_bounds(x.dtype, momentum, rm0, rv0, ref_mean, var_u, big, std, n)
+        rm_bound = rm_bound + momentum * 2 * G32 * std * lanes
+        rv_bound = rv_bound + momentum * LANE_REL * var_u * lanes
         _close(rm, ref_rm, rm_bound, "running_mean")
         _close(rv, ref_rv, rv_bound, "running_var")
     if bad is not None:  # NaN / Inf stays in its channel
@@ -260,8 +287,10 @@ def _check_backward(x, axis, g, w, training, rm, rv, out):
     gi_scale = (w_abs * ref_invstd).reshape(bs) * (g64 + (sum_g / n).reshape(bs) + xhat * (sum_gx / n).reshape(bs))
     k, u = _k(n) * U64, _u(x.dtype)
     sub = 4 * n * SUB  # sums of subnormal terms round absolutely
-    _close(gi, ref_gi, 2 * u * np.abs(ref_gi) + k * gi_scale + sub, "grad_input")
-    _close(gw, ref_gw, 2 * u * np.abs(ref_gw) + k * sum_gx + sub, "grad_weight")
+    # float32 lanes' statistics: xhat is off by LANE_REL of itself plus 2 * G32 (its unit).
+    lane = _lanes(x.dtype) * 2 * (LANE_REL + 2 * G32) if training else 0.0
+    _close(gi, ref_gi, 2 * u * np.abs(ref_gi) + (k + lane) * gi_scale + sub, "grad_input")
+    _close(gw, ref_gw, 2 * u * np.abs(ref_gw) + (k + lane) * sum_gx + lane * sum_g + sub, "grad_weight")
     _close(gb, ref_gb, 2 * u * np.abs(ref_gb) + k * sum_g + sub, "grad_bias")
 
 
@@ -293,6 +322,7 @@ def test_output_is_normalized(case):
     n, big, _ = _stat_scales(x, axis)
     a = 1.0 / np.sqrt(var + EPS)
     e = 2 * _u(x.dtype) * np.abs(y64) + _k(n) * U64 * (np.abs(x64) + big.reshape(bs)) * a.reshape(bs)
+    e = e + _lane_y(x, axis, a, x64.mean(axis=red), np.sqrt(var))
     e = e + 2 * float(np.finfo(x.dtype).smallest_subnormal)  # subnormal outputs round absolutely
     np.testing.assert_array_less(np.abs(y64.mean(axis=red)), e.mean(axis=red) + 1e-300)
     # var(y) moves by at most 2 mean(|y| e) + mean(e)^2 under errors e.
@@ -307,9 +337,10 @@ def test_welford_matches_oracle(case):
     s = numbabn.welford(x, axis=axis)
     assert s.count == n
     _, big, std = _stat_scales(x, axis)
-    k = _k(n) * U64
-    _close(s.mean, mean, k * big, "mean")
-    _close(s.m2, var * n, k * n * (var + 2 * big * std) + n * ((k * big) ** 2 + 4 * SUB), "m2")
+    k, lanes = _k(n) * U64, _lanes(x.dtype)
+    _close(s.mean, mean, k * big + lanes * 2 * G32 * std, "mean")
+    m2_bound = k * n * (var + 2 * big * std) + n * ((k * big) ** 2 + 4 * SUB) + lanes * LANE_REL * n * var
+    _close(s.m2, var * n, m2_bound, "m2")
     assert (s.m2[np.isfinite(s.m2)] >= 0).all()
     if bad is not None:
         good = np.arange(x.shape[axis]) != bad
@@ -331,9 +362,10 @@ def test_merge_of_random_split_equals_whole(case, data):
 
     assert merged.count == whole.count
     n, big, std = _stat_scales(x, axis)
-    k = _k(n) * U64
-    _close(merged.mean, whole.mean, 2 * k * big, "mean")
+    k, lanes = _k(n) * U64, _lanes(x.dtype)
+    _close(merged.mean, whole.mean, 2 * k * big + lanes * 4 * G32 * std, "mean")
     m2_bound = 2 * k * n * (whole.m2 / max(n, 1) + 2 * big * std) + n * ((2 * k * big) ** 2 + 4 * SUB)
+    m2_bound = m2_bound + lanes * 2 * LANE_REL * whole.m2
     _close(merged.m2, whole.m2, m2_bound, "m2")
 
 
@@ -388,10 +420,11 @@ def test_parallel_backward_and_welford_match_oracle(case, training, to_out, seed
     n, mean, var = reference.stats(x, axis)
     s = numbabn.welford(x, axis=axis)
     _, big, std = _stat_scales(x, axis)
-    k = _k(n) * U64
     assert s.count == n
-    _close(s.mean, mean, k * big, "mean")
-    _close(s.m2, var * n, k * n * (var + 2 * big * std) + n * ((k * big) ** 2 + 4 * SUB), "m2")
+    k, lanes = _k(n) * U64, _lanes(x.dtype)
+    _close(s.mean, mean, k * big + lanes * 2 * G32 * std, "mean")
+    m2_bound = k * n * (var + 2 * big * std) + n * ((k * big) ** 2 + 4 * SUB) + lanes * LANE_REL * n * var
+    _close(s.m2, var * n, m2_bound, "m2")
 
 
 # -- the bounds can tell ----------------------------------------------------------------------------

@@ -13,8 +13,9 @@ code (``strided_rows`` or ``minor_rows``) for its input arrays, which it calls t
 
 import numpy as np
 from numba import prange, types
+from numba.extending import overload
 
-from .._config import BLOCK, MINOR_ROWS, SHIFT_CANCEL
+from .._config import BLOCK, HEAD_ROWS, MINOR_ROWS, SHIFT_CANCEL, SHIFT_CANCEL_32, TINY_SQUARES
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
 from ._half import value
@@ -130,6 +131,94 @@ def shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q):
 
 
 @leaf
+def quad32(x2, o, j0, m, s32, q32):
+    """``s32[j] += sum(d)`` and ``q32[j] += sum(d ** 2)`` over rows ``o`` to ``o + 3``,
+    ``d = x2[o + r, j0 + j] - m[j]``, in float32 (four rows summed pairwise first)."""
+    r0, r1, r2, r3 = x2[o, j0:], x2[o + 1, j0:], x2[o + 2, j0:], x2[o + 3, j0:]
+    for j in range(s32.shape[0]):
+        d0 = np.float32(value(r0, j)) - m[j]
+        d1 = np.float32(value(r1, j)) - m[j]
+        d2 = np.float32(value(r2, j)) - m[j]
+        d3 = np.float32(value(r3, j)) - m[j]
+        s32[j] += (d0 + d1) + (d2 + d3)
+        q32[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@leaf
+def shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
+    """:func:`shifted_sums` of float32 (or float16) values in float32 lanes: ``d = x - shift``
+    and its sums over the block are float32 (four rows pairwise, then row group by row
+    group), stored to ``acc_s`` and ``acc_q`` as float64 at the end.  ``shift`` holds float32
+    values (:func:`lane_shift`), so ``d`` is exact for values near the shift; ``lanes``
+    (float32, three times the width) is scratch.  docs/math.rst has the error bound."""
+    width = acc_s.shape[0]
+    m = lanes[:width]
+    s32 = lanes[width : 2 * width]
+    q32 = lanes[2 * width :]
+    for j in range(width):
+        m[j] = np.float32(shift[j])
+        s32[j] = 0.0
+        q32[j] = 0.0
+    o = o0
+    while o + 4 <= o1:
+        quad32(x2, o, j0, m, s32, q32)
+        o += 4
+    for r in range(o, o1):
+        xr = x2[r, j0:]
+        for j in range(width):
+            d = np.float32(value(xr, j)) - m[j]
+            s32[j] += d
+            q32[j] += d * d
+    for j in range(width):
+        acc_s[j] = np.float64(s32[j])
+        acc_q[j] = np.float64(q32[j])
+
+
+@leaf
+def lane_shift(centre):
+    """Round each shift to float32 (kept as float64), so that the float32 lanes subtract
+    exactly the value the block's mean is taken from."""
+    for c in range(centre.shape[0]):
+        centre[c] = np.float64(np.float32(centre[c]))
+
+
+@leaf
+def out_of_range32(acc_s, acc_q, tiny):
+    """Whether a block's float32 sums left float32's range in some column: squares that
+    overflowed (``inf``, where float64 squares may not), or a sum of squares below ``tiny``
+    that is not an exact zero, where squares lost bits to underflow.  Such a block is summed
+    again in float64, as float64 data is."""
+    bad = False
+    for j in range(acc_q.shape[0]):
+        q = acc_q[j]
+        bad |= (q == np.inf) | ((q < tiny) & ((q != 0.0) | (acc_s[j] != 0.0)))
+    return bad
+
+
+def lanes32(a):
+    """Whether :func:`minor_rows` sums ``a``'s values in float32 lanes (float32 and float16
+    data) rather than float64 (float64 data); a constant of the array type."""
+
+
+@overload(lanes32)
+def _lanes32(a):
+    flag = a.dtype in (types.float32, types.uint16)
+    return lambda a: flag
+
+
+def block_sums(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
+    """The first sweep of a :func:`minor_rows` block: :func:`shifted_sums32` for float32 and
+    float16 data, :func:`shifted_sums` for float64 data (chosen by the array type)."""
+
+
+@overload(block_sums)
+def _block_sums(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
+    if x2.dtype in (types.float32, types.uint16):
+        return lambda x2, o0, o1, j0, shift, lanes, acc_s, acc_q: shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q)
+    return lambda x2, o0, o1, j0, shift, lanes, acc_s, acc_q: shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q)
+
+
+@leaf
 def again(x2, b0, b1, j0, inner, inv, acc_s, acc_q, shift, bmean, bm2):
     """The second sweep of a block of :func:`minor_rows` whose first one cancelled: shifted
     sums around ``bmean``, the first sweep's means, into ``bmean`` and ``bm2`` (with
@@ -180,15 +269,17 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
         bmean = work[3 * width : 3 * width + nc]
         bm2 = work[3 * width + nc : 3 * width + 2 * nc]
         centre = work[3 * width + 2 * nc :]
+    f32 = lanes32(x2)
+    lanes = np.empty(3 * width if f32 else 0, np.float32)
     mean[:] = 0.0
     m2[:] = 0.0
     n = 0.0
     if r1 <= r0 or width == 0:  # no values (rows of zero width when inner == 0)
         return n
-    # The first block's shift: each channel's mean over its first (up to) four rows, so a
-    # lone outlier there moves it by a quarter only.  Row by row, so the loop over channels
+    # The first block's shift: each channel's mean over its first (up to) 16 rows, so a
+    # lone outlier there moves it by a sixteenth only.  Row by row, so the loop over channels
     # vectorizes (channel by channel it read one value per row).
-    head = min(4, r1 - r0)
+    head = min(HEAD_ROWS, r1 - r0)
     for c in range(nc):
         centre[c] = 0.0
     for r in range(r0, r0 + head):
@@ -197,16 +288,23 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
             centre[c] += value(xr, c * inner)
     for c in range(nc):
         centre[c] = centre[c] / head
-    keep = 1.0 - 1.0 / SHIFT_CANCEL
+    # float32 sums have float32's rounding: they may cancel a smaller factor (docs/math.rst).
+    keep = 1.0 - 1.0 / (SHIFT_CANCEL_32 if f32 else SHIFT_CANCEL)
     b0 = r0
     while b0 < r1:
         b1 = min(r1, b0 + rb)
         bn = float((b1 - b0) * inner)
+        if f32:
+            lane_shift(centre)
         if inner > 1:
             repeat_inner(centre, inner, shift)
         acc_s[:] = 0.0
         acc_q[:] = 0.0
-        shifted_sums(x2, b0, b1, j0, shift, acc_s, acc_q)
+        block_sums(x2, b0, b1, j0, shift, lanes, acc_s, acc_q)
+        if f32 and out_of_range32(acc_s, acc_q, TINY_SQUARES * (b1 - b0)):
+            acc_s[:] = 0.0
+            acc_q[:] = 0.0
+            shifted_sums(x2, b0, b1, j0, shift, acc_s, acc_q)
         if inner > 1:
             sum_inner(acc_s, inner, bmean)
             sum_inner(acc_q, inner, bm2)
