@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import reference
 from conftest import BLOCK, FUSE_CHANNELS, MIN_INNER, PARALLEL_MIN, PARALLEL_PROPERTIES, TILE
-from numbabn._config import MINOR_ROWS, SHIFT_CANCEL_32
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import numbabn
+from numbabn._config import MINOR_ROWS, SHIFT_CANCEL_32
 
 EPS = 1e-5
 BOUND = 1e3

@@ -214,8 +214,16 @@ def block_sums(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
 @overload(block_sums)
 def _block_sums(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
     if x2.dtype in (types.float32, types.uint16):
-        return lambda x2, o0, o1, j0, shift, lanes, acc_s, acc_q: shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q)
-    return lambda x2, o0, o1, j0, shift, lanes, acc_s, acc_q: shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q)
+
+        def lanes_f32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
+            shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q)
+
+        return lanes_f32
+
+    def lanes_f64(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
+        shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q)
+
+    return lanes_f64
 
 
 @leaf
