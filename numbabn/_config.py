@@ -51,6 +51,10 @@ SHIFT_CANCEL = 16.0
 #: may cancel at most 2 bits of its float32 sums before its second sweep (docs/math.rst).
 SHIFT_CANCEL_32 = 4.0
 
+#: float32 lanes sum at most this many rows of a block before adding their sums to float64
+#: ones, so a sum's rounding error stays at a few units of float32 roundoff (docs/math.rst).
+LANE_ROWS = 64
+
 #: A channel-minor reduction's first shift is each channel's mean over its first HEAD_ROWS
 #: rows (later blocks shift by the previous block's mean).
 HEAD_ROWS = 8

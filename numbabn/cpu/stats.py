@@ -15,7 +15,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .._config import BLOCK, HEAD_ROWS, MINOR_ROWS, SHIFT_CANCEL, SHIFT_CANCEL_32, TINY_SQUARES
+from .._config import BLOCK, HEAD_ROWS, LANE_ROWS, MINOR_ROWS, SHIFT_CANCEL, SHIFT_CANCEL_32, TINY_SQUARES
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
 from ._half import value
@@ -147,31 +147,36 @@ def quad32(x2, o, j0, m, s32, q32):
 @leaf
 def shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
     """:func:`shifted_sums` of float32 (or float16) values in float32 lanes: ``d = x - shift``
-    and its sums over the block are float32 (four rows pairwise, then row group by row
-    group), stored to ``acc_s`` and ``acc_q`` as float64 at the end.  ``shift`` holds float32
-    values (:func:`lane_shift`), so ``d`` is exact for values near the shift; ``lanes``
-    (float32, three times the width) is scratch.  docs/math.rst has the error bound."""
+    and its sums over runs of up to ``LANE_ROWS`` rows are float32 (four rows pairwise, then
+    row group by row group), and each run's sums are added to the float64 ``acc_s`` and
+    ``acc_q``.  ``shift`` holds float32 values (:func:`lane_shift`), so ``d`` is exact for
+    values near the shift; ``lanes`` (float32, three times the width) is scratch.
+    docs/math.rst has the error bound."""
     width = acc_s.shape[0]
     m = lanes[:width]
     s32 = lanes[width : 2 * width]
     q32 = lanes[2 * width :]
     for j in range(width):
         m[j] = np.float32(shift[j])
-        s32[j] = 0.0
-        q32[j] = 0.0
     o = o0
-    while o + 4 <= o1:
-        quad32(x2, o, j0, m, s32, q32)
-        o += 4
-    for r in range(o, o1):
-        xr = x2[r, j0:]
+    while o < o1:
+        e = min(o1, o + LANE_ROWS)
         for j in range(width):
-            d = np.float32(value(xr, j)) - m[j]
-            s32[j] += d
-            q32[j] += d * d
-    for j in range(width):
-        acc_s[j] = np.float64(s32[j])
-        acc_q[j] = np.float64(q32[j])
+            s32[j] = 0.0
+            q32[j] = 0.0
+        while o + 4 <= e:
+            quad32(x2, o, j0, m, s32, q32)
+            o += 4
+        for r in range(o, e):
+            xr = x2[r, j0:]
+            for j in range(width):
+                d = np.float32(value(xr, j)) - m[j]
+                s32[j] += d
+                q32[j] += d * d
+        o = e
+        for j in range(width):
+            acc_s[j] += np.float64(s32[j])
+            acc_q[j] += np.float64(q32[j])
 
 
 @leaf
