@@ -4,7 +4,9 @@ Each block (a row chunk of one channel, or a few rows of a channel tile) gets it
 and centred ``M2`` while it is still in L1/L2 (channel-strided: a sweep for the mean, then
 one for the centred squares; channel-minor: one sweep of sums shifted by a nearby mean, see
 :func:`minor_rows`), then is Chan-merged into its task's partial.  DRAM sees ``x`` once; there
-is no unshifted ``E[x^2] - E[x]^2``.  Sums run in float64 whatever the input dtype.
+is no unshifted ``E[x^2] - E[x]^2``.  Sums run in float64, but the channel-minor blocks of
+float32 and float16 data, which sum in float32 lanes and merge in float64
+(:func:`shifted_sums32`, docs/math.rst).
 
 A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
 code (``strided_rows`` or ``minor_rows``) for its input arrays, which it calls through
@@ -259,10 +261,11 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     ``[r0, r1)`` of the ``(outer, C * inner)`` array ``x2``, in blocks of ``rb`` rows; ``mean``
     and ``m2`` (length ``nc``) receive the statistics and the count is returned.
 
-    One sweep per block sums ``d = x - shift`` and ``d ** 2`` per column in float64, the shift
-    of each channel being the previous block's mean (in the first block, the mean of the
-    channel's first values); then ``mean = shift + sum(d) / n`` and ``M2 = sum(d ** 2) - sum(d) ** 2 / n``, exact
-    to float64 rounding while the shift is within a few standard deviations of the block's
+    One sweep per block sums ``d = x - shift`` and ``d ** 2`` per column (:func:`block_sums`:
+    float64, or float32 lanes for float32 and float16 data), the shift of each channel being
+    the previous block's mean (in the first block, the mean of the channel's first values);
+    then ``mean = shift + sum(d) / n`` and ``M2 = sum(d ** 2) - sum(d) ** 2 / n``, exact to
+    the sums' rounding while the shift is within a few standard deviations of the block's
     mean.  A block where it is not (see ``SHIFT_CANCEL``: a trend or an outlier), or where
     ``sum(d ** 2)`` overflowed (deviations beyond about 1e154), is swept again around the mean
     the first sweep found, which is within float64 rounding of the block's: ``sum(d)`` is then
@@ -289,8 +292,8 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     n = 0.0
     if r1 <= r0 or width == 0:  # no values (rows of zero width when inner == 0)
         return n
-    # The first block's shift: each channel's mean over its first (up to) 16 rows, so a
-    # lone outlier there moves it by a sixteenth only.  Row by row, so the loop over channels
+    # The first block's shift: each channel's mean over its first (up to) HEAD_ROWS rows, so
+    # a lone outlier there moves it by a fraction only.  Row by row, so the loop over channels
     # vectorizes (channel by channel it read one value per row).
     head = min(HEAD_ROWS, r1 - r0)
     for c in range(nc):
