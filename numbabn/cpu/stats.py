@@ -152,12 +152,12 @@ def shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
     and its sums over runs of up to ``LANE_ROWS`` rows are float32 (four rows pairwise, then
     row group by row group), and each run's sums are added to the float64 ``acc_s`` and
     ``acc_q``.  ``shift`` holds float32 values (:func:`lane_shift`), so ``d`` is exact for
-    values near the shift; ``lanes`` (float32, three times the width) is scratch.
+    values near the shift; ``lanes`` (float32, at least three times the width) is scratch.
     docs/math.rst has the error bound."""
     width = acc_s.shape[0]
     m = lanes[:width]
     s32 = lanes[width : 2 * width]
-    q32 = lanes[2 * width :]
+    q32 = lanes[2 * width : 3 * width]
     for j in range(width):
         m[j] = np.float32(shift[j])
     o = o0
@@ -181,12 +181,11 @@ def shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
             acc_q[j] += np.float64(q32[j])
 
 
-@leaf
-def lane_shift(centre):
-    """Round each shift to float32 (kept as float64), so that the float32 lanes subtract
-    exactly the value the block's mean is taken from."""
-    for c in range(centre.shape[0]):
-        centre[c] = np.float64(np.float32(centre[c]))
+@stage
+def lane_shift(v, f32):
+    """A block's shift ``v``, rounded to float32 (kept as float64) for float32 lanes
+    (``f32``), so that they subtract exactly the value the block's mean is taken from."""
+    return np.float64(np.float32(v)) if f32 else v
 
 
 @leaf
@@ -207,9 +206,13 @@ def lanes32(a):
     data) rather than float64 (float64 data); a constant of the array type."""
 
 
+#: The kernels' dtypes whose channel-minor blocks sum in float32 lanes (uint16: float16 bits).
+LANE_TYPES = (types.float32, types.uint16)
+
+
 @overload(lanes32)
 def _lanes32(a):
-    flag = a.dtype in (types.float32, types.uint16)
+    flag = a.dtype in LANE_TYPES
     return lambda a: flag
 
 
@@ -220,7 +223,7 @@ def block_sums(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
 
 @overload(block_sums)
 def _block_sums(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
-    if x2.dtype in (types.float32, types.uint16):
+    if x2.dtype in LANE_TYPES:
 
         def lanes_f32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q):
             shifted_sums32(x2, o0, o1, j0, shift, lanes, acc_s, acc_q)
@@ -275,8 +278,12 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     width = nc * inner
     rb = max(MINOR_ROWS, BLOCK // max(width, 1))
     # One allocation (small calls pay for each); with inner == 1 the per-channel arrays are the
-    # per-column ones, so no pass copies between them.
-    work = np.empty(3 * width + (3 * nc if inner > 1 else 0))
+    # per-column ones, so no pass copies between them.  The float32 lanes' scratch (three
+    # float32 values per column) is its tail.
+    f32 = lanes32(x2)
+    per_channel = 3 * width + (3 * nc if inner > 1 else 0)
+    work = np.empty(per_channel + ((3 * width + 1) // 2 if f32 else 0))
+    lanes = work[per_channel:].view(np.float32)
     acc_s = work[:width]
     acc_q = work[width : 2 * width]
     shift = work[2 * width : 3 * width]
@@ -284,9 +291,7 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     if inner > 1:
         bmean = work[3 * width : 3 * width + nc]
         bm2 = work[3 * width + nc : 3 * width + 2 * nc]
-        centre = work[3 * width + 2 * nc :]
-    f32 = lanes32(x2)
-    lanes = np.empty(3 * width if f32 else 0, np.float32)
+        centre = work[3 * width + 2 * nc : per_channel]
     mean[:] = 0.0
     m2[:] = 0.0
     n = 0.0
@@ -303,15 +308,13 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
         for c in range(nc):
             centre[c] += value(xr, c * inner)
     for c in range(nc):
-        centre[c] = centre[c] / head
+        centre[c] = lane_shift(centre[c] / head, f32)
     # float32 sums have float32's rounding: they may cancel a smaller factor (docs/math.rst).
     keep = 1.0 - 1.0 / (SHIFT_CANCEL_32 if f32 else SHIFT_CANCEL)
     b0 = r0
     while b0 < r1:
         b1 = min(r1, b0 + rb)
         bn = float((b1 - b0) * inner)
-        if f32:
-            lane_shift(centre)
         if inner > 1:
             repeat_inner(centre, inner, shift)
         acc_s[:] = 0.0
@@ -337,7 +340,7 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
             again(x2, b0, b1, j0, inner, inv, acc_s, acc_q, shift, bmean, bm2)
         n = chan_merge_channels(n, mean, m2, bn, bmean, bm2)
         for c in range(nc):
-            centre[c] = bmean[c]
+            centre[c] = lane_shift(bmean[c], f32)
         b0 = b1
     return n
 
