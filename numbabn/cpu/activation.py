@@ -17,11 +17,10 @@ backward on it (5s).
 import numpy as np
 from numba import prange
 
-from .._jit import indirect, stage, twin
-from .._math import channel_invstd, finish_channel
+from .._jit import stage, twin
 from ._half import put, value
 from ._plan import expand, super_rows
-from .forward import eval_coefs, finish_channels
+from .forward import eval_coefs, finish_channels, fused_channel
 from .stats import minor_rows, stats_minor, stats_strided, strided_rows
 
 #: ``mode`` bits: a ReLU after the normalization, a residual added before the ReLU.
@@ -93,9 +92,7 @@ def train_act_fused(rows_at, x3, z3, mode, weight, bias, running_mean, running_v
     coef = np.empty((2, num_channels))
     for cc in prange(num_channels):
         c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
-        n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, np.int64(0), outer))
-        invstd = channel_invstd(n, m2, eps)
-        finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        fused_channel(rows_at, x3, c, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
             act_row(x3[o, c], z3[o, c], coef[0, c], coef[1, c], mode, y3[o, c])
 

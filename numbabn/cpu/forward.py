@@ -84,6 +84,15 @@ def eval_coefs(weight, bias, mean, var, eps, coef, save):
         save[1, c] = invstd
 
 
+@stage
+def fused_channel(rows_at, x3, c, weight, bias, running_mean, running_var, momentum, eps, coef, save):
+    """A fused driver's task before its normalize: channel ``c``'s statistics over all its
+    rows, then its finalize into ``coef[:, c]`` and ``save[:, c]``."""
+    n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, np.int64(0), x3.shape[0]))
+    invstd = channel_invstd(n, m2, eps)
+    finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+
+
 @twin
 def train_fused(rows_at, x3, weight, bias, running_mean, running_var, momentum, eps, y3, save):
     """Driver, channel-strided training forward, one task per channel: statistics, finalize,
@@ -92,9 +101,7 @@ def train_fused(rows_at, x3, weight, bias, running_mean, running_var, momentum, 
     coef = np.empty((2, num_channels))
     for cc in prange(num_channels):
         c = np.int64(cc)  # int64, as in the serial twin (see stats.partials_strided)
-        n, mean, m2 = indirect(strided_rows, rows_at, (x3, c, np.int64(0), outer))
-        invstd = channel_invstd(n, m2, eps)
-        finish_channel(c, n, mean, m2, invstd, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        fused_channel(rows_at, x3, c, weight, bias, running_mean, running_var, momentum, eps, coef, save)
         for o in range(outer):
             affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 
