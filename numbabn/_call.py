@@ -19,6 +19,7 @@ from . import _activation, _checks, _mask
 from ._backend import Backend
 from ._device import is_device
 from .cpu import api as _cpu_api
+from .cpu import quick as _quick
 
 
 def _bound(backend: Backend) -> Backend:
@@ -83,6 +84,15 @@ def dask_backend():
 def check_input(x, axis, stream, name="input"):
     """The checked ``Input`` of ``x`` on its backend."""
     return backend_of(x).Input(x, axis, stream, name)
+
+
+def quick_forward(inp, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(output, save)`` of a forward call that asks for nothing past these arguments, run at
+    once when it is a common host call (:mod:`numbabn.cpu.quick`); else None, and the caller
+    takes the general path (:func:`forward_call`), which checks every argument."""
+    if inp.backend is not _host or not inp.known:
+        return None
+    return _quick.forward(inp, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 class ForwardCall:

@@ -213,15 +213,15 @@ def check_disjoint(written, read, allowed=()):
                     f"{name} must not overlap itself ({name} is written in place), got a view with shape "
                     f"{a.shape} and strides {a.strides} whose elements share memory"
                 )
-            owner = _owner(a, flags)
-            distinct = distinct and owner is not None
-            owners.add(id(owner))
+            own = owner(a, flags)
+            distinct = distinct and own is not None
+            owners.add(id(own))
             count += 1
     for _, a in read:
         if distinct and type(a) is np.ndarray:
-            owner = _owner(a, a.flags)
-            distinct = owner is not None
-            owners.add(id(owner))
+            own = owner(a, a.flags)
+            distinct = own is not None
+            owners.add(id(own))
             count += 1
     if distinct and len(owners) == count:
         return
@@ -230,14 +230,14 @@ def check_disjoint(written, read, allowed=()):
 
 def _find_overlap(written, read, allowed):
     """The slow half of :func:`check_disjoint`: compare the pairs one by one."""
-    arrays = [(name, a, _owner(a, a.flags)) for name, a in (*written, *read) if type(a) is np.ndarray]
+    arrays = [(name, a, owner(a, a.flags)) for name, a in (*written, *read) if type(a) is np.ndarray]
     written = {id(a) for _, a in written}
-    for i, (name, a, owner) in enumerate(arrays):
-        for other, b, other_owner in arrays[i + 1 :]:
+    for i, (name, a, own) in enumerate(arrays):
+        for other, b, other_own in arrays[i + 1 :]:
             if (
                 (id(a) in written or id(b) in written)
                 and frozenset((name, other)) not in allowed
-                and _share(a, owner, b, other_owner)
+                and _share(a, own, b, other_own)
             ):
                 if id(a) not in written:
                     name, other = other, name
@@ -246,7 +246,7 @@ def _find_overlap(written, read, allowed):
                 )
 
 
-def _owner(a, flags):
+def owner(a, flags):
     """The ndarray that owns ``a``'s memory, by NumPy's own account (``a`` itself or its
     ``base``), or None where NumPy cannot say (memory from a buffer, ``as_strided``, another
     library); ``flags`` are ``a``'s."""

@@ -113,6 +113,15 @@ class BatchNorm:
     >>> gx = bn.backward(np.ones_like(y))
     """
 
+    #: Whether :meth:`forward` may take the common host call's quick path: false for
+    #: subclasses that change how a forward call is made or run (SyncBatchNorm's exchanges,
+    #: Batch Renormalization's limits).
+    _QUICK = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._QUICK = cls._forward_call is BatchNorm._forward_call and cls._run_forward is BatchNorm._run_forward
+
     #: Attributes that stay host arrays on a GPU layer, and what a pickle drops (the last
     #: forward's, for :meth:`backward`).
     _HOST_STATE = ("update_threshold",)
@@ -260,6 +269,10 @@ class BatchNorm:
         bool array).
         """
         inp = self._check_input(x)
+        if residual is None and mask is None and self._QUICK:
+            y = self._quick_forward(inp)
+            if y is not None:
+                return y
         call = self._forward_call(inp, mask=mask, residual=residual)
         # The count this call leaves, worked out first: a bad one stops it before any write.
         tracked = self._tracked() + 1 if self.training and self.track_running_stats else None
@@ -276,6 +289,31 @@ class BatchNorm:
         return y
 
     __call__ = forward
+
+    def _quick_forward(self, inp):
+        """The output of a forward of the checked ``inp`` when it is a common host call
+        (:func:`numbabn._call.quick_forward`), with this layer's state updated as
+        :meth:`forward` updates it; else None, and nothing has changed."""
+        training, count = self.training, self.num_batches_tracked
+        if not (training is True or training is False) or self.activation is not None:
+            return None
+        track = training and self.track_running_stats
+        if self.virtual_batch_size is not None or (track and (type(count) is not int or count < 0)):
+            return None
+        momentum = self.momentum
+        if momentum is None:
+            momentum = 1.0 / (count + 1) if track else 0.0
+        running = (None, None) if training and not track else (self.running_mean, self.running_var)
+        use_batch = training or running[0] is None
+        done = _call.quick_forward(inp, self.weight, self.bias, *running, use_batch, momentum, self.eps)
+        if done is None:
+            return None
+        y, save = done
+        if track:
+            self.num_batches_tracked = count + 1
+        self._saved = (inp, save[0], save[1], use_batch)
+        self._saved_mask = self._saved_act = self._ghosts = None
+        return y
 
     def _forward_call(self, inp, part=False, mask=None, residual=None):
         """The checked forward call of this layer's state on the checked input ``inp``

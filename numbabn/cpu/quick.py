@@ -1,0 +1,109 @@
+"""The common host forward, recognized and run in a few Python steps.
+
+A small call spends most of its time in Python, checking what cannot have changed since the
+last call.  A forward call is *common* when:
+
+- its input is a contiguous ndarray of a shape, strides, dtype and axis checked before
+  (``Input.known``: its facts were looked up, not derived again);
+- its per-channel arrays are None or C-contiguous ndarrays of shape ``(C,)`` and the
+  parameter dtype, the running statistics writable in training, and none of them shares
+  memory with the input or with an array the call writes (a test by identity and owner,
+  remembered for the last set of per-channel arrays);
+- ``training`` is a ``bool``, ``momentum`` and ``eps`` are ``float`` in range, a training
+  batch has more than one value per channel;
+- and nothing else is asked: no ``out``, stream, mask, activation, residual or ghost batches
+  (the callers test that).
+
+Those tests imply that every check of :mod:`numbabn._call` passes, so :func:`forward` runs
+the drivers at once.  Any other call gets None and takes the general path, which checks it
+and raises where it must: the errors and what is left unchanged are the general path's.
+"""
+
+import math
+
+import numpy as np
+
+from .. import _checks
+from . import api as _api
+from . import forward as _fwd
+
+#: The last running statistics and affine parameters found disjoint, and the owners of the
+#: two written arrays' memory: ``(running_mean, running_var, weight, bias, owners)``, replaced
+#: whole (so a thread reads one consistent entry).
+_LAST = (None,) * 5
+
+
+def forward(inp, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(output, save)`` of a common forward call on the checked host input ``inp``
+    (``save`` (2, C) float64: the mean and invstd used), or None when the call is not
+    common.  ``inp.known`` must be true, and the call must ask for nothing else (see the
+    module notes)."""
+    if not (training is True or training is False):
+        return None
+    if not (type(momentum) is float and 0.0 <= momentum <= 1.0 and type(eps) is float and 0.0 <= eps < math.inf):
+        return None
+    num_channels, dtype = inp.num_channels, inp.param_dtype
+    shape = (num_channels,)
+    if not (_plain(weight, shape, dtype, False) and _plain(bias, shape, dtype, False)):
+        return None
+    if running_mean is None or running_var is None:
+        if running_mean is not running_var or not training:
+            return None
+        running_mean = running_var = _api._constant(0.0, 0, dtype)  # neither read nor written
+    elif not (_plain(running_mean, shape, dtype, training) and _plain(running_var, shape, dtype, training)):
+        return None
+    elif training and not _disjoint(inp.original, running_mean, running_var, weight, bias):
+        return None
+    if training and (inp.count < 2 or num_channels == 0):  # the general path's empty batch, or an error
+        return None
+    x = inp.x
+    y = np.empty_like(x)
+    save = np.empty((2, num_channels))
+    if weight is None:
+        weight = _api._constant(1.0, num_channels, dtype)
+    if bias is None:
+        bias = _api._constant(0.0, num_channels, dtype)
+    xv, yv = (x, y) if inp.plain else (inp.view(x), inp.view(y))
+    if training:
+        _fwd.forward_train(
+            inp.parallel, inp.layout, xv, weight, bias, running_mean, running_var, momentum, eps, yv, save
+        )
+    else:
+        _fwd.forward_eval(inp.parallel, inp.layout, xv, weight, bias, running_mean, running_var, eps, yv, save)
+    return y, save
+
+
+def _plain(a, shape, dtype, writable):
+    """Whether ``a`` is None or a C-contiguous ndarray of ``shape`` and ``dtype`` (the very
+    dtype object: an equal one from elsewhere takes the general path), writable when asked."""
+    if a is None:
+        return True
+    if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
+        return False
+    flags = a.flags
+    return flags.c_contiguous and (flags.writeable or not writable)
+
+
+def _disjoint(x, running_mean, running_var, weight, bias):
+    """Whether the written ``running_mean`` and ``running_var`` surely share no memory with
+    each other, ``x``, ``weight`` or ``bias``: every array's memory has an owner NumPy names
+    (:func:`numbabn._checks.owner`), and the written arrays' owners are their own.  False
+    means "not sure": the general path then compares the arrays exactly."""
+    global _LAST
+    last = _LAST
+    if not (running_mean is last[0] and running_var is last[1] and weight is last[2] and bias is last[3]):
+        first, second = owners = _owner(running_mean), _owner(running_var)
+        if first is None or second is None or first is second:
+            return False
+        for a in (weight, bias):
+            if a is not None:
+                own = _owner(a)
+                if own is None or own is first or own is second:
+                    return False
+        last = _LAST = (running_mean, running_var, weight, bias, owners)
+    owner = _owner(x)
+    return owner is not None and owner is not last[4][0] and owner is not last[4][1]
+
+
+def _owner(a):
+    return _checks.owner(a, a.flags)

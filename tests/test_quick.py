@@ -1,0 +1,183 @@
+"""The common host forward's quick path (numbabn.cpu.quick): taken for the common call, bit
+for bit the general path's results, and never a way around a check: each argument that is
+not in its common form, on a call whose input facts and per-channel arrays are remembered,
+still gets the general path's error with nothing written."""
+
+import numpy as np
+import pytest
+from conftest import assert_bitwise
+
+import numbabn
+from numbabn import _call
+
+LAYOUTS = [((32, 64), 1), ((8, 6, 5, 5), 1), ((4, 5, 5, 6), -1), ((16, 3, 40), 1)]
+
+
+def _general(monkeypatch):
+    """Make every forward take the general path."""
+    monkeypatch.setattr(_call, "quick_forward", lambda *args: None)
+
+
+def _no_general(monkeypatch):
+    """Make the general path fail, so a call that passes took the quick path."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(_call, "forward_call", refuse)
+
+
+def _data(shape, axis, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    c = shape[axis]
+    pdt = np.float32 if dtype == np.float16 else dtype
+    params = [rng.standard_normal(c).astype(pdt) for _ in range(2)]
+    stats = [rng.standard_normal(c).astype(pdt), rng.uniform(0.5, 2, c).astype(pdt)]
+    return x, params, stats
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_quick_path_gives_the_general_path_bits(shape, axis, dtype, training, order, affine, monkeypatch):
+    x, (w, b), (rm, rv) = _data(shape, axis, dtype)
+    x = np.asarray(x, order=order)
+    if not affine:
+        w = b = None
+    rm2, rv2 = rm.copy(), rv.copy()
+    numbabn.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), training=training, axis=axis)  # facts known
+    with monkeypatch.context() as m:
+        _no_general(m)
+        quick = numbabn.batch_norm_forward(x, w, b, rm, rv, training=training, axis=axis, momentum=0.3)
+        fn = numbabn.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training, axis=axis, momentum=0.3)
+    with monkeypatch.context() as m:
+        _general(m)
+        general = numbabn.batch_norm_forward(x, w, b, rm2, rv2, training=training, axis=axis, momentum=0.3)
+    for a, e in zip(quick, general, strict=True):
+        assert_bitwise(a, e)
+    assert_bitwise(fn, general[0])
+    assert_bitwise(rm, rm2)
+    assert_bitwise(rv, rv2)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("track", [True, False])
+def test_layer_quick_path_keeps_the_layer_state(momentum, track, monkeypatch):
+    x, _, _ = _data((32, 64), 1, np.float32)
+    layers = [numbabn.BatchNorm(64, momentum=momentum, track_running_stats=track) for _ in range(2)]
+    for layer in layers:
+        layer(x)  # facts known
+    with monkeypatch.context() as m:
+        _no_general(m)
+        ys = [layers[0](x * 2), layers[0].eval()(x)]
+    with monkeypatch.context() as m:
+        _general(m)
+        expected = [layers[1](x * 2), layers[1].eval()(x)]
+    for a, e in zip(ys, expected, strict=True):
+        assert_bitwise(a, e)
+    assert layers[0].state_dict().keys() == layers[1].state_dict().keys()
+    for key, value in layers[0].state_dict().items():
+        assert_bitwise(value, layers[1].state_dict()[key])
+    g = np.ones_like(x)
+    assert_bitwise(layers[0].backward(g), layers[1].backward(g))
+    assert_bitwise(layers[0].grad_weight, layers[1].grad_weight)
+
+
+def test_subclasses_that_change_the_call_do_not_take_it():
+    from numbabn.renorm import BatchRenorm
+    from numbabn.sync import SyncBatchNorm
+
+    assert numbabn.BatchNorm._QUICK
+    assert not BatchRenorm._QUICK
+    assert not SyncBatchNorm._QUICK
+
+    class Plain(numbabn.BatchNorm):
+        pass
+
+    assert Plain._QUICK
+
+
+def _remembered(x, rm, rv, w=None, b=None):
+    """One common training call, so the input's facts and this set of per-channel arrays are
+    remembered by the quick path."""
+    numbabn.batch_norm(x, rm, rv, w, b, training=True)
+
+
+def test_an_input_over_remembered_running_statistics_is_refused():
+    x0, _, (rm, rv) = _data((8, 16), 1, np.float32)
+    buf = np.zeros(16 * 9, np.float32)
+    rm = buf[:16]
+    rm[:] = 0.5
+    _remembered(x0, rm, rv)  # rm, rv remembered as disjoint
+    x = buf[8:136].reshape(8, 16)  # overlaps rm's last 8 values
+    x[...] = x0
+    before = rm.copy(), rv.copy()
+    with pytest.raises(ValueError, match="running_mean and input must not share memory"):
+        numbabn.batch_norm(x, rm, rv, training=True)
+    assert_bitwise(rm, before[0])
+    assert_bitwise(rv, before[1])
+
+
+def test_a_view_of_the_same_shape_is_not_taken_for_the_contiguous_input():
+    x, _, (rm, rv) = _data((8, 16), 1, np.float32)
+    _remembered(x, rm.copy(), rv.copy())
+    big = np.repeat(x, 2, axis=1)
+    view = big[:, ::2]  # x's shape and values, other strides
+    assert view.shape == x.shape and not view.flags.c_contiguous
+    assert_bitwise(numbabn.batch_norm(view, rm, rv), numbabn.batch_norm(x, rm, rv))
+
+
+def _bad_calls(x, rm, rv, w, b):
+    """``(call, error type, message)``: calls whose one argument leaves the common form."""
+    ro = rm.copy()
+    ro.flags.writeable = False
+    return [
+        (lambda: numbabn.batch_norm(x, ro, rv, w, b, training=True), ValueError, "running_mean must be writable"),
+        (lambda: numbabn.batch_norm(x, rm, rm, w, b, training=True), ValueError, "must not share memory"),
+        (lambda: numbabn.batch_norm(x, rm, rv, rv, b, training=True), ValueError, "must not share memory"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w.astype(np.float64), b, training=True), TypeError, "weight"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w[:-1], b, training=True), ValueError, "weight must have shape"),
+        (lambda: numbabn.batch_norm(x, rm, None, w, b, training=True), ValueError, "running_var=None"),
+        (lambda: numbabn.batch_norm(x, None, None, w, b, training=False), ValueError, "required in eval"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w, b, training="yes"), TypeError, "training must be a bool"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w, b, training=True, momentum=1.5), ValueError, "momentum"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w, b, training=True, eps=-1.0), ValueError, "eps"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w, b, training=True, eps=float("nan")), ValueError, "eps"),
+        (lambda: numbabn.batch_norm(x[:1], rm, rv, w, b, training=True), ValueError, "more than 1 value"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w, b, training=True, axis=2), ValueError, "axis"),
+        (lambda: numbabn.batch_norm(x, rm, rv, w, b, training=True, axis=True), TypeError, "axis must be an int"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_bad_arguments_after_remembered_calls_still_raise_and_write_nothing(case):
+    x, (w, b), (rm, rv) = _data((8, 16), 1, np.float32)
+    _remembered(x, rm, rv, w, b)
+    _remembered(x[:1].repeat(2, 0), rm, rv, w, b)  # x[:1]'s shape is not remembered: (2, 16) is
+    call, error, message = _bad_calls(x, rm, rv, w, b)[case]
+    before = [a.copy() for a in (x, rm, rv, w, b)]
+    with pytest.raises(error, match=message):
+        call()
+    for a, e in zip((x, rm, rv, w, b), before, strict=True):
+        assert_bitwise(a, e)
+
+
+def test_layer_with_a_bad_count_or_parameter_after_quick_calls_raises():
+    x, _, _ = _data((32, 64), 1, np.float32)
+    bn = numbabn.BatchNorm(64)
+    bn(x)
+    bn(x)
+    state = bn.state_dict()
+    bn.num_batches_tracked = -1
+    with pytest.raises(ValueError, match="num_batches_tracked must be an int >= 0"):
+        bn(x)
+    bn.num_batches_tracked = 2
+    bn.weight = bn.running_mean  # the update would write what the output reads
+    with pytest.raises(ValueError, match="running_mean and weight must not share memory"):
+        bn(x)
+    for key, value in bn.state_dict().items():
+        if key != "weight":
+            assert_bitwise(value, state[key])
