@@ -43,21 +43,18 @@ def forward(inp, weight, bias, running_mean, running_var, training, momentum, ep
     if not (type(momentum) is float and 0.0 <= momentum <= 1.0 and type(eps) is float and 0.0 <= eps < math.inf):
         return None
     num_channels, dtype = inp.num_channels, inp.param_dtype
-    shape = (num_channels,)
-    if not (_plain(weight, shape, dtype, False) and _plain(bias, shape, dtype, False)):
+    if not _plain((num_channels,), dtype, training, weight, bias, running_mean, running_var):
         return None
     if running_mean is None or running_var is None:
         if running_mean is not running_var or not training:
             return None
         running_mean = running_var = _api._constant(0.0, 0, dtype)  # neither read nor written
-    elif not (_plain(running_mean, shape, dtype, training) and _plain(running_var, shape, dtype, training)):
-        return None
     elif training and not _disjoint(inp.original, running_mean, running_var, weight, bias):
         return None
     if training and (inp.count < 2 or num_channels == 0):  # the general path's empty batch, or an error
         return None
     x = inp.x
-    y = np.empty_like(x)
+    y = np.empty(inp.shape, inp.dtype, "C" if inp.c_order else "F")
     save = np.empty((2, num_channels))
     if weight is None:
         weight = _api._constant(1.0, num_channels, dtype)
@@ -73,15 +70,16 @@ def forward(inp, weight, bias, running_mean, running_var, training, momentum, ep
     return y, save
 
 
-def _plain(a, shape, dtype, writable):
-    """Whether ``a`` is None or a C-contiguous ndarray of ``shape`` and ``dtype`` (the very
-    dtype object: an equal one from elsewhere takes the general path), writable when asked."""
-    if a is None:
-        return True
-    if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
-        return False
-    flags = a.flags
-    return flags.c_contiguous and (flags.writeable or not writable)
+def _plain(shape, dtype, training, weight, bias, running_mean, running_var):
+    """Whether each per-channel array is None or a C-contiguous ndarray of ``shape`` and
+    ``dtype`` (the very dtype object: an equal one from elsewhere takes the general path),
+    the running statistics writable in ``training``."""
+    for a in (weight, bias, running_mean, running_var):
+        if a is not None and (type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape):
+            return False
+        if a is not None and not a.flags.c_contiguous:
+            return False
+    return not training or running_mean is None or (running_mean.flags.writeable and running_var.flags.writeable)
 
 
 def _disjoint(x, running_mean, running_var, weight, bias):

@@ -305,8 +305,12 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
         centre[c] = 0.0
     for r in range(r0, r0 + head):
         xr = x2[r, j0:]
-        for c in range(nc):
-            centre[c] += value(xr, c * inner)
+        if inner == 1:  # unit stride: the loop vectorizes
+            for c in range(nc):
+                centre[c] += value(xr, c)
+        else:
+            for c in range(nc):
+                centre[c] += value(xr, c * inner)
     for c in range(nc):
         centre[c] = lane_shift(centre[c] / head, f32)
     # float32 sums have float32's rounding: they may cancel a smaller factor (docs/math.rst).
