@@ -79,7 +79,9 @@ def _plain(shape, dtype, training, weight, bias, running_mean, running_var):
             return False
         if a is not None and not a.flags.c_contiguous:
             return False
-    return not training or running_mean is None or (running_mean.flags.writeable and running_var.flags.writeable)
+    if not training or running_mean is None or running_var is None:
+        return True
+    return running_mean.flags.writeable and running_var.flags.writeable
 
 
 def _disjoint(x, running_mean, running_var, weight, bias):
