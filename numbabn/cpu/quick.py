@@ -75,13 +75,12 @@ def _plain(shape, dtype, training, weight, bias, running_mean, running_var):
     ``dtype`` (the very dtype object: an equal one from elsewhere takes the general path),
     the running statistics writable in ``training``."""
     for a in (weight, bias, running_mean, running_var):
-        if a is not None and (type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape):
-            return False
-        if a is not None and not a.flags.c_contiguous:
-            return False
-    if not training or running_mean is None or running_var is None:
-        return True
-    return running_mean.flags.writeable and running_var.flags.writeable
+        if a is not None:
+            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape or not a.flags.c_contiguous:
+                return False
+    if training and running_mean is not None and running_var is not None:
+        return running_mean.flags.writeable and running_var.flags.writeable
+    return True
 
 
 def _disjoint(x, running_mean, running_var, weight, bias):
