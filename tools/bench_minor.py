@@ -104,8 +104,18 @@ def main():
         torch.set_num_threads(threads)
     cols = ["train", "torch_train", "eval", "torch_eval", "copy", "welford", "k_train", "k_stats", "k_finish", "k_norm"]
     if base is not None:
-        cols = ["base_train", "train", "torch_train", "base_eval", "eval", "copy", "base_welford", "welford"]
-    print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  welford/copy")
+        cols = [
+            "base_train",
+            "train",
+            "torch_train",
+            "base_eval",
+            "eval",
+            "torch_eval",
+            "copy",
+            "base_welford",
+            "welford",
+        ]
+    print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  torch/eval  welford/copy")
     for s in a.shapes:
         shape = parse(s)
         fns = contenders(shape, np.dtype(a.dtype), torch, base)
@@ -121,7 +131,10 @@ def main():
         mb = np.prod(shape) * np.dtype(a.dtype).itemsize / 1e6
         row = " ".join(f"{t[k] * 1e6:11.2f}" if k in t else f"{'-':>11}" for k in cols)
         ratio = t["torch_train"] / t["train"] if "torch_train" in t else float("nan")
-        print(f"{s:>16} {mb:6.2f} {row}  {ratio:11.2f}  {t['welford'] / t['copy']:10.2f}", flush=True)
+        ratio_eval = t["torch_eval"] / t["eval"] if "torch_eval" in t else float("nan")
+        print(
+            f"{s:>16} {mb:6.2f} {row}  {ratio:11.2f}  {ratio_eval:10.2f}  {t['welford'] / t['copy']:12.2f}", flush=True
+        )
 
 
 if __name__ == "__main__":
