@@ -6,9 +6,9 @@ last call.  A forward call is *common* when:
 - its input is a contiguous ndarray of a shape, strides, dtype and axis checked before
   (``Input.known``: its facts were looked up, not derived again);
 - its per-channel arrays are None or C-contiguous ndarrays of shape ``(C,)`` and the
-  parameter dtype, the running statistics writable in training, and none of them shares
-  memory with the input or with an array the call writes (a test by identity and owner,
-  remembered for the last set of per-channel arrays);
+  parameter dtype; in training the running statistics, which the call writes, are writable
+  and share no memory with each other, the input or the affine parameters (a test by the
+  arrays' owners, remembered for the last set of per-channel arrays, which it keeps alive);
 - ``training`` is a ``bool``, ``momentum`` and ``eps`` are ``float`` in range, a training
   batch has more than one value per channel;
 - and nothing else is asked: no ``out``, stream, mask, activation, residual or ghost batches
@@ -56,10 +56,10 @@ def forward(inp, weight, bias, running_mean, running_var, training, momentum, ep
     x = inp.x
     y = np.empty(inp.shape, inp.dtype, "C" if inp.c_order else "F")
     save = np.empty((2, num_channels))
-    if weight is None:
-        weight = _api._constant(1.0, num_channels, dtype)
-    if bias is None:
-        bias = _api._constant(0.0, num_channels, dtype)
+    if weight is None or bias is None:
+        ones, zeros = _defaults(num_channels, dtype)
+        weight = ones if weight is None else weight
+        bias = zeros if bias is None else bias
     xv, yv = (x, y) if inp.plain else (inp.view(x), inp.view(y))
     if training:
         _fwd.forward_train(
@@ -91,18 +91,31 @@ def _disjoint(x, running_mean, running_var, weight, bias):
     global _LAST
     last = _LAST
     if not (running_mean is last[0] and running_var is last[1] and weight is last[2] and bias is last[3]):
-        first, second = owners = _owner(running_mean), _owner(running_var)
+        first, second = owners = _owner(running_mean, running_mean.flags), _owner(running_var, running_var.flags)
         if first is None or second is None or first is second:
             return False
         for a in (weight, bias):
             if a is not None:
-                own = _owner(a)
+                own = _owner(a, a.flags)
                 if own is None or own is first or own is second:
                     return False
         last = _LAST = (running_mean, running_var, weight, bias, owners)
-    owner = _owner(x)
+    owner = _owner(x, x.flags)
     return owner is not None and owner is not last[4][0] and owner is not last[4][1]
 
 
-def _owner(a):
-    return _checks.owner(a, a.flags)
+_owner = _checks.owner
+
+
+def _defaults(num_channels, dtype):
+    """The default weight and bias (ones and zeros, the host backend's shared constants) in
+    one lookup."""
+    pair = _DEFAULTS.get((num_channels, dtype))
+    if pair is None:
+        pair = _api._constant(1.0, num_channels, dtype), _api._constant(0.0, num_channels, dtype)
+        if num_channels <= 1 << 16 and len(_DEFAULTS) < 64:  # as the backend keeps its constants
+            _DEFAULTS[num_channels, dtype] = pair
+    return pair
+
+
+_DEFAULTS = {}

@@ -132,7 +132,7 @@ def shifted_sums(x2, o0, o1, j0, shift, acc_s, acc_q):
             acc_q[j] += d * d
 
 
-@leaf
+@stage
 def quad32(x2, o, j0, m, s32, q32):
     """``s32[j] += sum(d)`` and ``q32[j] += sum(d ** 2)`` over rows ``o`` to ``o + 3``,
     ``d = x2[o + r, j0 + j] - m[j]``, in float32 (four rows summed pairwise first)."""
