@@ -95,6 +95,15 @@ def quick_forward(inp, weight, bias, running_mean, running_var, training, moment
     return _quick.forward(inp, weight, bias, running_mean, running_var, training, momentum, eps)
 
 
+def quick_backward(inp, grad_output, weight, save_mean, save_invstd, training):
+    """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a backward call that asks
+    for nothing past these arguments, run at once when it is a common host call
+    (:mod:`numbabn.cpu.quick`); else None, and the caller takes :func:`backward_call`."""
+    if inp.backend is not _host or not inp.known:
+        return None
+    return _quick.backward(inp, grad_output, weight, save_mean, save_invstd, training)
+
+
 class ForwardCall:
     """A checked forward call: the ``Input`` and every other argument, checked."""
 

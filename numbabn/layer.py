@@ -113,14 +113,17 @@ class BatchNorm:
     >>> gx = bn.backward(np.ones_like(y))
     """
 
-    #: Whether :meth:`forward` may take the common host call's quick path: false for
-    #: subclasses that change how a forward call is made or run (SyncBatchNorm's exchanges,
-    #: Batch Renormalization's limits).
+    #: Whether :meth:`forward` and :meth:`backward` may take the common host call's quick
+    #: path: false for subclasses that change how a call is made or run (SyncBatchNorm's
+    #: exchanges, Batch Renormalization's limits).
     _QUICK = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls._QUICK = cls._forward_call is BatchNorm._forward_call and cls._run_forward is BatchNorm._run_forward
+        cls._QUICK = all(
+            getattr(cls, name) is getattr(BatchNorm, name)
+            for name in ("_forward_call", "_run_forward", "_run_backward")
+        )
 
     #: Attributes that stay host arrays on a GPU layer, and what a pickle drops (the last
     #: forward's, for :meth:`backward`).
@@ -381,6 +384,10 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
         inp, mean, invstd, use_batch = self._saved
+        if self._QUICK and self._saved_act is None and self._saved_mask is None and self._ghosts is None:
+            done = _call.quick_backward(inp, grad_output, self.weight, mean, invstd, use_batch)
+            if done is not None:
+                return self._take_gradients(inp, *done, inp.count, None)
         output, has_residual = self._saved_act or (None, False)
         g = _activation.incoming(inp, grad_output, output is not None, output)
         if self._ghosts is not None:
@@ -395,7 +402,13 @@ class BatchNorm:
                 call.mask, call.kept = self._saved_mask
             _activation.reuse_gradient(call, output is not None, has_residual)
             grad_input, grad_weight, grad_bias, abs_grad_sum, n = self._run_backward(call)
-        self.grad_residual = (g if output is not None else grad_output) if has_residual else None
+        grad_residual = (g if output is not None else grad_output) if has_residual else None
+        return self._take_gradients(inp, grad_input, grad_weight, grad_bias, abs_grad_sum, n, grad_residual)
+
+    def _take_gradients(self, inp, grad_input, grad_weight, grad_bias, abs_grad_sum, n, grad_residual):
+        """Keep a backward's gradients on the layer (``abs_grad_sum`` over ``n`` values per
+        channel gives ``update_threshold``) and return ``grad_input``."""
+        self.grad_residual = grad_residual
         if self.affine:
             self.grad_weight, self.grad_bias = grad_weight, grad_bias
         self.update_threshold = inp.backend.scaled(abs_grad_sum, 1.0 / n if n else np.nan)

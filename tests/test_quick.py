@@ -181,3 +181,94 @@ def test_layer_with_a_bad_count_or_parameter_after_quick_calls_raises():
     for key, value in bn.state_dict().items():
         if key != "weight":
             assert_bitwise(value, state[key])
+
+
+def _general_backward(monkeypatch):
+    monkeypatch.setattr(_call, "quick_backward", lambda *args: None)
+
+
+def _no_general_backward(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general backward ran")
+
+    monkeypatch.setattr(_call, "backward_call", refuse)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_quick_backward_gives_the_general_path_bits(shape, axis, dtype, training, order, affine, monkeypatch):
+    x, (w, b), (rm, rv) = _data(shape, axis, dtype)
+    x = np.asarray(x, order=order)
+    g = np.asarray(np.random.default_rng(1).standard_normal(shape).astype(dtype), order=order)
+    if not affine:
+        w = b = None
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, b, rm, rv, training=training, axis=axis)
+    with monkeypatch.context() as m:
+        _no_general_backward(m)
+        quick = numbabn.batch_norm_backward(g, x, w, mean, invstd, training=training, axis=axis)
+    with monkeypatch.context() as m:
+        _general_backward(m)
+        general = numbabn.batch_norm_backward(g, x, w, mean, invstd, training=training, axis=axis)
+    for a, e in zip(quick, general, strict=True):
+        assert_bitwise(a, e)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_quick_backward_keeps_the_layer_gradients(affine, monkeypatch):
+    x, _, _ = _data((32, 64), 1, np.float32)
+    g = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    layers = [numbabn.BatchNorm(64, affine=affine) for _ in range(2)]
+    for layer in layers:
+        layer(x)
+    with monkeypatch.context() as m:
+        _no_general_backward(m)
+        quick = layers[0].backward(g)
+    with monkeypatch.context() as m:
+        _general_backward(m)
+        general = layers[1].backward(g)
+    assert_bitwise(quick, general)
+    for name in ("grad_weight", "grad_bias", "update_threshold", "grad_residual"):
+        a, e = getattr(layers[0], name), getattr(layers[1], name)
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert_bitwise(a, e)
+
+
+def test_a_gradient_in_the_other_memory_order_takes_the_general_path(monkeypatch):
+    x, _, (rm, rv) = _data((16, 8), 1, np.float32)
+    g = np.asfortranarray(np.random.default_rng(1).standard_normal(x.shape).astype(np.float32))
+    _, mean, invstd = numbabn.batch_norm_forward(x, None, None, rm, rv)
+    expected = numbabn.batch_norm_backward(np.ascontiguousarray(g), x, None, mean, invstd)
+    calls = []
+    real = _call.backward_call
+    monkeypatch.setattr(_call, "backward_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = numbabn.batch_norm_backward(g, x, None, mean, invstd)
+    assert calls == [1]
+    for a, e in zip(got, expected, strict=True):
+        assert_bitwise(a, e)
+
+
+def _bad_backward_calls(g, x, w, mean, invstd):
+    return [
+        (lambda: numbabn.batch_norm_backward(g[:-1], x, w, mean, invstd), ValueError, "grad_output must have shape"),
+        (lambda: numbabn.batch_norm_backward(g.astype(np.float64), x, w, mean, invstd), TypeError, "grad_output"),
+        (lambda: numbabn.batch_norm_backward(g, x, w.astype(np.float64), mean, invstd), TypeError, "weight"),
+        (lambda: numbabn.batch_norm_backward(g, x, w, mean[:-1], invstd), ValueError, "save_mean must have shape"),
+        (lambda: numbabn.batch_norm_backward(g, x, w, mean, None), ValueError, "save_invstd"),
+        (lambda: numbabn.batch_norm_backward(g, x, w, mean, invstd, training=2), TypeError, "training must be a bool"),
+        (lambda: numbabn.batch_norm_backward(g.tolist(), x, w, mean, invstd), TypeError, "grad_output"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_bad_backward_arguments_after_quick_calls_still_raise(case):
+    x, (w, b), (rm, rv) = _data((8, 16), 1, np.float32)
+    g = np.ones_like(x)
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, b, rm, rv)
+    numbabn.batch_norm_backward(g, x, w, mean, invstd)  # a quick call first
+    call, error, message = _bad_backward_calls(g, x, w, mean, invstd)[case]
+    with pytest.raises(error, match=message):
+        call()

@@ -14,8 +14,14 @@ last call.  A forward call is *common* when:
 - and nothing else is asked: no ``out``, stream, mask, activation, residual or ghost batches
   (the callers test that).
 
-Those tests imply that every check of :mod:`numbabn._call` passes, so :func:`forward` runs
-the drivers at once.  Any other call gets None and takes the general path, which checks it
+A backward call is common when its ``grad_output`` is an ndarray of the input's shape,
+dtype and memory order, ``weight`` is None or plain as above, the saved mean and invstd are
+the forward's (C-contiguous float64 ``(C,)``), ``training`` is a ``bool``, and nothing else
+is asked (no ``out``, stream, mask, activation or ghost batches).  It writes only a new
+array, so no memory test applies.
+
+Those tests imply that every check of :mod:`numbabn._call` passes, so :func:`forward` and
+:func:`backward` run the drivers at once.  Any other call gets None and takes the general path, which checks it
 and raises where it must: the errors and what is left unchanged are the general path's.
 """
 
@@ -25,6 +31,7 @@ import numpy as np
 
 from .. import _checks
 from . import api as _api
+from . import backward as _bwd
 from . import forward as _fwd
 
 #: The last running statistics and affine parameters found disjoint, and the owners of the
@@ -68,6 +75,40 @@ def forward(inp, weight, bias, running_mean, running_var, training, momentum, ep
     else:
         _fwd.forward_eval(inp.parallel, inp.layout, xv, weight, bias, running_mean, running_var, eps, yv, save)
     return y, save
+
+
+def backward(inp, grad_output, weight, save_mean, save_invstd, training):
+    """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a common backward call on the
+    checked host input ``inp``, as the host backend's ``backward`` returns them, or None when
+    the call is not common (see the module notes)."""
+    g = grad_output
+    if not (training is True or training is False) or type(g) is not np.ndarray:
+        return None
+    if g.shape != inp.shape or g.dtype is not inp.dtype:
+        return None
+    flags = g.flags
+    if not (flags.c_contiguous if inp.c_order else flags.f_contiguous):
+        return None
+    num_channels, dtype = inp.num_channels, inp.param_dtype
+    shape = (num_channels,)
+    if not _plain(shape, dtype, False, weight, None, None, None):
+        return None
+    for a in (save_mean, save_invstd):
+        if type(a) is not np.ndarray or a.dtype is not _F64 or a.shape != shape or not a.flags.c_contiguous:
+            return None
+    x = inp.x
+    grad_input = np.empty(inp.shape, inp.dtype, "C" if inp.c_order else "F")
+    grads = np.empty((3, num_channels))
+    if weight is None:
+        weight = _defaults(num_channels, dtype)[0]
+    views = (g, x, grad_input) if inp.plain else (inp.view(g), inp.view(x), inp.view(grad_input))
+    gv, xv, giv = views
+    _bwd.backward(inp.parallel, inp.layout, gv, xv, weight, save_mean, save_invstd, training, giv, grads)
+    affine = grads[:2].astype(dtype)  # one conversion for both
+    return grad_input, affine[0], affine[1], grads[2]
+
+
+_F64 = np.dtype(np.float64)
 
 
 def _plain(shape, dtype, training, weight, bias, running_mean, running_var):
