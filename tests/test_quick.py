@@ -6,6 +6,8 @@ still gets the general path's error with nothing written."""
 import numpy as np
 import pytest
 from conftest import assert_bitwise
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import numbabn
 from numbabn import _call
@@ -272,3 +274,119 @@ def test_bad_backward_arguments_after_quick_calls_still_raise(case):
     call, error, message = _bad_backward_calls(g, x, w, mean, invstd)[case]
     with pytest.raises(error, match=message):
         call()
+
+
+# -- the quick path never changes an outcome ---------------------------------------------------
+# Each argument of a forward is drawn from its common form and from forms the quick path must
+# hand to the general one; the same call runs with the quick path and without it, on fresh
+# copies, and must give the same bits, or the same error, and leave every array the same.
+
+X_FORMS = ["c", "f", "strided", "float64", "float16", "list", "1d"]
+PARAM_FORMS = ["none", "plain", "float64", "strided", "short", "read-only", "list"]
+STAT_FORMS = ["none", "plain", "read-only", "strided", "float64", "view-of-x", "same"]
+TRAINING = [True, False, 1, np.bool_(True), "yes"]
+MOMENTA = [0.1, 1.0, np.float64(0.1), 1.5, None]
+EPSILONS = [1e-5, 0.0, -1.0, float("nan")]
+AXES = [1, -1, np.int64(1), True, 5]
+
+
+def _draw_x(form, rng):
+    x = (rng.standard_normal((16, 8)) * 2 + 3).astype(np.float32)
+    buf = np.zeros(16 * 8 + 8, np.float32)  # x's memory for "view-of-x" running statistics
+    if form == "c":
+        buf[:128] = x.ravel()
+        return buf[:128].reshape(16, 8), buf
+    if form == "f":
+        return np.asfortranarray(x), buf
+    if form == "strided":
+        return np.repeat(x, 2, axis=1)[:, ::2], buf
+    if form == "float64":
+        return x.astype(np.float64), buf
+    if form == "float16":
+        return x.astype(np.float16), buf
+    if form == "list":
+        return x.tolist(), buf
+    return x[0], buf  # 1-d
+
+
+def _draw_per_channel(form, fill, rng, buf):
+    a = (fill + 0.1 * rng.standard_normal(8)).astype(np.float32)
+    if form == "none":
+        return None
+    if form in ("plain", "same"):
+        return a
+    if form == "float64":
+        return a.astype(np.float64)
+    if form == "strided":
+        return np.repeat(a, 2)[::2]
+    if form == "short":
+        return a[:-1]
+    if form == "read-only":
+        a.flags.writeable = False
+        return a
+    if form == "view-of-x":
+        return buf[120:128]  # x's last row where x is a view of buf
+    return a.tolist()
+
+
+def _outcome(call):
+    try:
+        return "ok", call()
+    except Exception as e:  # compared between the two paths, type and message
+        return type(e).__name__, str(e)
+
+
+COMMON = ("c", "plain", "plain", "plain", "plain", True, 0.1, 1e-5, 1)
+MENUS = (X_FORMS, PARAM_FORMS, PARAM_FORMS, STAT_FORMS, STAT_FORMS, TRAINING, MOMENTA, EPSILONS, AXES)
+
+
+@st.composite
+def calls(draw):
+    """Every argument in its common form but up to two, drawn from their menus."""
+    args = list(COMMON)
+    for i in draw(st.sets(st.integers(0, len(COMMON) - 1), max_size=2)):
+        args[i] = draw(st.sampled_from(MENUS[i]))
+    return args
+
+
+@settings(max_examples=300, deadline=None)
+@given(calls(), st.booleans())
+def test_the_quick_path_changes_no_outcome(args, functional):
+    xf, wf, bf, rmf, rvf, training, momentum, eps, axis = args
+
+    def run(quick):
+        rng = np.random.default_rng(7)
+        x, buf = _draw_x(xf, rng)
+        w, b = _draw_per_channel(wf, 1.0, rng, buf), _draw_per_channel(bf, 0.0, rng, buf)
+        rm = _draw_per_channel(rmf, 0.0, rng, buf)
+        rv = rm if rvf == "same" else _draw_per_channel(rvf, 1.0, rng, buf)
+        arrays = [a for a in (x, w, b, rm, rv) if isinstance(a, np.ndarray)]
+        if functional:
+            call = lambda: numbabn.batch_norm_forward(  # noqa: E731
+                x, w, b, rm, rv, training=training, momentum=momentum, eps=eps, axis=axis
+            )
+        else:
+            call = lambda: numbabn.batch_norm(x, rm, rv, w, b, training, momentum, eps, axis=axis)  # noqa: E731
+        numbabn.batch_norm(np.ones((16, 8), np.float32) * np.arange(16)[:, None], None, None, training=True)
+        taken = []
+        real = _call.quick_forward
+        with pytest.MonkeyPatch.context() as m:
+            if quick:
+                m.setattr(_call, "quick_forward", lambda *args: taken.append(real(*args)) or taken[-1])
+            else:
+                m.setattr(_call, "quick_forward", lambda *args: None)
+            kind, value = _outcome(call)
+        if quick:
+            event("quick path taken" if any(t is not None for t in taken) else "general path")
+        return kind, value, [a.copy() for a in arrays]
+
+    quick, general = run(True), run(False)
+    assert quick[0] == general[0], (quick[:2], general[:2])
+    if quick[0] == "ok":
+        results = [r if isinstance(r, tuple) else (r,) for r in (quick[1], general[1])]
+        for a, e in zip(*results, strict=True):
+            assert_bitwise(a, e)
+    else:
+        assert quick[1] == general[1]
+    for a, e in zip(quick[2], general[2], strict=True):
+        assert_bitwise(a, e)
