@@ -45,7 +45,11 @@ class Input:
     checks compare), ``layout`` how the kernels see it (:class:`numbabn.cpu._plan.Layout`:
     which kernel family, and :meth:`view`'s shape) and ``parallel`` whether its drivers run
     their parallel twins (:func:`parallel_for`), worked out once: small calls spend their
-    time in Python.
+    time in Python.  ``count`` is the values per channel; ``plain`` says the kernels' view
+    is ``x`` itself; ``known`` that ``x`` is the ndarray as given, whose facts (all of the
+    above but ``x`` and ``original``) later inputs of the same shape, strides, dtype and
+    ``axis`` look up instead of deriving them (the quick path, :mod:`numbabn.cpu.quick`,
+    takes known inputs only).
     """
 
     __slots__ = (
