@@ -87,20 +87,12 @@ def test_a_first_call_compiles_its_own_path(shape, axis, steps, drivers):
     assert _compiled(list(shape), axis, steps) == drivers
 
 
-LEAVES = """
+COMPILE_AND_INSPECT = """
 import json, sys
-import numpy as np
-import numbabn
 from numbabn import _jit
+from numbabn.bench.cli import main
 from numbabn.cpu import backward, stats
-shape, axis = json.loads(sys.argv[1])
-x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-bn = numbabn.BatchNorm(shape[axis], axis=axis)
-bn.backward(bn(x))
-numbabn.welford(x, axis=axis)
-if len(shape) == 2:  # channel-minor: ghost batches' drivers too
-    ghosts = numbabn.BatchNorm(shape[axis], axis=axis, virtual_batch_size=shape[0] // 8)
-    ghosts.backward(ghosts(x))
+main(["compile", "--dtype", "float32"])  # what ``python -m numbabn compile --dtype float32`` runs
 leaves = {}
 for leaf in (stats.strided_rows, stats.minor_rows, backward.strided_grad_rows, backward.grad_columns):
     for cres in leaf.overloads.values():
@@ -119,45 +111,10 @@ for t in _jit.TWINS:
     for k in ("serial", "parallel"):
         for cres in getattr(t, k).overloads.values():
             copies[f"{t.__name__}.{k}"] = sorted({leaves[id(lib)] for lib in linked(cres.library) if id(lib) in leaves})
-print(json.dumps(copies))
+print("LEAVES " + json.dumps(copies))
 """
 
-
-@pytest.mark.parametrize(("shape", "axis"), [((32, 64, 16, 16), 1), ((2, 4, 8192), 1), ((256, 512), 1)])
-def test_big_leaves_compile_once(shape, axis, tmp_path):
-    """The per-block leaves (``_jit.by_address``) are called through their address: numba
-    links their code into no driver nor its parallel regions, to optimize and compile again
-    there.  An empty cache, so every library is compiled here and can be inspected."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    out = subprocess.run(
-        [sys.executable, "-c", LEAVES, json.dumps([list(shape), axis])],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    copies = json.loads(out)
-    assert len(copies) >= 3  # the training, backward and welford drivers at least
-    if shape == (256, 512):
-        assert {"train_ghosts_minor.parallel", "backward_ghosts_minor.parallel"} <= set(copies)
-    assert copies == {name: [] for name in copies}
-
-
-def test_compile_command_fills_the_cache(tmp_path):
-    """``python -m numbabn compile`` into an empty cache: a later process loads every kernel
-    from it (numba's dispatchers then hold no compiled-here code)."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    run = subprocess.run(
-        [sys.executable, "-m", "numbabn", "compile", "--dtype", "float32"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "12/12" not in run.stdout and "6/6" in run.stdout
-    assert f"NUMBA_CACHE_DIR={tmp_path}" in run.stdout
-    assert any(f.endswith(".nbi") for _, _, files in os.walk(tmp_path) for f in files)
-    check = """
+LOAD_CHECK = """
 import numpy as np, numbabn
 from numba.core import event
 rec = event.RecordingListener()
@@ -169,7 +126,29 @@ for shape in [(32, 64), (2048, 64), (2, 16, 2048), (2, 2, 16384)]:
         bn = numbabn.BatchNorm(shape[1], virtual_batch_size=shape[0] // 2); bn.backward(bn(x))
 print(sum(1 for _, e in rec.buffer if e.is_start))
 """
-    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+
+
+def test_compile_command_fills_the_cache_and_links_no_big_leaf(tmp_path):
+    """``python -m numbabn compile`` into an empty cache, one process: it says where the
+    cache is, every kernel it compiled calls the per-block leaves (``_jit.by_address``)
+    through their address (numba links their code into no driver nor its parallel regions,
+    to optimize and compile again there), and a later process loads every kernel from the
+    cache (numba's dispatchers then hold no compiled-here code).  An empty cache, so every
+    library is compiled here and can be inspected."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE_AND_INSPECT], env=env, capture_output=True, text=True, check=True
+    )
+    assert "12/12" not in run.stdout and "6/6" in run.stdout
+    assert f"NUMBA_CACHE_DIR={tmp_path}" in run.stdout
+    assert any(f.endswith(".nbi") for _, _, files in os.walk(tmp_path) for f in files)
+    copies = json.loads(run.stdout.split("LEAVES ", 1)[1])
+    # Every family's training, backward and welford drivers, both twins, ghost batches too.
+    for name in ("train_fused", "train_strided", "train_minor", "backward_fused", "backward_strided"):
+        assert {f"{name}.serial", f"{name}.parallel"} <= set(copies), name
+    assert {"train_ghosts_minor.parallel", "backward_ghosts_minor.parallel", "welford_minor.parallel"} <= set(copies)
+    assert copies == {name: [] for name in copies}
+    out = subprocess.run([sys.executable, "-c", LOAD_CHECK], env=env, capture_output=True, text=True, check=True)
     # Loading from the cache fires no compile event for numbabn's own functions; numba may
     # still compile a few of its internal helpers on the way.
     assert int(out.stdout) < 5, out.stdout

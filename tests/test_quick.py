@@ -15,18 +15,18 @@ from numbabn import _call
 LAYOUTS = [((32, 64), 1), ((8, 6, 5, 5), 1), ((4, 5, 5, 6), -1), ((16, 3, 40), 1)]
 
 
-def _general(monkeypatch):
-    """Make every forward take the general path."""
-    monkeypatch.setattr(_call, "quick_forward", lambda *args: None)
+def _general(monkeypatch, stage="forward"):
+    """Make every call of ``stage`` ("forward" or "backward") take the general path."""
+    monkeypatch.setattr(_call, f"quick_{stage}", lambda *args: None)
 
 
-def _no_general(monkeypatch):
-    """Make the general path fail, so a call that passes took the quick path."""
+def _no_general(monkeypatch, stage="forward"):
+    """Make the general path of ``stage`` fail, so a call that passes took the quick path."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the general path ran")
+        raise AssertionError(f"the general {stage} ran")
 
-    monkeypatch.setattr(_call, "forward_call", refuse)
+    monkeypatch.setattr(_call, f"{stage}_call", refuse)
 
 
 def _data(shape, axis, dtype, seed=0):
@@ -185,17 +185,6 @@ def test_layer_with_a_bad_count_or_parameter_after_quick_calls_raises():
             assert_bitwise(value, state[key])
 
 
-def _general_backward(monkeypatch):
-    monkeypatch.setattr(_call, "quick_backward", lambda *args: None)
-
-
-def _no_general_backward(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the general backward ran")
-
-    monkeypatch.setattr(_call, "backward_call", refuse)
-
-
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("training", [True, False])
@@ -209,10 +198,10 @@ def test_quick_backward_gives_the_general_path_bits(shape, axis, dtype, training
         w = b = None
     _, mean, invstd = numbabn.batch_norm_forward(x, w, b, rm, rv, training=training, axis=axis)
     with monkeypatch.context() as m:
-        _no_general_backward(m)
+        _no_general(m, "backward")
         quick = numbabn.batch_norm_backward(g, x, w, mean, invstd, training=training, axis=axis)
     with monkeypatch.context() as m:
-        _general_backward(m)
+        _general(m, "backward")
         general = numbabn.batch_norm_backward(g, x, w, mean, invstd, training=training, axis=axis)
     for a, e in zip(quick, general, strict=True):
         assert_bitwise(a, e)
@@ -226,10 +215,10 @@ def test_layer_quick_backward_keeps_the_layer_gradients(affine, monkeypatch):
     for layer in layers:
         layer(x)
     with monkeypatch.context() as m:
-        _no_general_backward(m)
+        _no_general(m, "backward")
         quick = layers[0].backward(g)
     with monkeypatch.context() as m:
-        _general_backward(m)
+        _general(m, "backward")
         general = layers[1].backward(g)
     assert_bitwise(quick, general)
     for name in ("grad_weight", "grad_bias", "update_threshold", "grad_residual"):
