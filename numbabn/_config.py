@@ -40,6 +40,12 @@ WIDEN_TO = 1024
 #: (zeroing accumulators, folding, the Chan merge) stays small beside the two sweeps (few-row
 #: blocks ran far below memory speed; docs/performance_notes.rst).
 MINOR_ROWS = 64
+#: A channel-minor task's scratch has this many float64 elements of slack, to place its hot
+#: stores (the sweep's per-column sums) TRAIL bytes behind the rows it loads, modulo 4 KiB:
+#: stores that a later load's low 12 address bits match stall it (4K aliasing), which slowed
+#: a (64, 1024) block's statistics by up to 2x, by where the allocator put the scratch.
+SKEW_SLACK = 512
+TRAIL = 256
 
 #: Channel-minor blocks are summed in one sweep of ``d = x - shift`` (``shift`` a nearby mean)
 #: and kept when ``M2 = sum(d ** 2) - sum(d) ** 2 / n`` cancels at most this factor of

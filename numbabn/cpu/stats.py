@@ -17,7 +17,17 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .._config import BLOCK, HEAD_ROWS, LANE_ROWS, MINOR_ROWS, SHIFT_CANCEL, SHIFT_CANCEL_32, TINY_SQUARES
+from .._config import (
+    BLOCK,
+    HEAD_ROWS,
+    LANE_ROWS,
+    MINOR_ROWS,
+    SHIFT_CANCEL,
+    SHIFT_CANCEL_32,
+    SKEW_SLACK,
+    TINY_SQUARES,
+    TRAIL,
+)
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
 from ._half import value
@@ -258,6 +268,28 @@ def again(x2, b0, b1, j0, inner, inv, acc_s, acc_q, shift, bmean, bm2):
         bmean[c] = shift[c * inner] + s
 
 
+@leaf
+def head_shift(x2, r0, r1, j0, inner, centre):
+    """``centre[c]``: the mean of the first value of channel ``c``'s columns (``j0 + c *
+    inner``) over rows ``[r0, r1)``, rounded as :func:`lane_shift` rounds a shift.  Row by
+    row, so the loop over channels vectorizes (channel by channel it read one value per row),
+    with unit stride where ``inner == 1``: a stride LLVM cannot know kept it scalar."""
+    nc = centre.shape[0]
+    for c in range(nc):
+        centre[c] = 0.0
+    for r in range(r0, r1):
+        xr = x2[r, j0:]
+        if inner == 1:
+            for c in range(nc):
+                centre[c] += value(xr, c)
+        else:
+            for c in range(nc):
+                centre[c] += value(xr, c * inner)
+    f32 = lanes32(x2)
+    for c in range(nc):
+        centre[c] = lane_shift(centre[c] / (r1 - r0), f32)
+
+
 @by_address(1, I64, I64, I64, I64, I64, VEC, VEC)
 def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     """``(count, mean, M2)`` of the ``nc`` channels whose columns start at ``j0`` over rows
@@ -282,7 +314,16 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     # float32 values per column) is its tail.
     f32 = lanes32(x2)
     per_channel = 3 * width + (3 * nc if inner > 1 else 0)
-    work = np.empty(per_channel + ((3 * width + 1) // 2 if f32 else 0))
+    size = per_channel + ((3 * width + 1) // 2 if f32 else 0)
+    work = np.empty(size + SKEW_SLACK)
+    # The sweep stores its per-column sums (float32 lanes: s32, at per_channel * 8 + 4 * width
+    # bytes; float64: acc_s, at 0) while it loads rows of x.  Placed to trail those loads by a
+    # few cache lines modulo 4 KiB, the stores never alias loads still to come (4K aliasing
+    # stalled the sweep, by where the allocator put ``work``).
+    hot = per_channel * 8 + 4 * width if f32 else 0
+    at = x2[r0, j0:].ctypes.data if r1 > r0 else x2.ctypes.data
+    skew = (4096 - TRAIL + at - work.ctypes.data - hot) % 4096
+    work = work[(skew // 64) * 8 : (skew // 64) * 8 + size]
     lanes = work[per_channel:].view(np.float32)
     acc_s = work[:width]
     acc_q = work[width : 2 * width]
@@ -298,21 +339,8 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     if r1 <= r0 or width == 0:  # no values (rows of zero width when inner == 0)
         return n
     # The first block's shift: each channel's mean over its first (up to) HEAD_ROWS rows, so
-    # a lone outlier there moves it by a fraction only.  Row by row, so the loop over channels
-    # vectorizes (channel by channel it read one value per row).
-    head = min(HEAD_ROWS, r1 - r0)
-    for c in range(nc):
-        centre[c] = 0.0
-    for r in range(r0, r0 + head):
-        xr = x2[r, j0:]
-        if inner == 1:  # unit stride: the loop vectorizes
-            for c in range(nc):
-                centre[c] += value(xr, c)
-        else:
-            for c in range(nc):
-                centre[c] += value(xr, c * inner)
-    for c in range(nc):
-        centre[c] = lane_shift(centre[c] / head, f32)
+    # a lone outlier there moves it by a fraction only.
+    head_shift(x2, r0, min(r1, r0 + HEAD_ROWS), j0, inner, centre)
     # float32 sums have float32's rounding: they may cancel a smaller factor (docs/math.rst).
     keep = 1.0 - 1.0 / (SHIFT_CANCEL_32 if f32 else SHIFT_CANCEL)
     b0 = r0
