@@ -29,6 +29,20 @@ def _no_general(monkeypatch, stage="forward"):
     monkeypatch.setattr(_call, f"{stage}_call", refuse)
 
 
+def _every_case(test):
+    """Parametrize ``test`` over every layout, dtype, mode, memory order and affine setting."""
+    cases = [
+        ("shape,axis", LAYOUTS),
+        ("dtype", [np.float32, np.float64, np.float16]),
+        ("training", [True, False]),
+        ("order", ["C", "F"]),
+        ("affine", [True, False]),
+    ]
+    for names, values in reversed(cases):
+        test = pytest.mark.parametrize(names, values)(test)
+    return test
+
+
 def _data(shape, axis, dtype, seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
@@ -39,11 +53,7 @@ def _data(shape, axis, dtype, seed=0):
     return x, params, stats
 
 
-@pytest.mark.parametrize("shape,axis", LAYOUTS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("order", ["C", "F"])
-@pytest.mark.parametrize("affine", [True, False])
+@_every_case
 def test_quick_path_gives_the_general_path_bits(shape, axis, dtype, training, order, affine, monkeypatch):
     x, (w, b), (rm, rv) = _data(shape, axis, dtype)
     x = np.asarray(x, order=order)
@@ -185,11 +195,7 @@ def test_layer_with_a_bad_count_or_parameter_after_quick_calls_raises():
             assert_bitwise(value, state[key])
 
 
-@pytest.mark.parametrize("shape,axis", LAYOUTS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("order", ["C", "F"])
-@pytest.mark.parametrize("affine", [True, False])
+@_every_case
 def test_quick_backward_gives_the_general_path_bits(shape, axis, dtype, training, order, affine, monkeypatch):
     x, (w, b), (rm, rv) = _data(shape, axis, dtype)
     x = np.asarray(x, order=order)
