@@ -24,8 +24,10 @@ from .._config import (
     MINOR_MIN_TASKS,
     MINOR_ROWS,
     MINOR_TASK_ELEMS,
+    SKEW_SLACK,
     TASK_ELEMS,
     TILE,
+    TRAIL,
     WIDEN_TO,
 )
 from .._jit import leaf, stage
@@ -174,3 +176,16 @@ def expand(values, inner, k):
     for j in range(width, k * width):
         out[j] = out[j - width]
     return out
+
+
+@stage
+def scratch_behind(size, a, r, j0, hot, zero):
+    """A new float64 scratch array of ``size`` elements (zeroed when ``zero``) placed so that
+    byte ``hot`` of it trails ``a[r, j0]``, the rows a sweep loads while it stores there, by
+    ``TRAIL`` bytes modulo 4 KiB: a store that matched the low 12 address bits of a load still
+    to come would stall that load (4K aliasing), which happened or not by where the allocator
+    put the scratch.  ``r`` past ``a``'s rows (no rows to sweep) places it anywhere."""
+    work = np.zeros(size + SKEW_SLACK) if zero else np.empty(size + SKEW_SLACK)
+    at = a[r, j0:].ctypes.data if r < a.shape[0] else a.ctypes.data
+    skew = (4096 - TRAIL + at - work.ctypes.data - hot) % 4096
+    return work[(skew // 64) * 8 : (skew // 64) * 8 + size]

@@ -17,11 +17,10 @@ code (``strided_grad_rows`` or ``grad_columns``) for its input arrays, which it 
 import numpy as np
 from numba import prange, types
 
-from .._config import SKEW_SLACK, TRAIL
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import grad_coef
 from ._half import put, value
-from ._plan import expand, minor_task, plan, rows, sum_inner, super_rows
+from ._plan import expand, minor_task, plan, rows, scratch_behind, sum_inner, super_rows
 
 
 @by_address(2, types.int64, types.float64, types.int64, types.int64)
@@ -114,12 +113,8 @@ def grad_partial(rows_at, g2, x2, num_channels, inner, centre, nsplit, ct, ntile
     split, r0, r1, c0, nc = minor_task(task, nsplit, ntiles, ct, x2.shape[0], num_channels)
     j0 = c0 * inner
     width = nc * inner
-    acc = np.zeros(3 * width + SKEW_SLACK)  # one allocation: small calls pay for each
-    # Placed as stats.minor_rows places its sums: the stores trail the rows they are summed
-    # from, modulo 4 KiB, so no store aliases a load still to come.
-    at = g2[r0, j0:].ctypes.data if r1 > r0 else g2.ctypes.data
-    skew = (4096 - TRAIL + at - acc.ctypes.data) % 4096
-    acc = acc[(skew // 64) * 8 : (skew // 64) * 8 + 3 * width]
+    # One allocation (small calls pay for each), its stores clear of the rows it sums.
+    acc = scratch_behind(3 * width, g2, r0 if r1 > r0 else g2.shape[0], j0, 0, True)
     acc_g = acc[:width]
     acc_gx = acc[width : 2 * width]
     acc_ga = acc[2 * width :]

@@ -24,14 +24,12 @@ from .._config import (
     MINOR_ROWS,
     SHIFT_CANCEL,
     SHIFT_CANCEL_32,
-    SKEW_SLACK,
     TINY_SQUARES,
-    TRAIL,
 )
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
 from ._half import value
-from ._plan import minor_task, plan, repeat_inner, rows, sum_inner, super_rows
+from ._plan import minor_task, plan, repeat_inner, rows, scratch_behind, sum_inner, super_rows
 
 
 @stage
@@ -315,15 +313,10 @@ def minor_rows(x2, r0, r1, j0, nc, inner, mean, m2):
     f32 = lanes32(x2)
     per_channel = 3 * width + (3 * nc if inner > 1 else 0)
     size = per_channel + ((3 * width + 1) // 2 if f32 else 0)
-    work = np.empty(size + SKEW_SLACK)
-    # The sweep stores its per-column sums (float32 lanes: s32, at per_channel * 8 + 4 * width
-    # bytes; float64: acc_s, at 0) while it loads rows of x.  Placed to trail those loads by a
-    # few cache lines modulo 4 KiB, the stores never alias loads still to come (4K aliasing
-    # stalled the sweep, by where the allocator put ``work``).
+    # The sweep stores its per-column sums (float32 lanes: s32, at byte per_channel * 8 +
+    # 4 * width; float64: acc_s, at 0) while it loads rows of x from r0 on.
     hot = per_channel * 8 + 4 * width if f32 else 0
-    at = x2[r0, j0:].ctypes.data if r1 > r0 else x2.ctypes.data
-    skew = (4096 - TRAIL + at - work.ctypes.data - hot) % 4096
-    work = work[(skew // 64) * 8 : (skew // 64) * 8 + size]
+    work = scratch_behind(size, x2, r0 if r1 > r0 else x2.shape[0], j0, hot, False)
     lanes = work[per_channel:].view(np.float32)
     acc_s = work[:width]
     acc_q = work[width : 2 * width]
