@@ -42,8 +42,8 @@ WIDEN_TO = 1024
 MINOR_ROWS = 64
 #: A channel-minor task's scratch has this many float64 elements of slack, to place its hot
 #: stores (the sweep's per-column sums) TRAIL bytes behind the rows it loads, modulo 4 KiB:
-#: stores that a later load's low 12 address bits match stall it (4K aliasing), which slowed
-#: a (64, 1024) block's statistics by up to 2x, by where the allocator put the scratch.
+#: a store whose low 12 address bits a later load matches stalls that load (4K aliasing),
+#: which the allocator's placement of the scratch decided otherwise.
 SKEW_SLACK = 512
 TRAIL = 256
 

@@ -17,15 +17,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .._config import (
-    BLOCK,
-    HEAD_ROWS,
-    LANE_ROWS,
-    MINOR_ROWS,
-    SHIFT_CANCEL,
-    SHIFT_CANCEL_32,
-    TINY_SQUARES,
-)
+from .._config import BLOCK, HEAD_ROWS, LANE_ROWS, MINOR_ROWS, SHIFT_CANCEL, SHIFT_CANCEL_32, TINY_SQUARES
 from .._jit import by_address, indirect, leaf, stage, twin
 from .._math import chan_merge, chan_merge_channels
 from ._half import value
