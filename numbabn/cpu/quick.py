@@ -94,21 +94,17 @@ def backward(inp, grad_output, weight, save_mean, save_invstd, training):
     if not _plain(shape, dtype, False, weight, None, None, None):
         return None
     for a in (save_mean, save_invstd):
-        if type(a) is not np.ndarray or a.dtype is not _F64 or a.shape != shape or not a.flags.c_contiguous:
+        if type(a) is not np.ndarray or a.dtype is not _api._F64 or a.shape != shape or not a.flags.c_contiguous:
             return None
     x = inp.x
     grad_input = np.empty(inp.shape, inp.dtype, "C" if inp.c_order else "F")
     grads = np.empty((3, num_channels))
     if weight is None:
         weight = _defaults(num_channels, dtype)[0]
-    views = (g, x, grad_input) if inp.plain else (inp.view(g), inp.view(x), inp.view(grad_input))
-    gv, xv, giv = views
+    gv, xv, giv = (g, x, grad_input) if inp.plain else (inp.view(g), inp.view(x), inp.view(grad_input))
     _bwd.backward(inp.parallel, inp.layout, gv, xv, weight, save_mean, save_invstd, training, giv, grads)
     affine = grads[:2].astype(dtype)  # one conversion for both
     return grad_input, affine[0], affine[1], grads[2]
-
-
-_F64 = np.dtype(np.float64)
 
 
 def _plain(shape, dtype, training, weight, bias, running_mean, running_var):
