@@ -8,14 +8,24 @@ straddling the boundaries if the tunables change; the constants are only read, n
 (they are compiled into the kernels).
 """
 
+import getpass
 import math
 import os
+import tempfile
 import zlib
 
 # The determinism tests compare 1 and 2 threads in-process; numba fixes its pool size at
 # import, so make sure it has at least two even on a one-core machine.
 if "NUMBA_NUM_THREADS" not in os.environ and (os.cpu_count() or 1) < 2:
     os.environ["NUMBA_NUM_THREADS"] = "2"
+
+# Under pytest-xdist each worker process keeps its own numba cache: numba names a new cache
+# entry's data file from the index it read, so two processes saving different signatures of
+# one kernel at once can leave an index entry pointing at the other's code.
+if os.environ.get("PYTEST_XDIST_WORKER") and "NUMBA_CACHE_DIR" not in os.environ:
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"numbabn-tests-{getpass.getuser()}", os.environ["PYTEST_XDIST_WORKER"]
+    )
 
 # The CUDA tests run numbabn's GPU kernels in numba's CUDA simulator unless told otherwise
 # (NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU runs the same tests on the device).  numba
@@ -37,6 +47,37 @@ settings.register_profile("dev", max_examples=25, deadline=None)
 settings.register_profile("ci", settings.get_profile("dev"), derandomize=True, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 PARALLEL_PROPERTIES = settings(settings.default, max_examples=6)
+
+#: pytest-benchmark options that mean "time it"; any one of them switches timing on.
+TIMING_OPTIONS = (
+    "benchmark_only",
+    "benchmark_enable",
+    "benchmark_json",
+    "benchmark_save",
+    "benchmark_autosave",
+    "benchmark_compare",
+    "benchmark_histogram",
+)
+
+#: Most pytest-xdist workers ``-n auto`` starts (pyproject's addopts): each compiles the
+#: kernels its tests need, so more than a few cost more compiling than they save.
+MAX_WORKERS = 4
+
+
+def timing(config):
+    """Whether this run times the benchmarks (else each runs once, as a test)."""
+    return any(config.getoption(name, None) for name in TIMING_OPTIONS)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core up to :data:`MAX_WORKERS` (PYTEST_XDIST_AUTO_NUM_WORKERS
+    sets it), and none when the run times benchmarks, which need the machine to themselves."""
+    if timing(config):
+        return 0
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, MAX_WORKERS)
+
 
 MIN_INNER = _config.MIN_INNER
 BLOCK = _config.BLOCK

@@ -13,19 +13,9 @@ that saves or compares timings (``--benchmark-json``, ``--benchmark-save``,
 """
 
 import pytest
+from conftest import timing
 
 from numbabn.bench import cases, contenders
-
-#: Options that mean "time it"; any one of them switches timing on.
-TIMING_OPTIONS = (
-    "benchmark_only",
-    "benchmark_enable",
-    "benchmark_json",
-    "benchmark_save",
-    "benchmark_autosave",
-    "benchmark_compare",
-    "benchmark_histogram",
-)
 
 #: (layout, feature axis, {size: shape}), float32: small is 16 KB (in L1/L2), cache about
 #: 2 MB (in the last-level cache), beyond 64 MB (streams from memory on most machines).
@@ -59,11 +49,6 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=drop)
         dropped = set(drop)
         items[:] = [item for item in items if item not in dropped]
-
-
-def timing(config):
-    """Whether this run times the benchmarks (else each runs once, as a test)."""
-    return any(config.getoption(name, None) for name in TIMING_OPTIONS)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{lay}-{size}" for lay, _, size, _ in CASES])
