@@ -38,7 +38,7 @@ def test_launch_layer_with_the_simulator_off():
         pytest.skip("the simulator is off here: this file's tests run in this process")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", NUMBABN_CUDA_LAUNCH="fast")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider", "-n", "0"]
     run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-3000:]
@@ -703,4 +703,4 @@ def test_print_python_time_up_to_the_driver(stub, capsys):
 
 
 if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-s", "-k", "print_python_time"]))
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-n", "0", "-s", "-k", "print_python_time"]))

@@ -61,8 +61,8 @@ $PY -c "import numpy, numba, numba_cuda, torch; print('numpy', numpy.__version__
 # kernels the tests compare with, would run 128 threads on 16 cores.  On an H200 machine,
 # that way 4 tests finished in 150 s; with 2 threads a process, 67 finished in 35 s (in a
 # later run, where a third of them failed early, so the two runs are not a clean comparison).
-# The tests compile every kernel once and store it in the disk cache, which the later steps
-# (and the profile's cold start) load instead of compiling again.
+# Each test worker compiles into a numba cache of its own (tests/conftest.py); the later
+# steps compile into the default cache, shared from one step to the next.
 NUMBA_NUM_THREADS=2 step test_cuda 150 $PY -m pytest tests/test_cuda.py tests/test_cuda_launch.py tests/test_cuda_hardware.py tests/test_sync_cuda.py tests/test_eval_backward.py tests/test_bench.py \
   -q -n 8 -p no:cacheprovider -rs
 # The fast path must be the one that ran: a call that silently fell back to numba's launches
