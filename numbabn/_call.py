@@ -86,22 +86,28 @@ def check_input(x, axis, stream, name="input"):
     return backend_of(x).Input(x, axis, stream, name)
 
 
-def quick_forward(inp, weight, bias, running_mean, running_var, training, momentum, eps):
-    """``(output, save)`` of a forward call that asks for nothing past these arguments, run at
-    once when it is a common host call (:mod:`numbabn.cpu.quick`); else None, and the caller
-    takes the general path (:func:`forward_call`), which checks every argument."""
-    if inp.backend is not _host or not inp.known:
-        return None
-    return _quick.forward(inp, weight, bias, running_mean, running_var, training, momentum, eps)
+#: ``quick_forward(x, facts, weight, bias, running_mean, running_var, training, momentum,
+#: eps)``: ``(output, save)`` of a forward call that asks for nothing past these arguments,
+#: run at once when it is a common host call on the ndarray ``x`` of ``facts``
+#: (:func:`known_input`, :func:`input_facts`); else None, and the caller takes the general
+#: path (:func:`forward_call`), which checks every argument (:func:`numbabn.cpu.quick.forward`:
+#: bound here, not wrapped, as small calls spend their time in Python).
+quick_forward = _quick.forward
+
+#: ``quick_backward(x, facts, grad_output, weight, save_mean, save_invstd, training)``: the
+#: same for a backward call, ``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` or None,
+#: and the caller takes :func:`backward_call` (:func:`numbabn.cpu.quick.backward`).
+quick_backward = _quick.backward
+
+#: ``known_input(x, axis)``: the facts of ``x`` where it is a host ndarray of a kind checked
+#: before, for the quick calls; else None (:func:`numbabn.cpu.api.known`).
+known_input = _cpu_api.known
 
 
-def quick_backward(inp, grad_output, weight, save_mean, save_invstd, training):
-    """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a backward call that asks
-    for nothing past these arguments, run at once when it is a common host call
-    (:mod:`numbabn.cpu.quick`); else None, and the caller takes :func:`backward_call`."""
-    if inp.backend is not _host or not inp.known:
-        return None
-    return _quick.backward(inp, grad_output, weight, save_mean, save_invstd, training)
+def input_facts(inp):
+    """The facts of the checked input ``inp`` for the quick calls (its ``x``): those of a host
+    ndarray used as given, else None."""
+    return inp.facts if inp.backend is _host else None
 
 
 class ForwardCall:

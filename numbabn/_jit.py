@@ -48,11 +48,16 @@ def by_address(inputs, *rest):
 
         def address(*arrays):
             """The address of the leaf's code for input arrays like ``arrays``."""
-            key = _type_key(arrays[0]) if inputs == 1 else _type_key(arrays[0]) + _type_key(arrays[1])
+            key = _type_key(arrays[0]) + _type_key(arrays[1])
             addr = memo.get(key)
             return _compile(disp, memo, key, arrays) if addr is None else addr
 
-        disp.address = address
+        def address_of(x):
+            """The same for a leaf of one input array (no tuple of arguments: small calls)."""
+            addr = memo.get(_type_key(x))
+            return _compile(disp, memo, _type_key(x), (x,)) if addr is None else addr
+
+        disp.address = address_of if inputs == 1 else address
         return disp
 
     return make
@@ -206,8 +211,17 @@ class Twin:
         TWINS.append(self)
 
     def __call__(self, parallel, *args):
+        return self.pick(parallel)(*args)
+
+    def pick(self, parallel):
+        """The twin a call runs: ``serial``, or (``parallel`` true) the parallel driver behind
+        the lock that parallel regions take.  ``twin.pick(parallel)(*args)`` is
+        ``twin(parallel, *args)`` without its tuple of arguments, for small calls."""
         if not parallel or _SERIAL_ONLY:
-            return self.serial(*args)
+            return self.serial
+        return self._locked
+
+    def _locked(self, *args):
         with _PARALLEL_LOCK:
             _LAUNCHERS.add(threading.get_ident())
             return self.parallel(*args)

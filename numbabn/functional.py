@@ -114,12 +114,14 @@ def batch_norm(
     during the call (one pass) and the running statistics updated then; the normalization is
     the lazy second pass; ``out`` is refused (see the Dask page of the docs).
     """
+    if out is None and stream is None and mask is None and activation is None and residual is None:
+        if virtual_batch_size is None:
+            facts = _call.known_input(input, axis)
+            done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
+            if done is not None:
+                return done[0]
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    if out is None and mask is None and activation is None and residual is None and virtual_batch_size is None:
-        done = _call.quick_forward(inp, weight, bias, running_mean, running_var, training, momentum, eps)
-        if done is not None:
-            return done[0]
     settings = (training, momentum, eps, out)
     acts = {"activation": activation, "residual": residual}
     call = _call.forward_call(inp, weight, bias, running_mean, running_var, *settings, saved=False, mask=mask, **acts)
@@ -165,13 +167,15 @@ def batch_norm_forward(
         loses nothing when ``|mean| / std`` is large.  NumPy arrays for a Dask input too
         (the output is lazy).
     """
+    if out is None and stream is None and mask is None and activation is None and residual is None:
+        if virtual_batch_size is None:
+            facts = _call.known_input(input, axis)
+            done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
+            if done is not None:
+                y, save = done
+                return y, save[0], save[1]
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
-    if out is None and mask is None and activation is None and residual is None and virtual_batch_size is None:
-        done = _call.quick_forward(inp, weight, bias, running_mean, running_var, training, momentum, eps)
-        if done is not None:
-            y, save = done
-            return y, save[0], save[1]
     settings = (training, momentum, eps, out)
     acts = {"activation": activation, "residual": residual}
     call = _call.forward_call(inp, weight, bias, running_mean, running_var, *settings, mask=mask, **acts)
@@ -256,13 +260,14 @@ def batch_norm_backward(
         grad_input  = weight * invstd / n * (n * g - grad_bias - xhat * grad_weight)  # training
         grad_input  = g * weight * invstd                                            # eval
     """
-    virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
-    inp = _call.check_input(input, axis, stream)
     plain = activation is None and output is None and residual is False
-    if plain and out is None and mask is None and virtual_batch_size is None:
-        done = _call.quick_backward(inp, grad_output, weight, save_mean, save_invstd, training)
+    if plain and out is None and stream is None and mask is None and virtual_batch_size is None:
+        facts = _call.known_input(input, axis)
+        done = _call.quick_backward(input, facts, grad_output, weight, save_mean, save_invstd, training)
         if done is not None:
             return done[:3]
+    virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
+    inp = _call.check_input(input, axis, stream)
     relu, output, residual = _activation.check_backward(inp, activation, output, residual)
     g = _activation.incoming(inp, grad_output, relu, output)
     if _checks.check_flag(training, "training") and _ghost.applies(inp, virtual_batch_size):

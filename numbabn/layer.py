@@ -308,7 +308,8 @@ class BatchNorm:
             momentum = 1.0 / (count + 1) if track else 0.0
         running = (None, None) if training and not track else (self.running_mean, self.running_var)
         use_batch = training or running[0] is None
-        done = _call.quick_forward(inp, self.weight, self.bias, *running, use_batch, momentum, self.eps)
+        facts = _call.input_facts(inp)
+        done = _call.quick_forward(inp.x, facts, self.weight, self.bias, *running, use_batch, momentum, self.eps)
         if done is None:
             return None
         y, save = done
@@ -385,7 +386,8 @@ class BatchNorm:
             raise RuntimeError("backward needs a forward pass first: call the layer on an input")
         inp, mean, invstd, use_batch = self._saved
         if self._QUICK and self._saved_act is None and self._saved_mask is None and self._ghosts is None:
-            done = _call.quick_backward(inp, grad_output, self.weight, mean, invstd, use_batch)
+            facts = _call.input_facts(inp)
+            done = _call.quick_backward(inp.x, facts, grad_output, self.weight, mean, invstd, use_batch)
             if done is not None:
                 return self._take_gradients(inp, *done, inp.count, None)
         output, has_residual = self._saved_act or (None, False)

@@ -6,6 +6,7 @@ Arrays are viewed as ``(outer, C, inner)`` without a copy where their memory ord
 before the drivers run, and every argument was checked before this module sees it.
 """
 
+from collections import namedtuple
 from typing import ClassVar
 
 import numpy as np
@@ -46,10 +47,10 @@ class Input:
     which kernel family, and :meth:`view`'s shape) and ``parallel`` whether its drivers run
     their parallel twins (:func:`parallel_for`), worked out once: small calls spend their
     time in Python.  ``count`` is the values per channel; ``plain`` says the kernels' view
-    is ``x`` itself; ``known`` that ``x`` is the ndarray as given, whose facts (all of the
-    above but ``x`` and ``original``) later inputs of the same shape, strides, dtype and
-    ``axis`` look up instead of deriving them (the quick path, :mod:`numbabn.cpu.quick`,
-    takes known inputs only).
+    is ``x`` itself.  ``facts`` (:class:`Facts`: all of the above but ``x`` and
+    ``original``) is set where ``x`` is the ndarray as given: later inputs of the same
+    shape, strides, dtype and ``axis`` look them up instead of deriving them (:func:`known`;
+    the quick path, :mod:`numbabn.cpu.quick`, takes such inputs only); else None.
     """
 
     __slots__ = (
@@ -66,7 +67,7 @@ class Input:
         "layout",
         "parallel",
         "plain",
-        "known",
+        "facts",
     )
     #: The backend that runs this input's calls, this module: bound by :mod:`numbabn._call`,
     #: which loads every backend.
@@ -79,6 +80,7 @@ class Input:
             facts = _KNOWN.get((x.shape, x.strides, x.dtype, axis))
             if facts is not None:
                 self.original = self.x = x
+                self.facts = facts
                 (
                     self.axis,
                     self.c_order,
@@ -92,7 +94,6 @@ class Input:
                     self.parallel,
                     self.plain,
                 ) = facts
-                self.known = True
                 return
         if stream is not None:
             host_stream(stream)
@@ -118,10 +119,9 @@ class Input:
         self.layout = lay = layout_of(x, axis, c_order)
         self.parallel = parallel_for(x.size, lay.inner)
         self.plain = c_order and lay.view == shape and not self.half  # the kernels' view is x
-        self.known = known = known and type(given_axis) is int
-        if known:
-            facts = (axis, c_order, shape, self.num_channels, self.count, self.dtype, self.param_dtype)
-            facts += (self.half, lay, self.parallel, self.plain)
+        self.facts = None
+        if known and type(given_axis) is int:
+            self.facts = facts = Facts._make(getattr(self, name) for name in Facts._fields)
             bounded_put(_KNOWN, (shape, x.strides, x.dtype, given_axis), facts)
 
     def per_channel(self, a, name, *, writable=False, save=False):
@@ -155,16 +155,34 @@ class Input:
     def view(self, a):
         """The kernels' view of ``a``, an array of ``x``'s shape and memory order (float16
         data as its bits)."""
-        if self.plain:
-            return a
-        if self.half:
-            a = a.view(_half.BITS)
-        return a.reshape(self.layout.view) if self.c_order else a.T.reshape(self.layout.view)
+        return view(self, a)
 
 
-#: The facts of :class:`Input` by the ``(shape, strides, dtype, axis)`` of contiguous arrays
-#: checked before.
+#: What a contiguous input's ``(shape, strides, dtype, axis)`` imply: the attributes of
+#: :class:`Input` but ``x`` and ``original``.
+Facts = namedtuple("Facts", "axis c_order shape num_channels count dtype param_dtype half layout parallel plain")
+
+#: The :class:`Facts` of the contiguous arrays checked before, by ``(shape, strides, dtype,
+#: axis)``.
 _KNOWN = {}
+
+
+def known(x, axis):
+    """The :class:`Facts` of ``x`` when it is an ndarray of a kind checked before (its shape,
+    strides, dtype and the int ``axis``), else None: ``x`` then needs an :class:`Input`."""
+    if type(x) is np.ndarray and type(axis) is int:
+        return _KNOWN.get((x.shape, x.strides, x.dtype, axis))
+    return None
+
+
+def view(facts, a):
+    """The kernels' view of ``a``, an array of the shape and memory order that ``facts`` (an
+    :class:`Input` or its :class:`Facts`) describe (float16 data as its bits)."""
+    if facts.plain:
+        return a
+    if facts.half:
+        a = a.view(_half.BITS)
+    return a.reshape(facts.layout.view) if facts.c_order else a.T.reshape(facts.layout.view)
 
 
 def forward(call):

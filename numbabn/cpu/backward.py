@@ -278,12 +278,13 @@ DRIVERS = ("backward", "backward_with_sums", "grad_reduce", "grad_apply")
 def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
     """Backward of ``g`` and ``x``, the kernels' views of :class:`Layout` ``lay``: ``gi``
     receives the input gradient, ``grads`` (3, C) ``(grad_weight, grad_bias, sum |g|)``."""
-    if lay.fused_backward:
-        backward_fused(parallel, strided_grad_rows.address(g, x), g, x, weight, mean, invstd, training, gi, grads)
-    elif lay.strided:
-        backward_strided(parallel, strided_grad_rows.address(g, x), g, x, weight, mean, invstd, training, gi, grads)
+    if lay.strided:
+        driver = backward_fused if lay.fused_backward else backward_strided
+        at = strided_grad_rows.address(g, x)
+        driver.pick(parallel)(at, g, x, weight, mean, invstd, training, gi, grads)
     else:
-        backward_minor(parallel, grad_columns.address(g, x), g, x, lay.inner, weight, mean, invstd, training, gi, grads)
+        at = grad_columns.address(g, x)
+        backward_minor.pick(parallel)(at, g, x, lay.inner, weight, mean, invstd, training, gi, grads)
 
 
 def backward_with_sums(parallel, lay, g, x, weight, mean, invstd, training, sums, n, gi, grads):

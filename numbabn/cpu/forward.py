@@ -172,18 +172,19 @@ def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, mom
     if lay.strided:
         at = strided_rows.address(x)
         driver = train_fused if lay.fused_forward else train_strided
-        driver(parallel, at, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
+        driver.pick(parallel)(at, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
     else:
         at = minor_rows.address(x)
-        train_minor(parallel, at, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
+        run = train_minor.pick(parallel)
+        run(at, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
 
 
 def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):
     """Eval forward of ``x`` (a view of ``lay``) into ``y``."""
     if lay.strided:
-        eval_strided(parallel, x, weight, bias, mean, var, eps, y, save)
+        eval_strided.pick(parallel)(x, weight, bias, mean, var, eps, y, save)
     else:
-        eval_minor(parallel, x, lay.inner, weight, bias, mean, var, eps, y, save)
+        eval_minor.pick(parallel)(x, lay.inner, weight, bias, mean, var, eps, y, save)
 
 
 def forward_with_stats(parallel, lay, x, stats, weight, bias, running_mean, running_var, momentum, eps, y, save):

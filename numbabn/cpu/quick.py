@@ -4,7 +4,8 @@ A small call spends most of its time in Python, checking what cannot have change
 last call.  A forward call is *common* when:
 
 - its input is a contiguous ndarray of a shape, strides, dtype and axis checked before
-  (``Input.known``: its facts were looked up, not derived again);
+  (its :class:`numbabn.cpu.api.Facts` are looked up, not derived again, and no ``Input``
+  is made);
 - its per-channel arrays are None or C-contiguous ndarrays of shape ``(C,)`` and the
   parameter dtype; in training the running statistics, which the call writes, are writable
   and share no memory with each other, the input or the affine parameters (a test by the
@@ -40,83 +41,88 @@ from . import forward as _fwd
 _LAST = (None,) * 5
 
 
-def forward(inp, weight, bias, running_mean, running_var, training, momentum, eps):
-    """``(output, save)`` of a common forward call on the checked host input ``inp``
-    (``save`` (2, C) float64: the mean and invstd used), or None when the call is not
-    common.  ``inp.known`` must be true, and the call must ask for nothing else (see the
-    module notes)."""
+def forward(x, facts, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(output, save)`` of a common forward call on the ndarray ``x`` of
+    :class:`numbabn.cpu.api.Facts` ``facts`` (``save`` (2, C) float64: the mean and invstd
+    used), or None when the call is not common (``facts`` None included).  The call must
+    ask for nothing else (see the module notes)."""
+    if facts is None:
+        return None
     if not (training is True or training is False):
         return None
     if not (type(momentum) is float and 0.0 <= momentum <= 1.0 and type(eps) is float and 0.0 <= eps < math.inf):
         return None
-    num_channels, dtype = inp.num_channels, inp.param_dtype
-    if not _plain((num_channels,), dtype, training, weight, bias, running_mean, running_var):
+    num_channels, dtype = facts.num_channels, facts.param_dtype
+    if not _plain(num_channels, dtype, training, weight, bias, running_mean, running_var):
         return None
     if running_mean is None or running_var is None:
         if running_mean is not running_var or not training:
             return None
         running_mean = running_var = _api._constant(0.0, 0, dtype)  # neither read nor written
-    elif training and not _disjoint(inp.original, running_mean, running_var, weight, bias):
+    elif training and not _disjoint(x, running_mean, running_var, weight, bias):
         return None
-    if training and (inp.count < 2 or num_channels == 0):  # the general path's empty batch, or an error
+    if training and (facts.count < 2 or num_channels == 0):  # the general path's empty batch, or an error
         return None
-    x = inp.x
-    y = np.empty(inp.shape, inp.dtype, "C" if inp.c_order else "F")
+    y = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
     save = np.empty((2, num_channels))
     if weight is None or bias is None:
         ones, zeros = _defaults(num_channels, dtype)
         weight = ones if weight is None else weight
         bias = zeros if bias is None else bias
-    xv, yv = (x, y) if inp.plain else (inp.view(x), inp.view(y))
+    xv, yv = (x, y) if facts.plain else (_api.view(facts, x), _api.view(facts, y))
+    parallel, lay = facts.parallel, facts.layout
     if training:
-        _fwd.forward_train(
-            inp.parallel, inp.layout, xv, weight, bias, running_mean, running_var, momentum, eps, yv, save
-        )
+        _fwd.forward_train(parallel, lay, xv, weight, bias, running_mean, running_var, momentum, eps, yv, save)
     else:
-        _fwd.forward_eval(inp.parallel, inp.layout, xv, weight, bias, running_mean, running_var, eps, yv, save)
+        _fwd.forward_eval(parallel, lay, xv, weight, bias, running_mean, running_var, eps, yv, save)
     return y, save
 
 
-def backward(inp, grad_output, weight, save_mean, save_invstd, training):
+def backward(x, facts, grad_output, weight, save_mean, save_invstd, training):
     """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a common backward call on the
-    checked host input ``inp``, as the host backend's ``backward`` returns them, or None when
-    the call is not common (see the module notes)."""
+    ndarray ``x`` of :class:`numbabn.cpu.api.Facts` ``facts``, as the host backend's
+    ``backward`` returns them, or None when the call is not common (``facts`` None
+    included; see the module notes)."""
     g = grad_output
-    if not (training is True or training is False) or type(g) is not np.ndarray:
+    if facts is None or not (training is True or training is False) or type(g) is not _ndarray:
         return None
-    if g.shape != inp.shape or g.dtype is not inp.dtype:
+    if g.shape != facts.shape or g.dtype is not facts.dtype:
         return None
     flags = g.flags
-    if not (flags.c_contiguous if inp.c_order else flags.f_contiguous):
+    if not (flags.c_contiguous if facts.c_order else flags.f_contiguous):
         return None
-    num_channels, dtype = inp.num_channels, inp.param_dtype
-    shape = (num_channels,)
-    if not _plain(shape, dtype, False, weight, None, None, None):
+    num_channels, dtype = facts.num_channels, facts.param_dtype
+    if not _plain(num_channels, dtype, False, weight, None, None, None):
         return None
-    for a in (save_mean, save_invstd):
-        if type(a) is not np.ndarray or a.dtype is not _api._F64 or a.shape != shape or not a.flags.c_contiguous:
-            return None
-    x = inp.x
-    grad_input = np.empty(inp.shape, inp.dtype, "C" if inp.c_order else "F")
+    if save_mean is None or save_invstd is None:
+        return None
+    if not _plain(num_channels, _api._F64, False, save_mean, save_invstd, None, None):
+        return None
+    grad_input = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
     grads = np.empty((3, num_channels))
     if weight is None:
         weight = _defaults(num_channels, dtype)[0]
-    gv, xv, giv = (g, x, grad_input) if inp.plain else (inp.view(g), inp.view(x), inp.view(grad_input))
-    _bwd.backward(inp.parallel, inp.layout, gv, xv, weight, save_mean, save_invstd, training, giv, grads)
+    if facts.plain:
+        gv, xv, giv = g, x, grad_input
+    else:
+        gv, xv, giv = _api.view(facts, g), _api.view(facts, x), _api.view(facts, grad_input)
+    _bwd.backward(facts.parallel, facts.layout, gv, xv, weight, save_mean, save_invstd, training, giv, grads)
     affine = grads[:2].astype(dtype)  # one conversion for both
     return grad_input, affine[0], affine[1], grads[2]
 
 
-def _plain(shape, dtype, training, weight, bias, running_mean, running_var):
-    """Whether each per-channel array is None or a C-contiguous ndarray of ``shape`` and
-    ``dtype`` (the very dtype object: an equal one from elsewhere takes the general path),
-    the running statistics writable in ``training``."""
+def _plain(num_channels, dtype, training, weight, bias, running_mean, running_var):
+    """Whether each per-channel array is None or a C-contiguous ndarray of shape
+    ``(num_channels,)`` and ``dtype`` (the very dtype object: an equal one from elsewhere
+    takes the general path), the running statistics writable in ``training``."""
     for a in (weight, bias, running_mean, running_var):
         if a is not None:
-            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape or not a.flags.c_contiguous:
+            # ndim and size: the shape without building its tuple.
+            if type(a) is not _ndarray or a.dtype is not dtype or a.ndim != 1 or a.size != num_channels:
                 return False
-    if training and running_mean is not None and running_var is not None:
-        return running_mean.flags.writeable and running_var.flags.writeable
+            flags = a.flags
+            if not flags.c_contiguous or (training and a is not weight and a is not bias and not flags.writeable):
+                return False
     return True
 
 
@@ -142,6 +148,7 @@ def _disjoint(x, running_mean, running_var, weight, bias):
 
 
 _owner = _checks.owner
+_ndarray = np.ndarray
 
 
 def _defaults(num_channels, dtype):
