@@ -44,44 +44,25 @@ def strided_rows(x3, c, r0, r1):
     """``(n, mean, M2)`` of channel ``c`` over outer rows ``[r0, r1)``: blocked Welford.
 
     Each block's mean comes from a first sweep, its centred ``M2`` from a second sweep over
-    the block while it is in L1, then Chan's merge.  The second sweep of block ``b`` runs in
-    the same loop as the first sweep of block ``b + 1``, so loads from DRAM never pause for
-    compute (faster than sweeping each block twice in turn, same results).  Loops run over
-    block slices from 0: ``range(k0, k1)`` loops measured several times slower.
+    the block while it is in L1, then Chan's merge.  Each sweep is a loop of its own over the
+    block slice from 0, which LLVM vectorizes (a loop fusing one block's second sweep with
+    the next block's first stayed scalar, and ``range(k0, k1)`` loops ran several times
+    slower).
     """
     nblocks = (r1 - r0) * ((x3.shape[2] + BLOCK - 1) // BLOCK)
     n, mean, m2 = 0.0, 0.0, 0.0
-    if nblocks == 0:
-        return n, mean, m2
-    prev = row_block(x3, c, r0, 0)
-    s_prev = 0.0
-    for k in range(prev.shape[0]):
-        s_prev += value(prev, k)
-    for b in range(1, nblocks + 1):
-        bn = float(prev.shape[0])
-        bm = s_prev / bn
+    for b in range(nblocks):
+        block = row_block(x3, c, r0, b)
+        s = 0.0
+        for k in range(block.shape[0]):
+            s += value(block, k)
+        bn = float(block.shape[0])
+        bm = s / bn
         q = 0.0
-        if b < nblocks:
-            cur = row_block(x3, c, r0, b)
-            both = min(cur.shape[0], prev.shape[0])
-            s = 0.0
-            for k in range(both):
-                s += value(cur, k)
-                d = value(prev, k) - bm
-                q += d * d
-            for k in range(both, cur.shape[0]):
-                s += value(cur, k)
-            for k in range(both, prev.shape[0]):
-                d = value(prev, k) - bm
-                q += d * d
-            s_prev = s
-        else:
-            for k in range(prev.shape[0]):
-                d = value(prev, k) - bm
-                q += d * d
+        for k in range(block.shape[0]):
+            d = value(block, k) - bm
+            q += d * d
         n, mean, m2 = chan_merge(n, mean, m2, bn, bm, q)
-        if b < nblocks:
-            prev = cur
     return n, mean, m2
 
 
