@@ -5,12 +5,14 @@ the eval call, a copy, and each stage of the kernel alone, timed in interleaved 
     .venv/bin/python tools/bench_minor.py --budget 3 --shapes 256x1024 64x56x56x64
     .venv/bin/python tools/bench_minor.py --cpu            # one thread each, CPU time
     .venv/bin/python tools/bench_minor.py --baseline /tmp/base/numbabn_base
+    .venv/bin/python tools/bench_minor.py --channels-first --shapes 32x64x16x16 64x64x56x56
 
 ``--baseline DIR`` imports DIR, a copy of the ``numbabn`` package under another name (say an
 older commit's ``git archive``), and times its train, eval and welford calls in the same
 rounds (columns ``base_*``): a before/after in one process.
 
-Each shape is (N, C) or channels-last (N, H, W, C) (``axis=-1``); every figure is a time per
+Each shape is (N, C) or channels-last (N, H, W, C) (``axis=-1``), or with ``--channels-first``
+(N, C, ...) (``axis=1``: the channel-strided kernels); every figure is a time per
 call in us: the median over interleaved rounds (``--stat p10``: their 10th percentile, the
 figure to read on a machine that other jobs share, as they only ever add time).  ``--cpu``
 runs numbabn and PyTorch on one thread each and times the calling thread's CPU time, which
@@ -39,10 +41,10 @@ def parse(s):
     return tuple(int(v) for v in s.split("x"))
 
 
-def contenders(shape, dtype, torch, base=None):
+def contenders(shape, dtype, torch, base=None, channels_first=False):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
-    axis = 1 if len(shape) == 2 else -1
+    axis = 1 if len(shape) == 2 or channels_first else -1
     c = shape[axis]
     rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
     y = np.empty_like(x)
@@ -88,6 +90,7 @@ def main():
     p.add_argument("--stat", choices=["median", "p10"], default="median")
     p.add_argument("--cpu", action="store_true", help="one thread each, thread CPU time")
     p.add_argument("--baseline", help="a renamed copy of the numbabn package to time beside it")
+    p.add_argument("--channels-first", action="store_true", help="(N, C, ...) shapes, axis=1")
     a = p.parse_args()
     base = None
     if a.baseline:
@@ -118,7 +121,7 @@ def main():
     print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  torch/eval  welford/copy")
     for s in a.shapes:
         shape = parse(s)
-        fns = contenders(shape, np.dtype(a.dtype), torch, base)
+        fns = contenders(shape, np.dtype(a.dtype), torch, base, a.channels_first)
         t = interleaved(
             fns,
             a.budget,
