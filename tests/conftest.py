@@ -69,6 +69,15 @@ def timing(config):
     return any(config.getoption(name, None) for name in TIMING_OPTIONS)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """A run that does not time the benchmarks runs each once, as a test: pytest-benchmark's
+    ``--benchmark-disable``, set before its session starts (which would otherwise warn, in
+    every xdist worker, that it turned timing off)."""
+    if not timing(config) and hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+
+
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core up to :data:`MAX_WORKERS` (PYTEST_XDIST_AUTO_NUM_WORKERS
     sets it), and none when the run times benchmarks, which need the machine to themselves."""

@@ -76,12 +76,3 @@ def contender(request, case):
     if why is not None:
         pytest.skip(f"{backend.name}: {why}")
     return backend, backend.prepare(case)
-
-
-@pytest.fixture
-def benchmark(benchmark, request):
-    """pytest-benchmark's fixture, timing only when the run asks for it (:func:`timing`);
-    otherwise it calls the function once, as ``--benchmark-disable`` does."""
-    if not timing(request.config):
-        benchmark.disabled = True
-    return benchmark
