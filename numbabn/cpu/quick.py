@@ -53,7 +53,7 @@ def forward(x, facts, weight, bias, running_mean, running_var, training, momentu
     if not (type(momentum) is float and 0.0 <= momentum <= 1.0 and type(eps) is float and 0.0 <= eps < math.inf):
         return None
     num_channels, dtype = facts.num_channels, facts.param_dtype
-    if not _plain(num_channels, dtype, training, weight, bias, running_mean, running_var):
+    if not _plain((num_channels,), dtype, training, weight, bias, running_mean, running_var):
         return None
     if running_mean is None or running_var is None:
         if running_mean is not running_var or not training:
@@ -92,12 +92,12 @@ def backward(x, facts, grad_output, weight, save_mean, save_invstd, training):
     if not (flags.c_contiguous if facts.c_order else flags.f_contiguous):
         return None
     num_channels, dtype = facts.num_channels, facts.param_dtype
-    if not _plain(num_channels, dtype, False, weight, None, None, None):
+    shape = (num_channels,)
+    if not _plain(shape, dtype, False, weight, None, None, None):
         return None
-    if save_mean is None or save_invstd is None:
-        return None
-    if not _plain(num_channels, _api._F64, False, save_mean, save_invstd, None, None):
-        return None
+    for a in (save_mean, save_invstd):
+        if type(a) is not _ndarray or a.dtype is not _api._F64 or a.shape != shape or not a.flags.c_contiguous:
+            return None
     grad_input = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
     grads = np.empty((3, num_channels))
     if weight is None:
@@ -111,18 +111,16 @@ def backward(x, facts, grad_output, weight, save_mean, save_invstd, training):
     return grad_input, affine[0], affine[1], grads[2]
 
 
-def _plain(num_channels, dtype, training, weight, bias, running_mean, running_var):
-    """Whether each per-channel array is None or a C-contiguous ndarray of shape
-    ``(num_channels,)`` and ``dtype`` (the very dtype object: an equal one from elsewhere
-    takes the general path), the running statistics writable in ``training``."""
+def _plain(shape, dtype, training, weight, bias, running_mean, running_var):
+    """Whether each per-channel array is None or a C-contiguous ndarray of ``shape`` and
+    ``dtype`` (the very dtype object: an equal one from elsewhere takes the general path),
+    the running statistics writable in ``training``."""
     for a in (weight, bias, running_mean, running_var):
         if a is not None:
-            # ndim and size: the shape without building its tuple.
-            if type(a) is not _ndarray or a.dtype is not dtype or a.ndim != 1 or a.size != num_channels:
+            if type(a) is not _ndarray or a.dtype is not dtype or a.shape != shape or not a.flags.c_contiguous:
                 return False
-            flags = a.flags
-            if not flags.c_contiguous or (training and a is not weight and a is not bias and not flags.writeable):
-                return False
+    if training and running_mean is not None and running_var is not None:
+        return running_mean.flags.writeable and running_var.flags.writeable
     return True
 
 
