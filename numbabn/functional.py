@@ -114,12 +114,12 @@ def batch_norm(
     during the call (one pass) and the running statistics updated then; the normalization is
     the lazy second pass; ``out`` is refused (see the Dask page of the docs).
     """
-    if out is None and stream is None and mask is None and activation is None and residual is None:
-        if virtual_batch_size is None:
-            facts = _call.known_input(input, axis)
-            done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
-            if done is not None:
-                return done[0]
+    plain = activation is None and residual is None and virtual_batch_size is None
+    if plain and out is None and stream is None and mask is None:
+        facts = _call.known_input(input, axis)
+        done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
+        if done is not None:
+            return done[0]
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
     settings = (training, momentum, eps, out)
@@ -167,13 +167,13 @@ def batch_norm_forward(
         loses nothing when ``|mean| / std`` is large.  NumPy arrays for a Dask input too
         (the output is lazy).
     """
-    if out is None and stream is None and mask is None and activation is None and residual is None:
-        if virtual_batch_size is None:
-            facts = _call.known_input(input, axis)
-            done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
-            if done is not None:
-                y, save = done
-                return y, save[0], save[1]
+    plain = activation is None and residual is None and virtual_batch_size is None
+    if plain and out is None and stream is None and mask is None:
+        facts = _call.known_input(input, axis)
+        done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
+        if done is not None:
+            y, save = done
+            return y, save[0], save[1]
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
     inp = _call.check_input(input, axis, stream)
     settings = (training, momentum, eps, out)

@@ -79,12 +79,13 @@ def pytest_configure(config):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker per core up to :data:`MAX_WORKERS` (PYTEST_XDIST_AUTO_NUM_WORKERS
-    sets it), and none when the run times benchmarks, which need the machine to themselves."""
+    """``-n auto``: one worker per core up to :data:`MAX_WORKERS`, and none when the run times
+    benchmarks, which need the machine to themselves; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` is
+    left to pytest-xdist."""
     if timing(config):
         return 0
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+        return None
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, MAX_WORKERS)
 
 
