@@ -174,8 +174,9 @@ def output_for(x, out, *others):
     """The array results are written to: ``out`` itself when it is viewed as ``x`` is (same
     memory order) and overlaps none of ``x``, ``*others`` unless it *is*
     one of them (elementwise passes run in place safely); otherwise a new array in ``x``'s
-    order, which the caller copies into ``out`` at the end."""
-    if out is not None and same_view(out, x):
+    order, which the caller copies into ``out`` at the end.  An unaligned ``out`` (the kernels
+    write aligned outputs) gets the new array too."""
+    if out is not None and same_view(out, x) and out.flags.aligned:
         for a in (x, *others):
             if out is not a and np.may_share_memory(out, a):
                 break

@@ -30,6 +30,12 @@ stage = numba.njit(inline="always", **{k: v for k, v in OPTIONS.items() if k != 
 leaf = numba.njit(**OPTIONS)
 
 
+#: In a :func:`by_address` signature: an output array of the first input's type, writable
+#: (the arrays outputs are written to are C-contiguous views, writable and aligned like any
+#: new array: ``numbabn._checks.output_for``), so the leaf's address depends on the inputs.
+OUTPUT = object()
+
+
 def by_address(inputs, *rest):
     """Decorator: a leaf that drivers call through its address (:func:`indirect`), not by name.
 
@@ -37,7 +43,7 @@ def by_address(inputs, *rest):
     once per parallel region too; a big leaf called through its address compiles once.  Its
     signature is fixed: the types of its first ``inputs`` arrays (one or two) as the driver
     received them, so that ``leaf.address(*arrays)`` can tell them from the arrays, then the
-    numba types ``rest``.
+    numba types ``rest`` (:data:`OUTPUT`: an output like the first input).
     """
 
     def make(fn):
@@ -46,11 +52,11 @@ def by_address(inputs, *rest):
         disp.rest = rest
         memo = {}
 
-        def address(*arrays):
-            """The address of the leaf's code for input arrays like ``arrays``."""
-            key = _type_key(arrays[0]) + _type_key(arrays[1])
+        def address(x, y):
+            """The address of the leaf's code for input arrays like ``x`` and ``y``."""
+            key = _type_key(x) + _type_key(y)
             addr = memo.get(key)
-            return _compile(disp, memo, key, arrays) if addr is None else addr
+            return _compile(disp, memo, key, (x, y)) if addr is None else addr
 
         def address_of(x):
             """The same for a leaf of one input array (no tuple of arguments: small calls)."""
@@ -61,6 +67,34 @@ def by_address(inputs, *rest):
         return disp
 
     return make
+
+
+def addresses(*leaves):
+    """The code addresses of the :func:`by_address` leaves ``leaves``, which take the same
+    input arrays, looked up together: ``addresses(a, b)(x)`` is ``(a.address(x),
+    b.address(x))`` for the price of one lookup (small calls pay for each)."""
+    memo = {}
+
+    def of(arrays, key):
+        found = memo[key] = tuple(leaf.address(*arrays) for leaf in leaves)
+        return found
+
+    def one(x):
+        found = memo.get(_type_key(x))
+        return of((x,), _type_key(x)) if found is None else found
+
+    def two(g, x):
+        key = _type_key(g) + _type_key(x)
+        found = memo.get(key)
+        return of((g, x), key) if found is None else found
+
+    return one if leaves[0].inputs == 1 else two
+
+
+def _signature(disp, inputs):
+    """A :func:`by_address` leaf's signature for input arrays of the numba types ``inputs``."""
+    out = inputs[0].copy(readonly=False)
+    return tuple(inputs) + tuple(out if t is OUTPUT else t for t in disp.rest)
 
 
 def _flags_key(a):
@@ -76,7 +110,7 @@ _type_key = getattr(_dispatcher, "compute_fingerprint", _flags_key)
 def _compile(disp, memo, key, arrays):
     """Compile (or load from the cache) ``disp`` for input arrays like ``arrays`` and keep its
     code's address under ``key``."""
-    sig = tuple(numba.typeof(a) for a in arrays) + disp.rest
+    sig = _signature(disp, [numba.typeof(a) for a in arrays])
     disp.compile(sig)
     cres = disp.overloads[sig]
     memo[key] = addr = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
@@ -90,7 +124,7 @@ def indirect(typingctx, fn, addr, args):
     not copy.  Each argument is cast to the leaf's fixed signature."""
     disp = fn.dispatcher
     argtypes = tuple(args)
-    sig = argtypes[: disp.inputs] + disp.rest
+    sig = _signature(disp, argtypes[: disp.inputs])
     if len(argtypes) != len(sig) or not all(typingctx.can_convert(a, b) for a, b in zip(argtypes, sig, strict=True)):
         raise numba.core.errors.TypingError(f"{disp.__name__}: arguments {argtypes} do not fit {sig}")
     disp.compile(sig)

@@ -17,7 +17,7 @@ code (``strided_grad_rows`` or ``grad_columns``) for its input arrays, which it 
 import numpy as np
 from numba import prange, types
 
-from .._jit import by_address, indirect, leaf, stage, twin
+from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import grad_coef
 from ._half import put, value
 from ._plan import expand, minor_task, plan, rows, scratch_behind, sum_inner, super_rows
@@ -54,7 +54,7 @@ def apply_row(gr, xr, a, b, d, out):
             put(out, k, value(gr, k) * a + value(xr, k) * b + d)
 
 
-@by_address(2, *(types.int64,) * 3, *(types.float64[::1],) * 4)
+@leaf
 def grad_columns(g2, x2, o0, o1, j0, centre, acc_g, acc_gx, acc_ga):
     """``acc_g[j] += sum(g)``, ``acc_gx[j] += sum(g * (x - centre[j]))``,
     ``acc_ga[j] += sum(|g|)`` over rows
@@ -105,8 +105,8 @@ def sums_strided(rows_at, g3, x3, mean, sums):
     add_partials(part, np.int64(1), sums)  # not a literal: one compile for both callers
 
 
-@stage
-def grad_partial(rows_at, g2, x2, num_channels, inner, centre, nsplit, ct, ntiles, task, part):
+@by_address(2, *(types.int64,) * 2, types.float64[::1], *(types.int64,) * 4, types.float64[:, :, ::1])
+def grad_partial(g2, x2, num_channels, inner, centre, nsplit, ct, ntiles, task, part):
     """Task ``task``, ``(split, tile)``, of :func:`sums_minor` (``num_channels`` counted in
     pseudo-channels, ``centre`` the mean along a super-row): ``ct`` whole channels over a
     row range (:func:`grad_columns`) into ``part[:, split]``."""
@@ -118,7 +118,7 @@ def grad_partial(rows_at, g2, x2, num_channels, inner, centre, nsplit, ct, ntile
     acc_g = acc[:width]
     acc_gx = acc[width : 2 * width]
     acc_ga = acc[2 * width :]
-    indirect(grad_columns, rows_at, (g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga))
+    grad_columns(g2, x2, r0, r1, j0, centre[j0 : j0 + width], acc_g, acc_gx, acc_ga)
     sum_inner(acc_g, inner, part[0, split, c0 : c0 + nc])
     sum_inner(acc_gx, inner, part[1, split, c0 : c0 + nc])
     sum_inner(acc_ga, inner, part[2, split, c0 : c0 + nc])
@@ -135,7 +135,7 @@ def sums_minor(rows_at, g2, x2, inner, mean, sums):
     centre = expand(mean, inner, k)
     for t in prange(nsplit * ntiles):
         task = np.int64(t)  # int64, as in the serial twin (see stats.partials_strided)
-        grad_partial(rows_at, g2, x2, chans_k, inner, centre, nsplit, ct, ntiles, task, part)
+        indirect(grad_partial, rows_at, (g2, x2, chans_k, inner, centre, nsplit, ct, ntiles, task, part))
     add_partials(part, k, sums)
 
 
@@ -165,11 +165,26 @@ def apply_strided(g3, x3, coef, gi3):
         apply_row(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c])
 
 
+@by_address(2, OUTPUT, *(types.int64,) * 2, *(types.float64[::1],) * 3, types.boolean)
+def grad_rows(g2, x2, gi2, o0, o1, a, b, d, depends_on_x):
+    """``gi2[o, j] = g2[o, j] * a[j] + x2[o, j] * b[j] + d[j]`` for rows ``[o0, o1)``, or
+    ``g2[o, j] * a[j]`` where not ``depends_on_x`` (as :func:`apply_row`)."""
+    width = x2.shape[1]
+    for o in range(o0, o1):
+        gr, xr, out = g2[o], x2[o], gi2[o]
+        if depends_on_x:
+            for j in range(width):
+                put(out, j, value(gr, j) * a[j] + value(xr, j) * b[j] + d[j])
+        else:
+            for j in range(width):
+                put(out, j, value(gr, j) * a[j])
+
+
 @stage
-def apply_minor(g2, x2, inner, coef, gi2):
+def apply_minor(rows_at, g2, x2, inner, coef, gi2):
     """The same on channel-minor views (outer // k, k * C * inner)."""
     num_channels = coef.shape[1]
-    width = x2.shape[1]
+    outer, width = x2.shape
     k = super_rows(width, num_channels, inner)
     a = expand(coef[0], inner, k)
     b = expand(coef[1], inner, k)
@@ -178,15 +193,10 @@ def apply_minor(g2, x2, inner, coef, gi2):
     for c in range(num_channels):
         if coef[1, c] != 0.0 or coef[2, c] != 0.0:
             depends_on_x = True
-    # One parallel loop with the branch per row: each parallel loop costs its own compile.
-    for o in prange(x2.shape[0]):
-        gr, xr, out = g2[o], x2[o], gi2[o]
-        if depends_on_x:
-            for j in range(width):
-                put(out, j, value(gr, j) * a[j] + value(xr, j) * b[j] + d[j])
-        else:
-            for j in range(width):
-                put(out, j, value(gr, j) * a[j])
+    step = max(1, 16384 // max(width, 1))
+    for t in prange((outer + step - 1) // step):
+        o0 = np.int64(t) * step
+        indirect(grad_rows, rows_at, (g2, x2, gi2, o0, min(outer, o0 + step), a, b, d, depends_on_x))
 
 
 @leaf
@@ -231,7 +241,7 @@ def backward_strided(rows_at, g3, x3, weight, mean, invstd, training, gi3, grads
 
 
 @twin
-def backward_minor(rows_at, g2, x2, inner, weight, mean, invstd, training, gi2, grads):
+def backward_minor(rows_at, apply_at, g2, x2, inner, weight, mean, invstd, training, gi2, grads):
     """Driver, the same on channel-minor views (:class:`numbabn.cpu._plan.Layout`)."""
     num_channels = mean.shape[0]
     sums = np.empty((3, num_channels))
@@ -239,7 +249,7 @@ def backward_minor(rows_at, g2, x2, inner, weight, mean, invstd, training, gi2, 
     coef = np.empty((3, num_channels))
     n = float(x2.shape[0] * x2.shape[1] // num_channels) if num_channels > 0 else 0.0
     grad_coefs(sums, n, weight, mean, invstd, training, coef, grads)
-    apply_minor(g2, x2, inner, coef, gi2)
+    apply_minor(apply_at, g2, x2, inner, coef, gi2)
 
 
 @twin
@@ -263,9 +273,9 @@ def grad_apply_strided(g3, x3, coef, gi3):
 
 
 @twin
-def grad_apply_minor(g2, x2, inner, coef, gi2):
+def grad_apply_minor(apply_at, g2, x2, inner, coef, gi2):
     """Driver, the same on channel-minor views."""
-    apply_minor(g2, x2, inner, coef, gi2)
+    apply_minor(apply_at, g2, x2, inner, coef, gi2)
 
 
 # -- the drivers of each stage, by layout ---------------------------------------------------
@@ -273,6 +283,10 @@ def grad_apply_minor(g2, x2, inner, coef, gi2):
 
 #: The stages the host backend runs; the GPU twins (``cuda/backward.py``) have the same names.
 DRIVERS = ("backward", "backward_with_sums", "grad_reduce", "grad_apply")
+
+
+#: The leaves :func:`backward_minor` calls, by input.
+BACKWARD_MINOR_AT = addresses(grad_partial, grad_rows)
 
 
 def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
@@ -283,8 +297,8 @@ def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
         at = strided_grad_rows.address(g, x)
         driver.pick(parallel)(at, g, x, weight, mean, invstd, training, gi, grads)
     else:
-        at = grad_columns.address(g, x)
-        backward_minor.pick(parallel)(at, g, x, lay.inner, weight, mean, invstd, training, gi, grads)
+        rows_at, apply_at = BACKWARD_MINOR_AT(g, x)
+        backward_minor.pick(parallel)(rows_at, apply_at, g, x, lay.inner, weight, mean, invstd, training, gi, grads)
 
 
 def backward_with_sums(parallel, lay, g, x, weight, mean, invstd, training, sums, n, gi, grads):
@@ -300,7 +314,7 @@ def grad_reduce(parallel, lay, g, x, mean, sums):
     if lay.strided:
         reduce_strided(parallel, strided_grad_rows.address(g, x), g, x, mean, sums)
     else:
-        reduce_minor(parallel, grad_columns.address(g, x), g, x, lay.inner, mean, sums)
+        reduce_minor(parallel, grad_partial.address(g, x), g, x, lay.inner, mean, sums)
 
 
 def grad_apply(parallel, lay, g, x, coef, gi):
@@ -308,4 +322,4 @@ def grad_apply(parallel, lay, g, x, coef, gi):
     if lay.strided:
         grad_apply_strided(parallel, g, x, coef, gi)
     else:
-        grad_apply_minor(parallel, g, x, lay.inner, coef, gi)
+        grad_apply_minor(parallel, grad_rows.address(g, x), g, x, lay.inner, coef, gi)

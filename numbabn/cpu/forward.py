@@ -18,9 +18,9 @@ code (``strided_rows`` or ``minor_rows``) for its input arrays, which it calls t
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
 
-from .._jit import indirect, leaf, stage, twin
+from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import channel_invstd, finish_channel, fold, invstd_of
 from ._half import put, value
 from ._plan import expand, super_rows
@@ -45,18 +45,28 @@ def normalize_strided(x3, coef, y3):
         affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 
 
-@stage
-def normalize_minor(x2, inner, coef, y2):
-    """The same on a channel-minor view ``x2`` (outer // k, k * C * inner): each row is ``k``
-    rows of ``C * inner`` values."""
+@by_address(1, OUTPUT, types.int64, types.int64, types.float64[::1], types.float64[::1])
+def affine_rows(x2, y2, o0, o1, a, b):
+    """``y2[o, j] = x2[o, j] * a[j] + b[j]`` for rows ``[o0, o1)``."""
     width = x2.shape[1]
-    k = super_rows(width, coef.shape[1], inner)
-    a = expand(coef[0], inner, k)
-    b = expand(coef[1], inner, k)
-    for o in prange(x2.shape[0]):
+    for o in range(o0, o1):
         xr, yr = x2[o], y2[o]
         for j in range(width):
             put(yr, j, value(xr, j) * a[j] + b[j])
+
+
+@stage
+def normalize_minor(rows_at, x2, inner, coef, y2):
+    """The same on a channel-minor view ``x2`` (outer // k, k * C * inner): each row is ``k``
+    rows of ``C * inner`` values."""
+    outer, width = x2.shape
+    k = super_rows(width, coef.shape[1], inner)
+    a = expand(coef[0], inner, k)
+    b = expand(coef[1], inner, k)
+    step = max(1, 16384 // max(width, 1))
+    for t in prange((outer + step - 1) // step):
+        o0 = np.int64(t) * step
+        indirect(affine_rows, rows_at, (x2, y2, o0, min(outer, o0 + step), a, b))
 
 
 @leaf
@@ -119,14 +129,14 @@ def train_strided(rows_at, x3, weight, bias, running_mean, running_var, momentum
 
 
 @twin
-def train_minor(rows_at, x2, inner, weight, bias, running_mean, running_var, momentum, eps, y2, save):
+def train_minor(rows_at, norm_at, x2, inner, weight, bias, running_mean, running_var, momentum, eps, y2, save):
     """Driver, the same on a channel-minor view (:class:`numbabn.cpu._plan.Layout`)."""
     num_channels = save.shape[1]
     stats = np.empty((3, num_channels))
     stats_minor(rows_at, x2, num_channels, inner, stats)
     coef = np.empty((2, num_channels))
     finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
-    normalize_minor(x2, inner, coef, y2)
+    normalize_minor(norm_at, x2, inner, coef, y2)
 
 
 @twin
@@ -139,11 +149,11 @@ def eval_strided(x3, weight, bias, mean, var, eps, y3, save):
 
 
 @twin
-def eval_minor(x2, inner, weight, bias, mean, var, eps, y2, save):
+def eval_minor(norm_at, x2, inner, weight, bias, mean, var, eps, y2, save):
     """Driver, the same on a channel-minor view."""
     coef = np.empty((2, save.shape[1]))
     eval_coefs(weight, bias, mean, var, eps, coef, save)
-    normalize_minor(x2, inner, coef, y2)
+    normalize_minor(norm_at, x2, inner, coef, y2)
 
 
 @twin
@@ -154,9 +164,9 @@ def apply_strided(x3, coef, y3):
 
 
 @twin
-def apply_minor(x2, inner, coef, y2):
+def apply_minor(norm_at, x2, inner, coef, y2):
     """Driver, the same on a channel-minor view."""
-    normalize_minor(x2, inner, coef, y2)
+    normalize_minor(norm_at, x2, inner, coef, y2)
 
 
 # -- the drivers of each stage, by layout ---------------------------------------------------
@@ -167,6 +177,10 @@ def apply_minor(x2, inner, coef, y2):
 DRIVERS = ("forward_train", "forward_eval", "forward_with_stats", "apply")
 
 
+#: The leaves :func:`train_minor` calls, by input.
+TRAIN_MINOR_AT = addresses(minor_rows, affine_rows)
+
+
 def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, momentum, eps, y, save):
     """Training forward of ``x``, the kernels' view of :class:`Layout` ``lay``, into ``y``."""
     if lay.strided:
@@ -174,9 +188,9 @@ def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, mom
         driver = train_fused if lay.fused_forward else train_strided
         driver.pick(parallel)(at, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
     else:
-        at = minor_rows.address(x)
+        rows_at, norm_at = TRAIN_MINOR_AT(x)
         run = train_minor.pick(parallel)
-        run(at, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
+        run(rows_at, norm_at, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
 
 
 def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):
@@ -184,7 +198,7 @@ def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):
     if lay.strided:
         eval_strided.pick(parallel)(x, weight, bias, mean, var, eps, y, save)
     else:
-        eval_minor.pick(parallel)(x, lay.inner, weight, bias, mean, var, eps, y, save)
+        eval_minor.pick(parallel)(affine_rows.address(x), x, lay.inner, weight, bias, mean, var, eps, y, save)
 
 
 def forward_with_stats(parallel, lay, x, stats, weight, bias, running_mean, running_var, momentum, eps, y, save):
@@ -200,4 +214,4 @@ def apply(parallel, lay, x, coef, y):
     if lay.strided:
         apply_strided(parallel, x, coef, y)
     else:
-        apply_minor(parallel, x, lay.inner, coef, y)
+        apply_minor(parallel, affine_rows.address(x), x, lay.inner, coef, y)

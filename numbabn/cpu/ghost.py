@@ -27,7 +27,7 @@ The GPU runs ghost batches as one call per ghost (:mod:`numbabn._ghost`): these 
 no twin in ``numbabn/cuda``.
 
 A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
-code (``minor_rows`` or ``grad_columns``) for a ghost's view, which it calls through
+code (``minor_rows`` or ``grad_partial``) for a ghost's view, which it calls through
 (:func:`numbabn._jit.by_address`).
 """
 
@@ -36,11 +36,11 @@ import numpy as np
 from numba import prange
 
 from .._config import TASK_ELEMS
-from .._jit import OPTIONS, leaf, stage, twin
+from .._jit import OPTIONS, indirect, leaf, stage, twin
 from .._math import chan_merge_channels, channel_invstd, fold
 from ._half import put, value
 from ._plan import plan, repeat_inner, super_rows
-from .backward import add_partials, grad_coefs, grad_columns, grad_partial
+from .backward import add_partials, grad_coefs, grad_partial
 from .forward import finish_channels
 from .stats import merge_partials, minor_partial, minor_rows
 
@@ -278,7 +278,8 @@ def ghost_grad_sums(rows_at, g, x, inner, mean, sums):
         k, local = ghost_task(task, ga, nsa * nta, nsb * ntb)
         s, ct, ntiles, nsplit = (ka, cta, nta, nsa) if k < ga else (kb, ctb, ntb, nsb)
         g2, x2, part = ghost_of(ga_, gb_, k), ghost_of(xa, xb, k), ghost_of(pa, pb, k)
-        grad_partial(rows_at, g2, x2, s * num_channels, inner, centre[k, 0], nsplit, ct, ntiles, local, part)
+        args = (g2, x2, s * num_channels, inner, centre[k, 0], nsplit, ct, ntiles, local, part)
+        indirect(grad_partial, rows_at, args)
     for k in range(num_ghosts):
         add_partials(ghost_of(pa, pb, k), ka if k < ga else kb, sums[k])
 
@@ -393,5 +394,5 @@ def forward_train_ghosts(parallel, x, inner, weight, bias, running_mean, running
 def backward_ghosts(parallel, g, x, inner, weight, mean, invstd, factors, ge, xe, gie, total):
     """Training backward of ghost batches (view pairs as in the module): ``gie`` receives
     ``grad_input``, ``total`` (3, C) the per-channel sums."""
-    at = grad_columns.address(g[0][0], x[0][0])
+    at = grad_partial.address(g[0][0], x[0][0])
     backward_ghosts_minor(parallel, at, g, x, inner, weight, mean, invstd, factors, ge, xe, gie, total)
