@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -496,3 +497,19 @@ def test_dask_out_of_core_figures(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--out-of-core"])
     assert exc.value.code == 2 and "--out-of-core goes with --dask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "10000"),  # the bench's short spin
+        ({"GOMP_SPINCOUNT": "300000"}, "300000"),  # the user's choice stays
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, None),  # so does a wait policy, which GOMP_SPINCOUNT would override
+    ],
+)
+def test_bench_shortens_openmp_spin_unless_the_user_chose(env, expected):
+    # In a child process: GNU OpenMP reads the variable when it loads, before any test's torch.
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, numbabn.bench; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)

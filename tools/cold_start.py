@@ -6,7 +6,8 @@ cache (compile), then again with the cache it left (load).
 
 Cases: import plus a first ``BatchNorm`` training forward, backward and eval forward, NCHW,
 NHWC and ``(N, C)``, float32 and float64; ``welford`` alone; a Dask worker's first task (the
-serial statistics kernel on one chunk, as ``numbabn._dask_backend`` runs it).
+serial statistics kernel on one chunk, as ``numbabn._dask_backend`` runs it); and the floor:
+the same three first calls of the plainest numba batch norm (``tools/compile_floor.py``).
 """
 
 import argparse
@@ -22,15 +23,21 @@ t0 = time.perf_counter()
 from numba.core import event
 rec = event.RecordingListener()
 event.register("numba:compile", rec)
-import numpy as np, numbabn
+import numpy as np
 kind, shape, axis, dtype = json.loads(sys.argv[1])
 x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+if kind == "floor":  # the textbook kernels of tools/compile_floor.py, without numbabn
+    sys.path.insert(0, sys.argv[2])
+    import compile_floor
+    compile_floor.first_calls(x)
+else:
+    import numbabn
 if kind == "layer":
     bn = numbabn.BatchNorm(shape[axis], axis=axis, dtype=dtype)
     y = bn(x); bn.backward(y); bn.eval()(x)
 elif kind == "welford":
     numbabn.welford(x, axis=axis)
-else:  # a Dask worker's first task: the serial kernel on one chunk
+elif kind == "task":  # a Dask worker's first task: the serial kernel on one chunk
     from numbabn.cpu import api, stats
     lay, (xv,) = api.views(x, axis, x)
     stats.welford(False, lay, xv, np.empty((3, shape[axis])))
@@ -54,7 +61,8 @@ CASES = [
 
 def run(case, cache):
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-    out = subprocess.run([sys.executable, "-c", STEP, json.dumps(case)], env=env, capture_output=True, text=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", STEP, json.dumps(case), here], env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(out.stderr)
     return json.loads(out.stdout)
@@ -68,6 +76,7 @@ def main():
     cases = [(f"{name} {dt}", [kind, shape, axis, dt]) for dt in dtypes for name, kind, shape, axis in CASES]
     cases += [("welford (256, 512) float32", ["welford", [256, 512], 1, "float32"])]
     cases += [("Dask worker's first task, (64, 64, 32, 32) chunk", ["task", [64, 64, 32, 32], 1, "float32"])]
+    cases += [("floor: tools/compile_floor.py, (256, 512) float32", ["floor", [256, 512], 1, "float32"])]
     print(f"{'case':52} {'cold s':>7} {'warm s':>7}")
     for name, case in cases:
         with tempfile.TemporaryDirectory() as cache:
