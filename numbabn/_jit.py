@@ -36,6 +36,10 @@ leaf = numba.njit(**OPTIONS)
 OUTPUT = object()
 
 
+#: Every leaf made by :func:`by_address`, so tests can see where their code is linked.
+BY_ADDRESS = []
+
+
 def by_address(inputs, *rest):
     """Decorator: a leaf that drivers call through its address (:func:`indirect`), not by name.
 
@@ -51,6 +55,7 @@ def by_address(inputs, *rest):
         disp.inputs = inputs
         disp.rest = rest
         memo = {}
+        BY_ADDRESS.append(disp)
 
         def address(x, y):
             """The address of the leaf's code for input arrays like ``x`` and ``y``."""

@@ -91,10 +91,9 @@ COMPILE_AND_INSPECT = """
 import json, sys
 from numbabn import _jit
 from numbabn.bench.cli import main
-from numbabn.cpu import backward, stats
 main(["compile", "--dtype", "float32"])  # what ``python -m numbabn compile --dtype float32`` runs
 leaves = {}
-for leaf in (stats.strided_rows, stats.minor_rows, backward.strided_grad_rows, backward.grad_columns):
+for leaf in _jit.BY_ADDRESS:
     for cres in leaf.overloads.values():
         leaves[id(cres.library)] = leaf.__name__
 
