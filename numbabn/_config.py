@@ -13,6 +13,10 @@ BLOCK = 4096
 #: channel tile); fewer, larger tasks mean fewer partials to merge.
 TASK_ELEMS = 1 << 16
 
+#: Elements per parallel task of a channel-minor elementwise pass (whole rows, at least one):
+#: each task calls the pass's leaf through its address once.
+ROW_CHUNK = 1 << 14
+
 #: Target elements per parallel task of a channel-minor reduction, whose tasks have a fixed
 #: cost (a (3, C) float64 partial that a serial loop merges, the first block's shift): but an
 #: array keeps up to ``MINOR_MIN_TASKS`` tasks of ``TASK_ELEMS``, so its cores stay busy.

@@ -9,14 +9,16 @@ When a channel's ``g`` and ``x`` slices fit in L2 (channel-strided layouts,
 they are cached: 3s from DRAM.  Sums run in float64, per task, merged in a fixed order:
 bitwise identical for any number of threads.
 
-A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
-code (``strided_grad_rows`` or ``grad_columns``) for its input arrays, which it calls through
-(:func:`numbabn._jit.by_address`).
+A driver that reduces blocks takes ``rows_at`` first: the address of its per-task leaf's
+code (``strided_grad_rows``, or ``grad_partial`` on channel-minor views) for its input
+arrays, which it calls through (:func:`numbabn._jit.by_address`); a channel-minor driver
+that applies takes ``apply_at``, :func:`grad_rows`' address, too.
 """
 
 import numpy as np
 from numba import prange, types
 
+from .._config import ROW_CHUNK
 from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import grad_coef
 from ._half import put, value
@@ -193,7 +195,7 @@ def apply_minor(rows_at, g2, x2, inner, coef, gi2):
     for c in range(num_channels):
         if coef[1, c] != 0.0 or coef[2, c] != 0.0:
             depends_on_x = True
-    step = max(1, 16384 // max(width, 1))
+    step = max(1, ROW_CHUNK // max(width, 1))
     for t in prange((outer + step - 1) // step):
         o0 = np.int64(t) * step
         indirect(grad_rows, rows_at, (g2, x2, gi2, o0, min(outer, o0 + step), a, b, d, depends_on_x))

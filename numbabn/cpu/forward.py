@@ -14,12 +14,15 @@ where it matters; docs/performance_notes.rst has the figures.
 
 A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
 code (``strided_rows`` or ``minor_rows``) for its input arrays, which it calls through
-(:func:`numbabn._jit.by_address`).
+(:func:`numbabn._jit.by_address`).  A channel-minor driver that normalizes takes
+``norm_at``, :func:`affine_rows`' address, too: its parallel loop runs chunks of rows
+through it, so no driver compiles the elementwise loop again.
 """
 
 import numpy as np
 from numba import prange, types
 
+from .._config import ROW_CHUNK
 from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import channel_invstd, finish_channel, fold, invstd_of
 from ._half import put, value
@@ -63,7 +66,7 @@ def normalize_minor(rows_at, x2, inner, coef, y2):
     k = super_rows(width, coef.shape[1], inner)
     a = expand(coef[0], inner, k)
     b = expand(coef[1], inner, k)
-    step = max(1, 16384 // max(width, 1))
+    step = max(1, ROW_CHUNK // max(width, 1))
     for t in prange((outer + step - 1) // step):
         o0 = np.int64(t) * step
         indirect(affine_rows, rows_at, (x2, y2, o0, min(outer, o0 + step), a, b))
