@@ -64,7 +64,8 @@ def _lane_y(x, axis, a, mean, std):
     """What float32 lanes' statistics add to the error of ``y = x * a + b``: the mean's error
     times ``|a|``, and the relative error of ``invstd`` times ``|(x - mean) * a|``."""
     bs = _bshape(x, axis)
-    dev = np.abs(x.astype(np.float64) - mean.reshape(bs))
+    with np.errstate(invalid="ignore"):  # inf - inf where the input holds infinities
+        dev = np.abs(x.astype(np.float64) - mean.reshape(bs))
     return _lanes(x.dtype) * np.abs(a).reshape(bs) * ((2 * G32 * std).reshape(bs) + LANE_REL * dev)
 
 
@@ -186,7 +187,8 @@ def _close(actual, expected, bound, what):
     assert actual.shape == expected.shape, what
     finite = np.isfinite(expected) & np.isfinite(bound)
     assert np.array_equal(np.isfinite(actual), np.isfinite(expected)), f"{what}: non-finite values elsewhere"
-    err = np.abs(actual - expected)
+    with np.errstate(invalid="ignore"):  # inf - inf outside ``finite``
+        err = np.abs(actual - expected)
     bad = finite & ~(err <= bound)
     assert not bad.any(), (
         f"{what}: {bad.sum()} of {bad.size} differ, worst {np.max(np.where(bad, err / bound, 0))} x the bound; "
@@ -284,7 +286,8 @@ def _check_backward(x, axis, g, w, training, rm, rv, out):
     xhat = (np.abs(x.astype(np.float64)) + np.abs(ref_mean).reshape(bs)) * ref_invstd.reshape(bs)
     sum_g, sum_gx = g64.sum(axis=red), (g64 * xhat).sum(axis=red)
     w_abs = np.ones(C) if w is None else np.abs(w.astype(np.float64))
-    gi_scale = (w_abs * ref_invstd).reshape(bs) * (g64 + (sum_g / n).reshape(bs) + xhat * (sum_gx / n).reshape(bs))
+    with np.errstate(invalid="ignore"):  # inf * 0 where the input holds infinities
+        gi_scale = (w_abs * ref_invstd).reshape(bs) * (g64 + (sum_g / n).reshape(bs) + xhat * (sum_gx / n).reshape(bs))
     k, u = _k(n) * U64, _u(x.dtype)
     sub = 4 * n * SUB  # sums of subnormal terms round absolutely
     # float32 lanes' statistics: xhat is off by LANE_REL of itself plus 2 * G32 (its unit).
