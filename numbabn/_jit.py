@@ -97,9 +97,12 @@ def addresses(*leaves):
 
 
 def _signature(disp, inputs):
-    """A :func:`by_address` leaf's signature for input arrays of the numba types ``inputs``."""
+    """A :func:`by_address` leaf's signature for input arrays of the numba types ``inputs``:
+    the inputs typed read-only (a leaf reads them; a writable array converts), so read-only
+    and writable inputs share one compiled leaf."""
     out = inputs[0].copy(readonly=False)
-    return tuple(inputs) + tuple(out if t is OUTPUT else t for t in disp.rest)
+    read = tuple(t.copy(readonly=True) for t in inputs)
+    return read + tuple(out if t is OUTPUT else t for t in disp.rest)
 
 
 def _flags_key(a):

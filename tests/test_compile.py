@@ -191,3 +191,32 @@ def test_indirect_refuses_arguments_that_do_not_fit():
 
     with pytest.raises(numba.core.errors.TypingError, match="strided_rows: arguments"):
         driver(0, np.zeros((1, 1, 1)))
+
+
+@pytest.mark.parametrize(
+    "shape, axis", [((256, 512), 1), ((8, 32, 64), 1), ((4, 8, 8, 16), -1)], ids=["nc", "ncl", "nhwc"]
+)
+def test_read_only_inputs_share_the_leaves_of_writable_ones(shape, axis):
+    """A read-only input (a memory map opened for reading, ``np.broadcast_to``, an array
+    marked so) runs the leaves compiled for writable ones: every leaf called through its
+    address takes its inputs typed read-only, so no input compiles one twice; and the results
+    are the writable input's."""
+    import numpy as np
+
+    from numbabn import _jit
+
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    xr = x.copy()
+    xr.flags.writeable = False
+    out = {}
+    for name, a in (("writable", x), ("read-only", xr)):
+        bn = numbabn.BatchNorm(shape[axis], axis=axis)
+        y = bn(a)
+        g = np.ones_like(y)
+        g.flags.writeable = a.flags.writeable
+        out[name] = (y, bn.backward(g), bn.running_var.copy(), bn.eval()(a))
+    for got, want in zip(out["read-only"], out["writable"], strict=True):
+        np.testing.assert_array_equal(got, want)
+    for leaf in _jit.BY_ADDRESS:
+        for sig in leaf.overloads:
+            assert not any(t.mutable for t in sig[: leaf.inputs]), (leaf.__name__, sig)
