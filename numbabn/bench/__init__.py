@@ -17,11 +17,10 @@ numbabn itself is used through its public API only.  Nothing here is imported by
 
 Importing this package sets ``GOMP_SPINCOUNT=10000`` for the process unless the user set it
 or ``OMP_WAIT_POLICY``: GNU OpenMP's idle threads (PyTorch CPU's pool) otherwise spin for
-300,000 rounds after each call, long enough to take a core from the contender timed next.
-Interleaved with PyTorch on 2 cores, numbabn's backward measured twice its own time; with
-the shorter spin each library times as it does alone in its process, PyTorch's back-to-back
-calls included (docs/performance_notes.rst).  GNU OpenMP reads the variable when it loads,
-so it must be set before PyTorch is imported.
+300,000 rounds after each call, long enough to take a core from the contender timed next;
+with the shorter spin each library times as it does alone in its process, PyTorch's
+back-to-back calls included (docs/performance_notes.rst has the figures).  GNU OpenMP reads
+the variable when it loads, so it must be set before PyTorch is imported.
 """
 
 import os

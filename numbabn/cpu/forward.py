@@ -75,8 +75,8 @@ def normalize_minor(rows_at, x2, inner, coef, y2):
 @stage
 def normalize_minor_inline(x2, inner, coef, y2):
     """:func:`normalize_minor` with the elementwise loop in the parallel loop itself: eval's,
-    whose call is that loop alone (the leaf called through its address measured 2-5% slower
-    in cache, and a small call pays for the lookup)."""
+    whose call is that loop alone (through the leaf's address it measured slower in cache,
+    and a small call pays for the lookup; docs/performance_notes.rst)."""
     width = x2.shape[1]
     k = super_rows(width, coef.shape[1], inner)
     a = expand(coef[0], inner, k)
