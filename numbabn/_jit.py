@@ -46,8 +46,9 @@ def by_address(inputs, *rest):
     Numba copies a callee's code into every caller and optimizes and compiles it again there,
     once per parallel region too; a big leaf called through its address compiles once.  Its
     signature is fixed: the types of its first ``inputs`` arrays (one or two) as the driver
-    received them, so that ``leaf.address(*arrays)`` can tell them from the arrays, then the
-    numba types ``rest`` (:data:`OUTPUT`: an output like the first input).
+    received them, typed read-only (:func:`_signature`), so that ``leaf.address(*arrays)``
+    can tell them from the arrays, then the numba types ``rest`` (:data:`OUTPUT`: an output
+    like the first input).
     """
 
     def make(fn):
