@@ -19,8 +19,7 @@ from numba import prange
 
 from .._jit import stage, twin
 from ._half import put, value
-from ._plan import expand, super_rows
-from .forward import eval_coefs, finish_channels, fused_channel
+from .forward import eval_coefs, finish_channels, fused_channel, minor_coefs
 from .stats import minor_rows, stats_minor, stats_strided, strided_rows
 
 #: ``mode`` bits: a ReLU after the normalization, a residual added before the ReLU.
@@ -67,9 +66,7 @@ def act_strided(x3, z3, mode, coef, y3):
 def act_minor(x2, z2, inner, mode, coef, y2):
     """The same on channel-minor views (outer // k, k * C * inner)."""
     width = x2.shape[1]
-    k = super_rows(width, coef.shape[1], inner)
-    a = expand(coef[0], inner, k)
-    b = expand(coef[1], inner, k)
+    a, b = minor_coefs(coef, inner, width)
     for o in prange(x2.shape[0]):
         xr, zr, yr = x2[o], z2[o], y2[o]
         if mode == RELU:

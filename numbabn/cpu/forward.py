@@ -48,14 +48,27 @@ def normalize_strided(x3, coef, y3):
         affine_row(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
 
 
+@stage
+def affine_row_minor(xr, a, b, out):
+    """``out[j] = xr[j] * a[j] + b[j]`` along one channel-minor row (as :func:`affine_row`,
+    with a coefficient per column)."""
+    for j in range(xr.shape[0]):
+        put(out, j, value(xr, j) * a[j] + b[j])
+
+
+@stage
+def minor_coefs(coef, inner, width):
+    """The per-column ``(a, b)`` of a channel-minor view's rows of ``width`` values, from the
+    per-channel ``coef`` (2, C)."""
+    k = super_rows(width, coef.shape[1], inner)
+    return expand(coef[0], inner, k), expand(coef[1], inner, k)
+
+
 @by_address(1, OUTPUT, types.int64, types.int64, types.float64[::1], types.float64[::1])
 def affine_rows(x2, y2, o0, o1, a, b):
     """``y2[o, j] = x2[o, j] * a[j] + b[j]`` for rows ``[o0, o1)``."""
-    width = x2.shape[1]
     for o in range(o0, o1):
-        xr, yr = x2[o], y2[o]
-        for j in range(width):
-            put(yr, j, value(xr, j) * a[j] + b[j])
+        affine_row_minor(x2[o], a, b, y2[o])
 
 
 @stage
@@ -63,9 +76,7 @@ def normalize_minor(rows_at, x2, inner, coef, y2):
     """The same on a channel-minor view ``x2`` (outer // k, k * C * inner): each row is ``k``
     rows of ``C * inner`` values."""
     outer, width = x2.shape
-    k = super_rows(width, coef.shape[1], inner)
-    a = expand(coef[0], inner, k)
-    b = expand(coef[1], inner, k)
+    a, b = minor_coefs(coef, inner, width)
     step = max(1, ROW_CHUNK // max(width, 1))
     for t in prange((outer + step - 1) // step):
         o0 = np.int64(t) * step
@@ -77,14 +88,9 @@ def normalize_minor_inline(x2, inner, coef, y2):
     """:func:`normalize_minor` with the elementwise loop in the parallel loop itself: eval's,
     whose call is that loop alone (through the leaf's address it measured slower in cache,
     and a small call pays for the lookup; docs/performance_notes.rst)."""
-    width = x2.shape[1]
-    k = super_rows(width, coef.shape[1], inner)
-    a = expand(coef[0], inner, k)
-    b = expand(coef[1], inner, k)
+    a, b = minor_coefs(coef, inner, x2.shape[1])
     for o in prange(x2.shape[0]):
-        xr, yr = x2[o], y2[o]
-        for j in range(width):
-            put(yr, j, value(xr, j) * a[j] + b[j])
+        affine_row_minor(x2[o], a, b, y2[o])
 
 
 @leaf
