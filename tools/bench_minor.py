@@ -7,6 +7,9 @@ the eval call, a copy, and each stage of the kernel alone, timed in interleaved 
     .venv/bin/python tools/bench_minor.py --baseline /tmp/base/numbabn_base
     .venv/bin/python tools/bench_minor.py --channels-first --shapes 32x64x16x16 64x64x56x56
 
+``--dtype float16`` times float16 data (float32 parameters) and adds the same values' float32
+calls as ``f32_train`` and ``f32_eval``, for the float16/float32 ratio per element.
+
 ``--baseline DIR`` imports DIR, a copy of the ``numbabn`` package under another name (say an
 older commit's ``git archive``), and times its train, eval and welford calls in the same
 rounds (columns ``base_*``): a before/after in one process.
@@ -46,26 +49,35 @@ def contenders(shape, dtype, torch, base=None, channels_first=False):
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     axis = 1 if len(shape) == 2 or channels_first else -1
     c = shape[axis]
-    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    half = dtype == np.float16
+    pdtype = np.dtype(np.float32) if half else dtype
+    rm, rv = np.zeros(c, pdtype), np.ones(c, pdtype)
     y = np.empty_like(x)
     lay, (x3, y3) = views(x, axis % x.ndim, x, y)
     par = parallel_for(x.size, lay.inner)
     stats = np.empty((3, c))
-    cst.welford(par, lay, x3, stats)
-    w, b = np.ones(c, dtype), np.zeros(c, dtype)
+    if not half:
+        cst.welford(par, lay, x3, stats)
+    w, b = np.ones(c, pdtype), np.zeros(c, pdtype)
     coef, save = np.empty((2, c)), np.empty((2, c))
     fwd.finish_channels(stats, w, b, rm.copy(), rv.copy(), 0.1, 1e-5, coef, save)
-    e = np.empty(0, dtype)
+    e = np.empty(0, pdtype)
     fns = {
         "train": lambda: numbabn.batch_norm(x, rm, rv, training=True, axis=axis),
         "eval": lambda: numbabn.batch_norm(x, rm, rv, training=False, axis=axis),
         "copy": lambda: np.copyto(y, x),
         "welford": lambda: numbabn.welford(x, axis=axis),
-        "k_train": lambda: fwd.forward_train(par, lay, x3, w, b, e, e, 0.1, 1e-5, y3, save),
-        "k_stats": lambda: cst.welford(par, lay, x3, stats),
-        "k_finish": lambda: fwd.finish_channels(stats, w, b, e, e, 0.1, 1e-5, coef, save),
-        "k_norm": lambda: fwd.apply(par, lay, x3, coef, y3),
     }
+    if half:
+        # float16 beside the same values in float32: the issue's "float32's time per element".
+        x32 = x.astype(np.float32)
+        fns["f32_train"] = lambda: numbabn.batch_norm(x32, rm, rv, training=True, axis=axis)
+        fns["f32_eval"] = lambda: numbabn.batch_norm(x32, rm, rv, training=False, axis=axis)
+    else:
+        fns["k_train"] = lambda: fwd.forward_train(par, lay, x3, w, b, e, e, 0.1, 1e-5, y3, save)
+        fns["k_stats"] = lambda: cst.welford(par, lay, x3, stats)
+        fns["k_finish"] = lambda: fwd.finish_channels(stats, w, b, e, e, 0.1, 1e-5, coef, save)
+        fns["k_norm"] = lambda: fwd.apply(par, lay, x3, coef, y3)
     if base is not None:
         fns["base_train"] = lambda: base.batch_norm(x, rm, rv, training=True, axis=axis)
         fns["base_eval"] = lambda: base.batch_norm(x, rm, rv, training=False, axis=axis)
@@ -106,6 +118,8 @@ def main():
 
         torch.set_num_threads(threads)
     cols = ["train", "torch_train", "eval", "torch_eval", "copy", "welford", "k_train", "k_stats", "k_finish", "k_norm"]
+    if np.dtype(a.dtype) == np.float16:
+        cols = ["f32_train", "train", "torch_train", "f32_eval", "eval", "torch_eval", "copy", "welford"]
     if base is not None:
         cols = [
             "base_train",
@@ -117,7 +131,7 @@ def main():
             "copy",
             "base_welford",
             "welford",
-        ]
+        ] + (["f32_train", "f32_eval"] if np.dtype(a.dtype) == np.float16 else [])
     print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  torch/eval  welford/copy")
     for s in a.shapes:
         shape = parse(s)

@@ -37,20 +37,16 @@ def float_to_half(typingctx, v):
     sig = types.uint16(types.float64)
 
     def codegen(context, builder, sig, args):
-        (v,) = args
-        f32, i32, f64 = ir.FloatType(), ir.IntType(32), ir.DoubleType()
-        t = builder.fptrunc(v, f32)
-        back = builder.fpext(t, f64)
-        fabs = builder.module.declare_intrinsic("llvm.fabs", [f64])
-        # Round to odd: an inexact float32 is moved toward zero when it rounded away, and
-        # its last bit set, so no tie remains for the second rounding.
-        inexact = builder.fcmp_unordered("!=", back, v)
-        away = builder.fcmp_ordered(">", builder.call(fabs, [back]), builder.call(fabs, [v]))
-        bits = builder.bitcast(t, i32)
-        toward_zero = builder.select(away, builder.sub(bits, ir.Constant(i32, 1)), bits)
-        odd = builder.select(inexact, builder.or_(toward_zero, ir.Constant(i32, 1)), bits)
-        half = builder.fptrunc(builder.bitcast(odd, f32), ir.HalfType())
-        return builder.bitcast(half, ir.IntType(16))
+        i64 = ir.IntType(64)
+        low = ir.Constant(i64, (1 << 29) - 1)
+        bits = builder.bitcast(args[0], i64)
+        # Round to odd in the float64 bits: the 29 bits below float32's last are cleared
+        # (toward zero), and float32's last bit is set when any of them was (the carry of
+        # ``low`` into bit 29), so no tie remains for the second rounding.
+        carry = builder.add(builder.and_(bits, low), low)
+        odd = builder.and_(builder.or_(bits, carry), builder.not_(low))
+        f32 = builder.fptrunc(builder.bitcast(odd, ir.DoubleType()), ir.FloatType())
+        return builder.bitcast(builder.fptrunc(f32, ir.HalfType()), ir.IntType(16))
 
     return sig, codegen
 
