@@ -5,9 +5,11 @@ cache (compile), then again with the cache it left (load).
     .venv/bin/python tools/cold_start.py --events     # also the slowest compiles of each case
 
 Cases: import plus a first ``BatchNorm`` training forward, backward and eval forward, NCHW,
-NHWC and ``(N, C)``, float32 and float64; ``welford`` alone; a Dask worker's first task (the
-serial statistics kernel on one chunk, as ``numbabn._dask_backend`` runs it); and the floor:
-the same three first calls of the plainest numba batch norm (``tools/compile_floor.py``).
+NHWC and ``(N, C)``, float32 and float64; ``welford`` alone; a Dask worker's first task
+(``numbabn._dask_backend.block_stats`` on one chunk: the serial statistics kernel, timed from
+import numbabn on, as a worker already holds NumPy, Dask and the chunk); and the floor:
+the same three first calls of the plainest numba batch norm (``tools/compile_floor.py``), and
+its statistics alone beside ``welford``.
 """
 
 import argparse
@@ -20,16 +22,22 @@ import tempfile
 STEP = """
 import json, sys, time
 t0 = time.perf_counter()
-from numba.core import event
-rec = event.RecordingListener()
-event.register("numba:compile", rec)
 import numpy as np
 kind, shape, axis, dtype = json.loads(sys.argv[1])
 x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+if kind == "task":  # a worker has NumPy, Dask and its chunk before numbabn's first task
+    import dask.array
+    t0 = time.perf_counter()
+from numba.core import event
+rec = event.RecordingListener()
+event.register("numba:compile", rec)
 if kind == "floor":  # the textbook kernels of tools/compile_floor.py, without numbabn
     sys.path.insert(0, sys.argv[2])
     import compile_floor
-    compile_floor.first_calls(x)
+    if axis is None:  # the statistics alone
+        compile_floor.welford(x, np.empty((3, x.shape[1])))
+    else:
+        compile_floor.first_calls(x)
 else:
     import numbabn
 if kind == "layer":
@@ -38,9 +46,8 @@ if kind == "layer":
 elif kind == "welford":
     numbabn.welford(x, axis=axis)
 elif kind == "task":  # a Dask worker's first task: the serial kernel on one chunk
-    from numbabn.cpu import api, stats
-    lay, (xv,) = api.views(x, axis, x)
-    stats.welford(False, lay, xv, np.empty((3, shape[axis])))
+    from numbabn import _dask_backend
+    _dask_backend.block_stats(x, axis, ((0,) * x.ndim, x.shape, x.dtype))
 total = time.perf_counter() - t0
 starts, took = {}, []
 for ts, e in rec.buffer:
@@ -77,6 +84,7 @@ def main():
     cases += [("welford (256, 512) float32", ["welford", [256, 512], 1, "float32"])]
     cases += [("Dask worker's first task, (64, 64, 32, 32) chunk", ["task", [64, 64, 32, 32], 1, "float32"])]
     cases += [("floor: tools/compile_floor.py, (256, 512) float32", ["floor", [256, 512], 1, "float32"])]
+    cases += [("floor: its welford alone, (256, 512) float32", ["floor", [256, 512], None, "float32"])]
     print(f"{'case':52} {'cold s':>7} {'warm s':>7}")
     for name, case in cases:
         with tempfile.TemporaryDirectory() as cache:

@@ -1,8 +1,8 @@
 """The compile-time floor of a numba batch norm on this machine: the plainest ``(N, C)``
 training forward, backward and eval that numba's ``prange`` allows, with none of numbabn's
 kernels (no blocks, no float32 lanes, no layouts, no checks): five parallel loops in three
-drivers, numbabn's jit options.  ``tools/cold_start.py`` times its first call beside
-numbabn's, each in a fresh process with an empty cache.
+drivers, numbabn's jit options; and ``welford``, the statistics alone.  ``tools/cold_start.py``
+times their first calls beside numbabn's, each in a fresh process with an empty cache.
 
     .venv/bin/python tools/compile_floor.py [float32|float64]
 """
@@ -95,6 +95,32 @@ def evaluate(x, w, b, rm, rv, eps, y):
     for r in prange(n):
         for j in range(c):
             y[r, j] = x[r, j] * a[j] + d0[j]
+
+
+@numba.njit(parallel=True, **OPTIONS)
+def welford(x, stats):
+    """Welford per row range and Chan merge: ``(count, mean, M2)`` per channel."""
+    n, c = x.shape
+    part = np.zeros((SPLITS, 3, c))
+    step = (n + SPLITS - 1) // SPLITS
+    for s in prange(SPLITS):
+        for r in range(s * step, min(n, (s + 1) * step)):
+            for j in range(c):
+                part[s, 0, j] += 1.0
+                d = x[r, j] - part[s, 1, j]
+                part[s, 1, j] += d / part[s, 0, j]
+                part[s, 2, j] += d * (x[r, j] - part[s, 1, j])
+    for j in range(c):
+        count, mean, m2 = 0.0, 0.0, 0.0
+        for s in range(SPLITS):
+            nb = part[s, 0, j]
+            if nb > 0.0:
+                total = count + nb
+                delta = part[s, 1, j] - mean
+                mean += delta * nb / total
+                m2 += part[s, 2, j] + delta * delta * count * nb / total
+                count = total
+        stats[0, j], stats[1, j], stats[2, j] = count, mean, m2
 
 
 def first_calls(x):
