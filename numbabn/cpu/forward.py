@@ -8,15 +8,16 @@ statistics is fused into the O(C) finalize step between statistics and normaliza
 elementwise pass computes in float64 and rounds once on store, so float32 outputs keep float32
 precision even when ``|mean| / std`` is large (``b = bias - mean * a`` would cancel in float32).
 
-Channel-minor layouts have no fused path, and outputs use plain stores: the alternatives
-(float32 arithmetic, a fused channel-minor path, non-temporal stores) were measured slower
-where it matters; docs/performance_notes.rst has the figures.
+Channel-minor layouts have no fused path (measured slower, as float32 arithmetic was), and
+write outputs beyond the last-level cache with streaming stores (:mod:`._stream`), which
+skip the read of each output line; docs/performance_notes.rst has the figures.
 
 A driver that reduces blocks takes ``rows_at`` first: the address of its per-block leaf's
 code (``strided_rows`` or ``minor_rows``) for its input arrays, which it calls through
 (:func:`numbabn._jit.by_address`).  The channel-minor training and ``apply`` drivers take
-``norm_at``, :func:`affine_rows`' address, too: their parallel loop runs chunks of rows
-through it, so they do not compile the elementwise loop again (eval inlines it: faster).
+``norm_at``, :func:`affine_rows`' address (or :func:`affine_rows_stream`'), too: their
+parallel loop runs chunks of rows through it, so they do not compile the elementwise loop
+again (eval inlines it, faster in cache, and takes ``apply``'s driver beyond it).
 """
 
 import numpy as np
@@ -27,6 +28,7 @@ from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import channel_invstd, finish_channel, fold, invstd_of
 from ._half import put, value
 from ._plan import expand, super_rows
+from ._stream import affine_row_stream, store_fence, streams
 from .stats import minor_rows, stats_minor, stats_strided, strided_rows
 
 
@@ -69,6 +71,14 @@ def affine_rows(x2, y2, o0, o1, a, b):
     """``y2[o, j] = x2[o, j] * a[j] + b[j]`` for rows ``[o0, o1)``."""
     for o in range(o0, o1):
         affine_row_minor(x2[o], a, b, y2[o])
+
+
+@by_address(1, OUTPUT, types.int64, types.int64, types.float64[::1], types.float64[::1])
+def affine_rows_stream(x2, y2, o0, o1, a, b):
+    """:func:`affine_rows` with streaming stores (outputs beyond the cache: :mod:`._stream`)."""
+    for o in range(o0, o1):
+        affine_row_stream(x2[o], a, b, y2[o])
+    store_fence()
 
 
 @stage
@@ -201,8 +211,9 @@ def apply_minor(norm_at, x2, inner, coef, y2):
 DRIVERS = ("forward_train", "forward_eval", "forward_with_stats", "apply")
 
 
-#: The leaves :func:`train_minor` calls, by input.
+#: The leaves :func:`train_minor` calls, by input (``_STREAM``: for outputs beyond the cache).
 TRAIN_MINOR_AT = addresses(minor_rows, affine_rows)
+TRAIN_MINOR_STREAM_AT = addresses(minor_rows, affine_rows_stream)
 
 
 def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, momentum, eps, y, save):
@@ -212,7 +223,7 @@ def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, mom
         driver = train_fused if lay.fused_forward else train_strided
         driver.pick(parallel)(at, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
     else:
-        rows_at, norm_at = TRAIN_MINOR_AT(x)
+        rows_at, norm_at = (TRAIN_MINOR_STREAM_AT if streams(y) else TRAIN_MINOR_AT)(x)
         run = train_minor.pick(parallel)
         run(rows_at, norm_at, x, lay.inner, weight, bias, running_mean, running_var, momentum, eps, y, save)
 
@@ -221,6 +232,10 @@ def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):
     """Eval forward of ``x`` (a view of ``lay``) into ``y``."""
     if lay.strided:
         eval_strided.pick(parallel)(x, weight, bias, mean, var, eps, y, save)
+    elif streams(y):
+        coef = np.empty((2, lay.num_channels))
+        eval_coefs(weight, bias, mean, var, eps, coef, save)
+        apply_minor(parallel, affine_rows_stream.address(x), x, lay.inner, coef, y)
     else:
         eval_minor.pick(parallel)(x, lay.inner, weight, bias, mean, var, eps, y, save)
 
@@ -238,4 +253,5 @@ def apply(parallel, lay, x, coef, y):
     if lay.strided:
         apply_strided(parallel, x, coef, y)
     else:
-        apply_minor(parallel, affine_rows.address(x), x, lay.inner, coef, y)
+        leaf = affine_rows_stream if streams(y) else affine_rows
+        apply_minor(parallel, leaf.address(x), x, lay.inner, coef, y)

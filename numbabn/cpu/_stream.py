@@ -1,0 +1,121 @@
+"""Non-temporal (streaming) stores for outputs larger than the last-level cache.
+
+A plain store first reads the destination line into the cache (read-for-ownership), so an
+elementwise pass beyond the cache moves three bytes per byte written; a non-temporal store
+writes the line without reading it, and keeps the output from evicting the input.  In the
+cache the opposite holds: the output is read again soon, and a streaming store sends it to
+memory.  So :func:`streams` picks them for outputs of at least ``STREAM_BYTES`` only
+(docs/performance_notes.rst has the measurements).
+
+numba has no streaming store, so :func:`stream_affine` writes one 16-byte vector of
+``x * a + b`` through LLVM's ``!nontemporal`` store, with the float64 arithmetic and the one
+rounding of the plain kernels (the same bits), and :func:`store_fence` orders a task's
+streaming stores before the parallel loop's end (x86 streaming stores are weakly ordered).
+"""
+
+import os
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .._jit import stage
+from ._half import put, value
+
+#: Bytes per streaming store: one 128-bit vector, the alignment every x86-64 and AArch64 CPU
+#: streams without splitting.
+VECTOR_BYTES = 16
+
+
+@intrinsic
+def stream_affine(typingctx, xr, a, b, out, j):
+    """``out[j:j + w] = xr[j:j + w] * a[j:j + w] + b[j:j + w]`` in float64, rounded once to
+    ``out``'s dtype (float32 or float64, ``w`` = 4 or 2), with one streaming 16-byte store:
+    ``out[j]`` must be 16-byte aligned."""
+    if out.dtype not in (types.float32, types.float64) or xr.dtype != out.dtype:
+        return None
+    sig = types.void(xr, a, b, out, j)
+
+    def codegen(context, builder, sig, args):
+        x_arr, a_arr, b_arr, out_arr = (
+            context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:4], args[:4], strict=True)
+        )
+        j = args[4]
+        width = VECTOR_BYTES // context.get_abi_sizeof(context.get_data_type(sig.args[3].dtype))
+        elem = ir.VectorType(context.get_data_type(sig.args[3].dtype), width)
+        wide = ir.VectorType(ir.DoubleType(), width)
+
+        def at(arr, vector):
+            return builder.bitcast(builder.gep(arr.data, [j]), vector.as_pointer())
+
+        xv = builder.load(at(x_arr, elem), align=1)
+        if elem != wide:
+            xv = builder.fpext(xv, wide)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wide, [wide] * 3), f"llvm.fma.v{width}f64")
+        y = builder.call(fma, [xv, builder.load(at(a_arr, wide), align=8), builder.load(at(b_arr, wide), align=8)])
+        if elem != wide:
+            y = builder.fptrunc(y, elem)
+        store = builder.store(y, at(out_arr, elem), align=VECTOR_BYTES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """A full memory fence: the streaming stores before it are visible to other threads."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@stage
+def affine_row_stream(xr, a, b, out):
+    """``out[j] = xr[j] * a[j] + b[j]`` along one row, as ``forward.affine_row_minor``: plain
+    stores up to ``out``'s first 16-byte boundary and after its last, streaming ones between."""
+    n = xr.shape[0]
+    size = out.itemsize
+    step = VECTOR_BYTES // size
+    head = min(n, ((-out.ctypes.data) % VECTOR_BYTES) // size)
+    for j in range(head):
+        put(out, j, value(xr, j) * a[j] + b[j])
+    j = head
+    while j + step <= n:
+        stream_affine(xr, a, b, out, j)
+        j += step
+    for k in range(j, n):
+        put(out, k, value(xr, k) * a[k] + b[k])
+
+
+def _last_level_cache(base="/sys/devices/system/cpu/cpu0/cache"):
+    """The bytes of this CPU's largest cache, as Linux reports it for CPU 0 (per core
+    complex where the L3 is split), or 32 MiB where it cannot be read."""
+    best = 0
+    try:
+        for entry in os.listdir(base):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return best or 32 << 20
+
+
+#: Outputs of at least this many bytes are written with streaming stores: one and a half
+#: last-level caches, past which no part of a pass's input or output stays cached for the
+#: next call (at one cache's worth they measured even with plain stores).
+STREAM_BYTES = _last_level_cache() * 3 // 2
+
+
+def streams(y):
+    """Whether an elementwise pass writes ``y`` (the kernels' view of the output) with
+    streaming stores: float32 or float64 outputs of at least ``STREAM_BYTES``."""
+    return y.nbytes >= STREAM_BYTES and y.dtype.itemsize >= 4

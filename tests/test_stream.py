@@ -1,0 +1,66 @@
+"""Streaming stores for outputs beyond the last-level cache (``numbabn.cpu._stream``): the
+same bits as plain stores on every channel-minor layout, both dtypes and ``out`` arrays that
+start off a 16-byte boundary, through the training forward, the eval forward and ``apply``
+(the stage of Dask's tasks and SyncBatchNorm); and the rule that picks them."""
+
+import numpy as np
+import pytest
+from conftest import assert_bitwise, assert_close, by_tag, layout_params, make_case
+from reference import forward as ref_forward
+
+import numbabn
+from numbabn.cpu import _stream
+from numbabn.cpu import forward as fwd
+from numbabn.cpu.api import parallel_for, views
+
+MINOR = by_tag(
+    "NC", "NHWC", "NC-super-rows", "NC-prime-rows", "NC-two-tiles", "big-NC", "big-NHWC", "big-NC-super-rows"
+)
+
+
+def _calls(x, axis, weight, bias, running_mean, running_var, offset):
+    """The training output, the updated running statistics, the eval output written into an
+    ``out`` that starts ``offset`` elements into its buffer, and ``apply``'s output."""
+    rm, rv = running_mean.copy(), running_var.copy()
+    y = numbabn.batch_norm(x, rm, rv, weight, bias, training=True, axis=axis)
+    out = np.empty(x.size + offset, x.dtype)[offset:].reshape(x.shape)
+    assert numbabn.batch_norm(x, rm, rv, weight, bias, training=False, axis=axis, out=out) is out
+    applied = np.empty_like(x)
+    lay, (xv, av) = views(x, axis % x.ndim, x, applied)
+    coef = np.stack([np.linspace(0.5, 2.0, x.shape[axis]), np.linspace(-1.0, 1.0, x.shape[axis])])
+    fwd.apply(parallel_for(x.size, lay.inner), lay, xv, coef, av)
+    return y, rm, rv, out, applied
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("lay", layout_params(MINOR))
+def test_streaming_stores_write_the_same_bits(rng, monkeypatch, lay, dtype, offset):
+    x, weight, bias, running_mean, running_var = make_case(rng, lay, dtype, True)
+    plain = _calls(x, lay.axis, weight, bias, running_mean, running_var, offset)
+    monkeypatch.setattr(_stream, "STREAM_BYTES", 0)  # every output streams
+    streamed = _calls(x, lay.axis, weight, bias, running_mean, running_var, offset)
+    assert fwd.affine_rows_stream.overloads, "the streaming leaf never ran"
+    for a, b in zip(plain, streamed, strict=True):
+        assert_bitwise(a, b, lay.id)
+    y, *_ = ref_forward(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, lay.axis)
+    assert_close(streamed[0], y, dtype)
+
+
+def test_streams_only_large_float32_and_float64_outputs(monkeypatch):
+    monkeypatch.setattr(_stream, "STREAM_BYTES", 4000)
+    assert _stream.streams(np.empty(1000, np.float32))
+    assert _stream.streams(np.empty((25, 20), np.float64))
+    assert not _stream.streams(np.empty(999, np.float32))
+    assert not _stream.streams(np.empty(4000, np.float16))  # float16 bits keep plain stores
+
+
+def test_last_level_cache_is_the_largest_cache_linux_lists(tmp_path):
+    for name, size in [("index0", "32K"), ("index2", "1024K"), ("index3", "32768K")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    (tmp_path / "uevent").write_text("")
+    assert _stream._last_level_cache(str(tmp_path)) == 32 << 20
+    assert _stream._last_level_cache(str(tmp_path / "missing")) == 32 << 20  # the default
+    (tmp_path / "index3" / "size").write_text("256M\n")
+    assert _stream._last_level_cache(str(tmp_path)) == 256 << 20
