@@ -18,7 +18,7 @@ import os
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .._jit import stage
 from ._half import put, value
@@ -32,15 +32,17 @@ VECTOR_BYTES = 16
 def stream_affine(typingctx, xr, a, b, out, j):
     """``out[j:j + w] = xr[j:j + w] * a[j:j + w] + b[j:j + w]`` in float64, rounded once to
     ``out``'s dtype (float32 or float64, ``w`` = 4 or 2), with one streaming 16-byte store:
-    ``out[j]`` must be 16-byte aligned."""
+    ``out[j]`` must be 16-byte aligned.  ``a`` and ``b`` are float64 arrays, or float64
+    scalars that every element shares."""
     if out.dtype not in (types.float32, types.float64) or xr.dtype != out.dtype:
+        return None
+    scalar = isinstance(a, types.Float)
+    if scalar != isinstance(b, types.Float):
         return None
     sig = types.void(xr, a, b, out, j)
 
     def codegen(context, builder, sig, args):
-        x_arr, a_arr, b_arr, out_arr = (
-            context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:4], args[:4], strict=True)
-        )
+        x_arr, out_arr = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 3))
         j = args[4]
         width = VECTOR_BYTES // context.get_abi_sizeof(context.get_data_type(sig.args[3].dtype))
         elem = ir.VectorType(context.get_data_type(sig.args[3].dtype), width)
@@ -53,7 +55,18 @@ def stream_affine(typingctx, xr, a, b, out, j):
         if elem != wide:
             xv = builder.fpext(xv, wide)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wide, [wide] * 3), f"llvm.fma.v{width}f64")
-        y = builder.call(fma, [xv, builder.load(at(a_arr, wide), align=8), builder.load(at(b_arr, wide), align=8)])
+        coefs = []
+        for k in (1, 2):
+            if scalar:  # the scalar in every lane
+                value = context.cast(builder, args[k], sig.args[k], types.float64)
+                vector = ir.Constant(wide, ir.Undefined)
+                for lane in range(width):
+                    vector = builder.insert_element(vector, value, ir.Constant(ir.IntType(32), lane))
+                coefs.append(vector)
+            else:
+                arr = context.make_array(sig.args[k])(context, builder, args[k])
+                coefs.append(builder.load(at(arr, wide), align=8))
+        y = builder.call(fma, [xv, *coefs])
         if elem != wide:
             y = builder.fptrunc(y, elem)
         store = builder.store(y, at(out_arr, elem), align=VECTOR_BYTES)
@@ -74,22 +87,35 @@ def store_fence(typingctx):
     return types.void(), codegen
 
 
+def coef_at(a, j):
+    """``a[j]`` of a per-column array of coefficients, or ``a`` itself when it is a scalar
+    (one coefficient for the whole row)."""
+
+
+@overload(coef_at)
+def _coef_at(a, j):
+    if isinstance(a, types.Float):
+        return lambda a, j: a
+    return lambda a, j: a[j]
+
+
 @stage
 def affine_row_stream(xr, a, b, out):
-    """``out[j] = xr[j] * a[j] + b[j]`` along one row, as ``forward.affine_row_minor``: plain
-    stores up to ``out``'s first 16-byte boundary and after its last, streaming ones between."""
+    """``out[j] = xr[j] * a[j] + b[j]`` along one row (``a`` and ``b`` arrays, as
+    ``forward.affine_row_minor``, or scalars, as ``forward.affine_row``): plain stores up to
+    ``out``'s first 16-byte boundary and after its last, streaming ones between."""
     n = xr.shape[0]
     size = out.itemsize
     step = VECTOR_BYTES // size
     head = min(n, ((-out.ctypes.data) % VECTOR_BYTES) // size)
     for j in range(head):
-        put(out, j, value(xr, j) * a[j] + b[j])
+        put(out, j, value(xr, j) * coef_at(a, j) + coef_at(b, j))
     j = head
     while j + step <= n:
         stream_affine(xr, a, b, out, j)
         j += step
     for k in range(j, n):
-        put(out, k, value(xr, k) * a[k] + b[k])
+        put(out, k, value(xr, k) * coef_at(a, k) + coef_at(b, k))
 
 
 def _last_level_cache(base="/sys/devices/system/cpu/cpu0/cache"):

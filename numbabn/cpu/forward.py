@@ -29,7 +29,7 @@ from .._math import channel_invstd, finish_channel, fold, invstd_of
 from ._half import put, value
 from ._plan import expand, super_rows
 from ._stream import affine_row_stream, store_fence, streams
-from .stats import minor_rows, stats_minor, stats_strided, strided_rows
+from .stats import minor_rows, stats_minor, stats_strided, strided_rows, welford_strided
 
 
 @stage
@@ -191,6 +191,21 @@ def eval_minor(x2, inner, weight, bias, mean, var, eps, y2, save):
 
 
 @twin
+def apply_strided_stream(x3, coef, y3):
+    """Driver, :func:`apply_strided` with streaming stores (outputs beyond the cache,
+    :mod:`._stream`): chunks of rows, one fence each."""
+    outer, num_channels, inner = x3.shape
+    rows = outer * num_channels
+    step = max(1, ROW_CHUNK // max(inner, 1))
+    for t in prange((rows + step - 1) // step):
+        for r in range(np.int64(t) * step, min(rows, (np.int64(t) + 1) * step)):
+            o = r // num_channels
+            c = r % num_channels
+            affine_row_stream(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
+        store_fence()
+
+
+@twin
 def apply_strided(x3, coef, y3):
     """Driver: ``y = x * coef[0] + coef[1]`` with coefficients made elsewhere, from
     statistics merged over Dask chunks or processes (:func:`finish_channels`)."""
@@ -218,7 +233,13 @@ TRAIN_MINOR_STREAM_AT = addresses(minor_rows, affine_rows_stream)
 
 def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, momentum, eps, y, save):
     """Training forward of ``x``, the kernels' view of :class:`Layout` ``lay``, into ``y``."""
-    if lay.strided:
+    if lay.strided and not lay.fused_forward and streams(y):  # beyond the cache
+        stats = np.empty((3, lay.num_channels))
+        welford_strided.pick(parallel)(strided_rows.address(x), x, stats)
+        coef = np.empty((2, lay.num_channels))
+        finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
+        apply_strided_stream(parallel, x, coef, y)
+    elif lay.strided:
         at = strided_rows.address(x)
         driver = train_fused if lay.fused_forward else train_strided
         driver.pick(parallel)(at, x, weight, bias, running_mean, running_var, momentum, eps, y, save)
@@ -230,12 +251,12 @@ def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, mom
 
 def forward_eval(parallel, lay, x, weight, bias, mean, var, eps, y, save):
     """Eval forward of ``x`` (a view of ``lay``) into ``y``."""
-    if lay.strided:
-        eval_strided.pick(parallel)(x, weight, bias, mean, var, eps, y, save)
-    elif streams(y):
+    if streams(y):  # beyond the cache: apply's driver, with streaming stores
         coef = np.empty((2, lay.num_channels))
         eval_coefs(weight, bias, mean, var, eps, coef, save)
-        apply_minor(parallel, affine_rows_stream.address(x), x, lay.inner, coef, y)
+        apply(parallel, lay, x, coef, y)
+    elif lay.strided:
+        eval_strided.pick(parallel)(x, weight, bias, mean, var, eps, y, save)
     else:
         eval_minor.pick(parallel)(x, lay.inner, weight, bias, mean, var, eps, y, save)
 
@@ -251,7 +272,7 @@ def forward_with_stats(parallel, lay, x, stats, weight, bias, running_mean, runn
 def apply(parallel, lay, x, coef, y):
     """``y = x * coef[0] + coef[1]`` per channel of ``x`` (a view of ``lay``)."""
     if lay.strided:
-        apply_strided(parallel, x, coef, y)
+        (apply_strided_stream if streams(y) else apply_strided)(parallel, x, coef, y)
     else:
         leaf = affine_rows_stream if streams(y) else affine_rows
         apply_minor(parallel, leaf.address(x), x, lay.inner, coef, y)
