@@ -5,7 +5,8 @@ no process built from them pays the first call's compile.
 Each kernel family (fused and row-wise channel-strided, channel-minor) runs its serial and
 parallel twins on a small array of each dtype through the public API: the training forward
 and backward (also with a mask, with the fused ReLU and residual, and for the channel-minor
-family as ghost batches), the eval forward and backward and ``welford``, and the stages
+family as ghost batches), the eval forward and backward, both forwards as arrays beyond the
+cache run them (streaming stores), ``welford``, and the stages
 Dask's tasks and SyncBatchNorm call (``apply``, ``grad_reduce``, ``grad_apply``).
 """
 
@@ -68,6 +69,7 @@ def _run_case(shape, axis, dtype):
         ghosts = BatchNorm(shape[axis], axis=axis, dtype=dtype, virtual_batch_size=shape[0] // 2)
         ghosts.backward(ghosts(x))
     welford(x, axis=axis)
+    _streaming_calls(x, axis, dtype)
     coef = np.ones((2, shape[axis]))
     for parallel in (None, False):  # the size's twin, and the serial one Dask's tasks run
         api.apply(x, axis, coef, parallel=parallel)
@@ -75,6 +77,22 @@ def _run_case(shape, axis, dtype):
         sums = api.grad_reduce(y, x, axis, np.zeros(shape[axis]), parallel=parallel)
         api.grad_apply(y, x, axis, np.ones((3, shape[axis])), parallel=parallel)
     return sums
+
+
+def _streaming_calls(x, axis, dtype):
+    """The training and eval forwards of arrays beyond the cache, which write with streaming
+    stores (``numbabn.cpu._stream``): run on ``x`` with the size limit lifted."""
+    from . import BatchNorm
+    from .cpu import _stream
+
+    limit = _stream.STREAM_BYTES
+    _stream.STREAM_BYTES = 0
+    try:
+        bn = BatchNorm(x.shape[axis], axis=axis, dtype=dtype)
+        bn(x)
+        bn.eval()(x)
+    finally:
+        _stream.STREAM_BYTES = limit
 
 
 def cache_note():
