@@ -8,8 +8,8 @@ Cases: import plus a first ``BatchNorm`` training forward, backward and eval for
 NHWC and ``(N, C)``, float32 and float64; ``welford`` alone; a Dask worker's first task
 (``numbabn._dask_backend.block_stats`` on one chunk: the serial statistics kernel, timed from
 import numbabn on, as a worker already holds NumPy, Dask and the chunk); and the floor:
-the same three first calls of the plainest numba batch norm (``tools/compile_floor.py``), and
-its statistics alone beside ``welford``.
+the same three first calls of the plainest numba batch norm (``tools/compile_floor.py``), its
+statistics alone beside ``welford``, and numba by itself (a cached one-line function).
 """
 
 import argparse
@@ -31,11 +31,13 @@ if kind == "task":  # a worker has NumPy, Dask and its chunk before numbabn's fi
 from numba.core import event
 rec = event.RecordingListener()
 event.register("numba:compile", rec)
-if kind == "floor":  # the textbook kernels of tools/compile_floor.py, without numbabn
+if kind.startswith("floor"):  # the textbook kernels of tools/compile_floor.py, without numbabn
     sys.path.insert(0, sys.argv[2])
     import compile_floor
-    if axis is None:  # the statistics alone
+    if kind == "floor-welford":  # the statistics alone
         compile_floor.welford(x, np.empty((3, x.shape[1])))
+    elif kind == "floor-numba":  # numba by itself
+        compile_floor.plus_one(1)
     else:
         compile_floor.first_calls(x)
 else:
@@ -84,7 +86,8 @@ def main():
     cases += [("welford (256, 512) float32", ["welford", [256, 512], 1, "float32"])]
     cases += [("Dask worker's first task, (64, 64, 32, 32) chunk", ["task", [64, 64, 32, 32], 1, "float32"])]
     cases += [("floor: tools/compile_floor.py, (256, 512) float32", ["floor", [256, 512], 1, "float32"])]
-    cases += [("floor: its welford alone, (256, 512) float32", ["floor", [256, 512], None, "float32"])]
+    cases += [("floor: its welford alone, (256, 512) float32", ["floor-welford", [256, 512], 1, "float32"])]
+    cases += [("numba alone: a cached x + 1", ["floor-numba", [1], 0, "float32"])]
     print(f"{'case':52} {'cold s':>7} {'warm s':>7}")
     for name, case in cases:
         with tempfile.TemporaryDirectory() as cache:

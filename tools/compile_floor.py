@@ -1,7 +1,8 @@
 """The compile-time floor of a numba batch norm on this machine: the plainest ``(N, C)``
 training forward, backward and eval that numba's ``prange`` allows, with none of numbabn's
 kernels (no blocks, no float32 lanes, no layouts, no checks): five parallel loops in three
-drivers, numbabn's jit options; and ``welford``, the statistics alone.  ``tools/cold_start.py``
+drivers, numbabn's jit options; ``welford``, the statistics alone; and ``plus_one``, numba by
+itself.  ``tools/cold_start.py``
 times their first calls beside numbabn's, each in a fresh process with an empty cache.
 
     .venv/bin/python tools/compile_floor.py [float32|float64]
@@ -121,6 +122,12 @@ def welford(x, stats):
                 m2 += part[s, 2, j] + delta * delta * count * nb / total
                 count = total
         stats[0, j], stats[1, j], stats[2, j] = count, mean, m2
+
+
+@numba.njit(cache=True)
+def plus_one(x):
+    """numba by itself: a one-line function (its warm first call is numba's own start)."""
+    return x + 1
 
 
 def first_calls(x):
