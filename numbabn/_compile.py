@@ -5,8 +5,8 @@ no process built from them pays the first call's compile.
 Each kernel family (fused and row-wise channel-strided, channel-minor) runs its serial and
 parallel twins on a small array of each dtype through the public API: the training forward
 and backward (also with a mask, with the fused ReLU and residual, and for the channel-minor
-family as ghost batches), the eval forward and backward, both forwards as arrays beyond the
-cache run them (streaming stores), ``welford``, and the stages
+family as ghost batches), the eval forward and backward, the forwards and the backward as
+arrays beyond the cache run them (streaming stores), ``welford``, and the stages
 Dask's tasks and SyncBatchNorm call (``apply``, ``grad_reduce``, ``grad_apply``).
 """
 
@@ -80,8 +80,9 @@ def _run_case(shape, axis, dtype):
 
 
 def _streaming_calls(x, axis, dtype):
-    """The training and eval forwards of arrays beyond the cache, which write with streaming
-    stores (``numbabn.cpu._stream``): run on ``x`` with the size limit lifted."""
+    """The training and eval forwards and the backward of arrays beyond the cache, which
+    write with streaming stores (``numbabn.cpu._stream``): run on ``x`` with the size limit
+    lifted."""
     from . import BatchNorm
     from .cpu import _stream
 
@@ -89,7 +90,7 @@ def _streaming_calls(x, axis, dtype):
     _stream.STREAM_BYTES = 0
     try:
         bn = BatchNorm(x.shape[axis], axis=axis, dtype=dtype)
-        bn(x)
+        bn.backward(bn(x))
         bn.eval()(x)
     finally:
         _stream.STREAM_BYTES = limit

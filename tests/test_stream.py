@@ -1,7 +1,8 @@
 """Streaming stores for outputs beyond the last-level cache (``numbabn.cpu._stream``): the
 same bits as plain stores on every layout, both dtypes and ``out`` arrays that start off a
-16-byte boundary, through the training forward, the eval forward and ``apply`` (the stage of
-Dask's tasks and SyncBatchNorm); and the rule that picks them."""
+16-byte boundary, through the training forward, the eval forward, ``apply`` (the stage of
+Dask's tasks and SyncBatchNorm) and the backward in training and eval; and the rule that
+picks them."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from reference import forward as ref_forward
 import numbabn
 from numbabn._config import MIN_INNER
 from numbabn.cpu import _stream
+from numbabn.cpu import backward as bwd
 from numbabn.cpu import forward as fwd
 from numbabn.cpu.api import parallel_for, views
 
@@ -45,6 +47,38 @@ def test_streaming_stores_write_the_same_bits(rng, monkeypatch, lay, dtype, offs
         assert_bitwise(a, b, lay.id)
     y, *_ = ref_forward(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, lay.axis)
     assert_close(streamed[0], y, dtype)
+
+
+def _backwards(x, g, axis, weight, mean, invstd, x_bad):
+    """The functional backward in training and in eval (with a non-finite ``x_bad``, which
+    eval's ``grad_input = g * weight * invstd`` must not read), each into an ``out`` three
+    elements into its buffer."""
+    results = []
+    for training, xx in ((True, x), (False, x_bad)):
+        out = np.empty(x.size + 3, x.dtype)[3:].reshape(x.shape)
+        gi, gw, gb = numbabn.batch_norm_backward(g, xx, weight, mean, invstd, training=training, axis=axis, out=out)
+        assert gi is out
+        results += [gi, gw, gb]
+    return results
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("lay", layout_params())
+def test_streaming_backward_writes_the_same_bits(rng, monkeypatch, lay, dtype):
+    x, weight, *_ = make_case(rng, lay, dtype, True)
+    g = rng.standard_normal(lay.shape).astype(dtype)
+    g.flat[::7] = 0.0  # zeros times negative weights: -0.0, as the plain pass gives
+    mean, invstd = rng.normal(size=lay.channels), rng.uniform(0.5, 2.0, lay.channels)
+    x_bad = x.copy()
+    x_bad.flat[::5] = np.nan
+    plain = _backwards(x, g, lay.axis, weight, mean, invstd, x_bad)
+    monkeypatch.setattr(_stream, "STREAM_BYTES", 0)
+    streamed = _backwards(x, g, lay.axis, weight, mean, invstd, x_bad)
+    for a, b in zip(plain, streamed, strict=True):
+        assert_bitwise(a, b, lay.id)
+    assert np.isfinite(streamed[3]).all()
+    if lay.inner < MIN_INNER:  # channel-minor (the fused channel-strided backward keeps plain stores)
+        assert bwd.grad_rows_stream.overloads, "the streaming leaf never ran"
 
 
 def test_streams_only_large_float32_and_float64_outputs(monkeypatch):

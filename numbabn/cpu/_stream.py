@@ -17,7 +17,6 @@ import os
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._jit import stage
@@ -28,52 +27,107 @@ from ._half import put, value
 VECTOR_BYTES = 16
 
 
+#: The plain kernels' fast-math flags (numbabn._jit.FASTMATH), so that LLVM contracts the
+#: same products into the same fused multiply-adds and the streamed values are their bits.
+FLAGS = ("reassoc", "contract")
+
+
+class _Lanes:
+    """One 16-byte vector's worth of lanes at index ``j`` of the arrays of an intrinsic's
+    arguments: loads widened to float64, coefficients (arrays or scalars) as float64 vectors,
+    and the streaming store of a float64 result rounded to the output's dtype."""
+
+    def __init__(self, context, builder, sig, args, out_index, j):
+        self.context, self.builder, self.sig, self.args, self.j = context, builder, sig, args, j
+        dtype = context.get_data_type(sig.args[out_index].dtype)
+        self.width = VECTOR_BYTES // context.get_abi_sizeof(dtype)
+        self.elem = ir.VectorType(dtype, self.width)
+        self.wide = ir.VectorType(ir.DoubleType(), self.width)
+
+    def _at(self, k, vector):
+        arr = self.context.make_array(self.sig.args[k])(self.context, self.builder, self.args[k])
+        return self.builder.bitcast(self.builder.gep(arr.data, [self.j]), vector.as_pointer())
+
+    def data(self, k):
+        """Argument ``k``'s values (the input's dtype), widened to float64."""
+        v = self.builder.load(self._at(k, self.elem), align=1)
+        return v if self.elem == self.wide else self.builder.fpext(v, self.wide)
+
+    def coef(self, k):
+        """Argument ``k``'s coefficients: a float64 array's, or a scalar in every lane."""
+        if isinstance(self.sig.args[k], types.Array):
+            return self.builder.load(self._at(k, self.wide), align=8)
+        value = self.context.cast(self.builder, self.args[k], self.sig.args[k], types.float64)
+        vector = ir.Constant(self.wide, ir.Undefined)
+        for lane in range(self.width):
+            vector = self.builder.insert_element(vector, value, ir.Constant(ir.IntType(32), lane))
+        return vector
+
+    def stream(self, k, y):
+        """Round ``y`` to argument ``k``'s dtype and stream it there (16-byte aligned)."""
+        if self.elem != self.wide:
+            y = self.builder.fptrunc(y, self.elem)
+        store = self.builder.store(y, self._at(k, self.elem), align=VECTOR_BYTES)
+        store.set_metadata("nontemporal", self.builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
+def _streamable(out, *inputs):
+    return out.dtype in (types.float32, types.float64) and all(a.dtype == out.dtype for a in inputs)
+
+
+def _coefs(*coefs):
+    """Coefficients all float64 arrays or all scalars."""
+    return all(isinstance(c, types.Array) for c in coefs) or all(isinstance(c, types.Float) for c in coefs)
+
+
 @intrinsic
 def stream_affine(typingctx, xr, a, b, out, j):
     """``out[j:j + w] = xr[j:j + w] * a[j:j + w] + b[j:j + w]`` in float64, rounded once to
     ``out``'s dtype (float32 or float64, ``w`` = 4 or 2), with one streaming 16-byte store:
     ``out[j]`` must be 16-byte aligned.  ``a`` and ``b`` are float64 arrays, or float64
     scalars that every element shares."""
-    if out.dtype not in (types.float32, types.float64) or xr.dtype != out.dtype:
+    if not (_streamable(out, xr) and _coefs(a, b)):
         return None
-    scalar = isinstance(a, types.Float)
-    if scalar != isinstance(b, types.Float):
-        return None
-    sig = types.void(xr, a, b, out, j)
 
     def codegen(context, builder, sig, args):
-        x_arr, out_arr = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 3))
-        j = args[4]
-        width = VECTOR_BYTES // context.get_abi_sizeof(context.get_data_type(sig.args[3].dtype))
-        elem = ir.VectorType(context.get_data_type(sig.args[3].dtype), width)
-        wide = ir.VectorType(ir.DoubleType(), width)
-
-        def at(arr, vector):
-            return builder.bitcast(builder.gep(arr.data, [j]), vector.as_pointer())
-
-        xv = builder.load(at(x_arr, elem), align=1)
-        if elem != wide:
-            xv = builder.fpext(xv, wide)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(wide, [wide] * 3), f"llvm.fma.v{width}f64")
-        coefs = []
-        for k in (1, 2):
-            if scalar:  # the scalar in every lane
-                value = context.cast(builder, args[k], sig.args[k], types.float64)
-                vector = ir.Constant(wide, ir.Undefined)
-                for lane in range(width):
-                    vector = builder.insert_element(vector, value, ir.Constant(ir.IntType(32), lane))
-                coefs.append(vector)
-            else:
-                arr = context.make_array(sig.args[k])(context, builder, args[k])
-                coefs.append(builder.load(at(arr, wide), align=8))
-        y = builder.call(fma, [xv, *coefs])
-        if elem != wide:
-            y = builder.fptrunc(y, elem)
-        store = builder.store(y, at(out_arr, elem), align=VECTOR_BYTES)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        lanes = _Lanes(context, builder, sig, args, 3, args[4])
+        product = builder.fmul(lanes.data(0), lanes.coef(1), flags=FLAGS)
+        lanes.stream(3, builder.fadd(product, lanes.coef(2), flags=FLAGS))
         return context.get_dummy_value()
 
-    return sig, codegen
+    return types.void(xr, a, b, out, j), codegen
+
+
+@intrinsic
+def stream_grad(typingctx, gr, xr, a, b, d, out, j):
+    """``out[j:j + w] = gr * a + xr * b + d`` over the same lanes, as :func:`stream_affine`
+    (the backward's elementwise pass, in its order of operations)."""
+    if not (_streamable(out, gr, xr) and _coefs(a, b, d)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = _Lanes(context, builder, sig, args, 5, args[6])
+        ga = builder.fmul(lanes.data(0), lanes.coef(2), flags=FLAGS)
+        xb = builder.fmul(lanes.data(1), lanes.coef(3), flags=FLAGS)
+        lanes.stream(5, builder.fadd(builder.fadd(ga, xb, flags=FLAGS), lanes.coef(4), flags=FLAGS))
+        return context.get_dummy_value()
+
+    return types.void(gr, xr, a, b, d, out, j), codegen
+
+
+@intrinsic
+def stream_scale(typingctx, gr, a, out, j):
+    """``out[j:j + w] = gr * a`` over the same lanes (the backward's pass in eval, where
+    ``x`` is not read)."""
+    if not (_streamable(out, gr) and _coefs(a)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = _Lanes(context, builder, sig, args, 2, args[3])
+        lanes.stream(2, builder.fmul(lanes.data(0), lanes.coef(1), flags=FLAGS))
+        return context.get_dummy_value()
+
+    return types.void(gr, a, out, j), codegen
 
 
 @intrinsic
@@ -100,22 +154,54 @@ def _coef_at(a, j):
 
 
 @stage
+def vector_span(out):
+    """``(step, head, end)`` of a row ``out``: values per 16-byte vector, the values before
+    its first 16-byte boundary, and the end of its last whole vector after them."""
+    n = out.shape[0]
+    step = VECTOR_BYTES // out.itemsize
+    head = min(n, ((-out.ctypes.data) % VECTOR_BYTES) // out.itemsize)
+    return step, head, head + (n - head) // step * step
+
+
+@stage
 def affine_row_stream(xr, a, b, out):
     """``out[j] = xr[j] * a[j] + b[j]`` along one row (``a`` and ``b`` arrays, as
     ``forward.affine_row_minor``, or scalars, as ``forward.affine_row``): plain stores up to
     ``out``'s first 16-byte boundary and after its last, streaming ones between."""
-    n = xr.shape[0]
-    size = out.itemsize
-    step = VECTOR_BYTES // size
-    head = min(n, ((-out.ctypes.data) % VECTOR_BYTES) // size)
-    for j in range(head):
-        put(out, j, value(xr, j) * coef_at(a, j) + coef_at(b, j))
-    j = head
-    while j + step <= n:
-        stream_affine(xr, a, b, out, j)
-        j += step
-    for k in range(j, n):
+    step, head, end = vector_span(out)
+    for k in range(head):
         put(out, k, value(xr, k) * coef_at(a, k) + coef_at(b, k))
+    for j in range(head, end, step):
+        stream_affine(xr, a, b, out, j)
+    for k in range(end, out.shape[0]):
+        put(out, k, value(xr, k) * coef_at(a, k) + coef_at(b, k))
+
+
+@stage
+def grad_put(gr, xr, a, b, d, out, k, with_x):
+    """``out[k]`` of the backward's elementwise pass, plain store (``backward.apply_row``)."""
+    if with_x:
+        put(out, k, value(gr, k) * coef_at(a, k) + value(xr, k) * coef_at(b, k) + coef_at(d, k))
+    else:
+        put(out, k, value(gr, k) * coef_at(a, k))
+
+
+@stage
+def grad_row_stream(gr, xr, a, b, d, out, with_x):
+    """``out = gr * a + xr * b + d`` along one row, or ``gr * a`` where not ``with_x``
+    (``backward.apply_row`` and ``backward.grad_rows``), streaming as
+    :func:`affine_row_stream`."""
+    step, head, end = vector_span(out)
+    for k in range(head):
+        grad_put(gr, xr, a, b, d, out, k, with_x)
+    if with_x:
+        for j in range(head, end, step):
+            stream_grad(gr, xr, a, b, d, out, j)
+    else:
+        for j in range(head, end, step):
+            stream_scale(gr, a, out, j)
+    for k in range(end, out.shape[0]):
+        grad_put(gr, xr, a, b, d, out, k, with_x)
 
 
 def _last_level_cache(base="/sys/devices/system/cpu/cpu0/cache"):

@@ -13,6 +13,11 @@ A driver that reduces blocks takes ``rows_at`` first: the address of its per-tas
 code (``strided_grad_rows``, or ``grad_partial`` on channel-minor views) for its input
 arrays, which it calls through (:func:`numbabn._jit.by_address`); a channel-minor driver
 that applies takes ``apply_at``, :func:`grad_rows`' address, too.
+
+Beyond the last-level cache (:mod:`._stream`) the backward runs as its stages, the reduction,
+the coefficients and an elementwise pass that writes ``grad_input`` with streaming stores
+(the fused channel-strided backward, whose pass reads ``g`` and ``x`` from L2, keeps plain
+ones).
 """
 
 import numpy as np
@@ -23,6 +28,7 @@ from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import grad_coef
 from ._half import put, value
 from ._plan import expand, minor_task, plan, rows, scratch_behind, sum_inner, super_rows
+from ._stream import grad_row_stream, store_fence, streams
 
 
 @by_address(2, types.int64, types.float64, types.int64, types.int64)
@@ -182,6 +188,14 @@ def grad_rows(g2, x2, gi2, o0, o1, a, b, d, depends_on_x):
                 put(out, j, value(gr, j) * a[j])
 
 
+@by_address(2, OUTPUT, *(types.int64,) * 2, *(types.float64[::1],) * 3, types.boolean)
+def grad_rows_stream(g2, x2, gi2, o0, o1, a, b, d, depends_on_x):
+    """:func:`grad_rows` with streaming stores (outputs beyond the cache: :mod:`._stream`)."""
+    for o in range(o0, o1):
+        grad_row_stream(g2[o], x2[o], a, b, d, gi2[o], depends_on_x)
+    store_fence()
+
+
 @stage
 def apply_minor(rows_at, g2, x2, inner, coef, gi2):
     """The same on channel-minor views (outer // k, k * C * inner)."""
@@ -275,6 +289,22 @@ def grad_apply_strided(g3, x3, coef, gi3):
 
 
 @twin
+def grad_apply_strided_stream(g3, x3, coef, gi3):
+    """Driver, :func:`grad_apply_strided` with streaming stores (:mod:`._stream`): chunks
+    of rows, one fence each."""
+    outer, num_channels, inner = x3.shape
+    rows = outer * num_channels
+    step = max(1, ROW_CHUNK // max(inner, 1))
+    for t in prange((rows + step - 1) // step):
+        for r in range(np.int64(t) * step, min(rows, (np.int64(t) + 1) * step)):
+            o = r // num_channels
+            c = r % num_channels
+            with_x = coef[1, c] != 0.0 or coef[2, c] != 0.0  # as apply_row
+            grad_row_stream(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c], with_x)
+        store_fence()
+
+
+@twin
 def grad_apply_minor(apply_at, g2, x2, inner, coef, gi2):
     """Driver, the same on channel-minor views."""
     apply_minor(apply_at, g2, x2, inner, coef, gi2)
@@ -294,7 +324,13 @@ BACKWARD_MINOR_AT = addresses(grad_partial, grad_rows)
 def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
     """Backward of ``g`` and ``x``, the kernels' views of :class:`Layout` ``lay``: ``gi``
     receives the input gradient, ``grads`` (3, C) ``(grad_weight, grad_bias, sum |g|)``."""
-    if lay.strided:
+    if streams(gi) and not (lay.strided and lay.fused_backward):  # beyond the cache
+        sums = np.empty((3, lay.num_channels))
+        grad_reduce(parallel, lay, g, x, mean, sums)
+        coef = np.empty((3, lay.num_channels))
+        grad_coefs(sums, float(x.size // lay.num_channels), weight, mean, invstd, training, coef, grads)
+        grad_apply(parallel, lay, g, x, coef, gi)
+    elif lay.strided:
         driver = backward_fused if lay.fused_backward else backward_strided
         at = strided_grad_rows.address(g, x)
         driver.pick(parallel)(at, g, x, weight, mean, invstd, training, gi, grads)
@@ -322,6 +358,7 @@ def grad_reduce(parallel, lay, g, x, mean, sums):
 def grad_apply(parallel, lay, g, x, coef, gi):
     """The elementwise pass alone: ``gi = g * coef[0] + x * coef[1] + coef[2]``."""
     if lay.strided:
-        grad_apply_strided(parallel, g, x, coef, gi)
+        (grad_apply_strided_stream if streams(gi) else grad_apply_strided)(parallel, g, x, coef, gi)
     else:
-        grad_apply_minor(parallel, grad_rows.address(g, x), g, x, lay.inner, coef, gi)
+        leaf = grad_rows_stream if streams(gi) else grad_rows
+        grad_apply_minor(parallel, leaf.address(g, x), g, x, lay.inner, coef, gi)
