@@ -189,8 +189,7 @@ def grad_put(gr, xr, a, b, d, out, k, with_x):
 @stage
 def grad_row_stream(gr, xr, a, b, d, out, with_x):
     """``out = gr * a + xr * b + d`` along one row, or ``gr * a`` where not ``with_x``
-    (``backward.apply_row`` and ``backward.grad_rows``), streaming as
-    :func:`affine_row_stream`."""
+    (``backward.apply_row``), streaming as :func:`affine_row_stream`."""
     step, head, end = vector_span(out)
     for k in range(head):
         grad_put(gr, xr, a, b, d, out, k, with_x)

@@ -14,10 +14,11 @@ code (``strided_grad_rows``, or ``grad_partial`` on channel-minor views) for its
 arrays, which it calls through (:func:`numbabn._jit.by_address`); a channel-minor driver
 that applies takes ``apply_at``, :func:`grad_rows`' address, too.
 
-Beyond the last-level cache (:mod:`._stream`) the backward runs as its stages, the reduction,
-the coefficients and an elementwise pass that writes ``grad_input`` with streaming stores
-(the fused channel-strided backward, whose pass reads ``g`` and ``x`` from L2, keeps plain
-ones).
+Beyond the last-level cache (:mod:`._stream`) the unfused channel-strided backward runs as
+its stages, the reduction, the coefficients and an elementwise pass that writes
+``grad_input`` with streaming stores.  The fused one reads ``g`` and ``x`` from L2, and the
+channel-minor pass is bound by its three rows of coefficients, not by memory: both keep
+plain stores (docs/performance_notes.rst).
 """
 
 import numpy as np
@@ -188,14 +189,6 @@ def grad_rows(g2, x2, gi2, o0, o1, a, b, d, depends_on_x):
                 put(out, j, value(gr, j) * a[j])
 
 
-@by_address(2, OUTPUT, *(types.int64,) * 2, *(types.float64[::1],) * 3, types.boolean)
-def grad_rows_stream(g2, x2, gi2, o0, o1, a, b, d, depends_on_x):
-    """:func:`grad_rows` with streaming stores (outputs beyond the cache: :mod:`._stream`)."""
-    for o in range(o0, o1):
-        grad_row_stream(g2[o], x2[o], a, b, d, gi2[o], depends_on_x)
-    store_fence()
-
-
 @stage
 def apply_minor(rows_at, g2, x2, inner, coef, gi2):
     """The same on channel-minor views (outer // k, k * C * inner)."""
@@ -324,7 +317,7 @@ BACKWARD_MINOR_AT = addresses(grad_partial, grad_rows)
 def backward(parallel, lay, g, x, weight, mean, invstd, training, gi, grads):
     """Backward of ``g`` and ``x``, the kernels' views of :class:`Layout` ``lay``: ``gi``
     receives the input gradient, ``grads`` (3, C) ``(grad_weight, grad_bias, sum |g|)``."""
-    if streams(gi) and not (lay.strided and lay.fused_backward):  # beyond the cache
+    if lay.strided and not lay.fused_backward and streams(gi):  # beyond the cache
         sums = np.empty((3, lay.num_channels))
         grad_reduce(parallel, lay, g, x, mean, sums)
         coef = np.empty((3, lay.num_channels))
@@ -360,5 +353,4 @@ def grad_apply(parallel, lay, g, x, coef, gi):
     if lay.strided:
         (grad_apply_strided_stream if streams(gi) else grad_apply_strided)(parallel, g, x, coef, gi)
     else:
-        leaf = grad_rows_stream if streams(gi) else grad_rows
-        grad_apply_minor(parallel, leaf.address(g, x), g, x, lay.inner, coef, gi)
+        grad_apply_minor(parallel, grad_rows.address(g, x), g, x, lay.inner, coef, gi)
