@@ -19,6 +19,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .._config import ROW_CHUNK
 from .._jit import stage
 from ._half import put, value
 
@@ -151,6 +152,14 @@ def _coef_at(a, j):
     if isinstance(a, types.Float):
         return lambda a, j: a
     return lambda a, j: a[j]
+
+
+@stage
+def row_chunks(rows, inner):
+    """``(step, count)``: a channel-strided streaming pass's chunks of ``step`` rows of
+    ``inner`` values (about ``ROW_CHUNK`` values each, one fence each) and their number."""
+    step = max(1, ROW_CHUNK // max(inner, 1))
+    return step, (rows + step - 1) // step
 
 
 @stage

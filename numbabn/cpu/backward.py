@@ -29,7 +29,7 @@ from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import grad_coef
 from ._half import put, value
 from ._plan import expand, minor_task, plan, rows, scratch_behind, sum_inner, super_rows
-from ._stream import grad_row_stream, store_fence, streams
+from ._stream import grad_row_stream, row_chunks, store_fence, streams
 
 
 @by_address(2, types.int64, types.float64, types.int64, types.int64)
@@ -286,12 +286,10 @@ def grad_apply_strided_stream(g3, x3, coef, gi3):
     """Driver, :func:`grad_apply_strided` with streaming stores (:mod:`._stream`): chunks
     of rows, one fence each."""
     outer, num_channels, inner = x3.shape
-    rows = outer * num_channels
-    step = max(1, ROW_CHUNK // max(inner, 1))
-    for t in prange((rows + step - 1) // step):
-        for r in range(np.int64(t) * step, min(rows, (np.int64(t) + 1) * step)):
-            o = r // num_channels
-            c = r % num_channels
+    step, count = row_chunks(outer * num_channels, inner)
+    for t in prange(count):
+        for r in range(np.int64(t) * step, min(outer * num_channels, (np.int64(t) + 1) * step)):
+            o, c = r // num_channels, r % num_channels
             with_x = coef[1, c] != 0.0 or coef[2, c] != 0.0  # as apply_row
             grad_row_stream(g3[o, c], x3[o, c], coef[0, c], coef[1, c], coef[2, c], gi3[o, c], with_x)
         store_fence()

@@ -28,7 +28,7 @@ from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
 from .._math import channel_invstd, finish_channel, fold, invstd_of
 from ._half import put, value
 from ._plan import expand, super_rows
-from ._stream import affine_row_stream, store_fence, streams
+from ._stream import affine_row_stream, row_chunks, store_fence, streams
 from .stats import minor_rows, stats_minor, stats_strided, strided_rows, welford_strided
 
 
@@ -195,12 +195,10 @@ def apply_strided_stream(x3, coef, y3):
     """Driver, :func:`apply_strided` with streaming stores (outputs beyond the cache,
     :mod:`._stream`): chunks of rows, one fence each."""
     outer, num_channels, inner = x3.shape
-    rows = outer * num_channels
-    step = max(1, ROW_CHUNK // max(inner, 1))
-    for t in prange((rows + step - 1) // step):
-        for r in range(np.int64(t) * step, min(rows, (np.int64(t) + 1) * step)):
-            o = r // num_channels
-            c = r % num_channels
+    step, count = row_chunks(outer * num_channels, inner)
+    for t in prange(count):
+        for r in range(np.int64(t) * step, min(outer * num_channels, (np.int64(t) + 1) * step)):
+            o, c = r // num_channels, r % num_channels
             affine_row_stream(x3[o, c], coef[0, c], coef[1, c], y3[o, c])
         store_fence()
 
