@@ -7,10 +7,12 @@ cache the opposite holds: the output is read again soon, and a streaming store s
 memory.  So :func:`streams` picks them for outputs of at least ``STREAM_BYTES`` only
 (docs/performance_notes.rst has the measurements).
 
-numba has no streaming store, so :func:`stream_affine` writes one 16-byte vector of
-``x * a + b`` through LLVM's ``!nontemporal`` store, with the float64 arithmetic and the one
-rounding of the plain kernels (the same bits), and :func:`store_fence` orders a task's
-streaming stores before the parallel loop's end (x86 streaming stores are weakly ordered).
+numba has no streaming store, so :func:`stream_affine` (the forward's ``x * a + b``),
+:func:`stream_grad` and :func:`stream_scale` (the backward's ``g * a + x * b + d`` and
+``g * a``) write one 16-byte vector through LLVM's ``!nontemporal`` store, with the float64
+arithmetic, the operations and the one rounding of the plain kernels (the same bits), and
+:func:`store_fence` orders a task's streaming stores before the parallel loop's end (x86
+streaming stores are weakly ordered).
 """
 
 import os

@@ -224,7 +224,7 @@ def apply_minor(norm_at, x2, inner, coef, y2):
 DRIVERS = ("forward_train", "forward_eval", "forward_with_stats", "apply")
 
 
-#: The leaves :func:`train_minor` calls, by input (``_STREAM``: for outputs beyond the cache).
+#: The leaves :func:`train_minor` calls, by input: with the plain or the streaming normalize.
 TRAIN_MINOR_AT = addresses(minor_rows, affine_rows)
 TRAIN_MINOR_STREAM_AT = addresses(minor_rows, affine_rows_stream)
 
