@@ -6,7 +6,7 @@ picks them."""
 
 import numpy as np
 import pytest
-from conftest import assert_bitwise, assert_close, layout_params, make_case
+from conftest import assert_bitwise, assert_close, by_tag, layout_params, make_case
 from reference import forward as ref_forward
 
 import numbabn
@@ -80,6 +80,17 @@ def test_streaming_backward_writes_the_same_bits(rng, monkeypatch, lay, dtype):
     if lay.inner >= MIN_INNER:  # channel-strided: the unfused backward streams
         stream = bwd.grad_apply_strided_stream
         assert stream.serial.overloads or stream.parallel.overloads, "the streaming driver never ran"
+
+
+@pytest.mark.parametrize("lay", layout_params(by_tag("NC", "NHWC", "NCHW", "big-NC", "big-NCHW")))
+def test_streaming_in_place_gives_the_same_bits(rng, monkeypatch, lay):
+    """``out=input``: each vector is loaded before it is streamed over."""
+    x, weight, bias, running_mean, running_var = make_case(rng, lay, np.float32, True)
+    expected = numbabn.batch_norm(x, running_mean, running_var, weight, bias, axis=lay.axis)
+    monkeypatch.setattr(_stream, "STREAM_BYTES", 0)
+    y = numbabn.batch_norm(x, running_mean, running_var, weight, bias, axis=lay.axis, out=x)
+    assert y is x
+    assert_bitwise(x, expected, lay.id)
 
 
 def test_streams_only_large_float32_and_float64_outputs(monkeypatch):
