@@ -80,9 +80,9 @@ def _run_case(shape, axis, dtype):
 
 
 def _streaming_calls(x, axis, dtype):
-    """The training and eval forwards and the backward of arrays beyond the cache, which
-    write with streaming stores (``numbabn.cpu._stream``): run on ``x`` with the size limit
-    lifted."""
+    """The training and eval forwards (plain and activated) and the backward of arrays
+    beyond the cache, which write with streaming stores (``numbabn.cpu._stream``): run on
+    ``x`` with the size limit lifted."""
     from . import BatchNorm
     from .cpu import _stream
 
@@ -92,6 +92,9 @@ def _streaming_calls(x, axis, dtype):
         bn = BatchNorm(x.shape[axis], axis=axis, dtype=dtype)
         bn.backward(bn(x))
         bn.eval()(x)
+        relu = BatchNorm(x.shape[axis], axis=axis, dtype=dtype, activation="relu")
+        relu(x, x)
+        relu.eval()(x, x)
     finally:
         _stream.STREAM_BYTES = limit
 

@@ -148,6 +148,7 @@ def test_compile_command_fills_the_cache_and_links_no_big_leaf(tmp_path):
     assert {"train_ghosts_minor.parallel", "backward_ghosts_minor.parallel", "welford_minor.parallel"} <= set(copies)
     # And the drivers of arrays beyond the cache (streaming stores).
     streaming = {"apply_strided_stream", "grad_apply_strided_stream", "apply_minor"}
+    streaming |= {"apply_act_strided_stream"}
     assert {f"{name}.{twin}" for name in streaming for twin in ("serial", "parallel")} <= set(copies)
     assert copies == {name: [] for name in copies}
     out = subprocess.run([sys.executable, "-c", LOAD_CHECK], env=env, capture_output=True, text=True, check=True)

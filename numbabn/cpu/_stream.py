@@ -9,7 +9,8 @@ memory.  So :func:`streams` picks them for outputs of at least ``STREAM_BYTES`` 
 
 numba has no streaming store, so :func:`stream_affine` (the forward's ``x * a + b``),
 :func:`stream_grad` and :func:`stream_scale` (the backward's ``g * a + x * b + d`` and
-``g * a``) write one 16-byte vector through LLVM's ``!nontemporal`` store, with the float64
+``g * a``) and the fused activation's three (``stream_relu`` and the others) write one
+16-byte vector through LLVM's ``!nontemporal`` store, with the float64
 arithmetic, the operations and the one rounding of the plain kernels (the same bits), and
 :func:`store_fence` orders a task's streaming stores before the parallel loop's end (x86
 streaming stores are weakly ordered).
@@ -131,6 +132,37 @@ def stream_scale(typingctx, gr, a, out, j):
         return context.get_dummy_value()
 
     return types.void(gr, a, out, j), codegen
+
+
+def _activated(relu, residual):
+    """An intrinsic ``(xr, zr, a, b, out, j)``: ``out[j:j + w] = act(xr * a + b [+ zr])``
+    over the same lanes, as ``activation.act_row`` computes it (the ReLU keeps NaN)."""
+
+    @intrinsic
+    def stream_act(typingctx, xr, zr, a, b, out, j):
+        if not (_streamable(out, xr, zr) and _coefs(a, b)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            lanes = _Lanes(context, builder, sig, args, 4, args[5])
+            v = builder.fadd(builder.fmul(lanes.data(0), lanes.coef(2), flags=FLAGS), lanes.coef(3), flags=FLAGS)
+            if residual:
+                v = builder.fadd(v, lanes.data(1), flags=FLAGS)
+            if relu:
+                zero = ir.Constant(lanes.wide, None)
+                v = builder.select(builder.fcmp_ordered("<", v, zero), zero, v)
+            lanes.stream(4, v)
+            return context.get_dummy_value()
+
+        return types.void(xr, zr, a, b, out, j), codegen
+
+    return stream_act
+
+
+#: The fused activation's three modes (``activation.RELU``, ``RESIDUAL`` and both).
+stream_relu = _activated(relu=True, residual=False)
+stream_residual = _activated(relu=False, residual=True)
+stream_residual_relu = _activated(relu=True, residual=True)
 
 
 @intrinsic

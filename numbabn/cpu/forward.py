@@ -29,7 +29,7 @@ from .._math import channel_invstd, finish_channel, fold, invstd_of
 from ._half import put, value
 from ._plan import expand, super_rows
 from ._stream import affine_row_stream, row_chunks, store_fence, streams
-from .stats import minor_rows, stats_minor, stats_strided, strided_rows, welford_strided
+from .stats import minor_rows, stats_minor, stats_strided, strided_rows, welford
 
 
 @stage
@@ -231,12 +231,10 @@ TRAIN_MINOR_STREAM_AT = addresses(minor_rows, affine_rows_stream)
 
 def forward_train(parallel, lay, x, weight, bias, running_mean, running_var, momentum, eps, y, save):
     """Training forward of ``x``, the kernels' view of :class:`Layout` ``lay``, into ``y``."""
-    if lay.strided and not lay.fused_forward and streams(y):  # beyond the cache
+    if lay.strided and not lay.fused_forward and streams(y):  # beyond the cache: by stages
         stats = np.empty((3, lay.num_channels))
-        welford_strided.pick(parallel)(strided_rows.address(x), x, stats)
-        coef = np.empty((2, lay.num_channels))
-        finish_channels(stats, weight, bias, running_mean, running_var, momentum, eps, coef, save)
-        apply_strided_stream(parallel, x, coef, y)
+        welford(parallel, lay, x, stats)
+        forward_with_stats(parallel, lay, x, stats, weight, bias, running_mean, running_var, momentum, eps, y, save)
     elif lay.strided:
         at = strided_rows.address(x)
         driver = train_fused if lay.fused_forward else train_strided
