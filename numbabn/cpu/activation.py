@@ -7,8 +7,8 @@ read, so every mode runs the same compiled driver.  These drivers compile only f
 use an activation or a residual: the plain drivers of :mod:`numbabn.cpu.forward` stay as they
 are.  Channel-strided outputs beyond the last-level cache are written with streaming
 stores, as there (:mod:`._stream`), but for the fused training forward's; the channel-minor
-pass keeps plain ones (with streaming stores it measured 0.75x to 1.10x their time from run
-to run).
+pass keeps plain ones, where streaming ones gained in some runs and lost in others
+(docs/performance_notes.rst).
 
 Bytes moved (s = element size): the forward moves what the plain forward does, plus one read
 of the residual when given (``s`` per element); the ReLU costs no memory traffic.  The
