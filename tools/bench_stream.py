@@ -7,8 +7,8 @@ outputs preallocated, two threads.
 
 Columns: each pass's streaming time over its plain time (below 1: streaming is faster), and
 the plain time in ms.  ``bwd`` is the backward's ``grad_input`` pass and ``relu`` the fused
-activation's; the channel-minor layouts stream their forward only (the library's choice), but
-all are timed here.
+activation's.  Channel-minor layouts stream their forward only (the library's choice), so
+their ``bwd`` and ``relu`` columns time plain stores against plain stores: the run's noise.
 """
 
 import argparse
