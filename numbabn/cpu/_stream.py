@@ -23,7 +23,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from .._config import ROW_CHUNK
-from .._jit import stage
+from .._jit import FASTMATH, stage
 from ._half import put, value
 
 #: Bytes per streaming store: one 128-bit vector, the alignment every x86-64 and AArch64 CPU
@@ -31,9 +31,9 @@ from ._half import put, value
 VECTOR_BYTES = 16
 
 
-#: The plain kernels' fast-math flags (numbabn._jit.FASTMATH), so that LLVM contracts the
-#: same products into the same fused multiply-adds and the streamed values are their bits.
-FLAGS = ("reassoc", "contract")
+#: The plain kernels' fast-math flags, so that LLVM contracts the same products into the
+#: same fused multiply-adds and the streamed values are their bits.
+FLAGS = tuple(sorted(FASTMATH))
 
 
 class _Lanes:
@@ -222,11 +222,12 @@ def affine_row_stream(xr, a, b, out):
 
 @stage
 def grad_put(gr, xr, a, b, d, out, k, with_x):
-    """``out[k]`` of the backward's elementwise pass, plain store (``backward.apply_row``)."""
+    """``out[k]`` of the backward's elementwise pass with scalar coefficients, plain store
+    (``backward.apply_row``)."""
     if with_x:
-        put(out, k, value(gr, k) * coef_at(a, k) + value(xr, k) * coef_at(b, k) + coef_at(d, k))
+        put(out, k, value(gr, k) * a + value(xr, k) * b + d)
     else:
-        put(out, k, value(gr, k) * coef_at(a, k))
+        put(out, k, value(gr, k) * a)
 
 
 @stage

@@ -23,7 +23,6 @@ from numba import prange
 from .._jit import stage, twin
 from ._half import put, value
 from ._stream import (
-    coef_at,
     row_chunks,
     store_fence,
     stream_relu,
@@ -95,9 +94,8 @@ def act_minor(x2, z2, inner, mode, coef, y2):
 
 @stage
 def act_put(xr, zr, a, b, mode, out, k):
-    """``out[k]`` of :func:`act_row` (``a`` and ``b`` scalars or per-column arrays), plain
-    store."""
-    v = value(xr, k) * coef_at(a, k) + coef_at(b, k)
+    """``out[k]`` of :func:`act_row`, plain store."""
+    v = value(xr, k) * a + b
     if mode == RELU:
         put(out, k, relu(v))
     elif mode == RESIDUAL:
