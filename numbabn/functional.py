@@ -115,9 +115,9 @@ def batch_norm(
     the lazy second pass; ``out`` is refused (see the Dask page of the docs).
     """
     plain = activation is None and residual is None and virtual_batch_size is None
-    if plain and out is None and stream is None and mask is None:
+    if plain and stream is None and mask is None:
         facts = _call.known_input(input, axis)
-        done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
+        done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps, out)
         if done is not None:
             return done[0]
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)
@@ -168,9 +168,9 @@ def batch_norm_forward(
         (the output is lazy).
     """
     plain = activation is None and residual is None and virtual_batch_size is None
-    if plain and out is None and stream is None and mask is None:
+    if plain and stream is None and mask is None:
         facts = _call.known_input(input, axis)
-        done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps)
+        done = _call.quick_forward(input, facts, weight, bias, running_mean, running_var, training, momentum, eps, out)
         if done is not None:
             y, save = done
             return y, save[0], save[1]
@@ -261,9 +261,9 @@ def batch_norm_backward(
         grad_input  = g * weight * invstd                                            # eval
     """
     plain = activation is None and output is None and residual is False
-    if plain and out is None and stream is None and mask is None and virtual_batch_size is None:
+    if plain and stream is None and mask is None and virtual_batch_size is None:
         facts = _call.known_input(input, axis)
-        done = _call.quick_backward(input, facts, grad_output, weight, save_mean, save_invstd, training)
+        done = _call.quick_backward(input, facts, grad_output, weight, save_mean, save_invstd, training, out)
         if done is not None:
             return done[:3]
     virtual_batch_size = _ghost.check_size(virtual_batch_size, axis)

@@ -75,6 +75,47 @@ def test_quick_path_gives_the_general_path_bits(shape, axis, dtype, training, or
     assert_bitwise(rv, rv2)
 
 
+def _out_cases(test):
+    """Parametrize ``test`` over layouts, dtypes, modes, memory orders and where ``out`` is."""
+    cases = [
+        ("shape,axis", LAYOUTS),
+        ("dtype", [np.float32, np.float16]),
+        ("training", [True, False]),
+        ("order", ["C", "F"]),
+    ]
+    for names, values in reversed(cases):
+        test = pytest.mark.parametrize(names, values)(test)
+    return test
+
+
+@_out_cases
+@pytest.mark.parametrize("where", ["new", "input"])
+def test_quick_path_writes_out_with_the_general_path_bits(shape, axis, dtype, training, order, where, monkeypatch):
+    x, (w, b), (rm, rv) = _data(shape, axis, dtype)
+    x = np.asarray(x, order=order)
+    numbabn.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training, axis=axis)  # facts known
+    with monkeypatch.context() as m:
+        _general(m)
+        expected = numbabn.batch_norm_forward(
+            x.copy(order="K"), w, b, rm.copy(), rv.copy(), training=training, axis=axis
+        )
+    rm2, rv2 = rm.copy(), rv.copy()
+    xq = x.copy(order="K")
+    out = xq if where == "input" else np.full_like(x, np.nan)
+    with monkeypatch.context() as m:
+        _no_general(m)
+        got = numbabn.batch_norm_forward(xq, w, b, rm, rv, training=training, axis=axis, out=out)
+        assert got[0] is out
+        out2 = np.full_like(x, np.nan)
+        again = numbabn.batch_norm(x, rm2, rv2, w, b, training=training, axis=axis, out=out2)  # remembered
+        assert again is out2
+    for a, e in zip(got, expected, strict=True):
+        assert_bitwise(a, e)
+    assert_bitwise(out2, expected[0])
+    assert_bitwise(rm, rm2)
+    assert_bitwise(rv, rv2)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("track", [True, False])
 def test_layer_quick_path_keeps_the_layer_state(momentum, track, monkeypatch):
@@ -177,6 +218,41 @@ def test_bad_arguments_after_remembered_calls_still_raise_and_write_nothing(case
         assert_bitwise(a, e)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_an_out_over_a_per_channel_array_is_refused(name, training):
+    x, (w, b), (rm, rv) = _data((8, 16), 1, np.float32)
+    arrays = {"running_mean": rm, "running_var": rv, "weight": w, "bias": b}
+    numbabn.batch_norm(x, **arrays, training=training, out=np.empty_like(x))  # remembered with an out
+    buf = np.zeros(8 * 16 + 8, np.float32)
+    buf[:16] = arrays[name]
+    arrays[name] = buf[:16]
+    out = buf[8:136].reshape(8, 16)  # over the per-channel array's last 8 values
+    before = [a.copy() for a in (x, buf, *arrays.values())]
+    with pytest.raises(ValueError, match=f"(out and {name}|{name} and out) must not share memory"):
+        numbabn.batch_norm(x, **arrays, training=training, out=out)
+    for a, e in zip((x, buf, *arrays.values()), before, strict=True):
+        assert_bitwise(a, e)
+
+
+@pytest.mark.parametrize("name", ["weight", "save_mean", "save_invstd"])
+def test_a_backward_out_over_a_per_channel_array_is_refused(name):
+    x, (w, _), (rm, rv) = _data((8, 16), 1, np.float64)
+    g = np.ones_like(x)
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, None, rm, rv)
+    arrays = {"weight": w, "save_mean": mean, "save_invstd": invstd}
+    numbabn.batch_norm_backward(g, x, *arrays.values(), out=np.empty_like(x))  # remembered with an out
+    buf = np.zeros(8 * 16 + 8)
+    buf[:16] = arrays[name]
+    arrays[name] = buf[:16]
+    out = buf[8:136].reshape(8, 16)
+    before = [a.copy() for a in (g, x, buf)]
+    with pytest.raises(ValueError, match=f"(out and {name}|{name} and out) must not share memory"):
+        numbabn.batch_norm_backward(g, x, *arrays.values(), out=out)
+    for a, e in zip((g, x, buf), before, strict=True):
+        assert_bitwise(a, e)
+
+
 def test_layer_with_a_bad_count_or_parameter_after_quick_calls_raises():
     x, _, _ = _data((32, 64), 1, np.float32)
     bn = numbabn.BatchNorm(64)
@@ -210,6 +286,26 @@ def test_quick_backward_gives_the_general_path_bits(shape, axis, dtype, training
         _general(m, "backward")
         general = numbabn.batch_norm_backward(g, x, w, mean, invstd, training=training, axis=axis)
     for a, e in zip(quick, general, strict=True):
+        assert_bitwise(a, e)
+
+
+@_out_cases
+@pytest.mark.parametrize("where", ["new", "grad_output", "input"])
+def test_quick_backward_writes_out_with_the_general_path_bits(shape, axis, dtype, training, order, where, monkeypatch):
+    x, (w, _), (rm, rv) = _data(shape, axis, dtype)
+    x = np.asarray(x, order=order)
+    g = np.asarray(np.random.default_rng(1).standard_normal(shape).astype(dtype), order=order)
+    _, mean, invstd = numbabn.batch_norm_forward(x, w, None, rm, rv, training=training, axis=axis)
+    with monkeypatch.context() as m:
+        _general(m, "backward")
+        expected = numbabn.batch_norm_backward(g, x, w, mean, invstd, training=training, axis=axis)
+    g, x = g.copy(order="K"), x.copy(order="K")
+    out = {"new": np.full_like(x, np.nan), "grad_output": g, "input": x}[where]
+    with monkeypatch.context() as m:
+        _no_general(m, "backward")
+        got = numbabn.batch_norm_backward(g, x, w, mean, invstd, training=training, axis=axis, out=out)
+    assert got[0] is out
+    for a, e in zip(got, expected, strict=True):
         assert_bitwise(a, e)
 
 
@@ -283,6 +379,7 @@ TRAINING = [True, False, 1, np.bool_(True), "yes"]
 MOMENTA = [0.1, 1.0, np.float64(0.1), 1.5, None]
 EPSILONS = [1e-5, 0.0, -1.0, float("nan")]
 AXES = [1, -1, np.int64(1), True, 5]
+OUT_FORMS = ["none", "plain", "input", "f", "strided", "read-only", "float64", "overlap-x", "unaligned", "list"]
 
 
 def _draw_x(form, rng):
@@ -324,6 +421,32 @@ def _draw_per_channel(form, fill, rng, buf):
     return a.tolist()
 
 
+def _draw_out(form, x, buf):
+    """``out`` for the input ``x`` (of ``_draw_x``'s (16, 8) float32 values in ``buf``)."""
+    shape = (16, 8)
+    if form == "none":
+        return None
+    if form == "input":
+        return x
+    if form == "f":
+        return np.full(shape, np.nan, np.float32, order="F")
+    if form == "strided":
+        return np.full((16, 16), np.nan, np.float32)[:, ::2]
+    if form == "read-only":
+        out = np.full(shape, np.nan, np.float32)
+        out.flags.writeable = False
+        return out
+    if form == "float64":
+        return np.full(shape, np.nan)
+    if form == "overlap-x":
+        return buf[8:136].reshape(shape)  # all of x's rows but the first, where x is a view of buf
+    if form == "unaligned":
+        return np.frombuffer(np.zeros(16 * 8 * 4 + 1, np.uint8)[1:].data, np.float32).reshape(shape)
+    if form == "list":
+        return np.full(shape, np.nan).tolist()
+    return np.full(shape, np.nan, np.float32)
+
+
 def _outcome(call):
     try:
         return "ok", call()
@@ -331,8 +454,8 @@ def _outcome(call):
         return type(e).__name__, str(e)
 
 
-COMMON = ("c", "plain", "plain", "plain", "plain", True, 0.1, 1e-5, 1)
-MENUS = (X_FORMS, PARAM_FORMS, PARAM_FORMS, STAT_FORMS, STAT_FORMS, TRAINING, MOMENTA, EPSILONS, AXES)
+COMMON = ("c", "plain", "plain", "plain", "plain", True, 0.1, 1e-5, 1, "none")
+MENUS = (X_FORMS, PARAM_FORMS, PARAM_FORMS, STAT_FORMS, STAT_FORMS, TRAINING, MOMENTA, EPSILONS, AXES, OUT_FORMS)
 
 
 @st.composite
@@ -347,7 +470,7 @@ def calls(draw):
 @settings(max_examples=300, deadline=None)
 @given(calls(), st.booleans())
 def test_the_quick_path_changes_no_outcome(args, functional):
-    xf, wf, bf, rmf, rvf, training, momentum, eps, axis = args
+    xf, wf, bf, rmf, rvf, training, momentum, eps, axis, outf = args
 
     def run(quick):
         rng = np.random.default_rng(7)
@@ -355,13 +478,14 @@ def test_the_quick_path_changes_no_outcome(args, functional):
         w, b = _draw_per_channel(wf, 1.0, rng, buf), _draw_per_channel(bf, 0.0, rng, buf)
         rm = _draw_per_channel(rmf, 0.0, rng, buf)
         rv = rm if rvf == "same" else _draw_per_channel(rvf, 1.0, rng, buf)
-        arrays = [a for a in (x, w, b, rm, rv) if isinstance(a, np.ndarray)]
+        out = _draw_out(outf, x, buf)
+        arrays = [a for a in (x, w, b, rm, rv, out, buf) if isinstance(a, np.ndarray)]
         if functional:
             call = lambda: numbabn.batch_norm_forward(  # noqa: E731
-                x, w, b, rm, rv, training=training, momentum=momentum, eps=eps, axis=axis
+                x, w, b, rm, rv, training=training, momentum=momentum, eps=eps, axis=axis, out=out
             )
         else:
-            call = lambda: numbabn.batch_norm(x, rm, rv, w, b, training, momentum, eps, axis=axis)  # noqa: E731
+            call = lambda: numbabn.batch_norm(x, rm, rv, w, b, training, momentum, eps, axis=axis, out=out)  # noqa: E731
         numbabn.batch_norm(np.ones((16, 8), np.float32) * np.arange(16)[:, None], None, None, training=True)
         taken = []
         real = _call.quick_forward

@@ -12,14 +12,17 @@ last call.  A forward call is *common* when:
   arrays' owners, remembered for the last set of per-channel arrays, which it keeps alive);
 - ``training`` is a ``bool``, ``momentum`` and ``eps`` are ``float`` in range, a training
   batch has more than one value per channel;
-- and nothing else is asked: no ``out``, stream, mask, activation, residual or ghost batches
-  (the callers test that).
+- ``out``, when given, is an ndarray of the input's shape, strides and dtype, writable and
+  aligned, whose memory has an owner NumPy names other than the per-channel arrays' (and the
+  input's, unless it *is* the input: an elementwise pass runs in place safely);
+- and nothing else is asked: no stream, mask, activation, residual or ghost batches (the
+  callers test that).
 
 A backward call is common when its ``grad_output`` is an ndarray of the input's shape,
 dtype and memory order, ``weight`` is None or plain as above, the saved mean and invstd are
-the forward's (C-contiguous float64 ``(C,)``), ``training`` is a ``bool``, and nothing else
-is asked (no ``out``, stream, mask, activation or ghost batches).  It writes only a new
-array, so no memory test applies.
+the forward's (C-contiguous float64 ``(C,)``), ``training`` is a ``bool``, ``out`` is None
+or as a forward's (it may be ``grad_output`` or the input themselves), and nothing else is
+asked (no stream, mask, activation or ghost batches).
 
 Those tests imply that every check of :mod:`numbabn._call` passes, so :func:`forward` and
 :func:`backward` run the drivers at once.  Any other call gets None and takes the general path, which checks it
@@ -41,11 +44,11 @@ from . import forward as _fwd
 _LAST = (None,) * 5
 
 
-def forward(x, facts, weight, bias, running_mean, running_var, training, momentum, eps):
+def forward(x, facts, weight, bias, running_mean, running_var, training, momentum, eps, out=None):
     """``(output, save)`` of a common forward call on the ndarray ``x`` of
     :class:`numbabn.cpu.api.Facts` ``facts`` (``save`` (2, C) float64: the mean and invstd
-    used), or None when the call is not common (``facts`` None included).  The call must
-    ask for nothing else (see the module notes)."""
+    used; ``output`` is ``out`` when given), or None when the call is not common (``facts``
+    None included).  The call must ask for nothing else (see the module notes)."""
     if facts is None:
         return None
     if not (training is True or training is False):
@@ -63,7 +66,12 @@ def forward(x, facts, weight, bias, running_mean, running_var, training, momentu
         return None
     if training and (facts.count < 2 or num_channels == 0):  # the general path's empty batch, or an error
         return None
-    y = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
+    if out is None:
+        y = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
+    elif _into(out, x, None, weight, bias, running_mean, running_var):
+        y = out
+    else:
+        return None
     save = np.empty((2, num_channels))
     if weight is None or bias is None:
         ones, zeros = _defaults(num_channels, dtype)
@@ -78,11 +86,11 @@ def forward(x, facts, weight, bias, running_mean, running_var, training, momentu
     return y, save
 
 
-def backward(x, facts, grad_output, weight, save_mean, save_invstd, training):
+def backward(x, facts, grad_output, weight, save_mean, save_invstd, training, out=None):
     """``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` of a common backward call on the
     ndarray ``x`` of :class:`numbabn.cpu.api.Facts` ``facts``, as the host backend's
-    ``backward`` returns them, or None when the call is not common (``facts`` None
-    included; see the module notes)."""
+    ``backward`` returns them (``grad_input`` in ``out`` when given), or None when the call
+    is not common (``facts`` None included; see the module notes)."""
     g = grad_output
     if facts is None or not (training is True or training is False) or type(g) is not _ndarray:
         return None
@@ -98,7 +106,12 @@ def backward(x, facts, grad_output, weight, save_mean, save_invstd, training):
     for a in (save_mean, save_invstd):
         if type(a) is not _ndarray or a.dtype is not _api._F64 or a.shape != shape or not a.flags.c_contiguous:
             return None
-    grad_input = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
+    if out is None:
+        grad_input = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
+    elif _into(out, x, g, weight, save_mean, save_invstd, None):
+        grad_input = out
+    else:
+        return None
     grads = np.empty((3, num_channels))
     if weight is None:
         weight = _defaults(num_channels, dtype)[0]
@@ -143,6 +156,43 @@ def _disjoint(x, running_mean, running_var, weight, bias):
         last = _LAST = (running_mean, running_var, weight, bias, owners)
     owner = _owner(x, x.flags)
     return owner is not None and owner is not last[4][0] and owner is not last[4][1]
+
+
+def _into(out, x, z, p, q, r, s):
+    """Whether a common call may write its result straight into ``out``: a writable, aligned
+    ndarray of ``x``'s shape, strides and dtype (so the same memory order and the kernels'
+    view of the same layout) that is one of the inputs ``x`` and ``z`` (an elementwise pass
+    runs in place safely) or shares no owner with them, and shares none with the per-channel
+    arrays ``p``, ``q``, ``r`` and ``s`` (``z`` and those None where the call has fewer).
+    Every array's memory must have an owner NumPy names (:func:`numbabn._checks.owner`);
+    False means "not sure", and the general path compares the arrays exactly (and copies
+    around an overlap with an input).  The last arrays found disjoint are remembered, as
+    :func:`_disjoint` remembers its own."""
+    global _LAST_INTO
+    if type(out) is not _ndarray or out.dtype is not x.dtype or out.shape != x.shape or out.strides != x.strides:
+        return False
+    flags = out.flags
+    if not flags.writeable:
+        return False
+    last = _LAST_INTO
+    if out is last[0] and x is last[1] and z is last[2] and p is last[3] and q is last[4] and r is last[5]:
+        if s is last[6]:
+            return True
+    own = _owner(out, flags)
+    if own is None or not flags.aligned:
+        return False
+    for a in (x, z, p, q, r, s):
+        if a is None or a is out and (a is x or a is z):
+            continue
+        other = _owner(a, a.flags)
+        if other is None or other is own:
+            return False
+    _LAST_INTO = (out, x, z, p, q, r, s)
+    return True
+
+
+#: The last ``(out, x, z, p, q, r, s)`` :func:`_into` accepted, replaced whole.
+_LAST_INTO = (None,) * 7
 
 
 _owner = _checks.owner
