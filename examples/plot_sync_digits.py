@@ -125,8 +125,10 @@ runs = {
 # Step by step
 # ------------
 # The global batch's loss at each step.  The synchronized runs lie on the single-process
-# curve; their distance to it (right) stays at float32 rounding, since the only differences
-# are the order of the sums.  Local statistics follow a different trajectory.
+# curve; their distance to it (right) starts at float32 rounding, since the only differences
+# are the order of the sums, and grows slowly as training amplifies those roundings (to about
+# 1e-3 of a loss near zero after 20 epochs).  Local statistics follow a different trajectory
+# from the first epoch.
 
 fig, (ax_loss, ax_diff) = plt.subplots(1, 2, figsize=(11, 4))
 step = np.arange(1, len(steps) + 1)
@@ -161,7 +163,10 @@ ax.legend(loc="lower right")
 integer_epochs(fig)
 fig.tight_layout()
 
+first_epoch = len(steps) // epochs
 for name in ("2 ranks, SyncBatchNorm", "4 ranks, SyncBatchNorm"):
-    assert np.allclose(runs[name]["loss"], steps, rtol=1e-3), name
+    assert np.allclose(runs[name]["loss"][:first_epoch], steps[:first_epoch], rtol=1e-5), name
+    assert np.allclose(runs[name]["loss"], steps, rtol=1e-2), name
+assert not np.allclose(runs["4 ranks, local statistics"]["loss"][:first_epoch], steps[:first_epoch], rtol=1e-2)
 
 plt.show()
