@@ -10,6 +10,14 @@ the eval call, a copy, and each stage of the kernel alone, timed in interleaved 
 ``--dtype float16`` times float16 data (float32 parameters) and adds the same values' float32
 calls as ``f32_train`` and ``f32_eval``, for the float16/float32 ratio per element.
 
+``--floors`` adds two elementwise passes over the kernels' view (channel-minor layouts): the
+plainest float64 loop, ``y = float32(x * a + b)`` with float64 ``a`` and ``b`` per column
+(``f64_loop``: the floor of the normalize pass numbabn's accuracy bound allows), and the same
+in float32 arithmetic (``f32_loop``: what PyTorch computes, outside that bound; see
+docs/performance_notes.rst).  The column ``stages`` adds ``k_stats``, ``k_finish`` and
+``f64_loop``: the two-pass training forward at its floors, to compare with half of
+``torch_train`` (the issue-28 2x target).
+
 ``--baseline DIR`` imports DIR, a copy of the ``numbabn`` package under another name (say an
 older commit's ``git archive``), and times its train, eval and welford calls in the same
 rounds (columns ``base_*``): a before/after in one process.
@@ -32,6 +40,7 @@ import numba
 import numpy as np
 
 import numbabn
+from numbabn._jit import FASTMATH
 from numbabn.bench.timing import interleaved
 from numbabn.cpu import forward as fwd
 from numbabn.cpu import stats as cst
@@ -40,11 +49,33 @@ from numbabn.cpu.api import parallel_for, views
 SHAPES = ["32x64", "64x1024", "256x1024", "1024x512", "8192x256", "4096x1024", "64x56x56x64"]
 
 
+def f64_loop(x, a, b, y):
+    """The plainest float64 elementwise pass: ``y = float32(x * a + b)``, rounded once."""
+    for o in numba.prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            y[o, j] = np.float32(np.float64(x[o, j]) * a[j] + b[j])
+
+
+def f32_loop(x, a, b, y):
+    """The same in float32 arithmetic (float32 ``a`` and ``b``)."""
+    for o in numba.prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            y[o, j] = x[o, j] * a[j] + b[j]
+
+
+#: Each loop compiled parallel and serial, run as numbabn runs the same shape.
+LOOPS = {
+    (name, parallel): numba.njit(parallel=parallel, fastmath=FASTMATH, error_model="numpy")(fn)
+    for name, fn in (("f64", f64_loop), ("f32", f32_loop))
+    for parallel in (True, False)
+}
+
+
 def parse(s):
     return tuple(int(v) for v in s.split("x"))
 
 
-def contenders(shape, dtype, torch, base=None, channels_first=False):
+def contenders(shape, dtype, torch, base=None, channels_first=False, floors=False):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     axis = 1 if len(shape) == 2 or channels_first else -1
@@ -78,6 +109,12 @@ def contenders(shape, dtype, torch, base=None, channels_first=False):
         fns["k_stats"] = lambda: cst.welford(par, lay, x3, stats)
         fns["k_finish"] = lambda: fwd.finish_channels(stats, w, b, e, e, 0.1, 1e-5, coef, save)
         fns["k_norm"] = lambda: fwd.apply(par, lay, x3, coef, y3)
+    if floors and not half and not lay.strided:
+        a64, b64 = np.full(x3.shape[1], 1.1), np.full(x3.shape[1], -0.3)
+        a32, b32 = a64.astype(np.float32), b64.astype(np.float32)
+        loop64, loop32 = LOOPS["f64", par], LOOPS["f32", par]
+        fns["f64_loop"] = lambda: loop64(x3, a64, b64, y3)
+        fns["f32_loop"] = lambda: loop32(x3, a32, b32, y3)
     if base is not None:
         fns["base_train"] = lambda: base.batch_norm(x, rm, rv, training=True, axis=axis)
         fns["base_eval"] = lambda: base.batch_norm(x, rm, rv, training=False, axis=axis)
@@ -103,6 +140,7 @@ def main():
     p.add_argument("--cpu", action="store_true", help="one thread each, thread CPU time")
     p.add_argument("--baseline", help="a renamed copy of the numbabn package to time beside it")
     p.add_argument("--channels-first", action="store_true", help="(N, C, ...) shapes, axis=1")
+    p.add_argument("--floors", action="store_true", help="add the plain float64 and float32 elementwise loops")
     a = p.parse_args()
     base = None
     if a.baseline:
@@ -120,6 +158,8 @@ def main():
     cols = ["train", "torch_train", "eval", "torch_eval", "copy", "welford", "k_train", "k_stats", "k_finish", "k_norm"]
     if np.dtype(a.dtype) == np.float16:
         cols = ["f32_train", "train", "torch_train", "f32_eval", "eval", "torch_eval", "copy", "welford"]
+    if a.floors:
+        cols += ["f64_loop", "f32_loop", "stages"]
     if base is not None:
         cols = [
             "base_train",
@@ -135,7 +175,7 @@ def main():
     print(f"{'shape':>16} {'MB':>6} " + " ".join(f"{k:>11}" for k in cols) + "  torch/train  torch/eval  welford/copy")
     for s in a.shapes:
         shape = parse(s)
-        fns = contenders(shape, np.dtype(a.dtype), torch, base, a.channels_first)
+        fns = contenders(shape, np.dtype(a.dtype), torch, base, a.channels_first, a.floors)
         t = interleaved(
             fns,
             a.budget,
@@ -146,6 +186,8 @@ def main():
             clock=clock,
         )
         mb = np.prod(shape) * np.dtype(a.dtype).itemsize / 1e6
+        if "f64_loop" in t:
+            t["stages"] = t["k_stats"] + t["k_finish"] + t["f64_loop"]
         row = " ".join(f"{t[k] * 1e6:11.2f}" if k in t else f"{'-':>11}" for k in cols)
         ratio = t["torch_train"] / t["train"] if "torch_train" in t else float("nan")
         ratio_eval = t["torch_eval"] / t["eval"] if "torch_eval" in t else float("nan")
