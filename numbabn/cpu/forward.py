@@ -25,7 +25,7 @@ from numba import prange, types
 
 from .._config import ROW_CHUNK
 from .._jit import OUTPUT, addresses, by_address, indirect, leaf, stage, twin
-from .._math import channel_invstd, finish_channel, fold, invstd_of
+from .._math import channel_invstd, ema, finish_channel, fold, invstd_of, unbiased
 from ._half import put, value
 from ._plan import expand, super_rows
 from ._stream import affine_row_stream, row_chunks, store_fence, streams
@@ -112,9 +112,35 @@ def finish_channels(stats, weight, bias, running_mean, running_var, momentum, ep
     invstd = save[1]
     for c in range(stats.shape[1]):
         invstd[c] = channel_invstd(stats[0, c], stats[2, c], eps)
+    if save.shape[0] == 2:  # the plain forward's: loops without a branch per channel
+        if running_mean.shape[0] > 0:
+            update_running(stats, running_mean, running_var, momentum)
+        fold_channels(stats, invstd, weight, bias, coef, save[0])
+        return
     for c in range(stats.shape[1]):
         n, mean, m2 = stats[0, c], stats[1, c], stats[2, c]
         finish_channel(c, n, mean, m2, invstd[c], weight, bias, running_mean, running_var, momentum, eps, coef, save)
+
+
+@stage
+def update_running(stats, running_mean, running_var, momentum):
+    """The EMA update of every channel's running statistics, as :func:`finish_channel`
+    makes it."""
+    for c in range(stats.shape[1]):
+        n, mean, m2 = stats[0, c], stats[1, c], stats[2, c]
+        running_mean[c] = ema(np.float64(running_mean[c]), mean, momentum)
+        running_var[c] = ema(np.float64(running_var[c]), unbiased(m2, n), momentum)
+
+
+@stage
+def fold_channels(stats, invstd, weight, bias, coef, saved_mean):
+    """Every channel's fold coefficients and saved mean, as :func:`finish_channel` makes
+    them without Batch Renormalization's rows."""
+    a_row, b_row = coef[0], coef[1]
+    for c in range(stats.shape[1]):
+        mean = stats[1, c]
+        a_row[c], b_row[c] = fold(mean, invstd[c], np.float64(weight[c]), np.float64(bias[c]))
+        saved_mean[c] = mean
 
 
 @leaf
