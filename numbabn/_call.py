@@ -87,17 +87,17 @@ def check_input(x, axis, stream, name="input"):
 
 
 #: ``quick_forward(x, facts, weight, bias, running_mean, running_var, training, momentum,
-#: eps, out=None)``: ``(output, save)`` of a forward call that asks for nothing past these arguments,
-#: run at once when it is a common host call on the ndarray ``x`` of ``facts``
+#: eps, out=None)``: ``(output, save)`` of a forward call that asks for nothing past these
+#: arguments, run at once when it is a common host call on the ndarray ``x`` of ``facts``
 #: (:func:`known_input`, :func:`input_facts`); else None, and the caller takes the general
 #: path (:func:`forward_call`), which checks every argument (:func:`numbabn.cpu.quick.forward`:
 #: bound here, not wrapped, as small calls spend their time in Python).
 quick_forward = _quick.forward
 
 #: ``quick_backward(x, facts, grad_output, weight, save_mean, save_invstd, training,
-#: out=None)``: the
-#: same for a backward call, ``(grad_input, grad_weight, grad_bias, abs_grad_sum)`` or None,
-#: and the caller takes :func:`backward_call` (:func:`numbabn.cpu.quick.backward`).
+#: out=None)``: the same for a backward call, ``(grad_input, grad_weight, grad_bias,
+#: abs_grad_sum)`` or None, and the caller takes :func:`backward_call`
+#: (:func:`numbabn.cpu.quick.backward`).
 quick_backward = _quick.backward
 
 #: ``known_input(x, axis)``: the facts of ``x`` where it is a host ndarray of a kind checked
