@@ -66,11 +66,8 @@ def forward(x, facts, weight, bias, running_mean, running_var, training, momentu
         return None
     if training and (facts.count < 2 or num_channels == 0):  # the general path's empty batch, or an error
         return None
-    if out is None:
-        y = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
-    elif _into(out, x, None, weight, bias, running_mean, running_var):
-        y = out
-    else:
+    y = _output(facts, out, x, None, weight, bias, running_mean, running_var)
+    if y is None:
         return None
     save = np.empty((2, num_channels))
     if weight is None or bias is None:
@@ -106,11 +103,8 @@ def backward(x, facts, grad_output, weight, save_mean, save_invstd, training, ou
     for a in (save_mean, save_invstd):
         if type(a) is not _ndarray or a.dtype is not _api._F64 or a.shape != shape or not a.flags.c_contiguous:
             return None
-    if out is None:
-        grad_input = np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
-    elif _into(out, x, g, weight, save_mean, save_invstd, None):
-        grad_input = out
-    else:
+    grad_input = _output(facts, out, x, g, weight, save_mean, save_invstd, None)
+    if grad_input is None:
         return None
     grads = np.empty((3, num_channels))
     if weight is None:
@@ -156,6 +150,15 @@ def _disjoint(x, running_mean, running_var, weight, bias):
         last = _LAST = (running_mean, running_var, weight, bias, owners)
     owner = _owner(x, x.flags)
     return owner is not None and owner is not last[4][0] and owner is not last[4][1]
+
+
+def _output(facts, out, x, z, p, q, r, s):
+    """The array a common call writes its result to: a new one of ``facts``' shape, dtype and
+    memory order when ``out`` is None, ``out`` itself where :func:`_into` accepts it (the
+    other arguments are its), else None: the call is not common."""
+    if out is None:
+        return np.empty(facts.shape, facts.dtype, "C" if facts.c_order else "F")
+    return out if _into(out, x, z, p, q, r, s) else None
 
 
 def _into(out, x, z, p, q, r, s):
