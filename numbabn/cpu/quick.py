@@ -178,9 +178,16 @@ def _into(out, x, z, p, q, r, s):
     if not flags.writeable:
         return False
     last = _LAST_INTO
-    if out is last[0] and x is last[1] and z is last[2] and p is last[3] and q is last[4] and r is last[5]:
-        if s is last[6]:
-            return True
+    if (
+        out is last[0]
+        and x is last[1]
+        and z is last[2]
+        and p is last[3]
+        and q is last[4]
+        and r is last[5]
+        and s is last[6]
+    ):
+        return True
     own = _owner(out, flags)
     if own is None or not flags.aligned:
         return False
